@@ -1,0 +1,175 @@
+"""The C++ tree kernels against their NumPy twins, at awkward sizes, plus metamorphic cases."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmcad import tree
+import tree_reference as ref
+
+SIZES = [1, 2, 7, 63, 64, 65, 257]
+PREFIXES = [0, 1, 5, 64, 100]
+
+
+def trees():
+    rng = np.random.default_rng(1234)
+    for n in SIZES:
+        yield f"random{n}", ref.random_tree(rng, n)
+        yield f"bushy{n}", ref.random_tree(rng, n, max_branch=3)
+        yield f"chain{n}", np.arange(-1, n - 1, dtype=np.int32)
+        yield f"star{n}", np.array([-1] + [0] * (n - 1), dtype=np.int32)
+
+
+TREES = list(trees())
+IDS = [name for name, _ in TREES]
+
+
+@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
+def test_depths_and_positions(name, parents):
+    np.testing.assert_array_equal(tree.depths(parents), ref.depths(parents))
+    for prefix in PREFIXES:
+        np.testing.assert_array_equal(tree.position_ids(parents, prefix), prefix + ref.depths(parents))
+        assert tree.position_ids(parents, prefix).dtype == np.int64
+
+
+@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dense_mask_matches_reference_bits(name, parents, dtype):
+    for prefix in (0, 3, 65):
+        got = tree.attention_mask(parents, prefix, dtype=dtype)
+        n = len(parents)
+        assert got.shape == (1, 1, n, prefix + n) and got.dtype == dtype
+        want = torch.from_numpy(ref.attention_mask(parents, prefix)).to(dtype)
+        # exact bit equality, also for the fp16/bf16 -inf patterns
+        assert torch.equal(got[0, 0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
+def test_packed_mask(name, parents):
+    for prefix in PREFIXES:
+        got = tree.packed_mask(parents, prefix)
+        np.testing.assert_array_equal(got, ref.packed_mask(parents, prefix))
+        np.testing.assert_array_equal(ref.unpack(got, prefix + len(parents)), ref.visible(parents, prefix))
+
+
+@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
+def test_paths(name, parents):
+    np.testing.assert_array_equal(tree.paths(parents), ref.paths(parents))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_chain_mask_is_lower_triangular(n):
+    chain = np.arange(-1, n - 1, dtype=np.int32)
+    got = tree.attention_mask(chain, 0)[0, 0].numpy() == 0
+    np.testing.assert_array_equal(got, np.tril(np.ones((n, n), dtype=bool)))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_star_mask_is_identity_plus_root_column(n):
+    star = np.array([-1] + [0] * (n - 1), dtype=np.int32)
+    got = tree.attention_mask(star, 0)[0, 0].numpy() == 0
+    want = np.eye(n, dtype=bool)
+    want[:, 0] = True
+    np.testing.assert_array_equal(got, want)
+
+
+def _choices_following(parents, tokens, rng, follow_prob):
+    """Target choices that agree with some child with probability follow_prob."""
+    choice = rng.integers(0, 50, size=len(parents)).astype(np.int32)
+    for u in range(len(parents)):
+        children = np.flatnonzero(parents == u)
+        if len(children) and rng.random() < follow_prob:
+            choice[u] = tokens[rng.choice(children)]
+    return choice
+
+
+@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
+@pytest.mark.parametrize("follow_prob", [0.0, 0.5, 1.0])
+def test_accept_and_commit(name, parents, follow_prob):
+    rng = np.random.default_rng(len(parents))
+    tokens = rng.integers(0, 50, size=len(parents)).astype(np.int32)
+    choice = _choices_following(parents, tokens, rng, follow_prob)
+    accepted, bonus = tree.accept(parents, tokens, choice)
+    want_accepted, want_bonus = ref.accept(parents, tokens, choice)
+    np.testing.assert_array_equal(accepted, want_accepted)
+    assert bonus == want_bonus
+    for prefix in (0, 9):
+        np.testing.assert_array_equal(tree.commit_indices(accepted, prefix), ref.commit_indices(accepted, prefix))
+
+
+def test_accept_full_chain_and_duplicate_children():
+    chain = np.arange(-1, 5, dtype=np.int32)
+    tokens = np.array([7, 1, 2, 3, 4, 5], dtype=np.int32)
+    choice = np.array([1, 2, 3, 4, 5, 9], dtype=np.int32)
+    accepted, bonus = tree.accept(chain, tokens, choice)
+    assert accepted.tolist() == [0, 1, 2, 3, 4, 5] and bonus == 9
+    # two children with the same token: the first created wins
+    parents = np.array([-1, 0, 0, 2], dtype=np.int32)
+    accepted, bonus = tree.accept(parents, [0, 4, 4, 6], [4, 8, 6, 1])
+    assert accepted.tolist() == [0, 1] and bonus == 8
+
+
+@pytest.mark.parametrize(
+    "parents,message",
+    [
+        ([], "at least one node"),
+        ([0], "parents\\[0\\] must be -1"),
+        ([-1, 1], "parents\\[1\\] = 1"),
+        ([-1, 0, 5], "parents\\[2\\] = 5"),
+        ([-1, 0, -1], "second root"),
+        ([-1, -3], "parents\\[1\\] = -3"),
+    ],
+)
+def test_invalid_trees_name_the_problem(parents, message):
+    with pytest.raises(ValueError, match=message):
+        tree.depths(np.asarray(parents, dtype=np.int32))
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="prefix_len must be >= 0"):
+        tree.position_ids([-1, 0], -1)
+    with pytest.raises(ValueError, match="integers"):
+        tree.depths(np.array([-1.0, 0.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        tree.depths(np.array([[-1, 0]]))
+    with pytest.raises(ValueError, match="mask dtype"):
+        tree.attention_mask([-1, 0], 0, dtype=torch.int32)
+    with pytest.raises(ValueError, match="same length"):
+        tree.accept([-1, 0], [1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="root"):
+        tree.commit_indices([1, 2], 3)
+
+
+def test_plan_bundles_positions_and_mask():
+    parents = [-1, 0, 0, 1]
+    plan = tree.plan(parents, 4)
+    assert plan.position_ids.tolist() == [[4, 5, 5, 6]]
+    assert torch.equal(plan.mask, tree.attention_mask(parents, 4))
+
+
+@st.composite
+def tree_and_prefix(draw):
+    n = draw(st.integers(1, 80))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    return np.asarray(parents, dtype=np.int32), draw(st.integers(0, 70))
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree_and_prefix(), st.integers(0, 2**31 - 1))
+def test_property_every_routine_matches_numpy(case, seed):
+    parents, prefix = case
+    rng = np.random.default_rng(seed)
+    np.testing.assert_array_equal(tree.position_ids(parents, prefix), prefix + ref.depths(parents))
+    np.testing.assert_array_equal(tree.attention_mask(parents, prefix)[0, 0].numpy(),
+                                  ref.attention_mask(parents, prefix))
+    np.testing.assert_array_equal(tree.packed_mask(parents, prefix), ref.packed_mask(parents, prefix))
+    np.testing.assert_array_equal(tree.paths(parents), ref.paths(parents))
+    tokens = rng.integers(0, 4, size=len(parents)).astype(np.int32)
+    choice = rng.integers(0, 4, size=len(parents)).astype(np.int32)
+    accepted, bonus = tree.accept(parents, tokens, choice)
+    want, want_bonus = ref.accept(parents, tokens, choice)
+    np.testing.assert_array_equal(accepted, want)
+    assert bonus == want_bonus
+    np.testing.assert_array_equal(tree.commit_indices(accepted, prefix), ref.commit_indices(accepted, prefix))

@@ -1,0 +1,88 @@
+"""Pure-NumPy twins of every token-tree routine (the reference the C++/CUDA kernels must match)."""
+import numpy as np
+
+
+def depths(parents):
+    parents = np.asarray(parents)
+    out = np.zeros(len(parents), dtype=np.int32)
+    for i in range(1, len(parents)):
+        out[i] = out[parents[i]] + 1
+    return out
+
+
+def ancestors_or_self(parents, i):
+    chain = []
+    while i >= 0:
+        chain.append(i)
+        i = parents[i]
+    return chain
+
+
+def visible(parents, prefix_len):
+    """Boolean [n, prefix_len + n]: True where node i attends to key k."""
+    n = len(parents)
+    out = np.zeros((n, prefix_len + n), dtype=bool)
+    out[:, :prefix_len] = True
+    for i in range(n):
+        out[i, [prefix_len + a for a in ancestors_or_self(parents, i)]] = True
+    return out
+
+
+def attention_mask(parents, prefix_len, dtype=np.float32):
+    return np.where(visible(parents, prefix_len), 0.0, -np.inf).astype(dtype)
+
+
+def packed_mask(parents, prefix_len):
+    dense = visible(parents, prefix_len)
+    n, cols = dense.shape
+    words = (cols + 63) // 64
+    out = np.zeros((n, words), dtype=np.uint64)
+    for i in range(n):
+        for k in np.flatnonzero(dense[i]):
+            out[i, k // 64] |= np.uint64(1) << np.uint64(k % 64)
+    return out
+
+
+def unpack(packed, cols):
+    bits = np.unpackbits(packed.view(np.uint8).reshape(packed.shape[0], -1), axis=1, bitorder="little")
+    return bits[:, :cols].astype(bool)
+
+
+def paths(parents):
+    n = len(parents)
+    has_child = np.zeros(n, dtype=bool)
+    has_child[np.asarray(parents[1:], dtype=np.int64)] = True
+    d = depths(parents)
+    width = int(d.max()) + 1
+    rows = []
+    for leaf in range(n):
+        if has_child[leaf]:
+            continue
+        row = [-1] * width
+        for a in ancestors_or_self(parents, leaf):
+            row[d[a]] = a
+        rows.append(row)
+    return np.asarray(rows, dtype=np.int32).reshape(-1, width)
+
+
+def accept(parents, tokens, choice):
+    node, accepted = 0, [0]
+    while True:
+        children = [c for c in range(node + 1, len(parents)) if parents[c] == node and tokens[c] == choice[node]]
+        if not children:
+            return np.asarray(accepted, dtype=np.int32), int(choice[node])
+        node = children[0]
+        accepted.append(node)
+
+
+def commit_indices(accepted, prefix_len):
+    return np.concatenate([np.arange(prefix_len), prefix_len + np.asarray(accepted, dtype=np.int64)]).astype(np.int64)
+
+
+def random_tree(rng, n, max_branch=None):
+    """Random valid parent array of n nodes; max_branch bounds how far back a parent may be."""
+    parents = np.full(n, -1, dtype=np.int32)
+    for i in range(1, n):
+        low = 0 if max_branch is None else max(0, i - max_branch)
+        parents[i] = rng.integers(low, i)
+    return parents
