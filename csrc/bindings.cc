@@ -7,9 +7,12 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "llmcad/capabilities.h"
 #include "llmcad/tree.h"
+#include "llmcad/streamer.h"
 #ifdef LLMCAD_WITH_CUDA
 #include "llmcad/tree_cuda.h"
 #endif
@@ -135,7 +138,109 @@ void bind_tree_cuda(py::module_& m) {
 
 // ---------------------------------------------------------------- streamer
 void bind_streamer(py::module_& m) {
-  (void)m;  // filled in by the streamer (issue 4)
+  using llmcad::Streamer;
+  // StreamerIOError(errno, message): an OSError subclass; llmcad.streamer re-raises llmcad.errors'.
+  static py::handle io_error = py::exception<llmcad::StreamerIOError>(m, "StreamerIOError", PyExc_OSError).release();
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const llmcad::StreamerIOError& e) {
+      PyErr_SetObject(io_error.ptr(), py::make_tuple(e.code(), e.what()).ptr());
+    }
+  });
+  auto to_ranges = [](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& in) {
+    std::vector<llmcad::ByteRange> out;
+    for (size_t i = 0; i < in.size(); ++i) {
+      auto [file, offset, length] = in[i];
+      if (file < 0 || offset < 0 || length < 0)
+        throw std::invalid_argument("range " + std::to_string(i) + " (file, offset, length) has a negative value");
+      out.push_back({static_cast<int32_t>(file), static_cast<uint64_t>(offset), static_cast<uint64_t>(length)});
+    }
+    return out;
+  };
+  auto parse_backend = [](const std::string& b) {
+    if (b == "auto") return llmcad::StreamerBackend::kAuto;
+    if (b == "io_uring") return llmcad::StreamerBackend::kIoUring;
+    if (b == "pread") return llmcad::StreamerBackend::kPread;
+    throw std::invalid_argument("backend must be 'auto', 'io_uring' or 'pread', got '" + b + "'");
+  };
+  auto parse_pinned = [](const std::string& p) {
+    if (p == "auto") return llmcad::PinMode::kAuto;
+    if (p == "on") return llmcad::PinMode::kOn;
+    if (p == "off") return llmcad::PinMode::kOff;
+    throw std::invalid_argument("pinned must be 'auto', 'on' or 'off', got '" + p + "'");
+  };
+  py::class_<Streamer>(m, "Streamer")
+      .def(py::init([=](std::vector<std::string> paths, int64_t buffer_bytes, int num_buffers, const std::string& backend,
+                        bool direct, int queue_depth, int64_t chunk_bytes, double bandwidth_cap, const std::string& pinned) {
+             if (buffer_bytes <= 0) throw std::invalid_argument("buffer_bytes must be > 0");
+             if (chunk_bytes <= 0) throw std::invalid_argument("chunk_bytes must be > 0");
+             llmcad::StreamerOptions o;
+             o.paths = std::move(paths);
+             o.buffer_bytes = static_cast<uint64_t>(buffer_bytes);
+             o.num_buffers = num_buffers;
+             o.backend = parse_backend(backend);
+             o.direct = direct;
+             o.queue_depth = queue_depth;
+             o.chunk_bytes = static_cast<uint64_t>(chunk_bytes);
+             o.bandwidth_cap = bandwidth_cap;
+             o.pinned = parse_pinned(pinned);
+             py::gil_scoped_release release;  // opening files and faulting buffers in can take a while
+             return std::make_unique<Streamer>(std::move(o));
+           }),
+           py::arg("paths"), py::arg("buffer_bytes"), py::arg("num_buffers"), py::arg("backend"), py::arg("direct"),
+           py::arg("queue_depth"), py::arg("chunk_bytes"), py::arg("bandwidth_cap"), py::arg("pinned"))
+      .def("add_layer", [=](Streamer& s, const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges) {
+        return s.add_layer(to_ranges(ranges));
+      })
+      .def("prefetch", &Streamer::prefetch)
+      // Returns (array over the layer's bytes, offsets, lengths, buffer address). The array keeps
+      // the buffer memory alive; its contents are valid until release().
+      .def("acquire", [](Streamer& s, int layer) {
+        llmcad::LayerView v;
+        {
+          py::gil_scoped_release release;
+          v = s.acquire(layer);
+        }
+        auto* owner = new std::shared_ptr<void>(v.owner);
+        py::capsule keep(owner, [](void* p) { delete static_cast<std::shared_ptr<void>*>(p); });
+        py::array_t<uint8_t> array({static_cast<py::ssize_t>(v.size)}, {static_cast<py::ssize_t>(1)}, v.data, keep);
+        return py::make_tuple(array, v.offsets, v.lengths, reinterpret_cast<uintptr_t>(v.data));
+      })
+      .def("release", &Streamer::release)
+      .def("reset", &Streamer::reset, py::call_guard<py::gil_scoped_release>())
+      .def("close", &Streamer::close, py::call_guard<py::gil_scoped_release>())
+      .def("inject_fault", [](Streamer& s, int64_t index, int code) {
+        if (index < 0) throw std::invalid_argument("read_index must be >= 0");
+        s.inject_fault(static_cast<uint64_t>(index), code);
+      })
+      .def("num_layers", &Streamer::num_layers)
+      .def("layer_bytes", &Streamer::layer_bytes)
+      .def("layout_bytes", &Streamer::layout_bytes)
+      .def("stats", [](const Streamer& s) {
+        llmcad::StreamerStats st = s.stats();
+        py::dict d;
+        d["backend"] = st.backend;
+        d["direct"] = st.direct;
+        d["pinned"] = st.pinned;
+        d["num_buffers"] = st.num_buffers;
+        d["buffer_bytes"] = st.buffer_bytes;
+        d["memory_bytes"] = st.memory_bytes;
+        d["bytes_read"] = st.bytes_read;
+        d["reads"] = st.reads;
+        d["layers_loaded"] = st.layers_loaded;
+        d["errors"] = st.errors;
+        d["acquire_wait_s"] = st.acquire_wait_s;
+        d["io_busy_s"] = st.io_busy_s;
+        d["warnings"] = st.warnings;
+        return d;
+      });
+  m.def("streamer_layout_bytes", [=](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges) {
+    return llmcad::streamer_layout_bytes(to_ranges(ranges));
+  });
+  m.def("evict_from_page_cache", &llmcad::evict_from_page_cache, py::call_guard<py::gil_scoped_release>());
+  m.def("raw_direct_read_bytes_per_s", &llmcad::raw_direct_read_bytes_per_s, py::arg("path"),
+        py::arg("block_bytes") = 4 << 20, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace
