@@ -1,0 +1,58 @@
+"""One forward of a Hugging Face causal LM over cached keys + new tokens, with an explicit additive
+4D mask and explicit position ids (the way both the draft and the target are called)."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from . import tree
+
+_CACHE_KWARG = {}  # model class -> "cache" (transformers >= 5.24) or "past_key_values"
+
+
+def _cache_kwarg(model) -> str:
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
+
+
+def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_keep: int = 0) -> torch.Tensor:
+    """Run ``model`` on ``input_ids`` (q tokens) after the ``cache``'s keys and append their keys/values.
+
+    ``position_ids``: [q] int64; ``mask``: float additive [1, 1, q, cache_len + q] (0 = visible,
+    -inf = hidden; never bool: bool masks are silently wrong with eager attention).
+    Returns float logits [k, vocab] of the last ``logits_to_keep`` tokens (all q when 0).
+    """
+    device = model.get_input_embeddings().weight.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).view(1, -1)
+    positions = torch.as_tensor(position_ids, dtype=torch.long, device=device).view(1, -1)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
+                    logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache})
+    return out.logits[0].float()
+
+
+def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device):
+    """Mask and positions for ``num_pending`` causal tokens followed by a tree, after ``cache_len`` keys.
+
+    Pending tokens are committed tokens the model has not cached yet (the prompt, in the first round):
+    each sees the cache, the pending tokens up to itself, and no tree node. Tree rows are the tree's
+    mask with prefix ``cache_len + num_pending``. Returns (mask [1,1,p+n,C+p+n], positions [p+n]).
+    """
+    prefix = cache_len + num_pending
+    tree_mask = tree.attention_mask(parents, prefix, dtype=dtype, device="cpu")
+    tree_pos = torch.as_tensor(tree.position_ids(parents, prefix))
+    if num_pending == 0:
+        return tree_mask.to(device), tree_pos
+    n = tree_mask.shape[2]
+    keys = prefix + n
+    rows = torch.arange(num_pending).view(-1, 1)
+    cols = torch.arange(keys).view(1, -1)
+    pending_mask = torch.zeros((num_pending, keys), dtype=dtype)
+    pending_mask.masked_fill_(cols > cache_len + rows, float("-inf"))
+    mask = torch.cat([pending_mask.view(1, 1, num_pending, keys), tree_mask], dim=2)
+    positions = torch.cat([torch.arange(cache_len, prefix), tree_pos])
+    return mask.to(device), positions

@@ -1,0 +1,154 @@
+"""Loading a draft/target pair of Hugging Face causal LMs and checking that their tokenizers agree."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError, TokenizerMismatchError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class ModelPair:
+    """A loaded pair: both models in eval mode and the target's tokenizer."""
+
+    draft: torch.nn.Module
+    target: torch.nn.Module
+    tokenizer: object
+    placement: object = None  # llmcad.budget.Placement when a memory budget was given
+
+
+def resolve_dtype(dtype):
+    """None / "auto" (checkpoint's dtype), a torch.dtype, or a name such as "bfloat16"."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return None
+        if dtype.replace("torch.", "") in _DTYPES:
+            return _DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"dtype={dtype!r}: expected one of float32, bfloat16, float16, auto or a torch.dtype")
+
+
+def resolve_device(device) -> torch.device:
+    """A torch.device; ValueError for an unknown name, ModelLoadError for CUDA without a GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def _check_source(source) -> str:
+    """A local directory must exist and hold a config; anything else is tried as a hub id."""
+    text = str(source)
+    path = Path(text).expanduser()
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or path.exists() or text.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {text!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {text!r} has no config.json (expected Hugging Face layout)")
+        return str(path)
+    return text
+
+
+def load_causal_lm(source, *, device="cpu", dtype=None) -> torch.nn.Module:
+    """A decoder-only causal LM in eval mode; ``dtype=None`` keeps the checkpoint's dtype."""
+    from transformers import AutoModelForCausalLM
+
+    where = _check_source(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model {str(source)!r}: {_one_line(exc)}") from exc
+    _check_decoder_layers(model, source)
+    return model.to(resolve_device(device)).eval()
+
+
+def load_tokenizer(source):
+    from transformers import AutoTokenizer
+
+    where = _check_source(source)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r}: {_one_line(exc)}") from exc
+
+
+def _check_decoder_layers(model, source) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelLoadError(f"model {str(source)!r} ({type(model).__name__}) is not a decoder-only causal LM "
+                             "whose layers are a ModuleList at model.model.layers")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def special_token_ids(tokenizer) -> dict:
+    """Name -> id of every special token the tokenizer defines (bos, eos, pad, unk, extras)."""
+    ids = {}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            ids[name] = tokenizer.convert_tokens_to_ids(token)
+    for token, token_id in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids):
+        ids.setdefault(token, token_id)
+    return ids
+
+
+def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model) -> None:
+    """TokenizerMismatchError naming what differs: vocabulary, special-token ids, or a draft whose
+    vocabulary is larger than the target's embedding rows."""
+    draft_vocab, target_vocab = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    if draft_vocab != target_vocab:
+        only_d = sorted(set(draft_vocab.items()) - set(target_vocab.items()))[:3]
+        only_t = sorted(set(target_vocab.items()) - set(draft_vocab.items()))[:3]
+        raise TokenizerMismatchError(
+            f"draft and target vocabularies differ (draft has {len(draft_vocab)} tokens, target "
+            f"{len(target_vocab)}; e.g. draft-only {only_d}, target-only {only_t})")
+    draft_special, target_special = special_token_ids(draft_tokenizer), special_token_ids(target_tokenizer)
+    if draft_special != target_special:
+        diff = {k: (draft_special.get(k), target_special.get(k))
+                for k in sorted(set(draft_special) | set(target_special))
+                if draft_special.get(k) != target_special.get(k)}
+        raise TokenizerMismatchError(f"draft and target special-token ids differ (name: (draft, target)): {diff}")
+    draft_rows = draft_model.get_output_embeddings().weight.shape[0]
+    target_rows = target_model.get_input_embeddings().weight.shape[0]
+    if draft_rows > target_rows:
+        raise TokenizerMismatchError(
+            f"draft vocabulary ({draft_rows} logits) is larger than the target's embedding rows ({target_rows})")
+
+
+def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None) -> ModelPair:
+    """Load both models and the target's tokenizer; fail early when the tokenizers disagree."""
+    target_tokenizer = load_tokenizer(target)
+    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
+    draft_model = load_causal_lm(draft, device=device, dtype=dtype)
+    target_model, placement = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
+                                           draft_model=draft_model)
+    check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
+    return ModelPair(draft_model, target_model, target_tokenizer, placement)
+
+
+def _load_target(target, *, device, dtype, memory_budget, draft_model):
+    """The target model object the engine verifies with, and its placement (None without a budget).
+
+    The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
+    target is resident; with a budget, llmcad.streamed plans which layers fit beside the draft and
+    returns the layer-streamed drop-in (the same HF model, layers bound to streamed weights).
+    """
+    if memory_budget is None:
+        return load_causal_lm(target, device=device, dtype=dtype), None
+    from .streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
+
+    return load_budgeted_target(_check_source(target), memory_budget=memory_budget, draft_model=draft_model,
+                                dtype=resolve_dtype(dtype), device=resolve_device(device))

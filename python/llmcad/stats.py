@@ -1,0 +1,76 @@
+"""Per-generation counters and timers, reported as ``GenerationResult.stats`` (a JSON-ready dict)."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def target_bytes_read(target) -> int:
+    """Bytes the target has read from storage so far (0 for a resident target). A streamed target
+    carries its controller as ``target.llmcad_streamed``; any target may expose ``bytes_read``."""
+    source = getattr(target, "llmcad_streamed", target)
+    value = getattr(source, "bytes_read", 0)
+    return int(value() if callable(value) else value)
+
+
+class StatsRecorder:
+    """Counts passes, accepted lengths and draft steps; times draft, target and the rest."""
+
+    def __init__(self, target, prompt_tokens: int, policy_info: dict):
+        self._target = target
+        self._bytes_at_start = target_bytes_read(target)
+        self._start = time.perf_counter()
+        self.prompt_tokens = prompt_tokens
+        self.policy_info = policy_info
+        self.seconds = {"draft": 0.0, "target": 0.0}
+        self.accepted_hist = Counter()  # draft tokens accepted per pass -> passes
+        self.target_passes = 0
+        self.trace = []  # one dict per target pass
+
+    @contextmanager
+    def timed(self, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
+    def record_pass(self, tree_size: int, accepted_drafts: int, emitted: int) -> None:
+        self.target_passes += 1
+        self.accepted_hist[accepted_drafts] += 1
+        self.trace.append({"pass": self.target_passes, "tree_tokens": tree_size,
+                           "accepted": accepted_drafts, "emitted": emitted,
+                           "t": round(time.perf_counter() - self._start, 6)})
+
+    def finish(self, generated: int, draft_steps: int, stop_reason: str) -> dict:
+        total = time.perf_counter() - self._start
+        passes = self.target_passes
+        controller = getattr(self._target, "llmcad_streamed", None)  # a layer-streamed target's own counters
+        streamed = {"streamed": controller.stats()} if controller is not None else {}
+        return {
+            **self.policy_info,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": generated,
+            "target_passes": passes,
+            "tokens_per_pass": generated / passes if passes else 0.0,
+            "passes_per_token": passes / generated if generated else 0.0,
+            "accepted_length_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
+            "draft_steps": draft_steps,
+            "tokens_per_s": generated / total if total > 0 else 0.0,
+            "bytes_read": target_bytes_read(self._target) - self._bytes_at_start,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "time_s": {"draft": self.seconds["draft"], "target": self.seconds["target"],
+                       "other": max(0.0, total - self.seconds["draft"] - self.seconds["target"]),
+                       "total": total},
+            "stop_reason": stop_reason,
+            **streamed,
+        }

@@ -1,0 +1,118 @@
+"""Verification: one target pass over the flattened tree, the target's choice at every node
+(argmax or a sample from the processed distribution), and the commit of the accepted path.
+
+The target is any transformers causal LM called through its normal forward, so a layer-streamed
+target (same HF model, layers bound to streamed weights) drops in by replacing ``target``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import kv, tree
+from .forward import forward_with_mask, pending_tree_inputs
+
+
+class TargetVerifier:
+    """Owns the target's KV cache: committed tokens except the current root.
+
+    ``pending``: committed tokens the target has not cached yet (the prompt minus its last token, in
+    the first round); they ride along in the next tree pass, so prefill costs no extra pass.
+    """
+
+    def __init__(self, target, prompt_ids):
+        from transformers import DynamicCache
+
+        self.target = target
+        self.cache = DynamicCache()
+        self.pending = list(prompt_ids[:-1])
+        self.passes = 0
+        self._prefix = 0
+
+    @property
+    def dtype(self):
+        return self.target.get_input_embeddings().weight.dtype
+
+    def run(self, tokens, parents) -> torch.Tensor:
+        """The target's logits at every tree node: float [n, vocab]. One forward, all n nodes."""
+        cache_len = kv.cache_length(self.cache)
+        device = self.target.get_input_embeddings().weight.device
+        mask, positions = pending_tree_inputs(cache_len, len(self.pending), parents, self.dtype, device)
+        logits = forward_with_mask(self.target, self.cache, self.pending + list(tokens), positions, mask,
+                                   logits_to_keep=len(tokens))
+        self._prefix = cache_len + len(self.pending)
+        self.pending = []
+        self.passes += 1
+        return logits
+
+    def commit(self, accepted) -> None:
+        """Keep prefix + accepted path (root first) in the target's cache."""
+        kv.commit(self.cache, tree.commit_indices(accepted, self._prefix))
+
+
+def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
+    """ValueError naming the first bad sampling parameter."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample={do_sample!r}: expected True or False")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not np.isfinite(temperature):
+        raise ValueError(f"temperature={temperature!r}: expected a finite number > 0")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: expected None or an int >= 1")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed={seed!r}: expected None or an int >= 0")
+
+
+class TargetChooser:
+    """The target's token at each node: argmax (greedy) or a sample from the distribution that
+    transformers' sampler would use (temperature, then top-k, then top-p, the same warpers in the same
+    order), drawn with a seeded torch.Generator."""
+
+    def __init__(self, *, do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None):
+        validate_sampling(do_sample, temperature, top_k, top_p, seed)
+        self.do_sample = do_sample
+        self.processors = _warpers(temperature, top_k, top_p) if do_sample else None
+        self.seed = seed
+        self._generator = None
+
+    def processed_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sampling distribution at each row of ``logits`` [n, vocab] -> probs [n, vocab]."""
+        scores = self.processors(_NO_IDS, logits.float())
+        return torch.softmax(scores, dim=-1)
+
+    def choose(self, logits: torch.Tensor) -> np.ndarray:
+        """One token per row of ``logits`` [n, vocab]: int32 [n]."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1).to(torch.int32).cpu().numpy()
+        probs = self.processed_probs(logits)
+        picks = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device)).squeeze(1)
+        return picks.to(torch.int32).cpu().numpy()
+
+    def _rng(self, device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            if self.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(int(self.seed))
+        return self._generator
+
+
+_NO_IDS = torch.empty((1, 0), dtype=torch.long)  # the warpers used here never read input_ids
+
+
+def _warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k is not None:
+        processors.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+    return processors

@@ -1,0 +1,56 @@
+"""Session fixtures: tiny random fp32 draft/target pairs of several HF families, saved to disk offline.
+
+``tiny_pair_dirs(family)`` -> {"target", "same", "unrelated", "shared"} directories (see pair_models).
+``tiny_models(family, kind)`` -> the loaded model (cached for the session).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pair_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return pair_models.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dirs(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("tiny_pairs")
+    built = {}
+
+    def get(family: str) -> dict:
+        if family not in built:
+            built[family] = pair_models.build_family(root, family, tiny_tokenizer)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_pair_dirs):
+    from llmcad.models import load_causal_lm
+
+    loaded = {}
+
+    def get(family: str, kind: str):
+        path = tiny_pair_dirs(family)[kind]
+        if path not in loaded:
+            loaded[path] = load_causal_lm(path)
+        return loaded[path]
+
+    return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()

@@ -1,0 +1,107 @@
+"""`llmcad generate` end to end, error reporting, and the subcommand table."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcad import cli
+
+PROMPT = "def add(a, b):"
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+
+
+def generate_args(dirs, *extra):
+    return ["generate", "--draft", str(dirs["shared"]), "--target", str(dirs["target"]), "--prompt", PROMPT,
+            "--max-new-tokens", "10", *extra]
+
+
+def test_generate_json_matches_target_greedy(tiny_pair_dirs, tiny_models, tiny_tokenizer, capsys):
+    dirs = tiny_pair_dirs("qwen2")
+    assert cli.main(generate_args(dirs, "--json", "--mode", "tree", "--max-tree-tokens", "6")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"text", "tokens", "stats"}
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    expected = tiny_models("qwen2", "target").generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)
+    assert out["tokens"] == expected[0, len(ids):].tolist()
+    assert out["text"] == tiny_tokenizer.decode(out["tokens"], skip_special_tokens=True)
+    assert out["stats"]["mode"] == "tree" and out["stats"]["max_tree_tokens"] == 6
+    assert out["stats"]["target_passes"] >= 1
+
+
+def test_generate_streams_text_and_writes_a_trace(tiny_pair_dirs, capsys, tmp_path):
+    dirs = tiny_pair_dirs("llama")
+    trace = tmp_path / "trace.jsonl"
+    assert cli.main(generate_args(dirs, "--trace", str(trace), "--mode", "chain", "--chain-length", "2")) == 0
+    streamed = capsys.readouterr().out
+    assert cli.main(generate_args(dirs, "--json", "--mode", "chain", "--chain-length", "2")) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert streamed == text + "\n"
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert events and all({"pass", "tree_tokens", "accepted", "emitted"} <= set(e) for e in events)
+
+
+def test_sampling_flags(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    runs = []
+    for _ in range(2):
+        assert cli.main(generate_args(dirs, "--json", "--temperature", "0.9", "--top-k", "5", "--top-p", "0.9",
+                                      "--seed", "3")) == 0
+        runs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert runs[0] == runs[1] and len(runs[0]) == 10
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--mode", "chain", "--branch-threshold", "0.2"], "does not take branch_threshold"),
+    (["--temperature", "0"], "temperature"),
+    (["--memory-budget", "lots"], "memory_budget"),
+])
+def test_errors_are_one_line_exit_2(tiny_pair_dirs, capsys, extra, needle):
+    assert cli.main(generate_args(tiny_pair_dirs("llama"), *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmcad: error: ") and needle in err and err.count("\n") == 1
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_generate", interrupted)
+    assert cli.main(["generate", "--draft", "d", "--target", "t", "--prompt", "p"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_subcommand_module_says_not_available(monkeypatch, capsys):
+    monkeypatch.setitem(cli.EXTERNAL, "demo", ("llmcad.no_such_module_here", "x"))
+    assert cli.main(["demo", "--anything"]) == 2
+    assert "not available in this build" in capsys.readouterr().err
+    monkeypatch.setitem(cli.BENCH, "e2e", "llmcad.no_such_bench_here")
+    assert cli.main(["bench", "e2e", "--json"]) == 2
+    assert "'bench e2e' is not available" in capsys.readouterr().err
+    assert cli.main(["bench"]) == 2
+
+
+def test_subcommand_modules_get_their_arguments(monkeypatch, capsys, tmp_path):
+    module = tmp_path / "fake_sub.py"
+    module.write_text("def add_arguments(p):\n    p.add_argument('--n', type=int)\n"
+                      "def run(args):\n    print('n', args.n)\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.BENCH, "pass", "fake_sub")
+    assert cli.main(["bench", "pass", "--n", "4"]) == 0
+    assert capsys.readouterr().out == "n 4\n"
+
+
+def test_console_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "llmcad.cli", "generate", "--draft", str(tmp_path / "missing"),
+                           "--target", str(tmp_path / "missing"), "--prompt", "hi"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("llmcad: error: model directory") and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1

@@ -1,0 +1,140 @@
+"""Loading pairs: tokenizer agreement, dtypes, and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import pair_models
+from llmcad import LLMCad
+from llmcad.errors import ModelLoadError, PromptError, TokenizerMismatchError
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_pair_dirs):
+    return tiny_pair_dirs("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_engine(llama):
+    return LLMCad.from_pretrained(llama["shared"], llama["target"])
+
+
+def copy_with_tokenizer(src, dst, tokenizer):
+    shutil.copytree(src, dst)
+    for f in dst.glob("tokenizer*"):
+        f.unlink()
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
+def test_from_pretrained_loads_a_pair(llama, llama_engine):
+    assert llama_engine.target.dtype == torch.float32  # the checkpoint's dtype
+    assert llama_engine.policy.name == "llmcad" and llama_engine.eos_token_ids == {pair_models.EOS_ID}
+    assert not llama_engine.target.training and not llama_engine.draft.training
+    half = LLMCad.from_pretrained(llama["shared"], llama["target"], mode="chain", dtype="bfloat16", chain_length=3)
+    assert half.target.dtype == torch.bfloat16 and half.draft.dtype == torch.bfloat16
+    assert half.policy.chain_length == 3
+    assert len(half.generate("def", 4).tokens) == 4
+
+
+def test_cross_family_draft_is_fine_when_tokenizers_agree(tiny_pair_dirs, tiny_tokenizer):
+    eng = LLMCad.from_pretrained(tiny_pair_dirs("qwen2")["unrelated"], tiny_pair_dirs("llama")["target"])
+    ids = tiny_tokenizer("def add")["input_ids"]
+    expected = eng.target.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    assert eng.generate(ids, 8).tokens == expected.tolist()
+
+
+def test_mismatched_vocabulary(llama, tmp_path):
+    other = pair_models.build_tokenizer(vocab_size=280)
+    draft = copy_with_tokenizer(llama["shared"], tmp_path / "draft", other)
+    with pytest.raises(TokenizerMismatchError, match="vocabularies differ"):
+        LLMCad.from_pretrained(draft, llama["target"])
+
+
+def test_mismatched_special_tokens(llama, tmp_path):
+    tok = pair_models.build_tokenizer()
+    tok.eos_token = "<pad>"
+    draft = copy_with_tokenizer(llama["shared"], tmp_path / "draft", tok)
+    with pytest.raises(TokenizerMismatchError, match="special-token ids differ.*eos_token"):
+        LLMCad.from_pretrained(draft, llama["target"])
+
+
+def test_draft_vocab_larger_than_target_embeddings(llama, tiny_tokenizer, tmp_path):
+    big = pair_models.random_model("llama", seed=5, vocab_size=pair_models.VOCAB_SIZE + 20, layers=1)
+    draft = pair_models.save(big, tiny_tokenizer, tmp_path / "big")
+    with pytest.raises(TokenizerMismatchError, match="larger than the target's embedding rows"):
+        LLMCad.from_pretrained(draft, llama["target"])
+
+
+def test_missing_or_empty_model_directory(llama, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLMCad.from_pretrained(tmp_path / "nope", llama["target"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        LLMCad.from_pretrained(llama["shared"], tmp_path / "empty")
+    broken = tmp_path / "noweights"
+    broken.mkdir()
+    shutil.copy(llama["target"] / "config.json", broken / "config.json")
+    shutil.copy(llama["target"] / "tokenizer.json", broken / "tokenizer.json")
+    shutil.copy(llama["target"] / "tokenizer_config.json", broken / "tokenizer_config.json")
+    with pytest.raises(ModelLoadError):
+        LLMCad.from_pretrained(llama["shared"], broken)
+
+
+def test_unknown_mode_and_bad_options_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="llmcad, tree, chain, target-only"):
+        LLMCad.from_pretrained(tmp_path / "x", tmp_path / "y", mode="pipeline-v2")
+    with pytest.raises(ValueError, match="max_depth"):
+        LLMCad.from_pretrained(tmp_path / "x", tmp_path / "y", mode="tree", max_depth=0)
+    with pytest.raises(ValueError, match="dtype"):
+        LLMCad.from_pretrained(tmp_path / "x", tmp_path / "y", dtype="int8")
+
+
+def test_prompt_errors(llama_engine):
+    with pytest.raises(PromptError, match="empty"):
+        llama_engine.generate("", 4)
+    with pytest.raises(PromptError, match="empty"):
+        llama_engine.generate([], 4)
+    with pytest.raises(PromptError, match="context"):
+        llama_engine.generate([5] * pair_models.CONTEXT, 4)
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        llama_engine.generate([5, 10**6], 4)
+    with pytest.raises(PromptError, match="str or a list"):
+        llama_engine.generate(3.5, 4)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
+def test_max_new_tokens_must_be_positive(llama_engine, bad):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llama_engine.generate("def", bad)
+
+
+def test_generation_stops_at_the_context_length(llama_engine):
+    ids = [5] * (pair_models.CONTEXT - 3)
+    result = llama_engine.generate(ids, 10)
+    assert len(result.tokens) == 3 and result.stats["stop_reason"] == "context"
+
+
+def test_memory_budget_goes_through_the_planner(llama):
+    from llmcad.errors import BudgetError, EngineClosedError
+
+    with LLMCad.from_pretrained(llama["shared"], llama["target"], memory_budget="1GiB") as roomy:
+        assert roomy.placement is not None and not roomy.placement.streamed_layers
+        assert len(roomy.generate("def", 3).tokens) == 3
+    with pytest.raises(EngineClosedError):
+        roomy.generate("def", 3)
+    with pytest.raises(BudgetError, match="memory_budget"):
+        LLMCad.from_pretrained(llama["shared"], llama["target"], memory_budget=1000)
+    with pytest.raises(BudgetError, match="memory_budget"):
+        LLMCad.from_pretrained(llama["shared"], llama["target"], memory_budget="lots")
+
+
+def test_generation_config_eos_list(llama, tmp_path):
+    target = shutil.copytree(llama["target"], tmp_path / "t")
+    cfg = json.loads((target / "generation_config.json").read_text())
+    cfg["eos_token_id"] = [pair_models.EOS_ID, 7]
+    (target / "generation_config.json").write_text(json.dumps(cfg))
+    assert LLMCad.from_pretrained(llama["shared"], target).eos_token_ids == {pair_models.EOS_ID, 7}
