@@ -194,8 +194,8 @@ void bind_streamer(py::module_& m) {
         return s.add_layer(to_ranges(ranges));
       })
       .def("prefetch", &Streamer::prefetch)
-      // Returns (array over the layer's bytes, offsets, lengths, buffer address). The array keeps
-      // the buffer memory alive; its contents are valid until release().
+      // Returns (array over the layer's bytes, offsets, lengths, buffer address, device address or 0
+      // when not pinned). The array keeps the buffer memory alive; its contents are valid until release().
       .def("acquire", [](Streamer& s, int layer) {
         llmcad::LayerView v;
         {
@@ -205,7 +205,8 @@ void bind_streamer(py::module_& m) {
         auto* owner = new std::shared_ptr<void>(v.owner);
         py::capsule keep(owner, [](void* p) { delete static_cast<std::shared_ptr<void>*>(p); });
         py::array_t<uint8_t> array({static_cast<py::ssize_t>(v.size)}, {static_cast<py::ssize_t>(1)}, v.data, keep);
-        return py::make_tuple(array, v.offsets, v.lengths, reinterpret_cast<uintptr_t>(v.data));
+        return py::make_tuple(array, v.offsets, v.lengths, reinterpret_cast<uintptr_t>(v.data),
+                              reinterpret_cast<uintptr_t>(v.device_data));
       })
       .def("release", &Streamer::release)
       .def("reset", &Streamer::reset, py::call_guard<py::gil_scoped_release>())
@@ -223,6 +224,7 @@ void bind_streamer(py::module_& m) {
         d["backend"] = st.backend;
         d["direct"] = st.direct;
         d["pinned"] = st.pinned;
+        d["registered"] = st.registered;
         d["num_buffers"] = st.num_buffers;
         d["buffer_bytes"] = st.buffer_bytes;
         d["memory_bytes"] = st.memory_bytes;
