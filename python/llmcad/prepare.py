@@ -1,0 +1,122 @@
+"""``llmcad prepare``: import a GGUF file or an HF checkpoint into a streamable safetensors directory.
+
+The output holds ``config.json``, the tokenizer and safetensors weights in one dtype; every decoder
+layer is then a few contiguous byte ranges that :mod:`llmcad.weights` indexes for streaming.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import ModelLoadError, WeightFileError
+
+DTYPES = ("bfloat16", "float16", "float32")
+_CHECKED_TENSORS = 4  # tensors compared value-for-value after writing
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="HF checkpoint directory, a directory holding a GGUF file, or a .gguf file")
+    parser.add_argument("-o", "--out", required=True, help="output directory (created)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights")
+    parser.add_argument("--gguf-file", default=None, help="name of the GGUF file inside SRC")
+
+
+def run(args) -> int:
+    out = prepare(args.src, args.out, args.dtype, gguf_file=args.gguf_file)
+    print(f"prepared {out}")
+    return 0
+
+
+def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None) -> Path:
+    """Load ``src`` (GGUF via ``gguf_file`` or a checkpoint), write it to ``out`` in ``dtype``, verify.
+
+    Returns the output directory. Raises ModelLoadError when the source cannot be loaded and
+    WeightFileError when the written files do not match the model.
+    """
+    src, gguf_file = _resolve_source(Path(src), gguf_file)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    with tqdm(total=3, desc="prepare", unit="step") as steps:
+        steps.set_postfix_str("loading")
+        model, tokenizer = _load(src, gguf_file, dtype)
+        steps.update()
+        steps.set_postfix_str("writing")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        steps.update()
+        steps.set_postfix_str("verifying")
+        verify(out, model, dtype)
+        steps.update()
+    return out
+
+
+def _resolve_source(src: Path, gguf_file):
+    if src.is_file() and src.suffix == ".gguf" and gguf_file is None:
+        return src.parent, src.name
+    if not src.is_dir():
+        raise ModelLoadError(f"{src}: source not found (need a checkpoint directory or a .gguf file)")
+    if gguf_file is not None and not (src / gguf_file).is_file():
+        raise ModelLoadError(f"{src / gguf_file}: GGUF file not found")
+    return src, gguf_file
+
+
+def _load(src: Path, gguf_file, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        what = src / gguf_file if gguf_file else src
+        raise ModelLoadError(f"{what}: cannot load model: {exc}") from exc
+    # A GGUF import is dequantized already; saving must not claim a quantization.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = getattr(torch, dtype)
+    return model.eval(), tokenizer
+
+
+def verify(out: Path, model, dtype: str | None = None) -> None:
+    """Re-read the written headers: every tensor present with its shape and dtype; a few by value.
+
+    With ``dtype``, every floating tensor must be in it (a GGUF import left packed would not be).
+    """
+    from safetensors import safe_open
+
+    from .weights import load_index
+
+    index = load_index(out)
+    state = model.state_dict()
+    expected = {k: v for k, v in state.items() if k in index.tensors or not _is_tied(model, k)}
+    for name, tensor in tqdm(expected.items(), desc="verify", unit="tensor", leave=False):
+        entry = index.tensors.get(name)
+        if entry is None:
+            raise WeightFileError(f"{out}: tensor {name!r} missing from the written checkpoint")
+        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.torch_dtype:
+            raise WeightFileError(
+                f"{index.files[entry.file_index]}: {name!r} written as {list(entry.shape)} {entry.dtype}, "
+                f"model has {list(tensor.shape)} {tensor.dtype}")
+        if dtype is not None and str(entry.torch_dtype) != f"torch.{dtype}":
+            raise WeightFileError(
+                f"{index.files[entry.file_index]}: {name!r} written as {entry.dtype}, not {dtype} "
+                "(weights left packed or unconverted)")
+    names = sorted(expected)
+    picks = {names[int(i * (len(names) - 1) / max(1, _CHECKED_TENSORS - 1))] for i in range(_CHECKED_TENSORS)}
+    for name in picks:
+        entry = index.tensors[name]
+        with safe_open(index.files[entry.file_index], framework="pt") as f:
+            if not f.get_tensor(name).equal(expected[name]):
+                raise WeightFileError(f"{index.files[entry.file_index]}: {name!r} differs from the model")
+
+
+def _is_tied(model, key: str) -> bool:
+    """True when ``key`` is a tied alias that save_pretrained legitimately drops."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return key in tied

@@ -1,0 +1,433 @@
+"""The layer-streamed target: an HF causal LM whose decoder layers are read from storage per pass.
+
+The model is built from its config on the meta device. Non-layer tensors (embeddings, final norm,
+lm_head) and the first k layers are loaded resident; every other decoder layer gets a forward
+pre-hook that acquires its bytes from the :class:`~llmcad.streamer.WeightStreamer` and binds each
+parameter to a zero-copy view of the buffer (or a converted copy when the compute dtype or device
+differs), and a forward hook that puts the parameters back on meta and releases the buffer. HF's own
+forward (rotary, masks, cache) runs unchanged, so logits are bit-identical to the in-memory model.
+
+Passes: a wrapper around the decoder stack's forward queues every streamed layer of the pass in
+order (the ring bounds what is in flight); when a pass ends, the next pass's layers are queued at
+once so the ring fills while the draft drafts. A pass that raised midway (KeyboardInterrupt too)
+resets the ring. A weight file modified in place after indexing closes the target with a
+WeightFileError instead of ever computing on changed bytes.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
+from .errors import EngineClosedError, ModelLoadError, WeightFileError
+from .weights import WeightIndex, load_index
+
+
+def load_streamed_target(path, *, placement: Placement | None = None, dtype=None, device="cpu",
+                         streamer_options: dict | None = None, attn_implementation: str | None = None):
+    """Build the streamed target of checkpoint directory ``path``.
+
+    ``placement``: from :func:`llmcad.budget.plan_placement` (None: every layer resident).
+    ``dtype``: compute dtype (None: the checkpoint's). ``streamer_options``: extra WeightStreamer
+    keyword arguments (backend, direct, ...). Returns the HF model itself, in eval mode, with the
+    controller attached as ``model.llmcad_streamed`` (a :class:`StreamedTarget`: ``bytes_read``,
+    ``placement``, ``stats()``, ``close()``).
+    """
+    path = Path(path)
+    index = load_index(path)
+    placement = placement or resident_placement(index)
+    _check_placement(index, placement)
+    device = torch.device(device)
+    dtype = dtype or _checkpoint_dtype(index)
+    model = _build_on_meta(path, dtype, device, attn_implementation)
+    layers = decoder_layers(model)
+    if len(layers) != index.num_layers:
+        raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
+    _load_resident(model, index, placement.resident_layers, dtype, device)
+    model.llmcad_streamed = StreamedTarget(model, index, placement, device, streamer_options or {})
+    return model
+
+
+DEFAULT_KV_TOKENS = 2048  # cache positions budgeted per model when the caller does not say
+
+
+def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device="cpu",
+                         kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None):
+    """Plan the target's placement under ``memory_budget`` next to ``draft_model``, then load it.
+
+    The budget covers the draft's weights (as loaded), the target's resident tensors and ring, and
+    both KV caches at ``kv_tokens`` positions (default: DEFAULT_KV_TOKENS, capped by the context).
+    Returns ``(model, placement)``; raises BudgetError (a ValueError) when the budget is too small.
+    """
+    from transformers import AutoConfig
+
+    index = load_index(path)
+    config = AutoConfig.from_pretrained(path)
+    dtype = dtype or _checkpoint_dtype(index)
+    if kv_tokens is None:
+        kv_tokens = min(DEFAULT_KV_TOKENS, getattr(config, "max_position_embeddings", None) or DEFAULT_KV_TOKENS)
+    kv = kv_cache_bytes(config, kv_tokens, dtype) + kv_cache_bytes(draft_model.config, kv_tokens, draft_model.dtype)
+    placement = plan_placement(index, memory_budget=memory_budget, dtype=dtype, draft_bytes=module_bytes(draft_model),
+                               kv_bytes=kv, num_buffers=num_buffers)
+    model = load_streamed_target(path, placement=placement, dtype=dtype, device=device,
+                                 streamer_options=streamer_options)
+    return model, placement
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelLoadError(f"{type(model).__name__}: decoder layers are not a ModuleList at model.model.layers")
+    return layers
+
+
+class StreamedTarget:
+    """Binds streamed layers per pass; counts bytes; owns the streamer."""
+
+    def __init__(self, model, index: WeightIndex, placement: Placement, device, streamer_options):
+        self.placement = placement
+        self.index = index
+        self._model, self._device = model, device
+        self._options = streamer_options
+        self._layers = decoder_layers(model)
+        self._streamed = list(placement.streamed_layers)
+        self._bindings = {i: _layer_bindings(self._layers[i], index, i) for i in self._streamed}
+        self._streamer = None
+        self._ring_bytes = 0  # the streamer's buffer memory
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pass_next = 0  # position in self._streamed of the next layer to bind this pass
+        self._queued = 0  # layers of the coming pass already prefetched
+        self._in_pass = False
+        self._held = None  # the layer acquired and not yet released
+        self.bytes_read = 0  # payload bytes of streamed layers, cumulative
+        self.last_pass_bytes = 0
+        self.passes = 0
+        self.bind_wait_s = 0.0  # time blocked in acquire
+        # pipeline hooks (issue 6, llmcad.pipeline): readiness of the next layer, prefetch switch
+        self.prefetch_between_passes = True  # False: a pass's reads start only when the pass begins
+        self._loads_at_reset = 0  # streamer loads (done or failed) counted before the last reset
+        self._acquired_since_reset = 0
+        self.resident_bytes = module_bytes(model)
+        self.peak_tracked_bytes = self.resident_bytes
+        self._hooks = []
+        self._closed_reason = None
+        self._fds = [_open_stamped(path, stamp) for path, stamp in zip(index.files, index.stamps)]
+        if self._streamed:
+            self._open_streamer()
+            self._install_hooks()
+            self._queue_next_pass()  # the first pass's reads start now
+
+    # ---- public ----
+    @property
+    def streamer(self):
+        return self._streamer
+
+    @property
+    def memory_bytes(self) -> int:
+        """Resident tensors plus the streamer's buffers (the KV cache is the engine's)."""
+        return self.resident_bytes + self._ring_bytes
+
+    def stats(self) -> dict:
+        out = dict(self.placement.summary(), bytes_read=self.bytes_read, passes=self.passes,
+                   bind_wait_s=self.bind_wait_s, resident_bytes=self.resident_bytes,
+                   peak_tracked_bytes=self.peak_tracked_bytes)
+        if self._streamer is not None:
+            out["streamer"] = self._streamer.stats()
+        return out
+
+    def drop_prefetch(self) -> None:
+        """Forget the reads queued for the next pass, so it starts cold (benchmarks)."""
+        if self._streamer is not None and not self._in_pass:
+            self._streamer.reset()
+            self._mark_reset()
+            self._queued = 0
+
+    def close(self, reason: str | None = None) -> None:
+        """Stop the streamer; later forwards raise EngineClosedError. Idempotent, never blocks on IO."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._closed_reason = reason
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self._model.model.__dict__.pop("forward", None)  # drop the pass wrapper
+            for i in self._streamed:
+                self._unbind(i)
+            if self._streamer is not None:
+                self._streamer.close()
+        if self._streamed:  # a forward after close must fail loudly, not run on meta tensors
+            self._hooks.append(self._model.model.register_forward_pre_hook(self._refuse))
+
+    def next_layer_ready(self) -> bool:
+        """True when the next streamed layer's read has finished (its acquire will not block).
+
+        Reads finish in FIFO order, so the next request is loaded once the streamer's finished loads
+        since the last reset outnumber the layers acquired since then (issue 6: the compute gate)."""
+        if self._streamer is None:
+            return True
+        if self._closed:
+            return False
+        return self._loads_finished() - self._loads_at_reset > self._acquired_since_reset
+
+    def _loads_finished(self) -> int:
+        st = self._streamer.stats()
+        return int(st["layers_loaded"]) + int(st["errors"])
+
+    def _mark_reset(self) -> None:
+        self._loads_at_reset = self._loads_finished()
+        self._acquired_since_reset = 0
+
+    # ---- streamer ----
+    def _open_streamer(self):
+        from .streamer import WeightStreamer
+
+        p = self.placement
+        self._streamer = WeightStreamer([str(f) for f in self.index.files], buffer_bytes=p.buffer_bytes,
+                                        num_buffers=p.num_buffers, **self._options)
+        self._ring_bytes = self._streamer.memory_bytes
+        self._sid = {}
+        for i in self._streamed:
+            ranges = [(t.file_index, t.offset, t.length) for t, _ in self._bindings[i]]
+            self._sid[i] = self._streamer.add_layer(ranges)
+
+    def _queue_next_pass(self):
+        """Prefetch every streamed layer of the next pass, in order; the ring bounds the reads."""
+        for i in self._streamed[self._queued:]:
+            self._streamer.prefetch(self._sid[i])
+        self._queued = len(self._streamed)
+
+    def _reset_ring(self):
+        """After a pass that raised: drop whatever the ring holds, unbind, start the next pass clean."""
+        for i in self._streamed:
+            self._unbind(i)
+        self._held = None
+        self._streamer.reset()
+        self._mark_reset()
+        self._queued = 0
+        if self.prefetch_between_passes:
+            self._queue_next_pass()
+
+    # ---- hooks ----
+    def _install_hooks(self):
+        base = self._model.model
+        base.forward = self._wrap_pass(base.forward)
+        for i in self._streamed:
+            layer = self._layers[i]
+            self._hooks.append(layer.register_forward_pre_hook(self._make_bind(i)))
+            self._hooks.append(layer.register_forward_hook(self._make_release(i), always_call=True))
+
+    def _wrap_pass(self, forward):
+        """The decoder stack's forward inside begin/end of a pass. A wrapper, not hooks: torch skips
+        always_call hooks on a BaseException (KeyboardInterrupt), and the ring must be reset then too."""
+        @functools.wraps(forward)
+        def streamed_pass(*args, **kwargs):
+            self._begin_pass()
+            try:
+                out = forward(*args, **kwargs)
+            except BaseException as exc:
+                self._end_pass(complete=False)
+                if isinstance(exc, Exception) and not self._closed:
+                    self._raise_if_files_changed()  # e.g. a short read from a file truncated in place
+                raise
+            self._end_pass(complete=self._pass_next == len(self._streamed))
+            self._raise_if_files_changed()  # bytes read during the pass may be of the changed file
+            return out
+        return streamed_pass
+
+    def _refuse(self, module, args):
+        raise EngineClosedError(self._closed_message())
+
+    def _closed_message(self) -> str:
+        after = f" after {self._closed_reason}" if self._closed_reason else ""
+        return f"the streamed target was closed{after}"
+
+    def _raise_if_files_changed(self) -> None:
+        """A weight file modified in place since indexing makes every later read suspect: close, raise.
+        (A file replaced by a new one is harmless: the open descriptors still read the old inode.)"""
+        for path, fd, stamp in zip(self.index.files, self._fds, self.index.stamps):
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != stamp[2:]:
+                self.close(reason=f"{path} changed on disk")
+                raise WeightFileError(f"{path}: changed on disk after the model was loaded (size or "
+                                      "modification time differ from when it was indexed); load the model again")
+
+    def _begin_pass(self):
+        if self._closed:
+            raise EngineClosedError(self._closed_message())
+        self._raise_if_files_changed()
+        self._in_pass = True
+        self._pass_next = 0
+        self.last_pass_bytes = 0
+        self._queue_next_pass()
+
+    def _end_pass(self, complete: bool):
+        self._in_pass = False
+        self._pass_next = 0
+        self._queued = 0
+        if self._closed:
+            return
+        if complete:
+            self.passes += 1
+            if self.prefetch_between_passes:
+                self._queue_next_pass()  # prefetch while drafting
+        else:
+            self._reset_ring()
+
+    def _make_bind(self, i):
+        def bind(module, args):
+            if not self._in_pass or self._streamed[self._pass_next] != i:
+                raise RuntimeError(f"streamed layer {i} ran out of order (expected a pass over layers "
+                                   f"{self._streamed[0]}..{self._streamed[-1]} through model.model)")
+            start = time.perf_counter()
+            view = self._streamer.acquire(self._sid[i])
+            self._acquired_since_reset += 1
+            self._held = i
+            self.bind_wait_s += time.perf_counter() - start
+            self._bind(i, view)
+        return bind
+
+    def _make_release(self, i):
+        def release(module, args, output):
+            self._unbind(i)
+            if self._held == i:
+                self._held = None
+                self._streamer.release(self._sid[i])
+                self._pass_next += 1
+                self.bytes_read += self.index.layer_bytes(i)
+                self.last_pass_bytes += self.index.layer_bytes(i)
+        return release
+
+    def _bind(self, i, view):
+        converted = 0
+        for k, (entry, (module, name, meta)) in enumerate(self._bindings[i]):
+            t = view.tensor(k, entry.torch_dtype, entry.shape)
+            if t.dtype != meta.dtype or t.device != self._device:
+                t = t.to(device=self._device, dtype=meta.dtype)
+                converted += t.nbytes
+            module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        tracked = self.memory_bytes + converted
+        self.peak_tracked_bytes = max(self.peak_tracked_bytes, tracked)
+
+    def _unbind(self, i):
+        for _, (module, name, meta) in self._bindings[i]:
+            module._parameters[name] = meta
+
+
+def _layer_bindings(layer, index: WeightIndex, i: int) -> list:
+    """[(entry, (owning module, parameter name, its meta Parameter))] in file order; checks coverage."""
+    params = dict(layer.named_parameters())
+    out, seen = [], set()
+    for entry in sorted(index.layers[i], key=lambda t: (t.file_index, t.offset)):
+        local = index.local_name(entry, i)
+        if local not in params:
+            raise ModelLoadError(f"{index.files[entry.file_index]}: {entry.name!r} matches no parameter of layer {i}")
+        if tuple(params[local].shape) != entry.shape:
+            raise ModelLoadError(f"{index.files[entry.file_index]}: {entry.name!r} has shape {list(entry.shape)}, "
+                                 f"the model expects {list(params[local].shape)}")
+        owner_name, _, name = local.rpartition(".")
+        owner = layer.get_submodule(owner_name) if owner_name else layer
+        out.append((entry, (owner, name, params[local])))
+        seen.add(local)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ModelLoadError(f"{index.directory}: layer {i} has no weights for {missing}")
+    return out
+
+
+def _open_stamped(path, stamp) -> int:
+    """A read-only descriptor on ``path``, checked to be the file that was indexed (``stamp``)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
+        os.close(fd)
+        raise WeightFileError(f"{path}: changed on disk while the model was loading; load it again")
+    return fd
+
+
+def _checkpoint_dtype(index: WeightIndex):
+    floats = [t.torch_dtype for t in index.layers[0] if t.torch_dtype.is_floating_point]
+    return floats[0] if floats else torch.float32
+
+
+def _check_placement(index: WeightIndex, placement: Placement) -> None:
+    layers = sorted(placement.resident_layers + placement.streamed_layers)
+    if layers != list(range(index.num_layers)):
+        raise ValueError(f"placement covers layers {layers}, the checkpoint has 0..{index.num_layers - 1}")
+
+
+def _build_on_meta(path: Path, dtype, device, attn_implementation):
+    """The model with every parameter on meta and its non-persistent buffers computed on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read config: {exc}") from exc
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    # Same path as from_pretrained: non-persistent buffers (rotary inv_freq) are made real, then
+    # filled by the model's own _init_weights, which on meta parameters does nothing.
+    owners = set()
+    for name, buf in model.named_non_persistent_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner._buffers[attr] = torch.empty_like(buf, device=device)
+        owners.add(owner)
+    with torch.no_grad():
+        for owner in owners:
+            model._init_weights(owner)
+    return model.eval()
+
+
+def _load_resident(model, index: WeightIndex, resident_layers, dtype, device) -> None:
+    """Load the non-layer tensors and the resident layers; tie what the checkpoint leaves out."""
+    from safetensors import safe_open
+
+    resident = {t.name: t for t in index.non_layer}
+    for i in resident_layers:
+        resident.update((t.name, t) for t in index.layers[i])
+    by_file: dict = {}
+    for t in resident.values():
+        by_file.setdefault(t.file_index, []).append(t)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for fi, entries in by_file.items():
+        with safe_open(index.files[fi], framework="pt") as f:
+            for t in entries:
+                if t.name not in params:
+                    continue  # e.g. rotary inv_freq saved by old checkpoints
+                _set_parameter(model, t.name, f.get_tensor(t.name), params[t.name], device)
+    _tie_missing(model, index, params)
+
+
+def _set_parameter(model, name, value, meta, device):
+    if tuple(value.shape) != tuple(meta.shape):
+        raise ModelLoadError(f"{name!r}: checkpoint shape {list(value.shape)}, model expects {list(meta.shape)}")
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    owner._parameters[attr] = torch.nn.Parameter(value.to(device=device, dtype=meta.dtype), requires_grad=False)
+
+
+def _tie_missing(model, index: WeightIndex, params) -> None:
+    """Parameters still on meta outside the streamed layers must be tied aliases."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    layer_prefix = index.layer_prefix
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type != "meta" or name.startswith(layer_prefix):
+            continue
+        source = tied.get(name)
+        if source is None or source not in index.tensors:
+            raise ModelLoadError(f"{index.directory}: no weights for {name!r}")
+        owner_name, _, attr = name.rpartition(".")
+        model.get_submodule(owner_name)._parameters[attr] = model.get_parameter(source)

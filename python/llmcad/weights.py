@@ -1,0 +1,268 @@
+"""Index of a safetensors checkpoint: which byte ranges hold each decoder layer.
+
+Reads only the headers (8-byte little-endian header length, then a JSON header), single file or
+sharded with ``model.safetensors.index.json``. Every header is checked against its file's size at
+load time, so a truncated file, a corrupt header or a missing shard fails here with a
+:class:`~llmcad.errors.WeightFileError` naming the file, not later in the middle of a pass.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import WeightFileError
+
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20  # safetensors itself refuses headers above 100 MB
+
+# safetensors dtype code -> bytes per element
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor: where its bytes are (absolute offset in file ``file_index``) and what they are."""
+
+    name: str
+    file_index: int
+    offset: int
+    length: int
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[self.dtype])
+
+
+@dataclass(frozen=True)
+class LayerRanges:
+    """A decoder layer's bytes as merged contiguous ranges, plus where each tensor sits in them.
+
+    ``ranges[j] = (file_index, offset, length)``; ``tensors[k] = (entry, range_index, delta)`` where
+    ``delta`` is the tensor's byte offset from the start of its range.
+    """
+
+    ranges: list
+    tensors: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, _, length in self.ranges)
+
+
+@dataclass
+class WeightIndex:
+    """Headers of a checkpoint. ``layers[i]`` lists layer i's tensors (names keep their full key)."""
+
+    directory: Path
+    files: list
+    tensors: dict
+    layer_prefix: str
+    layers: list = field(default_factory=list)
+    non_layer: list = field(default_factory=list)
+    tied: dict = field(default_factory=dict)  # absent tensor -> the stored tensor it shares (tied head)
+    stamps: list = field(default_factory=list)  # per file (st_dev, st_ino, st_size, st_mtime_ns) when read
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_bytes(self, i: int) -> int:
+        return sum(t.length for t in self.layers[i])
+
+    def non_layer_bytes(self) -> int:
+        return sum(t.length for t in self.non_layer)
+
+    def total_bytes(self) -> int:
+        return sum(t.length for t in self.tensors.values())
+
+    def local_name(self, entry: TensorEntry, layer: int) -> str:
+        """Name of a layer tensor relative to its layer module, e.g. ``self_attn.q_proj.weight``."""
+        return entry.name[len(f"{self.layer_prefix}{layer}."):]
+
+    def layer_ranges(self, i: int) -> LayerRanges:
+        """Merge layer i's tensors into as few contiguous (file, offset, length) reads as possible."""
+        ordered = sorted(self.layers[i], key=lambda t: (t.file_index, t.offset))
+        ranges, placed = [], []
+        for t in ordered:
+            if ranges and ranges[-1][0] == t.file_index and ranges[-1][1] + ranges[-1][2] == t.offset:
+                f, off, length = ranges[-1]
+                ranges[-1] = (f, off, length + t.length)
+            else:
+                ranges.append((t.file_index, t.offset, t.length))
+            placed.append((t, len(ranges) - 1, t.offset - ranges[-1][1]))
+        return LayerRanges(ranges=ranges, tensors=placed)
+
+
+def file_stamp(path) -> tuple:
+    """(device, inode, size, modification time ns): what tells a file changed since it was indexed."""
+    st = Path(path).stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_header(path) -> tuple[dict, int]:
+    """Parse one safetensors file's header. Returns (entries by name, data start offset).
+
+    Each entry is ``{"dtype", "shape", "offset", "length"}`` with the offset absolute in the file.
+    Raises WeightFileError naming the file when it is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise WeightFileError(
+                    f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
+                    f"file has {size})")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise WeightFileError(f"{path}: weight file not found") from None
+    except IsADirectoryError:
+        raise WeightFileError(f"{path}: is a directory, not a safetensors file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightFileError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{path}: corrupt safetensors header (not a JSON object)")
+    start = 8 + n
+    entries = {name: _check_entry(path, name, info, start, size)
+               for name, info in header.items() if name != "__metadata__"}
+    return entries, start
+
+
+def _check_entry(path, name, info, start, size) -> dict:
+    """Validate one header entry against the dtype table and the file size."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+        begin, end = int(begin), int(end)
+    except (KeyError, TypeError, ValueError):
+        raise WeightFileError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+    if dtype not in ITEMSIZE or any(d < 0 for d in shape) or not 0 <= begin <= end:
+        raise WeightFileError(f"{path}: corrupt safetensors header entry for {name!r}: {info}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * ITEMSIZE[dtype]:
+        raise WeightFileError(
+            f"{path}: corrupt safetensors header: {name!r} spans {end - begin} bytes, "
+            f"shape {list(shape)} {dtype} needs {numel * ITEMSIZE[dtype]}")
+    if start + end > size:
+        raise WeightFileError(
+            f"{path}: truncated safetensors file: {name!r} ends at byte {start + end}, "
+            f"file has {size}")
+    return {"dtype": dtype, "shape": shape, "offset": start + begin, "length": end - begin}
+
+
+def checkpoint_files(directory) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in shard order (or [the single file])."""
+    directory = Path(directory)
+    index_path = directory / SHARD_INDEX
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise WeightFileError(f"{index_path}: corrupt shard index ({exc})") from None
+        files = [directory / name for name in names]
+        for f in files:
+            if not f.exists():
+                raise WeightFileError(f"{f}: shard listed in {index_path.name} is missing")
+        return files
+    single = directory / SINGLE_FILE
+    if single.exists():
+        return [single]
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise WeightFileError(f"{directory}: no safetensors weights (expected {SINGLE_FILE} or {SHARD_INDEX})")
+    return found
+
+
+def load_index(directory) -> WeightIndex:
+    """Read every header of a checkpoint directory and group tensors by decoder layer."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WeightFileError(f"{directory}: checkpoint directory not found")
+    files = checkpoint_files(directory)
+    tensors, stamps = {}, []
+    for fi, path in enumerate(files):
+        stamps.append(file_stamp(path))
+        entries, _ = read_header(path)
+        for name, e in entries.items():
+            if name in tensors:
+                raise WeightFileError(f"{path}: tensor {name!r} also appears in {files[tensors[name].file_index]}")
+            tensors[name] = TensorEntry(name, fi, e["offset"], e["length"], e["dtype"], e["shape"])
+    _check_shard_map(directory, files, tensors)
+    index = _group_layers(directory, files, tensors)
+    index.stamps = stamps
+    return index
+
+
+def _check_shard_map(directory, files, tensors) -> None:
+    """Every tensor the shard index promises must be in the shard it names."""
+    index_path = directory / SHARD_INDEX
+    if not index_path.exists():
+        return
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    for name, fname in weight_map.items():
+        t = tensors.get(name)
+        if t is None or files[t.file_index].name != fname:
+            raise WeightFileError(f"{directory / fname}: tensor {name!r} listed in {SHARD_INDEX} is not in it")
+
+
+def _group_layers(directory, files, tensors) -> WeightIndex:
+    by_prefix: dict = {}
+    for name in tensors:
+        m = _LAYER_RE.match(name)
+        if m:
+            by_prefix.setdefault(m["prefix"], []).append((int(m["idx"]), name))
+    if not by_prefix:
+        raise WeightFileError(f"{directory}: no decoder layers found (no '<prefix>layers.<i>.' tensors)")
+    prefix = "model.layers." if "model.layers." in by_prefix else max(by_prefix, key=lambda p: len(by_prefix[p]))
+    count = 1 + max(i for i, _ in by_prefix[prefix])
+    layers = [[] for _ in range(count)]
+    for i, name in by_prefix[prefix]:
+        layers[i].append(tensors[name])
+    empty = [i for i, layer in enumerate(layers) if not layer]
+    if empty:
+        raise WeightFileError(f"{directory}: decoder layers {empty} have no tensors (missing shard or tensors?)")
+    for layer in layers:
+        layer.sort(key=lambda t: t.name)
+    in_layers = {t.name for layer in layers for t in layer}
+    non_layer = sorted((t for n, t in tensors.items() if n not in in_layers), key=lambda t: t.name)
+    return WeightIndex(directory, files, tensors, prefix, layers, non_layer, _tied(directory, tensors))
+
+
+def _tied(directory: Path, tensors: dict) -> dict:
+    """{"lm_head.weight": embedding name} when config.json ties them and the head is not stored."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    text = config.get("text_config", config)
+    tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    embed = next((n for n in tensors if n.endswith("embed_tokens.weight")), None)
+    if tie and embed and "lm_head.weight" not in tensors:
+        return {"lm_head.weight": embed}
+    return {}

@@ -1,0 +1,109 @@
+"""llmcad.budget: size parsing, placement under a budget, and the too-small-budget error."""
+import re
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from llmcad.budget import kv_cache_bytes, module_bytes, parse_size, plan_placement, streamer_memory_bytes
+from llmcad.errors import BudgetError
+from llmcad.weights import load_index
+from tiny_models import build_tiny, load_resident
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("800MiB", 800 * 2**20), ("123", 123),
+    (4096, 4096), ("64 KiB", 65536), ("3kb", 3000), ("1TiB", 2**40), ("10B", 10), (" 7 ", 7),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["2 GiBs", "abc", "", "GiB", "-1", "1e9", 0, -5, True, 1.5, None, [1]])
+def test_parse_size_rejects_and_names_the_budget(bad):
+    with pytest.raises(BudgetError, match="memory_budget"):
+        parse_size(bad)
+
+
+def test_budget_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return load_index(build_tiny("qwen2", tmp_path_factory.mktemp("b") / "m", num_layers=4))
+
+
+def _minimum(index, **kw):
+    """The smallest budget plan_placement accepts, found from its own error message."""
+    with pytest.raises(BudgetError) as err:
+        plan_placement(index, memory_budget=1, **kw)
+    return int(re.search(r"\((\d+) bytes\) for", str(err.value)).group(1))
+
+
+def test_large_budget_keeps_everything_resident(index):
+    p = plan_placement(index, memory_budget="1GiB")
+    assert p.resident_layers == [0, 1, 2, 3] and p.streamed_layers == []
+    assert p.bytes_per_pass == 0 and p.accounting["streamer_buffers"] == 0
+    assert p.accounting["total"] == index.total_bytes()
+
+
+def test_too_small_budget_says_how_much_is_needed(index):
+    need = _minimum(index, draft_bytes=1000, kv_bytes=500)
+    layer_buf = max(index.layer_bytes(i) for i in range(4))
+    assert need == 1000 + 500 + index.non_layer_bytes() + streamer_memory_bytes(layer_buf, 2, 1)
+    with pytest.raises(BudgetError, match=f"needs at least .*{need} bytes"):
+        plan_placement(index, memory_budget=need - 1, draft_bytes=1000, kv_bytes=500)
+    p = plan_placement(index, memory_budget=need, draft_bytes=1000, kv_bytes=500)
+    assert p.resident_layers == [] and p.streamed_layers == [0, 1, 2, 3]
+    assert p.num_buffers == 2 and p.buffer_bytes == layer_buf
+    assert p.bytes_per_pass == sum(index.layer_bytes(i) for i in range(4))
+    assert p.accounting["total"] == need and p.accounting["spare"] == 0
+
+
+def test_spare_budget_pins_leading_layers(index):
+    need = _minimum(index)
+    previous = -1
+    for extra in range(0, 4 * index.layer_bytes(0) + 1, index.layer_bytes(0) // 3):
+        p = plan_placement(index, memory_budget=need + extra)
+        k = len(p.resident_layers)
+        assert p.resident_layers == list(range(k)) and p.streamed_layers == list(range(k, 4))
+        assert k >= previous  # more budget never streams more
+        assert p.accounting["total"] <= need + extra
+        previous = k
+    assert previous == 4
+
+
+def test_max_resident_layers_and_buffer_count(index):
+    p = plan_placement(index, memory_budget="1GiB", max_resident_layers=1, num_buffers=4)
+    assert p.resident_layers == [0] and p.num_buffers == 4
+    assert p.accounting["streamer_buffers"] == streamer_memory_bytes(p.buffer_bytes, 4, 1)
+
+
+def test_conversion_scratch_counted_when_dtype_differs(index):
+    same = plan_placement(index, memory_budget="1GiB", max_resident_layers=0, dtype=torch.float32)
+    half = plan_placement(index, memory_budget="1GiB", max_resident_layers=0, dtype=torch.bfloat16)
+    assert same.accounting["conversion_scratch"] == 0
+    assert half.accounting["conversion_scratch"] == max(index.layer_bytes(i) for i in range(4)) // 2
+    assert half.accounting["target_non_layer"] == index.non_layer_bytes() // 2
+
+
+def test_streamer_memory_matches_the_streamer(index):
+    from llmcad.streamer import WeightStreamer
+
+    p = plan_placement(index, memory_budget="1GiB", max_resident_layers=1, num_buffers=3)
+    with WeightStreamer(index.files, buffer_bytes=p.buffer_bytes, num_buffers=3) as s:
+        for i in p.streamed_layers:  # every streamed layer fits a buffer
+            s.add_layer(index.layer_ranges(i).ranges)
+        assert s.memory_bytes == p.accounting["streamer_buffers"]
+
+
+def test_kv_cache_bytes_matches_a_real_cache(tmp_path):
+    model = load_resident(build_tiny("llama", tmp_path / "m", num_layers=3))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.arange(11)[None], past_key_values=cache, use_cache=True)
+    actual = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert kv_cache_bytes(model.config, 11, torch.float32) == actual
+    assert module_bytes(model) == sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))

@@ -1,0 +1,317 @@
+"""llmcad.streamed: the layer-streamed target is a bit-identical drop-in for the in-memory model."""
+import threading
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from llmcad import tree
+from llmcad.budget import kv_cache_bytes, module_bytes, plan_placement, resident_placement
+from llmcad.errors import BudgetError, EngineClosedError, ModelLoadError
+from llmcad.streamed import decoder_layers, load_streamed_target
+from llmcad.weights import load_index
+from tiny_models import FAMILIES, build_tiny, load_resident
+
+NUM_LAYERS = 4
+PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 6]  # a 9-node tree with branches at several depths
+PROMPT_LEN = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streamed")
+    return {family: build_tiny(family, root / family, num_layers=NUM_LAYERS, tie=family == "llama", seed=i)
+            for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    return {family: load_resident(path) for family, path in checkpoints.items()}
+
+
+def _placement(path, k, num_buffers=2, dtype=None):
+    return plan_placement(load_index(path), memory_budget="1GiB", max_resident_layers=k,
+                          num_buffers=num_buffers, dtype=dtype)
+
+
+def _prompt_then_tree(model, seed=0):
+    """A prompt pass with a fresh cache, then a tree pass over PARENTS with a float 4D tree mask."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), generator=gen)
+    nodes = torch.randint(0, model.config.vocab_size, (1, len(PARENTS)), generator=gen)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        mask = tree.attention_mask(PARENTS, PROMPT_LEN, dtype=model.dtype)
+        positions = torch.as_tensor(tree.position_ids(PARENTS, PROMPT_LEN))[None]
+        second = model(input_ids=nodes, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits
+    return first, second, cache
+
+
+def _assert_same(ref, streamed, seed=0):
+    a1, a2, cache_a = _prompt_then_tree(ref, seed)
+    b1, b2, cache_b = _prompt_then_tree(streamed, seed)
+    assert torch.equal(a1, b1), "prompt pass logits differ"
+    assert torch.equal(a2, b2), "tree pass logits differ"
+    for la, lb in zip(cache_a.layers, cache_b.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("k", [0, 1, NUM_LAYERS - 1])
+@pytest.mark.parametrize("num_buffers", [2, 4])
+def test_logits_bit_identical(checkpoints, references, family, k, num_buffers):
+    model = load_streamed_target(checkpoints[family], placement=_placement(checkpoints[family], k, num_buffers))
+    try:
+        ctl = model.llmcad_streamed
+        assert ctl.placement.resident_layers == list(range(k))
+        _assert_same(references[family], model)
+        # streamed layers hold no weights between passes
+        assert all(p.device.type == "meta" for i in range(k, NUM_LAYERS) for p in decoder_layers(model)[i].parameters())
+    finally:
+        model.llmcad_streamed.close()
+
+
+def test_converted_dtype_is_bit_identical(tmp_path):
+    """bf16 on disk computed in fp32: each streamed layer is converted once per pass, like from_pretrained."""
+    path = build_tiny("qwen2", tmp_path / "m", num_layers=3, dtype=torch.bfloat16)
+    ref = load_resident(path, dtype=torch.float32)
+    model = load_streamed_target(path, placement=_placement(path, 1, dtype=torch.float32), dtype=torch.float32)
+    try:
+        assert model.dtype == torch.float32
+        _assert_same(ref, model)
+        assert model.llmcad_streamed.placement.accounting["conversion_scratch"] > 0
+    finally:
+        model.llmcad_streamed.close()
+
+
+def test_sharded_checkpoint_streams_across_files(tmp_path):
+    path = build_tiny("llama", tmp_path / "m", num_layers=4, max_shard_size="20KB")
+    assert len(load_index(path).files) > 2
+    model = load_streamed_target(path, placement=_placement(path, 0))
+    try:
+        _assert_same(load_resident(path), model)
+    finally:
+        model.llmcad_streamed.close()
+
+
+def test_bytes_read_per_pass_equals_streamed_layer_bytes(checkpoints):
+    path = checkpoints["qwen2"]
+    index = load_index(path)
+    model = load_streamed_target(path, placement=_placement(path, 1))
+    ctl = model.llmcad_streamed
+    try:
+        per_pass = sum(index.layer_bytes(i) for i in range(1, NUM_LAYERS))
+        assert ctl.placement.bytes_per_pass == per_pass
+        _prompt_then_tree(model)
+        assert ctl.passes == 2 and ctl.bytes_read == 2 * per_pass and ctl.last_pass_bytes == per_pass
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert ctl.bytes_read == 3 * per_pass
+    finally:
+        ctl.close()
+
+
+def test_tracked_memory_stays_within_the_budget(checkpoints, references):
+    path = checkpoints["mistral"]
+    draft = references["qwen2"]  # any resident model stands in for the draft
+    tokens = PROMPT_LEN + len(PARENTS)
+    kv = kv_cache_bytes(draft.config, tokens, torch.float32) + kv_cache_bytes(references["mistral"].config, tokens,
+                                                                              torch.float32)
+    index = load_index(path)
+    minimum = plan_placement(index, memory_budget="1GiB", max_resident_layers=0, draft_bytes=module_bytes(draft),
+                             kv_bytes=kv).accounting["total"]
+    budget = minimum + index.layer_bytes(0) + 100  # room for exactly one resident layer
+    placement = plan_placement(index, memory_budget=budget, draft_bytes=module_bytes(draft), kv_bytes=kv)
+    assert len(placement.resident_layers) == 1
+    model = load_streamed_target(path, placement=placement)
+    ctl = model.llmcad_streamed
+    try:
+        _, _, cache = _prompt_then_tree(model)
+        cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        assert cache_bytes <= kv
+        assert ctl.streamer.memory_bytes == placement.accounting["streamer_buffers"]
+        assert ctl.resident_bytes == (placement.accounting["target_non_layer"]
+                                      + placement.accounting["target_resident_layers"] + _buffer_bytes(model))
+        held = module_bytes(draft) + ctl.peak_tracked_bytes + cache_bytes
+        assert held <= budget + _buffer_bytes(model)
+    finally:
+        ctl.close()
+
+
+def _buffer_bytes(model):
+    """Non-persistent buffers (rotary inv_freq): bytes, not in the checkpoint, so not in the plan."""
+    return sum(b.nbytes for b in model.buffers())
+
+
+def test_too_small_budget_is_refused(checkpoints):
+    with pytest.raises(BudgetError, match="needs at least"):
+        plan_placement(load_index(checkpoints["llama"]), memory_budget=10_000)
+
+
+def test_generate_matches_in_memory(checkpoints, references):
+    model = load_streamed_target(checkpoints["gemma"], placement=_placement(checkpoints["gemma"], 1))
+    try:
+        ids = torch.tensor([[1, 5, 9, 13]])
+        want = references["gemma"].generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+        assert model.get_input_embeddings().weight.device.type == "cpu"
+        assert model.generation_config is not None
+    finally:
+        model.llmcad_streamed.close()
+
+
+def test_pass_that_raises_midway_leaves_the_next_pass_correct(checkpoints, references):
+    model = load_streamed_target(checkpoints["qwen2"], placement=_placement(checkpoints["qwen2"], 0))
+    layer = decoder_layers(model)[2]
+    fail = {"once": True}
+
+    def boom(module, args):
+        if fail.pop("once", False):
+            raise RuntimeError("injected")
+
+    handle = layer.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="injected"), torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5]]))
+        _assert_same(references["qwen2"], model)
+    finally:
+        handle.remove()
+        model.llmcad_streamed.close()
+
+
+def test_io_error_surfaces_and_the_target_recovers(checkpoints, references):
+    from llmcad.errors import StreamerIOError
+
+    model = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    ctl = model.llmcad_streamed
+    try:
+        ctl.drop_prefetch()  # drop the prefetched first pass so the fault hits a read of the next one
+        ctl.streamer.inject_fault(0)
+        with pytest.raises(StreamerIOError), torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5]]))
+        _assert_same(references["llama"], model)
+    finally:
+        ctl.close()
+
+
+def test_next_layer_ready_and_prefetch_switch(checkpoints):
+    model = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    ctl = model.llmcad_streamed
+    try:
+        ctl.drop_prefetch()
+        assert not ctl.next_layer_ready()  # nothing queued
+        ctl.prefetch_between_passes = False
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4]]))
+        assert not ctl.next_layer_ready()  # the pass ended and queued nothing
+        ctl.prefetch_between_passes = True
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4]]))
+        deadline = time.monotonic() + 30
+        while not ctl.next_layer_ready() and time.monotonic() < deadline:  # the ring fills while idle
+            time.sleep(0.01)
+        assert ctl.next_layer_ready()
+    finally:
+        ctl.close()
+
+
+def test_close_with_prefetched_pass_does_not_hang_and_forward_after_close_fails(checkpoints):
+    model = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4]]))  # leaves the next pass prefetched
+    closer = threading.Thread(target=model.llmcad_streamed.close)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "close() hung"
+    model.llmcad_streamed.close()  # idempotent
+    with pytest.raises(EngineClosedError), torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4]]))
+
+
+def test_all_resident_placement_needs_no_streamer(checkpoints, references):
+    path = checkpoints["phi3"]
+    model = load_streamed_target(path, placement=resident_placement(load_index(path)))
+    assert model.llmcad_streamed.streamer is None
+    _assert_same(references["phi3"], model)
+
+
+def test_config_disagreeing_with_weights_is_a_load_error(tmp_path):
+    path = build_tiny("llama", tmp_path / "m", num_layers=2)
+    config = (path / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3')
+    (path / "config.json").write_text(config)
+    with pytest.raises(ModelLoadError, match="decoder layers"):
+        load_streamed_target(path)
+
+
+def test_bench_pass_runs_on_a_tiny_model(checkpoints):
+    """Smoke test of `llmcad bench pass` (its timings are not asserted: benchmarks are not timed tests)."""
+    from llmcad.bench_pass import measure
+
+    result = measure(checkpoints["qwen2"], tree_nodes=5, prefix_len=3, repeats=1)
+    assert result["streamed_layers"] == NUM_LAYERS and result["resident_layers"] == 0
+    assert set(result) >= {"wall_s", "io_s", "compute_s", "overlap_ratio"}
+    assert result["overlap_ratio"] == result["wall_s"] / max(result["io_s"], result["compute_s"])
+
+
+KV_TOKENS = 64  # prompt + 16 new tokens + a tree: the cache positions these tests budget for
+
+
+def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model):
+    """What llmcad.models._load_target does with a budget (the wiring handed to the engine)."""
+    from llmcad.models import load_causal_lm, resolve_dtype
+    from llmcad.streamed import load_budgeted_target
+
+    if memory_budget is None:
+        return load_causal_lm(target, device=device, dtype=dtype), None
+    return load_budgeted_target(target, memory_budget=memory_budget, draft_model=draft_model,
+                                dtype=resolve_dtype(dtype), device=device, kv_tokens=KV_TOKENS)
+
+
+@pytest.mark.parametrize("mode", ["llmcad", "tree", "chain", "target-only"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_every_mode_lossless_under_a_budget_below_draft_plus_target(tiny_pair_dirs, tiny_models, monkeypatch,
+                                                                    mode, family):
+    from llmcad import models
+    from llmcad.engine import LLMCad
+    from llmcad.streamed import load_budgeted_target
+
+    monkeypatch.setattr(models, "_load_target", _budgeted_load_target)
+    dirs = tiny_pair_dirs(family)
+    draft, target = tiny_models(family, "shared"), tiny_models(family, "target")
+    with pytest.raises(BudgetError) as err:  # find the smallest budget that streams every layer
+        load_budgeted_target(dirs["target"], memory_budget=1, draft_model=draft, kv_tokens=KV_TOKENS)
+    budget = int(err.value.args[0].split("(")[2].split(" bytes")[0])
+    assert budget < module_bytes(draft) + module_bytes(target)
+    engine = LLMCad.from_pretrained(dirs["shared"], dirs["target"], mode=mode, memory_budget=budget)
+    try:
+        assert engine.placement.resident_layers == [] and engine.placement.streamed_layers
+        prompt = engine.tokenizer("def add(a, b):")["input_ids"]
+        ids = torch.tensor([prompt])
+        want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                               do_sample=False)[0, len(prompt):].tolist()
+        got = engine.generate(prompt, max_new_tokens=16).tokens
+        assert got == want[:len(got)] and (len(got) == 16 or got[-1] in engine.eos_token_ids)
+        ctl = engine.target.llmcad_streamed
+        assert ctl.bytes_read == ctl.passes * ctl.placement.bytes_per_pass
+    finally:
+        engine.target.llmcad_streamed.close()
+
+
+def test_weight_file_changed_in_place_closes_the_target(tmp_path):
+    from llmcad.errors import WeightFileError
+
+    path = build_tiny("qwen2", tmp_path / "m", num_layers=2)
+    model = load_streamed_target(path, placement=_placement(path, 0))
+    weights = path / "model.safetensors"
+    time.sleep(0.02)
+    with open(weights, "r+b") as f:  # same inode, other bytes
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(WeightFileError, match="model.safetensors: changed on disk"), torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4]]))
+    with pytest.raises(EngineClosedError, match="closed after .*changed on disk"), torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4]]))
+    assert all(p.device.type == "meta" for p in decoder_layers(model).parameters())
