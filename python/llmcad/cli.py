@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 
 from .errors import LLMCadError
 
@@ -27,10 +29,21 @@ MODES = ("llmcad", "tree", "chain", "target-only")
 POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "chain_length")
 
 
+class UsageError(ValueError):
+    """A command line argparse refused; reported like every other error (one line, exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError (one line, no usage block) instead of exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``generate`` in full; the other subcommands only for --help (their own
     parsers are built by their modules when invoked, see :func:`main`)."""
-    parser = argparse.ArgumentParser(prog="llmcad", description="Run a large LM that does not fit in memory: "
+    parser = Parser(prog="llmcad", description="Run a large LM that does not fit in memory: "
                                      "tree speculative decoding with a layer-streamed target.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_arguments(sub.add_parser("generate", help="generate text from a prompt"))
@@ -67,7 +80,19 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--alpha", type=float, default=None, help="initial fallback threshold (llmcad; 0.01)")
     t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain)")
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "tokens", "stats"}')
-    p.add_argument("--trace", default=None, metavar="FILE", help="write one JSON line per target pass")
+    p.add_argument("--trace", default=None, metavar="FILE", help="write the timeline (IO, target compute, draft, "
+                   "verify/commit) as Chrome trace-event JSON (Perfetto; `llmcad trace-plot FILE` draws it)")
+    e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
+    e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,
+                   help="verify on the main thread, no provisional drafting (default: on in llmcad mode)")
+    e.add_argument("--pipeline", dest="pipeline", action="store_const", const=True,
+                   help="pipeline a chain or tree mode too")
+    e.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="do not read the next pass's layers while the draft drafts")
+    e.add_argument("--max-provisional-tokens", type=int, default=None,
+                   help="provisional tokens per verification (default 8)")
+    e.add_argument("--bandwidth-cap", type=float, default=None, metavar="BYTES_PER_S",
+                   help="cap the streamer's read bandwidth (emulate slower storage, e.g. 300e6)")
 
 
 def run_generate(args) -> int:
@@ -75,17 +100,18 @@ def run_generate(args) -> int:
 
     _quiet_transformers()
     options = {k: getattr(args, k) for k in POLICY_FLAGS if getattr(args, k) is not None}
+    if args.max_provisional_tokens is not None:
+        options["max_provisional_tokens"] = args.max_provisional_tokens
+    if args.bandwidth_cap is not None:
+        options["streamer_options"] = {"bandwidth_cap": args.bandwidth_cap}
     sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     with LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
-                                device=args.device, dtype=args.dtype, **options) as engine:
+                                device=args.device, dtype=args.dtype, pipeline=args.pipeline, prefetch=args.prefetch,
+                                **options) as engine:
         result = engine.generate(args.prompt, args.max_new_tokens, do_sample=sample,
                                  temperature=1.0 if args.temperature is None else args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                 streamer=None if args.json else _stdout_writer)
-    if args.trace:
-        with open(args.trace, "w", encoding="utf-8") as f:
-            for event in result.trace:
-                f.write(json.dumps(event) + "\n")
+                                 streamer=None if args.json else _stdout_writer, trace=args.trace)
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}))
     else:
@@ -103,7 +129,7 @@ def run_external(module_name: str, command: str, rest: list) -> int:
             raise
         _error(f"'{command}' is not available in this build")
         return 2
-    parser = argparse.ArgumentParser(prog=f"llmcad {command}")
+    parser = Parser(prog=f"llmcad {command}")
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(rest)) or 0)
 
@@ -124,6 +150,8 @@ def dispatch(argv: list) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``llmcad`` script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return dispatch(argv)
     except KeyboardInterrupt:
@@ -131,11 +159,23 @@ def main(argv=None) -> int:
     except (LLMCadError, ValueError, OSError, ImportError) as exc:
         _error(" ".join(str(exc).split()) or type(exc).__name__)
         return 2
+    except Exception as exc:  # a bug, not bad input: still one line unless LLMCAD_DEBUG asks for the traceback
+        if os.environ.get("LLMCAD_DEBUG"):
+            raise
+        _error(f"internal error ({type(exc).__name__}): {' '.join(str(exc).split())} "
+               "(set LLMCAD_DEBUG=1 for a traceback)")
+        return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 def _stdout_writer(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"llmcad: warning: {' '.join(str(message).split())}\n"
 
 
 def _error(message: str) -> None:

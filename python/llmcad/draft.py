@@ -10,12 +10,14 @@ the node's ancestors and itself, at position prefix + depth. After the forward:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import kv
 from .forward import forward_with_mask, pending_tree_inputs
+from .pipeline import ema
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
 
@@ -51,6 +53,12 @@ class DraftTree:
         self.children[parent].append(node)
         return node
 
+    def head(self, n: int) -> "DraftTree":
+        """A copy of the first ``n`` nodes (e.g. the tree as verified, without provisional nodes)."""
+        keep = lambda kids: [c for c in kids if c < n]  # noqa: E731
+        return DraftTree(self.tokens[:n], self.parents[:n], self.probs[:n], self.cum[:n], self.depth[:n],
+                         self.slot[:n], [keep(k) for k in self.children[:n]])
+
     def leaves(self) -> list:
         return [i for i, kids in enumerate(self.children) if not kids]
 
@@ -77,16 +85,25 @@ class TreeDrafter:
         self.cache = DynamicCache()
         self.pending = list(prompt_ids[:-1])  # committed tokens not in the cache yet
         self.steps = 0  # draft forwards, all rounds
+        self.tracer = None  # llmcad.trace.Tracer: one "draft" span per forward
+        self.step_ema_s = None  # typical one-token draft forward, seconds (moving average; the pipeline)
         self._prefix = 0
         self._ran = 0  # tree nodes run this round
+        self._seed = None  # (tree, nodes run) kept from the last round's provisional drafting
+        self._branch_threshold = None  # the current policy's (grow sets it)
+        self._alternatives = {}  # provisional node -> [(token, prob)] of the branches it would open
 
     def grow(self, root_token: int, policy, depth_cap: int) -> DraftTree:
         """A tree rooted at ``root_token``, grown until ``policy`` asks for verification or a limit
         (``policy.max_tree_tokens``, ``min(policy.max_depth, depth_cap)``) stops it."""
-        tree = DraftTree.rooted(root_token)
+        tree, ran = self._seed or (DraftTree.rooted(root_token), 0)
+        self._seed, self._alternatives = None, {}
+        self._branch_threshold = policy.branch_threshold
+        if tree.tokens[0] != int(root_token):
+            raise ValueError(f"seeded tree's root {tree.tokens[0]} is not the root token {root_token}")
         max_depth = min(policy.max_depth, depth_cap)
-        self._prefix = kv.cache_length(self.cache) + len(self.pending)
-        self._ran = 0
+        self._prefix = kv.cache_length(self.cache) + len(self.pending) - ran
+        self._ran = ran
         while len(tree) < policy.max_tree_tokens and not policy.should_verify(tree):
             node = self._pick_leaf(tree, max_depth)
             if node is None:
@@ -95,13 +112,48 @@ class TreeDrafter:
             self._add_children(tree, node, probs, policy)
         return tree
 
-    def commit(self, tree: DraftTree, accepted) -> None:
-        """Keep prefix + the accepted nodes the draft has run; queue the rest (at most the last) as pending."""
+    def commit(self, tree: DraftTree, accepted, seed=(), max_nodes: int = 0) -> None:
+        """Keep prefix + the accepted nodes the draft has run; queue the rest (at most the last) as pending.
+
+        ``seed``: node ids of a chain below the last accepted node (its first node is the next root)
+        whose tokens and KV start the next tree (see llmcad.pipeline.reconcile), with the branches
+        its provisional steps would have opened, up to ``max_nodes`` nodes; the rest is dropped.
+        """
         ran = [tree.slot[a] for a in accepted if tree.slot[a] >= 0]
-        keep = list(range(self._prefix)) + [self._prefix + s for s in ran]
+        seed_ran = [tree.slot[s] for s in seed if tree.slot[s] >= 0]
+        keep = list(range(self._prefix)) + [self._prefix + s for s in ran + seed_ran]
         if kv.cache_length(self.cache):
             kv.commit(self.cache, keep)
         self.pending = [tree.tokens[a] for a in accepted if tree.slot[a] < 0]
+        if seed:
+            if self.pending:
+                raise ValueError("a seed needs every accepted node run by the draft")
+            self._seed = (self._seed_tree(tree, seed, max(max_nodes, len(seed))), len(seed_ran))
+
+    def _seed_tree(self, tree: DraftTree, seed, max_nodes: int) -> DraftTree:
+        """The chain ``seed`` as a new tree rooted at its first node (run nodes get slots 0, 1, ...),
+        then the branches beside its main children, shallow first, while fewer than ``max_nodes``."""
+        out = DraftTree.rooted(tree.tokens[seed[0]])
+        out.slot[0] = 0 if tree.slot[seed[0]] >= 0 else -1
+        for node in seed[1:]:
+            child = out.add(len(out) - 1, tree.tokens[node], tree.probs[node])
+            if tree.slot[node] >= 0:
+                out.slot[child] = max(out.slot) + 1
+        for i, node in enumerate(seed[:-1]):  # the last seed node has no children in the new tree
+            for token, prob in self._alternatives.get(node, ()):
+                if len(out) >= max_nodes:
+                    return out
+                out.add(i, token, prob)
+        return out
+
+    def extend_main(self, tree: DraftTree, node: int) -> int:
+        """Provisional drafting: run leaf ``node`` and add only its argmax child; returns the child."""
+        probs = self._run(tree, node, name="provisional")
+        top_p, top_t = torch.topk(probs, k=min(MAX_CHILDREN, probs.numel()))  # as in _add_children
+        threshold = self._branch_threshold
+        self._alternatives[node] = [(int(t), float(p)) for p, t in zip(top_p[1:].tolist(), top_t[1:].tolist())
+                                    if threshold is not None and p > threshold]
+        return tree.add(node, int(top_t[0]), float(top_p[0]))
 
     def _pick_leaf(self, tree: DraftTree, max_depth: int):
         """Pacer: the extensible leaf with the largest deficit C_i * M - T_i (earliest on ties)."""
@@ -115,8 +167,9 @@ class TreeDrafter:
                 best, best_deficit = leaf, deficit
         return best
 
-    def _run(self, tree: DraftTree, node: int) -> torch.Tensor:
+    def _run(self, tree: DraftTree, node: int, name: str = "draft") -> torch.Tensor:
         """One draft forward of ``node``'s token (plus the pending tokens, on a root); its probabilities."""
+        t0 = time.perf_counter()
         device = self.draft.get_input_embeddings().weight.device
         dtype = self.draft.get_input_embeddings().weight.dtype
         if node == 0:
@@ -131,6 +184,10 @@ class TreeDrafter:
         tree.slot[node] = self._ran
         self._ran += 1
         self.steps += 1
+        if len(inputs) == 1:  # a prompt's prefill is no typical step
+            self.step_ema_s = ema(self.step_ema_s, time.perf_counter() - t0)
+        if self.tracer is not None:
+            self.tracer.add("draft", name, t0, time.perf_counter(), node=node, depth=tree.depth[node])
         return torch.softmax(logits[-1], dim=-1)
 
     def _node_row(self, tree: DraftTree, node: int, dtype, device) -> torch.Tensor:

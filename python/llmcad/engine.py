@@ -1,16 +1,22 @@
-"""The LLMCad engine: draft a tree, verify it in one target pass, commit the accepted path, repeat."""
+"""The LLMCad engine: draft a tree, verify it in one target pass (on a worker thread while the draft
+drafts provisionally, when pipelined), commit the accepted path, repeat."""
 from __future__ import annotations
 
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from . import kv
 from . import tree as tree_api
 from .draft import DraftTree, TreeDrafter
 from .errors import EngineClosedError, PromptError
 from .fallback import POLICIES, Policy, make_policy
 from .models import load_pair, resolve_device, resolve_dtype
+from .pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, VerifyWorker, install_target_hooks, main_path,
+                       reconcile)
 from .stats import StatsRecorder
+from .trace import IOProbe, Tracer
 from .verify import TargetChooser, TargetVerifier
 
 
@@ -26,38 +32,58 @@ class GenerationResult:
 
 
 class LLMCad:
-    """A draft/target pair and a verification policy.
+    """A draft/target pair, a verification policy and the compute-IO pipeline switches.
 
     ``target`` is any transformers causal LM (resident, or a layer-streamed drop-in): it is only ever
     called through its ordinary forward with a float 4D mask, explicit positions and a DynamicCache.
+
+    ``pipeline``: verify on a worker thread while the draft drafts provisionally during the target's
+    IO waits (llmcad.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
+    waits on IO otherwise) and a drafting mode. ``prefetch``: read the next pass's first layers while
+    the draft drafts (False: a pass's reads start when it begins). ``max_provisional_tokens``: bound
+    on provisional tokens per verification (0: none).
     """
 
     modes = tuple(POLICIES)
 
-    def __init__(self, draft, target, tokenizer, policy: Policy, *, placement=None):
+    def __init__(self, draft, target, tokenizer, policy: Policy, *, placement=None, pipeline=None, prefetch=True,
+                 max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS):
         self.draft = draft
         self.target = target
         self.tokenizer = tokenizer
         self.policy = policy
         self.placement = placement
+        self.pipeline, self.prefetch, self.max_provisional_tokens = _pipeline_options(
+            policy, pipeline, prefetch, max_provisional_tokens)
+        self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
         self.eos_token_ids = _eos_ids(target)
+        self._draft_kv_positions = _budgeted_kv_positions(draft, target, placement)
         self._closed = False
 
     @classmethod
     def from_pretrained(cls, draft, target, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
-                        **policy_options) -> "LLMCad":
+                        pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
+                        streamer_options=None, **policy_options) -> "LLMCad":
         """Load a draft/target pair (local HF directories or hub ids).
 
-        ``mode``: "llmcad" (tree + LLMCad fallback), "tree" (fixed-size tree), "chain" (fixed-length
-        chain) or "target-only" (one token a pass). ``policy_options``: that mode's parameters
-        (max_tree_tokens, max_depth, branch_threshold, alpha, chain_length; see llmcad.fallback).
+        ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
+        (fixed-length chain) or "target-only" (one token a pass). ``policy_options``: that mode's
+        parameters (max_tree_tokens, max_depth, branch_threshold, alpha, chain_length; see
+        llmcad.fallback). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
         ``memory_budget``: None keeps the target resident. ``dtype``: None keeps the checkpoint's.
+        ``streamer_options``: WeightStreamer keyword arguments for a streamed target (e.g.
+        ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``).
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
+        _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
         resolve_device(device)
         resolve_dtype(dtype)
-        pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget)
-        return cls(pair.draft, pair.target, pair.tokenizer, policy, placement=pair.placement)
+        if streamer_options and memory_budget is None:
+            raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
+        extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
+        pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, **extra)
+        return cls(pair.draft, pair.target, pair.tokenizer, policy, placement=pair.placement, pipeline=pipeline,
+                   prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
@@ -79,7 +105,7 @@ class LLMCad:
         return min(n for n in lengths if n) if any(lengths) else 1 << 62
 
     def generate(self, prompt, max_new_tokens=128, *, do_sample=False, temperature=1.0, top_k=None,
-                 top_p=None, seed=None, stop=None, streamer=None) -> GenerationResult:
+                 top_p=None, seed=None, stop=None, streamer=None, trace=None) -> GenerationResult:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` (str, tokenized with the target's
         tokenizer adding special tokens as HF does, or a list of token ids).
 
@@ -88,6 +114,8 @@ class LLMCad:
         ``streamer``: an object with ``put(token_ids_tensor)``/``end()`` such as transformers.TextStreamer
         (called as generate calls it: the prompt ids first, then each committed chunk, then ``end()``),
         or a callable receiving text deltas of the generated text as tokens are committed.
+        ``trace``: a file path; the timeline (IO, target compute, draft, verify/commit lanes) is written
+        there as Chrome trace-event JSON (Perfetto, chrome://tracing; ``llmcad trace-plot`` draws it).
         """
         if self._closed:
             raise EngineClosedError("this LLMCad engine was closed")
@@ -95,33 +123,19 @@ class LLMCad:
         chooser = TargetChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         output = _Output(self.tokenizer, self.eos_token_ids, _check_max_new(max_new_tokens), _stops(stop),
                          _check_streamer(streamer), room=self.context_length - len(ids))
+        run = _Run(self, ids, chooser, output, Tracer() if trace is not None else None)
         output.start(ids)
-        policy = self.policy
-        policy.reset()
-        verifier = TargetVerifier(self.target, ids)
-        drafter = TreeDrafter(self.draft, ids) if policy.drafts else None
-        record = StatsRecorder(self.target, len(ids), policy.describe())
-        root = ids[-1]
-        while not output.done:
-            with record.timed("draft"):
-                depth_cap = min(max_new_tokens, output.room) - len(output.tokens) - 1
-                tree = drafter.grow(root, policy, depth_cap) if drafter else DraftTree.rooted(root)
-            with record.timed("target"):
-                logits = verifier.run(tree.tokens, tree.parents)
-            accepted, bonus = tree_api.accept(tree.parents, tree.tokens, chooser.choose(logits))
-            emitted = output.extend([tree.tokens[a] for a in accepted[1:]] + [bonus])
-            record.record_pass(len(tree), len(accepted) - 1, emitted)
-            if output.done:
-                break
-            verifier.commit(accepted)
-            if drafter:
-                with record.timed("draft"):
-                    drafter.commit(tree, accepted)
-            policy.observe(tree, accepted)
-            root = bonus
+        with ExitStack() as stack:
+            run.start(stack)
+            root = ids[-1]
+            while not output.done:
+                root = run.round(root)
         output.close()
-        stats = record.finish(len(output.tokens), drafter.steps if drafter else 0, output.reason)
-        return GenerationResult(list(output.tokens), output.text(), stats, record.trace)
+        stats = run.record.finish(len(output.tokens), run.drafter.steps if run.drafter else 0, output.reason,
+                                  run.pipeline_stats())
+        if run.tracer is not None:
+            run.tracer.write(trace)
+        return GenerationResult(list(output.tokens), output.text(), stats, run.record.trace)
 
     def _encode(self, prompt) -> list:
         if isinstance(prompt, str):
@@ -142,6 +156,99 @@ class LLMCad:
             raise PromptError(f"prompt has {len(ids)} tokens; the models' context is {self.context_length} "
                               "positions, which leaves no room to generate")
         return ids
+
+
+class _Run:
+    """One generate call: the verifier, the drafter, and (when pipelined) the gate and worker."""
+
+    def __init__(self, engine: LLMCad, ids, chooser, output, tracer):
+        self.engine, self.chooser, self.output, self.tracer = engine, chooser, output, tracer
+        self.policy = engine.policy
+        self.policy.reset()
+        self.verifier = TargetVerifier(engine.target, ids)
+        self.drafter = TreeDrafter(engine.draft, ids) if self.policy.drafts else None
+        if self.drafter is not None:
+            self.drafter.tracer = tracer
+        self.controller = getattr(engine.target, "llmcad_streamed", None)
+        streams = self.controller is not None and bool(self.controller.placement.streamed_layers)
+        self.streams = streams
+        self.pipelined = engine.pipeline and self.drafter is not None and streams
+        self.gate = ComputeGate(lockstep=engine.pipeline_lockstep) if self.pipelined else None
+        self.worker = None
+        self.record = StatsRecorder(engine.target, len(ids), self.policy.describe())
+
+    def start(self, stack: ExitStack) -> None:
+        """Install hooks, the IO probe and the worker; ``stack`` undoes them whatever happens."""
+        if self.streams:
+            self.controller.prefetch_between_passes = self.engine.prefetch
+            if not self.engine.prefetch:
+                self.controller.drop_prefetch()  # the pass queued at load time would start warm
+        if self.gate is not None or self.tracer is not None:
+            handles = install_target_hooks(self.engine.target, self.gate, self.tracer)
+            stack.callback(lambda: [h.remove() for h in handles])
+        if self.tracer is not None and self.streams:
+            stack.enter_context(IOProbe(self.tracer, self.controller))
+        if self.pipelined:
+            self.worker = stack.enter_context(VerifyWorker(self.verifier, self.drafter, self.gate,
+                                                           self.controller.next_layer_ready, self.tracer))
+
+    def round(self, root: int) -> int:
+        """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""
+        policy, output = self.policy, self.output
+        with self.record.timed("draft"):
+            tree = self.drafter.grow(root, policy, self._remaining() - 1) if self.drafter else DraftTree.rooted(root)
+        with self.record.timed("target"):
+            logits, n, provisional = self._verify(tree)
+        verified = tree.head(n) if provisional else tree
+        with self._span("accept"):
+            accepted, bonus = tree_api.accept(verified.parents, verified.tokens, self.chooser.choose(logits))
+        emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])
+        self.record.record_pass(n, len(accepted) - 1, emitted)
+        if output.done:
+            self.record.record_provisional(len(provisional), 0, 0)
+            return bonus
+        with self._span("commit"):
+            self.verifier.commit(accepted)
+            if self.drafter:
+                with self.record.timed("draft"):
+                    seed = reconcile(tree, accepted, bonus, provisional, self._max_seed_depth())
+                    self.drafter.commit(tree, accepted, seed, max_nodes=self.policy.max_tree_tokens)
+                reused = sum(1 for node in seed if node >= n)  # provisional nodes among the seed
+                self.record.record_provisional(len(provisional), reused, len(provisional) - reused)
+        policy.observe(verified, accepted)
+        return bonus
+
+    def _verify(self, tree):
+        if self.worker is not None:
+            return self.worker.verify(tree, self._provisional_limit(tree))
+        with self._span("verify", nodes=len(tree)):
+            return self.verifier.run(tree.tokens, tree.parents), len(tree), []
+
+    def _remaining(self) -> int:
+        """Tokens generate may still emit."""
+        return min(self.output.max_new_tokens, self.output.room) - len(self.output.tokens)
+
+    def _provisional_limit(self, tree) -> int:
+        """Provisional tokens worth drafting: max_provisional_tokens, tokens still to emit beyond the
+        main path, and draft KV positions left in the memory budget."""
+        depth_cap = self._remaining() - 1  # as for tree nodes: a deeper node could never be emitted
+        limit = min(self.engine.max_provisional_tokens, depth_cap - tree.depth[main_path(tree)[-1]])
+        if self.engine._draft_kv_positions is not None:
+            limit = min(limit, self.engine._draft_kv_positions - kv.cache_length(self.drafter.cache))
+        return max(0, limit)
+
+    def _max_seed_depth(self) -> int:
+        """Draft tokens below the next root that the next tree may hold."""
+        return min(self.policy.max_depth, self.policy.max_tree_tokens - 1, self._remaining() - 1)
+
+    def _span(self, name: str, **args):
+        return self.tracer.span("verify", name, **args) if self.tracer is not None else nullcontext()
+
+    def pipeline_stats(self) -> dict:
+        return {"pipeline": self.pipelined, "prefetch": self.engine.prefetch,
+                "max_provisional_tokens": self.engine.max_provisional_tokens,
+                "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
+                "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0}
 
 
 class _Output:
@@ -237,3 +344,30 @@ def _check_streamer(streamer):
     if streamer is None or hasattr(streamer, "put") or callable(streamer):
         return streamer
     raise ValueError(f"streamer={streamer!r}: expected an object with put()/end() or a callable taking text")
+
+
+def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):
+    """(pipeline, prefetch, max_provisional_tokens) checked; pipeline None -> on in mode llmcad."""
+    if pipeline is None:
+        pipeline = policy.name == "llmcad"
+    if not isinstance(pipeline, bool):
+        raise ValueError(f"pipeline={pipeline!r}: expected True, False or None")
+    if pipeline and not policy.drafts:
+        raise ValueError(f"pipeline=True needs a drafting mode; mode {policy.name!r} runs no draft")
+    if not isinstance(prefetch, bool):
+        raise ValueError(f"prefetch={prefetch!r}: expected True or False")
+    if isinstance(max_provisional_tokens, bool) or not isinstance(max_provisional_tokens, int) \
+            or max_provisional_tokens < 0:
+        raise ValueError(f"max_provisional_tokens={max_provisional_tokens!r}: expected an int >= 0")
+    return pipeline, prefetch, max_provisional_tokens
+
+
+def _budgeted_kv_positions(draft, target, placement):
+    """KV positions the memory budget reserved per cache (placement accounting), None without one."""
+    kv_bytes = (getattr(placement, "accounting", None) or {}).get("kv_caches") if placement is not None else None
+    if not kv_bytes:
+        return None
+    from .budget import kv_cache_bytes
+
+    per_position = kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)
+    return int(kv_bytes // per_position) if per_position else None

@@ -63,13 +63,47 @@ def load_causal_lm(source, *, device="cpu", dtype=None) -> torch.nn.Module:
     """A decoder-only causal LM in eval mode; ``dtype=None`` keeps the checkpoint's dtype."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     where = _check_source(source)
+    if Path(where).is_dir():
+        check_checkpoint(where)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(f"cannot load model {str(source)!r}: {_one_line(exc)}") from exc
     _check_decoder_layers(model, source)
     return model.to(resolve_device(device)).eval()
+
+
+def check_checkpoint(directory) -> None:
+    """Fail early, with one clear line, on what transformers reports badly or late: every safetensors
+    header is read (truncated file, corrupt header, missing shard -> WeightFileError naming the file),
+    the architecture must have decoder layers in a ModuleList, and each stored tensor's shape must be
+    the one config.json describes (ModelLoadError naming the tensor). Nothing is loaded (meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .weights import checkpoint_files, read_header
+
+    directory = Path(directory)
+    if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
+        return  # a legacy PyTorch checkpoint: transformers checks it
+    shapes = {}
+    for path in checkpoint_files(directory):
+        entries, _ = read_header(path)
+        shapes.update((name, (path, tuple(e["shape"]))) for name, e in entries.items())
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+    _check_decoder_layers(model, directory)
+    for name, param in model.state_dict().items():
+        path, shape = shapes.get(name, (None, tuple(param.shape)))
+        if shape != tuple(param.shape):
+            raise ModelLoadError(f"{path}: {name!r} has shape {list(shape)} but config.json describes "
+                                 f"{list(param.shape)} (config and weights disagree)")
 
 
 def load_tokenizer(source):
@@ -128,18 +162,20 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
             f"draft vocabulary ({draft_rows} logits) is larger than the target's embedding rows ({target_rows})")
 
 
-def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None) -> ModelPair:
-    """Load both models and the target's tokenizer; fail early when the tokenizers disagree."""
+def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None) -> ModelPair:
+    """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
+    ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget)."""
     target_tokenizer = load_tokenizer(target)
     draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype)
+    extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, placement = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                           draft_model=draft_model)
+                                           draft_model=draft_model, **extra)
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     return ModelPair(draft_model, target_model, target_tokenizer, placement)
 
 
-def _load_target(target, *, device, dtype, memory_budget, draft_model):
+def _load_target(target, *, device, dtype, memory_budget, draft_model, streamer_options=None):
     """The target model object the engine verifies with, and its placement (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
@@ -150,5 +186,8 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model):
         return load_causal_lm(target, device=device, dtype=dtype), None
     from .streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
 
-    return load_budgeted_target(_check_source(target), memory_budget=memory_budget, draft_model=draft_model,
-                                dtype=resolve_dtype(dtype), device=resolve_device(device))
+    where = _check_source(target)
+    check_checkpoint(where)  # the same early, one-line errors as the resident path
+    return load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
+                                dtype=resolve_dtype(dtype), device=resolve_device(device),
+                                streamer_options=streamer_options)

@@ -35,6 +35,9 @@ class StatsRecorder:
         self.accepted_hist = Counter()  # draft tokens accepted per pass -> passes
         self.target_passes = 0
         self.trace = []  # one dict per target pass
+        # pipeline (llmcad.pipeline): provisional tokens drafted during verifications, how many seeded
+        # the next tree, how many were dropped (a mismatch, or beyond the next tree's limits)
+        self.provisional = {"provisional_drafted": 0, "provisional_reused": 0, "provisional_dropped": 0}
 
     @contextmanager
     def timed(self, part: str):
@@ -51,7 +54,13 @@ class StatsRecorder:
                            "accepted": accepted_drafts, "emitted": emitted,
                            "t": round(time.perf_counter() - self._start, 6)})
 
-    def finish(self, generated: int, draft_steps: int, stop_reason: str) -> dict:
+    def record_provisional(self, drafted: int, reused: int, dropped: int) -> None:
+        for key, n in (("drafted", drafted), ("reused", reused), ("dropped", dropped)):
+            self.provisional[f"provisional_{key}"] += n
+        if self.trace:
+            self.trace[-1].update(provisional=drafted, provisional_reused=reused)
+
+    def finish(self, generated: int, draft_steps: int, stop_reason: str, extra: dict | None = None) -> dict:
         total = time.perf_counter() - self._start
         passes = self.target_passes
         controller = getattr(self._target, "llmcad_streamed", None)  # a layer-streamed target's own counters
@@ -65,6 +74,7 @@ class StatsRecorder:
             "passes_per_token": passes / generated if generated else 0.0,
             "accepted_length_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
             "draft_steps": draft_steps,
+            **self.provisional,
             "tokens_per_s": generated / total if total > 0 else 0.0,
             "bytes_read": target_bytes_read(self._target) - self._bytes_at_start,
             "peak_rss_bytes": peak_rss_bytes(),
@@ -72,5 +82,6 @@ class StatsRecorder:
                        "other": max(0.0, total - self.seconds["draft"] - self.seconds["target"]),
                        "total": total},
             "stop_reason": stop_reason,
+            **(extra or {}),
             **streamed,
         }

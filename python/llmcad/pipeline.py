@@ -1,0 +1,292 @@
+"""Compute-IO pipeline: verification on a worker thread, provisional drafting while it waits on IO.
+
+While the streamed target verifies a tree on the ``llmcad-verify`` thread, the main thread keeps
+extending the tree's main path (the draft's greedy path: first-created children from the root) one
+draft forward at a time: *provisional drafting*. One :class:`ComputeGate` serialises compute and
+gives the target priority: the draft starts a step only while the target is blocked in the
+streamer's acquire for a layer whose read has not finished (``StreamedTarget.next_layer_ready()``)
+and, once typical durations are known, only when the step (moving average) should end before the
+wait does (moving average of past waits); never while a target layer computes. A target layer that
+becomes ready waits at most for the draft step in flight (``stats["gate_wait_s"]`` sums those waits).
+Provisional tokens are bounded by ``max_provisional_tokens``, by the tokens generation may still
+emit, and by the draft KV positions the memory budget reserved (see ``LLMCad``).
+
+Reconciliation (:func:`reconcile`): when the accepted path plus the bonus token is a prefix of the
+main path + provisional tokens, the provisional tokens beyond it (with their draft KV) seed the next
+tree; otherwise they are dropped and the draft cache rolls back to prefix + accepted path. The
+target's output never depends on provisional tokens, so output stays lossless either way.
+
+Threads and cores: torch's intra-op pool size is process-wide (``torch.get_num_threads()``, by
+default the physical cores) and both threads use it. We keep one size rather than splitting the
+cores, because the gate makes draft and target compute strictly one after the other: at any moment
+at most one intra-op team runs, so the two never oversubscribe the cores, and each gets all of them
+when it computes. The streamer's IO threads sleep in reads, not on the cores.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+
+import torch
+
+DEFAULT_MAX_PROVISIONAL_TOKENS = 8
+
+
+class ComputeGate:
+    """One compute lock between the target (verification thread) and the draft (main thread).
+
+    The target holds compute from :meth:`begin_verification` to :meth:`end_verification`, except
+    while blocked on IO (:meth:`target_waits_for_io` ... :meth:`target_resumes`). The draft takes a
+    step only inside such a wait (:meth:`draft_turn` ... :meth:`draft_step_done`).
+
+    ``lockstep`` (tests, debugging): every IO wait counts as not-ready and the target resumes only
+    once the draft has stopped (:meth:`draft_stops`), so provisional counts are deterministic.
+    """
+
+    def __init__(self, lockstep: bool = False):
+        self.lockstep = lockstep
+        self._cond = threading.Condition()
+        self._verifying = False
+        self._target_computing = False
+        self._io_waiting = False
+        self._draft_computing = False
+        self._draft_stopped = False
+        self.target_wait_s = 0.0  # target time spent waiting for a draft step to finish
+        self._io_wait_since = 0.0  # when the current IO wait began (perf_counter)
+        self._io_waits = 0  # IO waits handed to the draft so far (tells one wait from the next)
+        self.io_wait_ema_s = None  # typical IO wait of the target (exponential moving average)
+        self.verifications = 0
+
+    # ---- main thread, around one verification ----
+    def begin_verification(self) -> None:
+        with self._cond:
+            self._verifying = self._target_computing = True
+            self._io_waiting = self._draft_computing = self._draft_stopped = False
+            self.verifications += 1
+
+    def draft_turn(self) -> bool:
+        """Block until the draft may take one step (True) or the verification has ended (False)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._verifying or (self._io_waiting and not self._target_computing))
+            if not self._verifying:
+                return False
+            self._draft_computing = True
+            return True
+
+    def draft_step_done(self) -> None:
+        with self._cond:
+            self._draft_computing = False
+            self._cond.notify_all()
+
+    def step_fits(self, step_s) -> bool:
+        """Whether a draft step of ``step_s`` seconds likely ends before the current IO wait does (so
+        it does not delay the target); True until both durations have been seen."""
+        if self.lockstep or step_s is None or self.io_wait_ema_s is None:
+            return True
+        return time.perf_counter() - self._io_wait_since + step_s <= self.io_wait_ema_s
+
+    def draft_yield(self) -> None:
+        """Give this IO wait back (the awaited layer is ready, or a step would outlast the wait) and
+        block until the next wait begins or the verification ends."""
+        with self._cond:
+            self._draft_computing = False
+            self._cond.notify_all()
+            wait = self._io_waits
+            self._cond.wait_for(lambda: self._io_waits != wait or not self._verifying)
+
+    def draft_stops(self) -> None:
+        """The draft takes no more steps in this verification."""
+        with self._cond:
+            self._draft_computing, self._draft_stopped = False, True
+            self._cond.notify_all()
+
+    # ---- verification thread ----
+    def end_verification(self) -> None:
+        with self._cond:
+            self._verifying = self._target_computing = self._io_waiting = False
+            self._cond.notify_all()
+
+    def target_waits_for_io(self, ready: bool) -> bool:
+        """Before the target acquires a layer: hand compute to the draft unless the layer is ready.
+        Returns whether compute was handed over."""
+        with self._cond:
+            if ready and not self.lockstep:
+                return False
+            self._target_computing, self._io_waiting = False, True
+            self._io_wait_since = time.perf_counter()
+            self._io_waits += 1
+            self._cond.notify_all()
+            return True
+
+    def target_resumes(self) -> None:
+        """After the acquire returned: stop new draft steps, wait for the one in flight, take compute."""
+        t0 = time.perf_counter()
+        with self._cond:
+            if self._io_waiting:
+                self.io_wait_ema_s = ema(self.io_wait_ema_s, t0 - self._io_wait_since)
+            if self.lockstep:
+                self._cond.wait_for(lambda: self._draft_stopped)
+            self._io_waiting = False
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._draft_computing)
+            self._target_computing = True
+        self.target_wait_s += time.perf_counter() - t0
+
+
+def install_target_hooks(target, gate: ComputeGate | None = None, tracer=None) -> list:
+    """Forward hooks on the target's decoder layers; returns their handles (remove them when done).
+
+    ``gate``: around each streamed layer's acquire (it runs in the streamed target's own pre-hook),
+    hand compute to the draft while the read is not finished. ``tracer``: one "target" span per
+    layer computed and one "io wait" span per acquire that blocked.
+    """
+    from .streamed import decoder_layers
+
+    controller = getattr(target, "llmcad_streamed", None)
+    streamed = set(controller.placement.streamed_layers) if controller is not None else set()
+    handles = []
+    for i, layer in enumerate(decoder_layers(target)):
+        if i in streamed and (gate is not None or tracer is not None):
+            before, after = _acquire_hooks(i, controller, gate, tracer)
+            handles.append(layer.register_forward_pre_hook(before, prepend=True))  # runs before the acquire
+            handles.append(layer.register_forward_pre_hook(after))  # runs after it
+        if tracer is not None:
+            start, end = _compute_span_hooks(i, tracer, i in streamed)
+            handles.append(layer.register_forward_pre_hook(start))
+            handles.append(layer.register_forward_hook(end, always_call=True))
+    return handles
+
+
+def _acquire_hooks(i, controller, gate, tracer):
+    state = {}
+
+    def before(module, args):
+        ready = controller.next_layer_ready()
+        state["t0"], state["ready"] = time.perf_counter(), ready
+        if gate is not None:
+            gate.target_waits_for_io(ready)
+
+    def after(module, args):
+        t_loaded = time.perf_counter()
+        if gate is not None:
+            gate.target_resumes()
+        if tracer is not None and not state.get("ready", True):
+            tracer.add("target", f"io wait L{i}", state["t0"], t_loaded, layer=i)
+            if time.perf_counter() - t_loaded > 1e-4:
+                tracer.add("target", "wait draft step", t_loaded, time.perf_counter(), layer=i)
+
+    return before, after
+
+
+def _compute_span_hooks(i, tracer, streamed: bool):
+    state = {}
+
+    def start(module, args):
+        state["t0"] = time.perf_counter()
+
+    def end(module, args, output):
+        if "t0" in state:
+            tracer.add("target", f"L{i}", state.pop("t0"), time.perf_counter(), layer=i, streamed=streamed)
+
+    return start, end
+
+
+class VerifyWorker:
+    """The verification thread (one per generate call) and provisional drafting beside it."""
+
+    def __init__(self, verifier, drafter, gate: ComputeGate, layer_ready, tracer=None):
+        self.verifier, self.drafter, self.gate, self.tracer = verifier, drafter, gate, tracer
+        self.layer_ready = layer_ready  # () -> bool: the target's awaited layer has been read
+        self.threaded_passes = 0  # verifications run on the worker (the others ran inline)
+        self._pool = None
+
+    def __enter__(self) -> "VerifyWorker":
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmcad-verify")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+    def verify(self, tree, max_provisional: int):
+        """Verify ``tree`` on the worker while drafting up to ``max_provisional`` tokens onto its main
+        path. Returns (logits [n, vocab] of the n nodes verified, n, provisional node ids); an error
+        of the verification is raised here, after the draft has stopped and the worker is idle."""
+        tokens, parents = list(tree.tokens), list(tree.parents)
+        if max_provisional <= 0 or not self._worth_drafting():  # inline: no thread hand-offs to pay for
+            self.gate.begin_verification()
+            self.gate.draft_stops()  # no draft step this time (lockstep must not wait for one)
+            return self._run(tokens, parents), len(tokens), []
+        self.threaded_passes += 1
+        self.gate.begin_verification()
+        future = self._pool.submit(self._run, tokens, parents)
+        nodes = []
+        try:
+            nodes = self._draft(tree, max_provisional)
+        finally:
+            self.gate.draft_stops()
+            wait_futures([future])  # never leave a pass running (or the gate held) behind us
+        return future.result(), len(tokens), nodes
+
+    def _worth_drafting(self) -> bool:
+        """Whether the target's IO waits, as measured so far (the gate measures them in every pass,
+        threaded or not), are long enough for a draft step: until the first pass, yes."""
+        gate = self.gate
+        if gate.lockstep or gate.verifications == 0:
+            return True
+        wait, step = gate.io_wait_ema_s, self.drafter.step_ema_s
+        return wait is not None and (step is None or wait >= step)
+
+    def _run(self, tokens, parents) -> torch.Tensor:
+        try:
+            if self.tracer is None:
+                return self.verifier.run(tokens, parents)
+            with self.tracer.span("verify", "verify", nodes=len(tokens)):
+                return self.verifier.run(tokens, parents)
+        finally:
+            self.gate.end_verification()
+
+    def _draft(self, tree, max_provisional: int) -> list:
+        nodes = []
+        node = main_path(tree)[-1]
+        while len(nodes) < max_provisional and self.gate.draft_turn():
+            if not self.gate.lockstep and (self.layer_ready() or not self.gate.step_fits(self.drafter.step_ema_s)):
+                self.gate.draft_yield()  # the read finished, or will before a step would: target first
+                continue
+            try:
+                node = self.drafter.extend_main(tree, node)
+            finally:
+                self.gate.draft_step_done()
+            nodes.append(node)
+        return nodes
+
+
+def ema(old, sample, weight: float = 0.3):
+    """Exponential moving average: ``sample`` when there is no ``old`` value yet."""
+    return sample if old is None else (1 - weight) * old + weight * sample
+
+
+def main_path(tree) -> list:
+    """Node ids from the root down first-created (argmax) children to a leaf: the draft's greedy path."""
+    path = [0]
+    while tree.children[path[-1]]:
+        path.append(tree.children[path[-1]][0])
+    return path
+
+
+def reconcile(tree, accepted, bonus: int, provisional: list, max_seed_depth: int) -> list:
+    """Node ids that seed the next tree (its root, the bonus token, first), or [] to drop.
+
+    The provisional tokens are kept when the accepted path plus ``bonus`` is a prefix of the main
+    path (which ends in the provisional nodes); the seed is the rest of that path from the bonus
+    node on, cut to ``max_seed_depth`` nodes below the new root (the next tree's limits).
+    """
+    if not provisional:
+        return []
+    path = main_path(tree)
+    k = len(accepted)
+    if [int(a) for a in accepted] != path[:k] or len(path) <= k or tree.tokens[path[k]] != int(bonus):
+        return []
+    return path[k:k + 1 + max(0, max_seed_depth)]

@@ -1,0 +1,307 @@
+"""llmcad.pipeline: provisional drafting during streamed verifications, the compute gate, reconciliation.
+
+Every engine here streams every target layer (memory_budget below draft + target). ``lockstep`` engines
+make provisional counts deterministic: each verification's first IO wait lasts until the draft has
+drafted its provisional tokens (see ComputeGate).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llmcad.budget import module_bytes
+from llmcad.draft import DraftTree
+from llmcad.engine import LLMCad
+from llmcad.errors import BudgetError, StreamerIOError
+from llmcad.pipeline import ComputeGate, main_path, reconcile
+from llmcad.streamed import load_budgeted_target
+
+PROMPT = "def add(a, b):"
+NEW_TOKENS = 12
+SLOW_IO = {"bandwidth_cap": 2e6}  # bytes/s: a tiny layer (~50 KB) takes ~25 ms, far longer than a draft step
+
+
+def smallest_streaming_budget(draft_dir, target_dir):
+    """The smallest budget load_budgeted_target accepts: every target layer streamed."""
+    from llmcad.models import load_causal_lm
+
+    draft = load_causal_lm(draft_dir)
+    with pytest.raises(BudgetError) as err:
+        load_budgeted_target(target_dir, memory_budget=1, draft_model=draft)
+    return int(err.value.args[0].split("(")[2].split(" bytes")[0])
+
+
+@pytest.fixture(scope="module")
+def budgets(tiny_pair_dirs):
+    cache = {}
+
+    def get(family, draft_kind):
+        dirs = tiny_pair_dirs(family)
+        if (family, draft_kind) not in cache:
+            cache[family, draft_kind] = smallest_streaming_budget(dirs[draft_kind], dirs["target"])
+        return cache[family, draft_kind]
+
+    return get
+
+
+def streamed_engine(tiny_pair_dirs, budgets, draft_kind, *, family="qwen2", lockstep=False, draft_dir=None,
+                    **options) -> LLMCad:
+    dirs = tiny_pair_dirs(family)
+    engine = LLMCad.from_pretrained(draft_dir or dirs[draft_kind], dirs["target"],
+                                    memory_budget=budgets(family, draft_kind), **options)
+    assert engine.placement.resident_layers == [] and engine.placement.streamed_layers
+    engine.pipeline_lockstep = lockstep
+    return engine
+
+
+def generate(engine, ids, max_new_tokens, timeout=120):
+    """engine.generate on a thread: a deadlock in the pipeline fails the test instead of hanging the suite."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = engine.generate(ids, max_new_tokens=max_new_tokens)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            out["error"] = exc
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(timeout)
+    assert not caller.is_alive(), f"generate() did not finish in {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def expected_tokens(tiny_models, tokenizer, family="qwen2", n=NEW_TOKENS):
+    ids = tokenizer(PROMPT)["input_ids"]
+    out = tiny_models(family, "target").generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                 dtype=torch.long), max_new_tokens=n, do_sample=False)
+    return ids, out[0, len(ids):].tolist()
+
+
+def _check_lossless(engine, tiny_models, tiny_tokenizer, family="qwen2"):
+    ids, want = expected_tokens(tiny_models, tiny_tokenizer, family)
+    result = generate(engine, ids, NEW_TOKENS)
+    assert result.tokens == want
+    s = result.stats
+    assert s["pipeline"] is True
+    assert s["provisional_reused"] + s["provisional_dropped"] <= s["provisional_drafted"]
+    return s
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+@pytest.mark.parametrize("draft_kind", ["same", "unrelated", "shared"])
+def test_llmcad_mode_is_lossless_while_drafting_provisionally(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets,
+                                                            draft_kind, lockstep):
+    options = {} if lockstep else {"streamer_options": SLOW_IO}
+    with streamed_engine(tiny_pair_dirs, budgets, draft_kind, lockstep=lockstep, **options) as engine:
+        s = _check_lossless(engine, tiny_models, tiny_tokenizer)
+    assert s["mode"] == "llmcad" and s["prefetch"] is True
+    if lockstep:  # every verification that could draft did
+        assert s["provisional_drafted"] > 0
+    if draft_kind == "same":  # the draft's greedy path is the target's: provisional tokens are always reused
+        assert s["provisional_dropped"] == 0
+        assert s["provisional_drafted"] == 0 or s["provisional_reused"] > 0
+
+
+def test_draft_equal_to_target_reuses_every_provisional_token_hand_worked(tiny_pair_dirs, tiny_models,
+                                                                          tiny_tokenizer, budgets):
+    """chain_length 3, 2 provisional tokens, 12 tokens: each pass accepts 3 + bonus = 4 tokens, so 3 passes.
+    Pass 1: 3 draft steps (root, d1, d2), then 2 provisional (run d3 -> d4, run d4 -> d5); d4 is the bonus,
+    so d4 (its KV) and d5 seed pass 2, which needs 2 steps (d5, d6) and drafts 2 provisional again.
+    Pass 3 has 4 tokens left: depth cap 3 = its chain, so no provisional token. Drafted 4, reused 4;
+    draft steps 5 + 4 + 2 = 11."""
+    ids, want = expected_tokens(tiny_models, tiny_tokenizer)
+    assert len(want) == NEW_TOKENS and 1 not in want  # no EOS: the hand count needs all 12 tokens
+    with streamed_engine(tiny_pair_dirs, budgets, "same", lockstep=True, mode="chain", chain_length=3,
+                         pipeline=True, max_provisional_tokens=2) as engine:
+        result = generate(engine, ids, NEW_TOKENS)
+    s = result.stats
+    assert result.tokens == want
+    assert s["target_passes"] == 3 and s["tokens_per_pass"] == 4
+    assert (s["provisional_drafted"], s["provisional_reused"], s["provisional_dropped"]) == (4, 4, 0)
+    assert s["draft_steps"] == 11
+    assert [p["provisional"] for p in result.trace] == [2, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def flat_draft(tiny_pair_dirs, tmp_path_factory):
+    """The shared draft with a zero lm_head: every next-token distribution is uniform, so it always
+    proposes the same token (topk's pick among ties), one the target never chooses here."""
+    from llmcad.models import load_causal_lm
+
+    dirs = tiny_pair_dirs("qwen2")
+    model = load_causal_lm(dirs["shared"])
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    out = tmp_path_factory.mktemp("flat") / "flat-draft"
+    model.save_pretrained(out)
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (dirs["shared"] / name).exists():
+            shutil.copy(dirs["shared"] / name, out / name)
+    token = int(torch.topk(torch.full((model.config.vocab_size,), 1.0 / model.config.vocab_size), 1).indices[0])
+    return out, token
+
+
+def test_unrelated_draft_drops_every_provisional_token_hand_worked(tiny_pair_dirs, tiny_models, tiny_tokenizer,
+                                                                   budgets, flat_draft):
+    """chain_length 2, 2 provisional tokens, 6 tokens, nothing accepted: one token a pass, 6 passes.
+    Provisional limit = min(2, depth cap - main depth): passes 1-2: min(2, 5-2), min(2, 4-2) = 2;
+    pass 3: 3-2 = 1; passes 4-6: 0 (their chains are cut to depth 2, 1, 0). Drafted 5, all dropped
+    (passes 1-3 are not the last). Draft steps: 4 + 4 + 3 + 2 + 1 + 0 = 14."""
+    path, token = flat_draft
+    ids, want = expected_tokens(tiny_models, tiny_tokenizer, n=6)
+    assert token not in want and len(want) == 6
+    budget = smallest_streaming_budget(path, tiny_pair_dirs("qwen2")["target"])
+    with LLMCad.from_pretrained(path, tiny_pair_dirs("qwen2")["target"], memory_budget=budget, mode="chain",
+                                chain_length=2, pipeline=True, max_provisional_tokens=2) as engine:
+        engine.pipeline_lockstep = True
+        result = generate(engine, ids, 6)
+    s = result.stats
+    assert result.tokens == want and s["target_passes"] == 6
+    assert (s["provisional_drafted"], s["provisional_reused"], s["provisional_dropped"]) == (5, 0, 5)
+    assert [p["provisional"] for p in result.trace] == [2, 2, 1, 0, 0, 0]
+    assert s["draft_steps"] == 14
+
+
+def test_partly_agreeing_draft_counts_add_up(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets):
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", lockstep=True, max_provisional_tokens=3) as engine:
+        ids, want = expected_tokens(tiny_models, tiny_tokenizer)
+        result = generate(engine, ids, NEW_TOKENS)
+    assert result.tokens == want
+    per_pass = result.trace
+    s = result.stats
+    assert s["provisional_drafted"] == sum(p["provisional"] for p in per_pass)
+    assert s["provisional_reused"] == sum(p.get("provisional_reused", 0) for p in per_pass)
+    last = per_pass[-1]["provisional"]
+    assert s["provisional_reused"] + s["provisional_dropped"] == s["provisional_drafted"] - last
+    for p in per_pass[:-1]:  # a pass keeps all its provisional tokens or none (no cut at these limits)
+        assert p.get("provisional_reused", 0) in (0, p["provisional"])
+
+
+def test_pipeline_off_prefetch_off_and_option_errors(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets):
+    ids, want = expected_tokens(tiny_models, tiny_tokenizer)
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", pipeline=False, prefetch=False) as engine:
+        result = generate(engine, ids, NEW_TOKENS)
+        assert engine.target.llmcad_streamed.prefetch_between_passes is False
+    s = result.stats
+    assert result.tokens == want and s["pipeline"] is False and s["prefetch"] is False
+    assert s["provisional_drafted"] == 0
+    dirs = tiny_pair_dirs("qwen2")
+    for bad, needle in [({"mode": "target-only", "pipeline": True}, "needs a drafting mode"),
+                        ({"max_provisional_tokens": -1}, "max_provisional_tokens"),
+                        ({"pipeline": "yes"}, "pipeline="), ({"prefetch": 1}, "prefetch=")]:
+        with pytest.raises(ValueError, match=needle):
+            LLMCad.from_pretrained(dirs["shared"], dirs["target"], **bad)
+
+
+def test_verification_error_surfaces_without_hang_or_leaked_threads(tiny_pair_dirs, tiny_models, tiny_tokenizer,
+                                                                    budgets):
+    ids, want = expected_tokens(tiny_models, tiny_tokenizer)
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", streamer_options=SLOW_IO) as engine:
+        ctl = engine.target.llmcad_streamed
+        before = set(threading.enumerate())
+        outcome = {}
+
+        def run():
+            ctl.drop_prefetch()
+            ctl.streamer.inject_fault(3)  # a read inside the first verification, after a few layers
+            try:
+                outcome["result"] = engine.generate(ids, max_new_tokens=NEW_TOKENS)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = exc
+
+        caller = threading.Thread(target=run)
+        caller.start()
+        caller.join(timeout=120)
+        assert not caller.is_alive(), "generate() hung after a failed read in the verification thread"
+        assert isinstance(outcome.get("error"), StreamerIOError), outcome
+        deadline = time.monotonic() + 10
+        while set(threading.enumerate()) - before - {caller} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(threading.enumerate()) - before - {caller} == set()
+        # the engine recovers: the next generation is complete and lossless
+        assert generate(engine, ids, NEW_TOKENS).tokens == want
+
+
+def test_gate_gives_the_target_priority():
+    gate = ComputeGate()
+    gate.begin_verification()
+    turns = []
+    drafter = threading.Thread(target=lambda: turns.append(gate.draft_turn()))
+    drafter.start()
+    assert gate.target_waits_for_io(ready=True) is False  # layer ready: the target keeps compute
+    drafter.join(timeout=0.2)
+    assert drafter.is_alive() and turns == []
+    assert gate.target_waits_for_io(ready=False) is True  # blocked on IO: the draft may step
+    drafter.join(timeout=10)
+    assert turns == [True]
+    resumed = threading.Event()
+    target = threading.Thread(target=lambda: (gate.target_resumes(), resumed.set()))
+    target.start()
+    assert not resumed.wait(0.2)  # a layer never computes while a draft step runs
+    gate.draft_step_done()
+    assert resumed.wait(10)
+    target.join()
+    second = []
+    late = threading.Thread(target=lambda: second.append(gate.draft_turn()))
+    late.start()
+    late.join(timeout=0.2)
+    assert late.is_alive()  # the target computes: no draft step
+    gate.end_verification()
+    late.join(timeout=10)
+    assert second == [False]
+
+
+def test_reconcile_keeps_the_provisional_tail_only_on_a_matching_prefix():
+    tree = DraftTree.rooted(10)
+    a = tree.add(0, 11, 0.9)
+    tree.add(0, 12, 0.5)  # a branch
+    b = tree.add(a, 13, 0.8)
+    c = tree.add(b, 14, 0.7)  # provisional from here on
+    d = tree.add(c, 15, 0.6)
+    assert main_path(tree) == [0, a, b, c, d]
+    assert reconcile(tree, [0, a, b], 14, [c, d], max_seed_depth=5) == [c, d]
+    assert reconcile(tree, [0, a, b], 14, [c, d], max_seed_depth=0) == [c]
+    assert reconcile(tree, [0, a, b], 99, [c, d], max_seed_depth=5) == []  # bonus differs
+    assert reconcile(tree, [0, a], 99, [c, d], max_seed_depth=5) == []  # accepted path stops early
+    assert reconcile(tree, [0, a], 13, [c, d], max_seed_depth=5) == [b, c, d]  # still a prefix: kept
+    assert reconcile(tree, [0, 2], 14, [c, d], max_seed_depth=5) == []  # the branch was accepted
+    assert reconcile(tree, [0, a, b], 14, [], max_seed_depth=5) == []
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_every_ablation_row_is_lossless(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets, family):
+    """The rows of `llmcad bench e2e --ablation`, as engine options."""
+    rows = [{"mode": "target-only"}, {"mode": "chain"}, {"mode": "tree"}, {"mode": "llmcad", "pipeline": False},
+            {"mode": "llmcad"}]
+    ids, want = expected_tokens(tiny_models, tiny_tokenizer, family)
+    for options in rows:
+        with streamed_engine(tiny_pair_dirs, budgets, "shared", family=family, **options) as engine:
+            s = generate(engine, ids, NEW_TOKENS).stats
+            assert generate(engine, ids, NEW_TOKENS).tokens == want, options
+        assert s["pipeline"] is (options == {"mode": "llmcad"})
+
+
+def test_a_yielding_draft_wakes_for_the_next_io_wait():
+    """The draft gives a wait back (the layer was nearly read) and must get the next wait, even when
+    the target resumes and blocks again before the draft thread runs."""
+    gate = ComputeGate()
+    gate.begin_verification()
+    gate.target_waits_for_io(ready=False)
+    assert gate.draft_turn() is True
+    yielded = threading.Thread(target=gate.draft_yield)
+    yielded.start()
+    gate.target_resumes()
+    gate.target_waits_for_io(ready=False)  # the next layer's wait begins at once
+    yielded.join(timeout=10)
+    assert not yielded.is_alive(), "the draft slept through the next IO wait"
+    assert gate.draft_turn() is True
+    gate.draft_step_done()
+    gate.end_verification()
