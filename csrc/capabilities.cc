@@ -1,5 +1,8 @@
 #include "llmcad/capabilities.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #ifdef LLMCAD_WITH_CUDA
 #include "llmcad/tree_cuda.h"
 #endif
@@ -41,8 +44,14 @@ bool io_uring_compiled() {
 #endif
 }
 
+bool io_uring_disabled_by_env() {
+  const char* v = std::getenv("LLMCAD_DISABLE_IO_URING");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
 bool io_uring_available() {
 #ifdef LLMCAD_WITH_URING
+  if (io_uring_disabled_by_env()) return false;
   struct io_uring ring;
   if (io_uring_queue_init(2, &ring, 0) < 0) return false;  // -EPERM / -ENOSYS when refused
   io_uring_queue_exit(&ring);

@@ -10,6 +10,7 @@
 #include <deque>
 #include <thread>
 
+#include "llmcad/capabilities.h"
 #include "llmcad/streamer.h"
 
 namespace llmcad {
@@ -26,6 +27,8 @@ struct Chunk {
 class UringBackend final : public ReadBackend {
  public:
   explicit UringBackend(int queue_depth) : depth_(queue_depth) {
+    if (io_uring_disabled_by_env())
+      throw StreamerIOError(EPERM, "io_uring_queue_init refused: LLMCAD_DISABLE_IO_URING is set");
     int r = io_uring_queue_init(static_cast<unsigned>(queue_depth), &ring_, 0);
     if (r < 0) throw StreamerIOError(-r, std::string("io_uring_queue_init failed: ") + std::strerror(-r));
   }

@@ -173,3 +173,44 @@ def test_property_every_routine_matches_numpy(case, seed):
     np.testing.assert_array_equal(accepted, want)
     assert bonus == want_bonus
     np.testing.assert_array_equal(tree.commit_indices(accepted, prefix), ref.commit_indices(accepted, prefix))
+
+
+@st.composite
+def tree_with_following_choices(draw):
+    """A random tree, its tokens, and target choices that follow some child with a drawn probability, so
+    accepted paths of every length (down to the deepest leaf) occur."""
+    parents, prefix = draw(tree_and_prefix())
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    tokens = rng.integers(0, 6, size=len(parents)).astype(np.int32)
+    choice = _choices_following(parents, tokens, rng, draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])))
+    return parents, prefix, tokens, choice
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree_with_following_choices())
+def test_property_accept_commit_and_plan_match_numpy(case):
+    parents, prefix, tokens, choice = case
+    np.testing.assert_array_equal(tree.depths(parents), ref.depths(parents))
+    accepted, bonus = tree.accept(parents, tokens, choice)
+    want, want_bonus = ref.accept(parents, tokens, choice)
+    np.testing.assert_array_equal(accepted, want)
+    assert bonus == want_bonus
+    np.testing.assert_array_equal(tree.commit_indices(accepted, prefix), ref.commit_indices(accepted, prefix))
+    plan = tree.plan(parents, prefix)
+    np.testing.assert_array_equal(plan.position_ids[0].numpy(), prefix + ref.depths(parents))
+    np.testing.assert_array_equal(plan.mask[0, 0].numpy(), ref.attention_mask(parents, prefix))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(-3, 90), min_size=0, max_size=40))
+def test_property_any_parent_array_is_valid_or_a_value_error(parents):
+    """Random (mostly invalid) parent arrays: every routine either agrees with NumPy or raises ValueError;
+    nothing crashes."""
+    valid = len(parents) >= 1 and parents[0] == -1 and all(0 <= p < i for i, p in enumerate(parents) if i)
+    if not valid:
+        for routine in (tree.depths, tree.paths, lambda p: tree.position_ids(p, 3),
+                        lambda p: tree.packed_mask(p, 3), lambda p: tree.attention_mask(p, 3)):
+            with pytest.raises(ValueError):
+                routine(parents)
+        return
+    np.testing.assert_array_equal(tree.depths(parents), ref.depths(np.asarray(parents, dtype=np.int32)))

@@ -188,3 +188,31 @@ TEST(Streamer, DestructionWithLayersHeldAndQueuedDoesNotHang) {
     for (int id : ids) s.prefetch(id);
   }  // ~Streamer with a held layer and queued reads
 }
+
+#ifdef LLMCAD_WITH_URING
+TEST(Streamer, RefusedIoUringFallsBackToPreadUnlessAskedFor) {
+  TempFile file(50000);
+  const bool available = llmcad::io_uring_available();
+  setenv("LLMCAD_DISABLE_IO_URING", "1", 1);  // as if the kernel refused io_uring (EPERM)
+  EXPECT_FALSE(llmcad::io_uring_available());
+  {
+    Streamer s(options(file.path, StreamerBackend::kAuto, true, 1));
+    llmcad::StreamerStats st = s.stats();
+    EXPECT_EQ(st.backend, "pread");
+    ASSERT_FALSE(st.warnings.empty());
+    EXPECT_NE(st.warnings[0].find("io_uring refused, using pread"), std::string::npos);
+    int id = s.add_layer({{0, 3, 40000}});
+    llmcad::LayerView v = s.acquire(id);
+    EXPECT_TRUE(same(v, 0, file.bytes, {0, 3, 40000}));
+  }
+  int code = 0;
+  try {
+    Streamer s(options(file.path, StreamerBackend::kIoUring, true, 1));
+  } catch (const StreamerIOError& e) {
+    code = e.code();
+  }
+  EXPECT_EQ(code, EPERM);
+  unsetenv("LLMCAD_DISABLE_IO_URING");
+  EXPECT_EQ(llmcad::io_uring_available(), available);
+}
+#endif

@@ -104,7 +104,9 @@ class WeightStreamer:
             Memory held: ``num_buffers * round_up(buffer_bytes + 8192 * len(paths), 4096)``
             (``memory_bytes``), allocated once.
         num_buffers: buffers in the ring (layers loaded or held at once).
-        backend: "auto" (io_uring when built and allowed, else pread), "io_uring" or "pread".
+        backend: "auto" (io_uring when built and allowed, else pread; a refused io_uring gives one
+            warning and ``stats()["warnings"]`` says so), "io_uring" (refused -> StreamerIOError) or
+            "pread". ``LLMCAD_DISABLE_IO_URING=1`` in the environment makes io_uring count as refused.
         direct: try O_DIRECT; refused (e.g. tmpfs) -> buffered reads and one warning.
         queue_depth: reads in flight: io_uring queue entries; for pread, min(queue_depth, 8)
             threads each issue one read at a time.
@@ -143,7 +145,7 @@ class WeightStreamer:
             paths, capacity, int(num_buffers), backend, bool(direct), int(queue_depth), int(chunk_bytes),
             float(bandwidth_cap or 0.0), pin,
         )
-        self._warned = False
+        self._warned = set()  # fallback kinds already warned about
         self._warn_new()
 
     # ---------------------------------------------------------------- ring
@@ -223,13 +225,19 @@ class WeightStreamer:
 
     # ---------------------------------------------------------------- internals
     def _warn_new(self) -> None:
-        """One warning per streamer, the first time a file falls back to buffered reads."""
-        if self._warned:
+        """At most one warning per streamer and kind of fallback: io_uring refused (-> pread) at
+        construction, O_DIRECT refused (-> buffered reads) the first time a file falls back."""
+        if len(self._warned) == 2:
             return
         found = self._impl.stats()["warnings"]
-        if found:
-            self._warned = True
-            warnings.warn("llmcad streamer: " + "; ".join(found), RuntimeWarning, stacklevel=3)
+        new = [w for w in found if _fallback_kind(w) not in self._warned]
+        if new:
+            self._warned.update(_fallback_kind(w) for w in new)
+            warnings.warn("llmcad streamer: " + "; ".join(new), RuntimeWarning, stacklevel=3)
+
+
+def _fallback_kind(note: str) -> str:
+    return "io_uring" if note.startswith("io_uring") else "O_DIRECT"
 
 
 @_translate_io_errors

@@ -1,0 +1,369 @@
+"""The bad-input matrix (issue 9): every bad model, tokenizer, prompt, option and storage condition ends
+in a specific exception naming the problem through the API, and in one line on stderr with exit status
+2 through the CLI (``llmcad generate``). Storage fallbacks (O_DIRECT or io_uring refused) are not errors:
+one warning, and the generation is still exact.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import pair_models
+from llmcad import LLMCad, build_info, cli
+from llmcad.errors import (BudgetError, ModelLoadError, PromptError, StreamerIOError, TokenizerMismatchError,
+                           WeightFileError)
+from llmcad.streamer import WeightStreamer
+
+PROMPT = "def add(a, b):"
+NEW_TOKENS = 6
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+BUDGETS = [pytest.param(None, id="resident"), pytest.param("1GiB", id="budget")]
+
+
+# ---------------------------------------------------------------- fixtures: broken checkpoints
+@pytest.fixture(scope="module")
+def pair(tiny_pair_dirs):
+    return tiny_pair_dirs("llama")
+
+
+def _variant(root, source, name, edit):
+    path = root / name
+    shutil.copytree(source, path)
+    edit(path)
+    return path
+
+
+def _no_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def _truncated(d):
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) * 2 // 3])
+
+
+def _corrupt_header(d):
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"!" * 12  # the JSON header starts at byte 8
+    f.write_bytes(bytes(data))
+
+
+def _shape_mismatch(d):
+    config = json.loads((d / "config.json").read_text())
+    config["intermediate_size"] = 96  # the weights hold 128
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def _save_sharded_without_a_shard(root, tiny_models, tokenizer):
+    path = root / "missing-shard"
+    tiny_models("llama", "target").save_pretrained(path, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    (path / shards[1]).unlink()
+    return path, shards[1]
+
+
+def _save_other_architecture(root, name, config, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = root / name
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
+    """name -> (directory, expected exception type, regex its message must match)."""
+    from transformers import BertConfig, GPT2Config
+
+    root = tmp_path_factory.mktemp("broken")
+    shard_dir, shard = _save_sharded_without_a_shard(root, tiny_models, tiny_tokenizer)
+    bert = BertConfig(vocab_size=pair_models.VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, is_decoder=True)
+    gpt2 = GPT2Config(vocab_size=pair_models.VOCAB_SIZE, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    return {
+        "missing-directory": (root / "nowhere", ModelLoadError, r"model directory .*nowhere.* does not exist"),
+        "no-weights": (_variant(root, pair["target"], "no-weights", _no_weights), WeightFileError,
+                       r"no-weights: no safetensors weights"),
+        "truncated": (_variant(root, pair["target"], "truncated", _truncated), WeightFileError,
+                      r"truncated/model.safetensors: truncated safetensors file"),
+        "corrupt-header": (_variant(root, pair["target"], "corrupt", _corrupt_header), WeightFileError,
+                           r"corrupt/model.safetensors: corrupt safetensors header"),
+        "missing-shard": (shard_dir, WeightFileError, re.escape(shard) + r": shard listed in .* is missing"),
+        "shape-mismatch": (_variant(root, pair["target"], "shape", _shape_mismatch), ModelLoadError,
+                           r"'model\.layers\.0\.mlp\.\w+_proj\.weight'.*shape \[\d+, \d+\]"),
+        "encoder-only": (_save_other_architecture(root, "bert", bert, tiny_tokenizer), ModelLoadError,
+                         r"not a decoder-only causal LM whose layers are a ModuleList"),
+        "no-decoder-layer-list": (_save_other_architecture(root, "gpt2", gpt2, tiny_tokenizer), ModelLoadError,
+                                  r"GPT2LMHeadModel.*not a decoder-only causal LM whose layers are a ModuleList"),
+    }
+
+
+MODEL_CASES = ["missing-directory", "no-weights", "truncated", "corrupt-header", "missing-shard",
+               "shape-mismatch", "encoder-only", "no-decoder-layer-list"]
+
+
+def run_cli(capfd, *argv) -> str:
+    """``llmcad <argv>``: asserts exit status 2 and exactly one ``llmcad: error:`` line; returns it."""
+    capfd.readouterr()
+    assert cli.main([str(a) for a in argv]) == 2
+    out, err = capfd.readouterr()
+    assert err.startswith("llmcad: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and out == ""
+    return err
+
+
+def generate_argv(draft, target, *extra, prompt=PROMPT):
+    argv = ["generate", "--draft", draft, "--target", target, "--prompt", prompt, "--max-new-tokens", NEW_TOKENS,
+            *extra]
+    return [str(a) for a in argv]
+
+
+# ---------------------------------------------------------------- model inputs
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_bad_target_directory_api(pair, broken, case, budget):
+    path, kind, pattern = broken[case]
+    with pytest.raises(kind, match=pattern):
+        LLMCad.from_pretrained(pair["shared"], path, memory_budget=budget)
+
+
+@pytest.mark.parametrize("case", ["missing-directory", "truncated", "corrupt-header", "shape-mismatch",
+                                  "encoder-only"])
+def test_bad_draft_directory_api(pair, broken, case):
+    path, kind, pattern = broken[case]
+    with pytest.raises(kind, match=pattern):
+        LLMCad.from_pretrained(path, pair["target"], memory_budget="1GiB")
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_bad_target_directory_cli(pair, broken, capfd, case, budget):
+    path, _, pattern = broken[case]
+    extra = ["--memory-budget", budget] if budget else []
+    err = run_cli(capfd, *generate_argv(pair["shared"], path, *extra))
+    assert re.search(pattern, err), err
+
+
+# ---------------------------------------------------------------- tokenizers and prompts
+def _with_tokenizer(src, dst, tokenizer):
+    shutil.copytree(src, dst)
+    for f in dst.glob("tokenizer*"):
+        f.unlink()
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mismatched_drafts(pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    special = pair_models.build_tokenizer()
+    special.eos_token = "<pad>"
+    return {
+        "vocab": (_with_tokenizer(pair["shared"], root / "vocab", pair_models.build_tokenizer(vocab_size=280)),
+                  r"draft and target vocabularies differ \(draft has 280 tokens, target 300"),
+        "special": (_with_tokenizer(pair["shared"], root / "special", special),
+                    r"special-token ids differ .*'eos_token': \(3, 1\)"),
+    }
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("case", ["vocab", "special"])
+def test_tokenizers_that_differ(pair, mismatched_drafts, capfd, case, budget):
+    draft, pattern = mismatched_drafts[case]
+    with pytest.raises(TokenizerMismatchError, match=pattern):
+        LLMCad.from_pretrained(draft, pair["target"], memory_budget=budget)
+    err = run_cli(capfd, *generate_argv(draft, pair["target"]))
+    assert re.search(pattern, err), err
+
+
+@pytest.fixture(scope="module")
+def engine(pair):
+    with LLMCad.from_pretrained(pair["shared"], pair["target"]) as eng:
+        yield eng
+
+
+LONG_PROMPT = " ".join(["def add(a, b):"] * 100)  # far more than the models' 256 positions
+
+
+def test_prompt_errors_api(engine):
+    with pytest.raises(PromptError, match="prompt is empty"):
+        engine.generate("", NEW_TOKENS)
+    with pytest.raises(PromptError, match=r"prompt has \d+ tokens; the models' context is 256 positions"):
+        engine.generate(LONG_PROMPT, NEW_TOKENS)
+    with pytest.raises(PromptError, match="context is 256"):
+        engine.generate([5] * 256, NEW_TOKENS)
+    assert len(engine.generate(PROMPT, NEW_TOKENS).tokens) == NEW_TOKENS  # still usable
+
+
+@pytest.mark.parametrize("prompt,needle", [("", "prompt is empty"), (LONG_PROMPT, "the models' context is 256")])
+def test_prompt_errors_cli(pair, capfd, prompt, needle):
+    assert needle in run_cli(capfd, *generate_argv(pair["shared"], pair["target"], prompt=prompt))
+
+
+# ---------------------------------------------------------------- options
+@pytest.mark.parametrize("bad", [0, -1])
+def test_non_positive_max_new_tokens(engine, pair, capfd, bad):
+    with pytest.raises(ValueError, match=rf"max_new_tokens={bad}: expected an int > 0"):
+        engine.generate(PROMPT, bad)
+    argv = generate_argv(pair["shared"], pair["target"])
+    argv[argv.index("--max-new-tokens") + 1] = bad
+    assert f"max_new_tokens={bad}" in run_cli(capfd, *argv)
+
+
+@pytest.mark.parametrize("budget,pattern", [
+    ("lots", r"memory_budget='lots': expected a size such as '2GiB'"),
+    ("-3GiB", r"memory_budget='-3GiB': expected a size"),
+    ("0", r"memory_budget='0': must be a positive size"),
+    ("4096", r"memory_budget=0\.0 MiB \(4096 bytes\) is too small: needs at least .* \(\d+ bytes\)"),
+])
+def test_bad_memory_budget(pair, capfd, budget, pattern):
+    with pytest.raises(BudgetError, match=pattern):
+        LLMCad.from_pretrained(pair["shared"], pair["target"], memory_budget=budget)
+    err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], f"--memory-budget={budget}"))
+    assert re.search(pattern, err), err
+
+
+def test_unknown_mode(pair, capfd):
+    with pytest.raises(ValueError, match=r"mode='speculate': expected one of llmcad, tree, chain, target-only"):
+        LLMCad.from_pretrained(pair["shared"], pair["target"], mode="speculate")
+    err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], "--mode", "speculate"))
+    assert "argument --mode: invalid choice: 'speculate'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_cuda_without_a_gpu(pair, capfd):
+    with pytest.raises(ModelLoadError, match=r"device='cuda': CUDA is not available on this machine"):
+        LLMCad.from_pretrained(pair["shared"], pair["target"], device="cuda")
+    err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], "--device", "cuda"))
+    assert "CUDA is not available" in err
+    with pytest.raises(ValueError, match=r"device='tpu': expected 'cpu', 'cuda' or 'cuda:N'"):
+        LLMCad.from_pretrained(pair["shared"], pair["target"], device="tpu")
+
+
+@pytest.mark.parametrize("options,flags,pattern", [
+    ({"temperature": -0.5}, ["--temperature", "-0.5"], r"temperature=-0\.5: expected a finite number > 0"),
+    ({"temperature": 0.0}, ["--temperature", "0"], r"temperature=0\.0: expected a finite number > 0"),
+    ({"top_p": 0.0}, ["--top-p", "0"], r"top_p=0\.0: expected None or a number in \(0, 1\]"),
+    ({"top_p": 1.5}, ["--top-p", "1.5"], r"top_p=1\.5: expected None or a number in \(0, 1\]"),
+    ({"top_k": 0}, ["--top-k", "0"], r"top_k=0: expected None or an int >= 1"),
+])
+def test_bad_sampling_parameters(engine, pair, capfd, options, flags, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        engine.generate(PROMPT, NEW_TOKENS, do_sample=True, **options)
+    err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], *flags))
+    assert re.search(pattern, err), err
+
+
+def test_unparsable_number_on_the_command_line_is_one_line(pair, capfd):
+    err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], "--top-p", "high"))
+    assert "argument --top-p: invalid float value: 'high'" in err
+
+
+# ---------------------------------------------------------------- storage fallbacks
+def _streaming_budget(draft, target) -> int:
+    """The smallest budget the planner accepts: every target layer streamed."""
+    with pytest.raises(BudgetError) as err:
+        LLMCad.from_pretrained(draft, target, memory_budget=1)
+    return int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(err.value)).group(1))
+
+
+@pytest.fixture(scope="module")
+def streaming(pair, tiny_models, tiny_tokenizer):
+    """(budget streaming every target layer, prompt ids, the target's own greedy continuation)."""
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    want = tiny_models("llama", "target").generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                   dtype=torch.long), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return _streaming_budget(pair["shared"], pair["target"]), ids, want[0, len(ids):].tolist()
+
+
+def test_o_direct_refused_reads_buffered_with_one_warning(pair, streaming):
+    budget, ids, want = streaming
+    with LLMCad.from_pretrained(pair["shared"], pair["target"], memory_budget=budget, mode="tree",
+                                streamer_options={"direct": True}) as eng:
+        ctl = eng.target.llmcad_streamed
+        assert ctl.placement.streamed_layers and ctl.streamer.direct
+        ctl.drop_prefetch()
+        ctl.streamer.inject_fault(0, errno.EINVAL)  # what a filesystem refusing O_DIRECT reads answers
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            result = eng.generate(ids, NEW_TOKENS)
+        assert result.tokens == want
+        ours = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+        assert len(ours) == 1 and "O_DIRECT read refused" in ours[0] and "using buffered reads" in ours[0]
+        streamer_stats = result.stats["streamed"]["streamer"]
+        assert streamer_stats["direct"] is False and streamer_stats["errors"] == 0
+
+
+needs_uring = pytest.mark.skipif(not build_info()["io_uring_compiled"], reason="built without io_uring")
+
+
+@needs_uring
+def test_io_uring_refused_falls_back_to_pread(tmp_path, monkeypatch):
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    monkeypatch.setenv("LLMCAD_DISABLE_IO_URING", "1")  # as if the kernel refused io_uring (EPERM)
+    assert build_info()["io_uring_available"] is False
+    with pytest.warns(RuntimeWarning, match="io_uring refused, using pread") as record:
+        s = WeightStreamer([path], buffer_bytes=1 << 14, backend="auto")
+    with s:
+        assert len(record) == 1
+        assert s.backend == "pread" and any("io_uring refused" in w for w in s.stats()["warnings"])
+        layer = s.add_layer([(0, 3, 5000)])
+        assert s.acquire(layer).range_bytes(0).tobytes() == path.read_bytes()[3:5003]
+        s.release(layer)
+    with pytest.raises(StreamerIOError, match="io_uring_queue_init refused: LLMCAD_DISABLE_IO_URING is set"):
+        WeightStreamer([path], buffer_bytes=1 << 14, backend="io_uring")
+
+
+@needs_uring
+def test_engine_with_io_uring_refused_generates_through_pread(pair, streaming, monkeypatch):
+    budget, ids, want = streaming
+    monkeypatch.setenv("LLMCAD_DISABLE_IO_URING", "1")
+    with pytest.warns(RuntimeWarning, match="io_uring refused"):
+        eng = LLMCad.from_pretrained(pair["shared"], pair["target"], memory_budget=budget)
+    with eng:
+        result = eng.generate(ids, NEW_TOKENS)
+    assert result.tokens == want
+    assert result.stats["streamed"]["streamer"]["backend"] == "pread"
+    assert any("io_uring refused" in w for w in result.stats["streamed"]["streamer"]["warnings"])
+
+
+def test_cli_warning_is_one_line_and_not_an_error(pair, streaming):
+    """The console script in a fresh process: a refused io_uring is one warning line, exit status 0."""
+    budget, _, _ = streaming
+    env = {**os.environ, "LLMCAD_DISABLE_IO_URING": "1",
+           "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    argv = generate_argv(pair["shared"], pair["target"], "--memory-budget", budget, "--json")
+    proc = subprocess.run([sys.executable, "-m", "llmcad.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["tokens"]) == NEW_TOKENS
+    if build_info()["io_uring_compiled"]:
+        assert proc.stderr.startswith("llmcad: warning: llmcad streamer: io_uring refused, using pread")
+        assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_unexpected_exception_is_still_one_line(monkeypatch, capfd):
+    def broken_generate(args):
+        raise RuntimeError("something\ninternal")
+
+    monkeypatch.setattr(cli, "run_generate", broken_generate)
+    err = run_cli(capfd, "generate", "--draft", "d", "--target", "t", "--prompt", "p")
+    assert "internal error (RuntimeError): something internal" in err
