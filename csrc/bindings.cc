@@ -103,6 +103,12 @@ void bind_tree_cuda(py::module_& m) {
 #ifdef LLMCAD_WITH_CUDA
   using llmcad::MaskDType;
   auto p = [](uintptr_t v) { return reinterpret_cast<void*>(v); };
+  // cudaDeviceProp.integrated: the GPU shares host memory (Jetson), so pinned buffers are used in place.
+  m.def("cuda_device_integrated", [](int device) {
+    if (device < 0 || device >= llmcad::cuda::device_count())
+      throw std::invalid_argument("no CUDA device " + std::to_string(device));
+    return llmcad::cuda::device_integrated(device);
+  });
   m.def("cuda_tree_depths", [p](uintptr_t parents, int64_t n, uintptr_t out, uintptr_t stream) {
     llmcad::cuda::tree_depths(static_cast<const int32_t*>(p(parents)), n, static_cast<int32_t*>(p(out)), p(stream));
   });

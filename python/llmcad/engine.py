@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kv
-from . import tree as tree_api
 from .draft import DraftTree, TreeDrafter
 from .errors import EngineClosedError, PromptError
 from .fallback import POLICIES, Policy, make_policy
@@ -201,7 +200,8 @@ class _Run:
             logits, n, provisional = self._verify(tree)
         verified = tree.head(n) if provisional else tree
         with self._span("accept"):
-            accepted, bonus = tree_api.accept(verified.parents, verified.tokens, self.chooser.choose(logits))
+            # on CUDA the walk runs on the device; only the accepted ids and the bonus come back
+            accepted, bonus = self.verifier.accept(verified.parents, verified.tokens, self.chooser.choose(logits))
         emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])
         self.record.record_pass(n, len(accepted) - 1, emitted)
         if output.done:

@@ -43,16 +43,23 @@ def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device
     mask with prefix ``cache_len + num_pending``. Returns (mask [1,1,p+n,C+p+n], positions [p+n]).
     """
     prefix = cache_len + num_pending
-    tree_mask = tree.attention_mask(parents, prefix, dtype=dtype, device="cpu")
-    tree_pos = torch.as_tensor(tree.position_ids(parents, prefix))
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:  # the CUDA kernels build the plan on the device (current stream)
+        parents = torch.as_tensor(tree.validate_parents(parents), device=device)
+        tree_mask = tree.attention_mask(parents, prefix, dtype=dtype, device=device)
+        tree_pos = tree.position_ids(parents, prefix)
+    else:
+        tree_mask = tree.attention_mask(parents, prefix, dtype=dtype, device="cpu")
+        tree_pos = torch.as_tensor(tree.position_ids(parents, prefix))
     if num_pending == 0:
         return tree_mask.to(device), tree_pos
+    build = tree_mask.device  # the pending rows are made where the tree rows are
     n = tree_mask.shape[2]
     keys = prefix + n
-    rows = torch.arange(num_pending).view(-1, 1)
-    cols = torch.arange(keys).view(1, -1)
-    pending_mask = torch.zeros((num_pending, keys), dtype=dtype)
+    rows = torch.arange(num_pending, device=build).view(-1, 1)
+    cols = torch.arange(keys, device=build).view(1, -1)
+    pending_mask = torch.zeros((num_pending, keys), dtype=dtype, device=build)
     pending_mask.masked_fill_(cols > cache_len + rows, float("-inf"))
     mask = torch.cat([pending_mask.view(1, 1, num_pending, keys), tree_mask], dim=2)
-    positions = torch.cat([torch.arange(cache_len, prefix), tree_pos])
+    positions = torch.cat([torch.arange(cache_len, prefix, device=build), tree_pos])
     return mask.to(device), positions

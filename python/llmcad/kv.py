@@ -26,7 +26,7 @@ def commit(cache, keep) -> None:
         raise ValueError(f"commit slots must lie in [0, {length}), got {int(keep[0])}..{int(keep[-1])}")
     if k == length:
         return
-    if torch.equal(keep, torch.arange(k)):
+    if torch.equal(keep, torch.arange(k, device=keep.device)):
         cache.crop(k - length)  # transformers 5.x: a negative count of positions to drop
         return
     for layer in cache.layers:

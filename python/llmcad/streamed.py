@@ -3,9 +3,12 @@
 The model is built from its config on the meta device. Non-layer tensors (embeddings, final norm,
 lm_head) and the first k layers are loaded resident; every other decoder layer gets a forward
 pre-hook that acquires its bytes from the :class:`~llmcad.streamer.WeightStreamer` and binds each
-parameter to a zero-copy view of the buffer (or a converted copy when the compute dtype or device
-differs), and a forward hook that puts the parameters back on meta and releases the buffer. HF's own
-forward (rotary, masks, cache) runs unchanged, so logits are bit-identical to the in-memory model.
+parameter to a zero-copy view of the buffer (or a converted copy when the compute dtype differs),
+and a forward hook that puts the parameters back on meta and releases the buffer. On a CUDA device
+the bytes reach the GPU through a :class:`~llmcad.gpu_upload.DeviceFeed`: a device ring filled on a
+side stream, the next layer's upload overlapping this layer's compute ("copy"), or the pinned buffer
+in place ("zero-copy", integrated GPUs). HF's own forward (rotary, masks, cache) runs unchanged, so
+logits are bit-identical to the in-memory model.
 
 Passes: a wrapper around the decoder stack's forward queues every streamed layer of the pass in
 order (the ring bounds what is in flight); when a pass ends, the next pass's layers are queued at
@@ -25,6 +28,7 @@ import torch
 
 from .budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from .errors import EngineClosedError, ModelLoadError, WeightFileError
+from .gpu_upload import DeviceFeed, resolve_gpu_path
 from .weights import WeightIndex, load_index
 
 
@@ -34,9 +38,10 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
 
     ``placement``: from :func:`llmcad.budget.plan_placement` (None: every layer resident).
     ``dtype``: compute dtype (None: the checkpoint's). ``streamer_options``: extra WeightStreamer
-    keyword arguments (backend, direct, ...). Returns the HF model itself, in eval mode, with the
-    controller attached as ``model.llmcad_streamed`` (a :class:`StreamedTarget`: ``bytes_read``,
-    ``placement``, ``stats()``, ``close()``).
+    keyword arguments (backend, direct, ...), plus ``gpu_path`` for a CUDA ``device``: "auto" (default:
+    zero-copy on an integrated GPU, else copy), "copy" or "zero-copy" (see llmcad.gpu_upload).
+    Returns the HF model itself, in eval mode, with the controller attached as ``model.llmcad_streamed``
+    (a :class:`StreamedTarget`: ``bytes_read``, ``placement``, ``stats()``, ``close()``).
     """
     path = Path(path)
     index = load_index(path)
@@ -93,7 +98,10 @@ class StreamedTarget:
         self.placement = placement
         self.index = index
         self._model, self._device = model, device
-        self._options = streamer_options
+        self._options = dict(streamer_options)
+        # CUDA: "copy" (device ring, side stream) or "zero-copy" (pinned buffer in place); None off CUDA
+        self.gpu_path = resolve_gpu_path(self._options.pop("gpu_path", "auto"), device)
+        self._feed = None  # llmcad.gpu_upload.DeviceFeed when gpu_path is set
         self._layers = decoder_layers(model)
         self._streamed = list(placement.streamed_layers)
         self._bindings = {i: _layer_bindings(self._layers[i], index, i) for i in self._streamed}
@@ -139,6 +147,8 @@ class StreamedTarget:
                    peak_tracked_bytes=self.peak_tracked_bytes)
         if self._streamer is not None:
             out["streamer"] = self._streamer.stats()
+        if self._feed is not None:
+            out["gpu"] = self._feed.stats()
         return out
 
     def drop_prefetch(self) -> None:
@@ -178,6 +188,9 @@ class StreamedTarget:
             return True
         if self._closed:
             return False
+        if self._feed is not None and self._in_pass and self._pass_next < len(self._streamed) \
+                and self._feed.uploaded(self._streamed[self._pass_next]):
+            return True  # copy path: the awaited layer was acquired and its upload queued already
         return self._loads_finished() - self._loads_at_reset > self._acquired_since_reset
 
     def _loads_finished(self) -> int:
@@ -190,16 +203,22 @@ class StreamedTarget:
 
     # ---- streamer ----
     def _open_streamer(self):
-        from .streamer import WeightStreamer
+        from .streamer import WeightStreamer, layout_bytes
 
         p = self.placement
         self._streamer = WeightStreamer([str(f) for f in self.index.files], buffer_bytes=p.buffer_bytes,
                                         num_buffers=p.num_buffers, **self._options)
         self._ring_bytes = self._streamer.memory_bytes
         self._sid = {}
+        slot_bytes = 0
         for i in self._streamed:
             ranges = [(t.file_index, t.offset, t.length) for t, _ in self._bindings[i]]
             self._sid[i] = self._streamer.add_layer(ranges)
+            slot_bytes = max(slot_bytes, layout_bytes(ranges))
+        if self.gpu_path is not None:
+            self._feed = DeviceFeed(self.gpu_path, self._device, acquire=self._acquire,
+                                    release=lambda i: self._streamer.release(self._sid[i]),
+                                    host_buffers=p.num_buffers, slot_bytes=slot_bytes)
 
     def _queue_next_pass(self):
         """Prefetch every streamed layer of the next pass, in order; the ring bounds the reads."""
@@ -212,6 +231,8 @@ class StreamedTarget:
         for i in self._streamed:
             self._unbind(i)
         self._held = None
+        if self._feed is not None:
+            self._feed.reset()  # no copy or kernel may still read a buffer the ring is about to reuse
         self._streamer.reset()
         self._mark_reset()
         self._queued = 0
@@ -278,6 +299,8 @@ class StreamedTarget:
         if self._closed:
             return
         if complete:
+            if self._feed is not None:
+                self._feed.finish_pass()  # every host buffer back before the next pass's reads
             self.passes += 1
             if self.prefetch_between_passes:
                 self._queue_next_pass()  # prefetch while drafting
@@ -290,19 +313,28 @@ class StreamedTarget:
                 raise RuntimeError(f"streamed layer {i} ran out of order (expected a pass over layers "
                                    f"{self._streamed[0]}..{self._streamed[-1]} through model.model)")
             start = time.perf_counter()
-            view = self._streamer.acquire(self._sid[i])
-            self._acquired_since_reset += 1
+            # on CUDA the feed gives the layer's bytes on the device (uploaded earlier, or now)
+            view = self._feed.begin(i) if self._feed is not None else self._acquire(i)
             self._held = i
             self.bind_wait_s += time.perf_counter() - start
             self._bind(i, view)
         return bind
+
+    def _acquire(self, i):
+        view = self._streamer.acquire(self._sid[i])
+        self._acquired_since_reset += 1
+        return view
 
     def _make_release(self, i):
         def release(module, args, output):
             self._unbind(i)
             if self._held == i:
                 self._held = None
-                self._streamer.release(self._sid[i])
+                if self._feed is not None:  # layer i's kernels are launched: start the next upload
+                    following = self._pass_next + 1
+                    self._feed.end(i, self._streamed[following] if following < len(self._streamed) else None)
+                else:
+                    self._streamer.release(self._sid[i])
                 self._pass_next += 1
                 self.bytes_read += self.index.layer_bytes(i)
                 self.last_pass_bytes += self.index.layer_bytes(i)
@@ -312,7 +344,7 @@ class StreamedTarget:
         converted = 0
         for k, (entry, (module, name, meta)) in enumerate(self._bindings[i]):
             t = view.tensor(k, entry.torch_dtype, entry.shape)
-            if t.dtype != meta.dtype or t.device != self._device:
+            if t.dtype != meta.dtype or (self._feed is None and t.device != self._device):
                 t = t.to(device=self._device, dtype=meta.dtype)
                 converted += t.nbytes
             module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)

@@ -28,6 +28,7 @@ class TargetVerifier:
         self.pending = list(prompt_ids[:-1])
         self.passes = 0
         self._prefix = 0
+        self._device_accepted = None  # CUDA: the last accept's node ids, still on the device
 
     @property
     def dtype(self):
@@ -45,8 +46,27 @@ class TargetVerifier:
         self.passes += 1
         return logits
 
+    def accept(self, parents, tokens, choice):
+        """The acceptance walk over the verified tree: ``(accepted node ids, bonus)`` as
+        :func:`llmcad.tree.accept`. With ``choice`` on a CUDA device the walk runs there (current
+        stream) and only the accepted ids and the bonus come back to the host; the device ids are kept
+        for :meth:`commit`."""
+        self._device_accepted = None
+        if not getattr(choice, "is_cuda", False):
+            return tree.accept(parents, tokens, choice)
+        device_parents = torch.as_tensor(tree.validate_parents(parents), device=choice.device)
+        device_tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int32), device=choice.device)
+        accepted, bonus = tree.accept(device_parents, device_tokens, choice)
+        self._device_accepted = accepted
+        return accepted.cpu().numpy(), bonus
+
     def commit(self, accepted) -> None:
-        """Keep prefix + accepted path (root first) in the target's cache."""
+        """Keep prefix + accepted path (root first) in the target's cache (gathered on the device
+        when the last :meth:`accept` ran there)."""
+        device_accepted, self._device_accepted = self._device_accepted, None
+        if device_accepted is not None and device_accepted.numel() == len(accepted):
+            kv.commit(self.cache, tree.cuda_commit_indices(device_accepted, self._prefix))
+            return
         kv.commit(self.cache, tree.commit_indices(accepted, self._prefix))
 
 
@@ -83,13 +103,16 @@ class TargetChooser:
         scores = self.processors(_NO_IDS, logits.float())
         return torch.softmax(scores, dim=-1)
 
-    def choose(self, logits: torch.Tensor) -> np.ndarray:
-        """One token per row of ``logits`` [n, vocab]: int32 [n]."""
+    def choose(self, logits: torch.Tensor):
+        """One token per row of ``logits`` [n, vocab]: int32 [n], a NumPy array for CPU logits and a
+        tensor on the logits' device for CUDA logits (no host copy: the acceptance walk runs there)."""
         if not self.do_sample:
-            return logits.argmax(dim=-1).to(torch.int32).cpu().numpy()
-        probs = self.processed_probs(logits)
-        picks = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device)).squeeze(1)
-        return picks.to(torch.int32).cpu().numpy()
+            picks = logits.argmax(dim=-1).to(torch.int32)
+        else:
+            probs = self.processed_probs(logits)
+            picks = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device)).squeeze(1)
+            picks = picks.to(torch.int32)
+        return picks if picks.is_cuda else picks.cpu().numpy()
 
     def _rng(self, device) -> torch.Generator:
         if self._generator is None:

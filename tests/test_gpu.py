@@ -1,0 +1,236 @@
+"""device="cuda" end to end (issue 8): lossless greedy output on the GPU against transformers on the
+GPU in fp32, resident and layer-streamed (copy and zero-copy paths), plans and acceptance from the CUDA
+kernels, KV commit on the device. Skipped without a CUDA build and a GPU (scripts/device_check.sh)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import llmcad
+from llmcad import LLMCad, kv, tree
+from llmcad.budget import plan_placement
+from llmcad.fallback import make_policy
+from llmcad.forward import pending_tree_inputs
+from llmcad.models import load_causal_lm
+from llmcad.streamed import load_streamed_target
+from llmcad.verify import TargetChooser, TargetVerifier
+from llmcad.weights import load_index
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (torch.cuda.is_available() and llmcad.build_info()["cuda_compiled"]
+                            and llmcad.build_info()["cuda_available"]), reason="needs a CUDA build and a GPU"),
+]
+
+FAMILY = "qwen2"
+PROMPTS = ["def add(a, b):", "The quick brown"]
+NEW_TOKENS = 16
+MODES = [("target-only", {}), ("chain", {}), ("tree", {}), ("llmcad", {}),
+         ("llmcad", {"branch_threshold": 0.05, "max_tree_tokens": 12})]
+PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 6]
+
+
+@pytest.fixture(scope="module")
+def gpu_models(tiny_pair_dirs):
+    dirs = tiny_pair_dirs(FAMILY)
+    return dirs, {kind: load_causal_lm(dirs[kind], device="cuda") for kind in ("target", "unrelated")}
+
+
+def reference(model, ids, max_new_tokens=NEW_TOKENS):
+    out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+class HostCopySpy:
+    """Counts tensors of ``min_cols`` or more columns copied to the host with .cpu() (full logits)."""
+
+    def __init__(self, monkeypatch, min_cols):
+        self.big = []
+        original = torch.Tensor.cpu
+
+        def cpu(tensor, *args, **kwargs):
+            if tensor.is_cuda and tensor.dim() >= 2 and tensor.shape[-1] >= min_cols:
+                self.big.append(tuple(tensor.shape))
+            return original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+
+
+class KernelSpy:
+    """Counts calls of the extension's CUDA tree kernels."""
+
+    NAMES = ("cuda_tree_mask", "cuda_tree_positions", "cuda_tree_accept", "cuda_commit_gather_indices")
+
+    def __init__(self, monkeypatch):
+        ext = llmcad._build._ext()
+        self.calls = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            monkeypatch.setattr(ext, name, self._counting(name, getattr(ext, name)))
+
+    def _counting(self, name, fn):
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+        return call
+
+
+@pytest.mark.parametrize("draft_kind", ["target", "unrelated"])
+def test_greedy_on_gpu_equals_transformers_on_gpu(gpu_models, tiny_tokenizer, draft_kind, monkeypatch):
+    dirs, models = gpu_models
+    target = models["target"]
+    spy = HostCopySpy(monkeypatch, min_cols=target.config.vocab_size)
+    kernels = KernelSpy(monkeypatch)
+    for prompt in PROMPTS:
+        ids = tiny_tokenizer(prompt)["input_ids"]
+        expected = reference(target, ids)
+        spy.big.clear()
+        for mode, options in MODES:
+            engine = LLMCad(models[draft_kind], target, tiny_tokenizer, make_policy(mode, **options))
+            result = engine.generate(prompt, NEW_TOKENS)
+            assert result.tokens == expected, (draft_kind, mode, options, prompt)
+        assert spy.big == [], "full logits were copied to the host"
+    assert kernels.calls["cuda_tree_mask"] > 0 and kernels.calls["cuda_tree_positions"] > 0
+    assert kernels.calls["cuda_tree_accept"] > 0, "the acceptance walk did not run on the GPU"
+    assert kernels.calls["cuda_commit_gather_indices"] > 0, "the KV commit indices were not made on the GPU"
+
+
+@pytest.mark.parametrize("gpu_path", ["copy", "zero-copy"])
+@pytest.mark.parametrize("draft_kind", ["target", "unrelated"])
+def test_streamed_target_on_gpu_is_lossless(gpu_models, tiny_tokenizer, gpu_path, draft_kind):
+    dirs, models = gpu_models
+    placement = plan_placement(load_index(dirs["target"]), memory_budget="1GiB", max_resident_layers=1,
+                               num_buffers=2)
+    streamed = load_streamed_target(dirs["target"], placement=placement, device="cuda",
+                                    streamer_options={"gpu_path": gpu_path})
+    ctl = streamed.llmcad_streamed
+    try:
+        assert ctl.gpu_path == gpu_path
+        for prompt in PROMPTS:
+            ids = tiny_tokenizer(prompt)["input_ids"]
+            expected = reference(models["target"], ids)
+            for mode, options in MODES:
+                engine = LLMCad(models[draft_kind], streamed, tiny_tokenizer, make_policy(mode, **options),
+                                placement=placement)
+                assert engine.generate(prompt, NEW_TOKENS).tokens == expected, (gpu_path, mode, prompt)
+        stats = ctl.stats()["gpu"]
+        assert stats["host_held"] == 0
+        if gpu_path == "copy":
+            assert stats["uploads"] == ctl.passes * len(placement.streamed_layers) and stats["device_bytes"] > 0
+        else:
+            assert stats["device_bytes"] == 0
+    finally:
+        ctl.close()
+
+
+@pytest.mark.parametrize("gpu_path", ["copy", "zero-copy"])
+def test_streamed_logits_match_resident_on_gpu(gpu_models, gpu_path):
+    dirs, models = gpu_models
+    placement = plan_placement(load_index(dirs["target"]), memory_budget="1GiB", max_resident_layers=0,
+                               num_buffers=2)
+    streamed = load_streamed_target(dirs["target"], placement=placement, device="cuda",
+                                    streamer_options={"gpu_path": gpu_path})
+    try:
+        for _ in range(2):  # the second pass reuses the device slots / host buffers
+            for a, b in zip(_prompt_then_tree(models["target"]), _prompt_then_tree(streamed)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    finally:
+        streamed.llmcad_streamed.close()
+
+
+def _prompt_then_tree(model):
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=gen).cuda()
+    nodes = torch.randint(0, model.config.vocab_size, (1, len(PARENTS)), generator=gen).cuda()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        mask, positions = pending_tree_inputs(6, 0, PARENTS, torch.float32, "cuda")
+        second = model(input_ids=nodes, attention_mask=mask, position_ids=positions.view(1, -1),
+                       past_key_values=cache, use_cache=True).logits
+    return first, second
+
+
+def test_pending_tree_inputs_on_gpu_equal_cpu():
+    for cache_len, pending in [(0, 0), (0, 5), (7, 3), (12, 0)]:
+        mask_cpu, pos_cpu = pending_tree_inputs(cache_len, pending, PARENTS, torch.float32, "cpu")
+        mask_gpu, pos_gpu = pending_tree_inputs(cache_len, pending, PARENTS, torch.float32, "cuda")
+        assert mask_gpu.is_cuda and pos_gpu.is_cuda
+        assert torch.equal(mask_gpu.cpu(), mask_cpu) and torch.equal(pos_gpu.cpu(), pos_cpu)
+
+
+def test_verifier_accept_and_commit_on_gpu_equal_cpu(gpu_models):
+    _, models = gpu_models
+    rng = np.random.default_rng(0)
+    tokens = [5] + [int(t) for t in rng.integers(0, 3, len(PARENTS) - 1)]
+    for seed in range(20):
+        logits = torch.randn(len(PARENTS), 3, generator=torch.Generator().manual_seed(seed))
+        chooser = TargetChooser()
+        choice_gpu = chooser.choose(logits.cuda())
+        assert choice_gpu.is_cuda
+        verifiers = {}
+        for device, choice in (("cpu", chooser.choose(logits)), ("cuda", choice_gpu)):
+            v = TargetVerifier(models["target"], [1, 2, 3, 4])
+            v._prefix = 4
+            v.cache = _filled_cache(4 + len(PARENTS), device)
+            accepted, bonus = v.accept(PARENTS, tokens, choice)
+            v.commit(accepted)
+            verifiers[device] = (list(accepted), bonus, v.cache)
+        assert verifiers["cpu"][:2] == verifiers["cuda"][:2]
+        for a, b in zip(verifiers["cpu"][2].layers, verifiers["cuda"][2].layers):
+            assert torch.equal(a.keys, b.keys.cpu()) and torch.equal(a.values, b.values.cpu())
+
+
+def _filled_cache(length, device):
+    cache = DynamicCache()
+    for layer in range(2):
+        keys = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).repeat(1, 2, 1, 4) + layer
+        cache.update(keys.to(device), (-keys).to(device), layer)
+    return cache
+
+
+def test_kv_commit_with_device_indices():
+    cache = _filled_cache(10, "cuda")
+    kv.commit(cache, torch.tensor([0, 1, 2, 5, 7], device="cuda"))
+    assert kv.cache_length(cache) == 5
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 5, 7]
+    kv.commit(cache, torch.arange(3, device="cuda"))  # a prefix: crop
+    assert kv.cache_length(cache) == 3
+
+
+def test_zero_copy_bytes_are_the_pinned_buffer(tmp_path):
+    from llmcad.gpu_upload import zero_copy_bytes
+    from llmcad.streamer import WeightStreamer
+
+    data = np.random.default_rng(1).integers(0, 256, 3 * 4096, dtype=np.uint8)
+    path = tmp_path / "w.bin"
+    path.write_bytes(data.tobytes())
+    with WeightStreamer(path, buffer_bytes=len(data), num_buffers=2, pinned=True, direct=False) as streamer:
+        layer = streamer.add_layer([(0, 0, len(data))])
+        view = streamer.acquire(layer)
+        assert view.device_ptr
+        on_gpu = zero_copy_bytes(view, "cuda")
+        assert on_gpu.is_cuda and on_gpu.data_ptr() == view.device_ptr
+        assert np.array_equal(on_gpu[view.offsets[0]: view.offsets[0] + len(data)].cpu().numpy(), data)
+        streamer.release(layer)
+
+
+def test_device_integrated_query_agrees_with_torch():
+    from llmcad.gpu_upload import device_integrated, resolve_gpu_path
+
+    flag = device_integrated("cuda")
+    assert flag == bool(llmcad._build._ext().cuda_device_integrated(torch.cuda.current_device()))
+    assert resolve_gpu_path("auto", "cuda") == ("zero-copy" if flag else "copy")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        llmcad._build._ext().cuda_device_integrated(10_000)
+
+
+def test_plan_kernels_run_on_the_current_stream():
+    """Work queued on a side stream: the plan is made there and is right once that stream is synced."""
+    parents = torch.as_tensor(np.array(PARENTS, dtype=np.int32), device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        mask = tree.attention_mask(parents, 4, device="cuda")
+        side.synchronize()
+    assert torch.equal(mask.cpu(), tree.attention_mask(PARENTS, 4))
