@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from llmcad.tiny_pair import truncated_copy
+
 VOCAB_SIZE = 300
 SPECIALS = ["<s>", "</s>", "<unk>", "<pad>"]  # ids 0..3
 BOS_ID, EOS_ID, UNK_ID, PAD_ID = 0, 1, 2, 3
@@ -83,20 +85,6 @@ def random_model(family: str, seed: int, *, sharpness: float = 25.0, late_scale:
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     param.mul_(late_scale)
     return model.eval()
-
-
-def truncated_copy(model, num_layers: int):
-    """A draft that shares ``model``'s embeddings, first ``num_layers`` layers, final norm and head."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:num_layers]
-    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    own = draft.state_dict()
-    draft.load_state_dict({k: v for k, v in model.state_dict().items() if k in own}, strict=True)
-    return draft.eval()
 
 
 def save(model, tokenizer, path: Path) -> Path:

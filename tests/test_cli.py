@@ -13,7 +13,7 @@ import torch
 from llmcad import cli
 
 PROMPT = "def add(a, b):"
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+PYTHON_DIR = Path(cli.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
 
 
 def generate_args(dirs, *extra):

@@ -26,7 +26,7 @@ from llmcad.streamer import WeightStreamer
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 6
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+PYTHON_DIR = Path(cli.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
 BUDGETS = [pytest.param(None, id="resident"), pytest.param("1GiB", id="budget")]
 
 

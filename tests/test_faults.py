@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import llmcad
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, EngineClosedError, StreamerIOError, WeightFileError
 from llmcad.streamed import decoder_layers
@@ -293,7 +294,7 @@ def test_ctrl_c_on_the_command_line_exits_130_quickly(pair, setup):
     from pathlib import Path
 
     budget, _, _ = setup
-    python_dir = Path(__file__).resolve().parents[1] / "python"
+    python_dir = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, "-m", "llmcad.cli", "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "200", "--memory-budget", str(budget),

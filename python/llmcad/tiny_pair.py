@@ -34,7 +34,7 @@ def build_tiny_pair(root, *, layers: int = 12, draft_layers: int = 2, hidden: in
         tokenizer = _tokenizer()
         target = _random_target(len(tokenizer), layers, draft_layers, hidden, seed)
         _save(target, tokenizer, target_dir)
-        _save(_truncated(target, draft_layers), tokenizer, draft_dir)
+        _save(truncated_copy(target, draft_layers), tokenizer, draft_dir)
     finally:
         if bars:
             logging.enable_progress_bar()
@@ -73,7 +73,8 @@ def _random_target(vocab: int, layers: int, strong_layers: int, hidden: int, see
     return model.eval()
 
 
-def _truncated(model, layers: int):
+def truncated_copy(model, layers: int):
+    """A draft that shares ``model``'s embeddings, first ``layers`` layers, final norm and head."""
     from transformers import AutoModelForCausalLM
 
     config = model.config.__class__.from_dict(model.config.to_dict())
