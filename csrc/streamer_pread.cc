@@ -16,13 +16,6 @@ namespace llmcad {
 namespace streamer_detail {
 namespace {
 
-struct Chunk {
-  int job;
-  uint64_t offset;  // file offset
-  uint64_t length;
-  uint8_t* dest;
-};
-
 std::vector<Chunk> split(const std::vector<ReadJob>& jobs, uint64_t chunk_bytes) {
   std::vector<Chunk> chunks;
   for (size_t j = 0; j < jobs.size(); ++j)

@@ -17,13 +17,6 @@ namespace llmcad {
 namespace streamer_detail {
 namespace {
 
-struct Chunk {
-  int job;
-  uint64_t offset;  // file offset
-  uint64_t length;
-  uint8_t* dest;
-};
-
 class UringBackend final : public ReadBackend {
  public:
   explicit UringBackend(int queue_depth) : depth_(queue_depth) {

@@ -146,6 +146,14 @@ struct ReadJob {
   int buffer = -1;  // index of the ring buffer dest lies in (for io_uring registered buffers)
 };
 
+// A piece of a ReadJob that one read call (pread or an io_uring SQE) covers.
+struct Chunk {
+  int job;          // index into the backend's job list
+  uint64_t offset;  // file offset
+  uint64_t length;  // bytes
+  uint8_t* dest;
+};
+
 struct ReadFailure {
   int job = -1;         // -1: no failure
   uint64_t offset = 0;  // file offset of the failing read
