@@ -5,6 +5,7 @@ directory holds safetensors weights, config, generation config and the shared to
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -85,6 +86,15 @@ def random_model(family: str, seed: int, *, sharpness: float = 25.0, late_scale:
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     param.mul_(late_scale)
     return model.eval()
+
+
+def copy_with_tokenizer(src: Path, dst: Path, tokenizer) -> Path:
+    """Copy model directory ``src`` to ``dst`` with its tokenizer files replaced by ``tokenizer``."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("tokenizer*"):
+        f.unlink()
+    tokenizer.save_pretrained(dst)
+    return dst
 
 
 def save(model, tokenizer, path: Path) -> Path:

@@ -162,23 +162,15 @@ def test_bad_target_directory_cli(pair, broken, capfd, case, budget):
 
 
 # ---------------------------------------------------------------- tokenizers and prompts
-def _with_tokenizer(src, dst, tokenizer):
-    shutil.copytree(src, dst)
-    for f in dst.glob("tokenizer*"):
-        f.unlink()
-    tokenizer.save_pretrained(dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def mismatched_drafts(pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizers")
     special = pair_models.build_tokenizer()
     special.eos_token = "<pad>"
     return {
-        "vocab": (_with_tokenizer(pair["shared"], root / "vocab", pair_models.build_tokenizer(vocab_size=280)),
+        "vocab": (pair_models.copy_with_tokenizer(pair["shared"], root / "vocab", pair_models.build_tokenizer(vocab_size=280)),
                   r"draft and target vocabularies differ \(draft has 280 tokens, target 300"),
-        "special": (_with_tokenizer(pair["shared"], root / "special", special),
+        "special": (pair_models.copy_with_tokenizer(pair["shared"], root / "special", special),
                     r"special-token ids differ .*'eos_token': \(3, 1\)"),
     }
 

@@ -22,14 +22,6 @@ def llama_engine(llama):
     return LLMCad.from_pretrained(llama["shared"], llama["target"])
 
 
-def copy_with_tokenizer(src, dst, tokenizer):
-    shutil.copytree(src, dst)
-    for f in dst.glob("tokenizer*"):
-        f.unlink()
-    tokenizer.save_pretrained(dst)
-    return dst
-
-
 def test_from_pretrained_loads_a_pair(llama, llama_engine):
     assert llama_engine.target.dtype == torch.float32  # the checkpoint's dtype
     assert llama_engine.policy.name == "llmcad" and llama_engine.eos_token_ids == {pair_models.EOS_ID}
@@ -49,7 +41,7 @@ def test_cross_family_draft_is_fine_when_tokenizers_agree(tiny_pair_dirs, tiny_t
 
 def test_mismatched_vocabulary(llama, tmp_path):
     other = pair_models.build_tokenizer(vocab_size=280)
-    draft = copy_with_tokenizer(llama["shared"], tmp_path / "draft", other)
+    draft = pair_models.copy_with_tokenizer(llama["shared"], tmp_path / "draft", other)
     with pytest.raises(TokenizerMismatchError, match="vocabularies differ"):
         LLMCad.from_pretrained(draft, llama["target"])
 
@@ -57,7 +49,7 @@ def test_mismatched_vocabulary(llama, tmp_path):
 def test_mismatched_special_tokens(llama, tmp_path):
     tok = pair_models.build_tokenizer()
     tok.eos_token = "<pad>"
-    draft = copy_with_tokenizer(llama["shared"], tmp_path / "draft", tok)
+    draft = pair_models.copy_with_tokenizer(llama["shared"], tmp_path / "draft", tok)
     with pytest.raises(TokenizerMismatchError, match="special-token ids differ.*eos_token"):
         LLMCad.from_pretrained(draft, llama["target"])
 
