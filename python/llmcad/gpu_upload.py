@@ -192,10 +192,7 @@ class UploadRing:
     def drain(self) -> None:
         """Wait for every copy in flight and run its callback."""
         while self._copies:
-            event, on_copied = self._copies.popleft()
-            event.synchronize()
-            if on_copied is not None:
-                on_copied()
+            self.wait_oldest()
 
     def wait_oldest(self) -> None:
         """Wait for the oldest copy in flight (a host buffer is needed back) and run its callback."""
