@@ -26,8 +26,8 @@ def measure(families, max_new_tokens: int) -> list:
     from transformers.utils import logging
 
     from llmcad import LLMCad
-    from llmcad.fallback import make_policy
-    from llmcad.models import load_causal_lm
+    from llmcad.spec.policy import make_policy
+    from llmcad.models.loading import load_causal_lm
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

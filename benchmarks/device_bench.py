@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmcad import tree
+from llmcad.spec import tree
 
 SEED = 0
 
@@ -79,10 +79,10 @@ MODEL_DIR = Path(os.environ.get("LLMCAD_BENCH_MODEL", "/tmp/llmcad-device-model"
 def build_model(root=MODEL_DIR, *, hidden=1024, intermediate=4096, layers=12, draft_layers=2, seed=SEED):
     """A random fp16 Qwen2-shaped target (~360 MB: 12 layers of ~30 MB) and its draft (the target's first
     ``draft_layers`` layers, embeddings and head), saved under ``root`` (reused when there). Peaked
-    distributions and weak later layers (as llmcad.tiny_pair) so the draft agrees with it often."""
+    distributions and weak later layers (as llmcad.bench.tiny_pair) so the draft agrees with it often."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from llmcad import tiny_pair
+    from llmcad.bench import tiny_pair
 
     target_dir, draft_dir = root / "target", root / "draft"
     if all((d / "config.json").is_file() for d in (target_dir, draft_dir)):
@@ -114,7 +114,7 @@ def _sync_timed(fn) -> float:
 
 
 def _evict(index):
-    from llmcad.streamer import evict_from_page_cache
+    from llmcad.streaming.streamer import evict_from_page_cache
 
     for path in index.files:
         evict_from_page_cache(path)
@@ -122,8 +122,8 @@ def _evict(index):
 
 def _feed_pass(index, layers, gpu_path, *, direct=True, evict=True) -> tuple:
     """Storage -> pinned ring -> GPU for ``layers`` with no compute: (seconds, bytes)."""
-    from llmcad.gpu_upload import DeviceFeed
-    from llmcad.streamer import WeightStreamer, layout_bytes
+    from llmcad.streaming.gpu_upload import DeviceFeed
+    from llmcad.streaming.streamer import WeightStreamer, layout_bytes
 
     ranges = [index.layer_ranges(i).ranges for i in layers]
     slot = max(layout_bytes(r) for r in ranges)
@@ -152,7 +152,7 @@ def _feed_pass(index, layers, gpu_path, *, direct=True, evict=True) -> tuple:
 def bench_h2d(repeats=5):
     """Streamer (page cache warm, buffered reads) -> pinned ring -> device slots, against a plain pinned
     torch copy (cudaMemcpyAsync) of the same bytes in the same layer-sized pieces."""
-    from llmcad.weights import load_index
+    from llmcad.streaming.weights import load_index
 
     _, target_dir = build_model()
     index = load_index(target_dir)
@@ -179,9 +179,9 @@ def bench_streamed_pass(repeats=3, tree_nodes=32, prefix_len=64):
     wall / max(IO alone, compute alone); 1.0 = perfect overlap, (IO + compute) / max = none."""
     from transformers import DynamicCache
 
-    from llmcad.budget import plan_placement, resident_placement
-    from llmcad.streamed import load_streamed_target
-    from llmcad.weights import load_index
+    from llmcad.streaming.budget import plan_placement, resident_placement
+    from llmcad.streaming.streamed import load_streamed_target
+    from llmcad.streaming.weights import load_index
 
     _, target_dir = build_model()
     index = load_index(target_dir)
@@ -240,12 +240,13 @@ def bench_e2e(new_tokens=24, repeats=2):
     """Tokens/s of llmcad (tree + fallback + pipeline) against target-only on the same GPU target, greedy:
     the tiny fp32 pair resident, and the ~360 MB random fp16 pair with every target layer streamed (copy
     path). Random models: the ratio shows the mechanics, not a real pair's acceptance."""
-    from llmcad import LLMCad, tiny_pair
-    from llmcad.budget import plan_placement
-    from llmcad.fallback import make_policy
-    from llmcad.models import load_causal_lm, load_tokenizer
-    from llmcad.streamed import load_streamed_target
-    from llmcad.weights import load_index
+    from llmcad import LLMCad
+    from llmcad.bench import tiny_pair
+    from llmcad.streaming.budget import plan_placement
+    from llmcad.spec.policy import make_policy
+    from llmcad.models.loading import load_causal_lm, load_tokenizer
+    from llmcad.streaming.streamed import load_streamed_target
+    from llmcad.streaming.weights import load_index
 
     rows = []
     tiny_draft, tiny_target = tiny_pair.build_tiny_pair(MODEL_DIR / "tiny")

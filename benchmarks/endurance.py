@@ -49,7 +49,7 @@ class Sampler:
 
 
 def kv_bytes_per_token(engine) -> int:
-    from llmcad.budget import kv_cache_bytes
+    from llmcad.streaming.budget import kv_cache_bytes
 
     return sum(kv_cache_bytes(m.config, 1, m.dtype) for m in (engine.draft, engine.target))
 

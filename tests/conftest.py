@@ -35,7 +35,7 @@ def tiny_pair_dirs(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_pair_dirs):
-    from llmcad.models import load_causal_lm
+    from llmcad.models.loading import load_causal_lm
 
     loaded = {}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llmcad.tiny_pair import truncated_copy
+from llmcad.bench.tiny_pair import truncated_copy
 
 VOCAB_SIZE = 300
 SPECIALS = ["<s>", "</s>", "<unk>", "<pad>"]  # ids 0..3

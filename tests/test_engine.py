@@ -10,12 +10,13 @@ import torch
 from transformers import DynamicCache
 
 import pair_models
-from llmcad import LLMCad, tree
-from llmcad.draft import DraftTree, TreeDrafter
+from llmcad import LLMCad
+from llmcad.spec import tree
+from llmcad.spec.draft import DraftTree, TreeDrafter
 from llmcad.engine import GenerationResult
-from llmcad.fallback import LLMCadPolicy, TreePolicy, make_policy
-from llmcad.forward import forward_with_mask, pending_tree_inputs
-from llmcad import kv
+from llmcad.spec.policy import LLMCadPolicy, TreePolicy, make_policy
+from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
+from llmcad.spec import kv
 
 PROMPTS = ["def add(a, b):", "The quick brown"]
 NEW_TOKENS = 16

@@ -22,7 +22,7 @@ import pair_models
 from llmcad import LLMCad, build_info, cli
 from llmcad.errors import (BudgetError, ModelLoadError, PromptError, StreamerIOError, TokenizerMismatchError,
                            WeightFileError)
-from llmcad.streamer import WeightStreamer
+from llmcad.streaming.streamer import WeightStreamer
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 6

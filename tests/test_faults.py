@@ -24,7 +24,7 @@ import torch
 import llmcad
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, EngineClosedError, StreamerIOError, WeightFileError
-from llmcad.streamed import decoder_layers
+from llmcad.streaming.streamed import decoder_layers
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 10

@@ -9,14 +9,16 @@ import torch
 from transformers import DynamicCache
 
 import llmcad
-from llmcad import LLMCad, kv, tree
-from llmcad.budget import plan_placement
-from llmcad.fallback import make_policy
-from llmcad.forward import pending_tree_inputs
-from llmcad.models import load_causal_lm
-from llmcad.streamed import load_streamed_target
-from llmcad.verify import TargetChooser, TargetVerifier
-from llmcad.weights import load_index
+from llmcad import LLMCad
+from llmcad.spec import kv
+from llmcad.spec import tree
+from llmcad.streaming.budget import plan_placement
+from llmcad.spec.policy import make_policy
+from llmcad.spec.forward import pending_tree_inputs
+from llmcad.models.loading import load_causal_lm
+from llmcad.streaming.streamed import load_streamed_target
+from llmcad.spec.verify import TargetChooser, TargetVerifier
+from llmcad.streaming.weights import load_index
 
 pytestmark = [
     pytest.mark.cuda,
@@ -200,8 +202,8 @@ def test_kv_commit_with_device_indices():
 
 
 def test_zero_copy_bytes_are_the_pinned_buffer(tmp_path):
-    from llmcad.gpu_upload import zero_copy_bytes
-    from llmcad.streamer import WeightStreamer
+    from llmcad.streaming.gpu_upload import zero_copy_bytes
+    from llmcad.streaming.streamer import WeightStreamer
 
     data = np.random.default_rng(1).integers(0, 256, 3 * 4096, dtype=np.uint8)
     path = tmp_path / "w.bin"
@@ -217,7 +219,7 @@ def test_zero_copy_bytes_are_the_pinned_buffer(tmp_path):
 
 
 def test_device_integrated_query_agrees_with_torch():
-    from llmcad.gpu_upload import device_integrated, resolve_gpu_path
+    from llmcad.streaming.gpu_upload import device_integrated, resolve_gpu_path
 
     flag = device_integrated("cuda")
     assert flag == bool(llmcad._build._ext().cuda_device_integrated(torch.cuda.current_device()))

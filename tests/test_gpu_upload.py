@@ -1,4 +1,4 @@
-"""llmcad.gpu_upload bookkeeping on the CPU: the upload ring and the device feed with stub streams and
+"""llmcad.streaming.gpu_upload bookkeeping on the CPU: the upload ring and the device feed with stub streams and
 events (the same calls CUDA gets), and the streamed target's GPU hooks driven through them end to end.
 The real device runs are tests/test_gpu.py (cuda marker)."""
 import contextlib
@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from llmcad import gpu_upload, streamed
-from llmcad.budget import plan_placement
-from llmcad.gpu_upload import DeviceFeed, UploadRing, resolve_gpu_path, typed_view
-from llmcad.streamed import load_streamed_target
-from llmcad.weights import load_index
+from llmcad.streaming import gpu_upload
+
+from llmcad.streaming import streamed
+from llmcad.streaming.budget import plan_placement
+from llmcad.streaming.gpu_upload import DeviceFeed, UploadRing, resolve_gpu_path, typed_view
+from llmcad.streaming.streamed import load_streamed_target
+from llmcad.streaming.weights import load_index
 from tiny_models import build_tiny, load_resident
 
 

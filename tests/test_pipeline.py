@@ -1,4 +1,4 @@
-"""llmcad.pipeline: provisional drafting during streamed verifications, the compute gate, reconciliation.
+"""llmcad.spec.pipeline: provisional drafting during streamed verifications, the compute gate, reconciliation.
 
 Every engine here streams every target layer (memory_budget below draft + target). ``lockstep`` engines
 make provisional counts deterministic: each verification's first IO wait lasts until the draft has
@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from llmcad.budget import module_bytes
-from llmcad.draft import DraftTree
+from llmcad.streaming.budget import module_bytes
+from llmcad.spec.draft import DraftTree
 from llmcad.engine import LLMCad
 from llmcad.errors import BudgetError, StreamerIOError
-from llmcad.pipeline import ComputeGate, main_path, reconcile
-from llmcad.streamed import load_budgeted_target
+from llmcad.spec.pipeline import ComputeGate, main_path, reconcile
+from llmcad.streaming.streamed import load_budgeted_target
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 12
@@ -26,7 +26,7 @@ SLOW_IO = {"bandwidth_cap": 2e6}  # bytes/s: a tiny layer (~50 KB) takes ~25 ms,
 
 def smallest_streaming_budget(draft_dir, target_dir):
     """The smallest budget load_budgeted_target accepts: every target layer streamed."""
-    from llmcad.models import load_causal_lm
+    from llmcad.models.loading import load_causal_lm
 
     draft = load_causal_lm(draft_dir)
     with pytest.raises(BudgetError) as err:
@@ -132,7 +132,7 @@ def test_draft_equal_to_target_reuses_every_provisional_token_hand_worked(tiny_p
 def flat_draft(tiny_pair_dirs, tmp_path_factory):
     """The shared draft with a zero lm_head: every next-token distribution is uniform, so it always
     proposes the same token (topk's pick among ties), one the target never chooses here."""
-    from llmcad.models import load_causal_lm
+    from llmcad.models.loading import load_causal_lm
 
     dirs = tiny_pair_dirs("qwen2")
     model = load_causal_lm(dirs["shared"])

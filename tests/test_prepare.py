@@ -1,12 +1,12 @@
-"""llmcad.prepare: import a checkpoint into a streamable safetensors directory in a chosen dtype."""
+"""llmcad.models.prepare: import a checkpoint into a streamable safetensors directory in a chosen dtype."""
 import argparse
 
 import pytest
 import torch
 
 from llmcad.errors import ModelLoadError, WeightFileError
-from llmcad.prepare import add_arguments, prepare, run, verify
-from llmcad.weights import load_index
+from llmcad.models.prepare import add_arguments, prepare, run, verify
+from llmcad.streaming.weights import load_index
 from tiny_models import build_tiny, load_resident
 
 

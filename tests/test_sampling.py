@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmcad import LLMCad
-from llmcad.fallback import make_policy
-from llmcad.verify import TargetChooser
+from llmcad.spec.policy import make_policy
+from llmcad.spec.verify import TargetChooser
 
 PROMPT = "def add(a, b):"
 TOP_K = 4

@@ -1,4 +1,4 @@
-"""llmcad.streamed: the layer-streamed target is a bit-identical drop-in for the in-memory model."""
+"""llmcad.streaming.streamed: the layer-streamed target is a bit-identical drop-in for the in-memory model."""
 import threading
 import time
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from llmcad import tree
-from llmcad.budget import kv_cache_bytes, module_bytes, plan_placement, resident_placement
+from llmcad.spec import tree
+from llmcad.streaming.budget import kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import BudgetError, EngineClosedError, ModelLoadError
-from llmcad.streamed import decoder_layers, load_streamed_target
-from llmcad.weights import load_index
+from llmcad.streaming.streamed import decoder_layers, load_streamed_target
+from llmcad.streaming.weights import load_index
 from tiny_models import FAMILIES, build_tiny, load_resident
 
 NUM_LAYERS = 4
@@ -248,7 +248,7 @@ def test_config_disagreeing_with_weights_is_a_load_error(tmp_path):
 
 def test_bench_pass_runs_on_a_tiny_model(checkpoints):
     """Smoke test of `llmcad bench pass` (its timings are not asserted: benchmarks are not timed tests)."""
-    from llmcad.bench_pass import measure
+    from llmcad.bench.pass_bench import measure
 
     result = measure(checkpoints["qwen2"], tree_nodes=5, prefix_len=3, repeats=1)
     assert result["streamed_layers"] == NUM_LAYERS and result["resident_layers"] == 0
@@ -260,9 +260,9 @@ KV_TOKENS = 64  # prompt + 16 new tokens + a tree: the cache positions these tes
 
 
 def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model):
-    """What llmcad.models._load_target does with a budget (the wiring handed to the engine)."""
-    from llmcad.models import load_causal_lm, resolve_dtype
-    from llmcad.streamed import load_budgeted_target
+    """What llmcad.models.loading._load_target does with a budget (the wiring handed to the engine)."""
+    from llmcad.models.loading import load_causal_lm, resolve_dtype
+    from llmcad.streaming.streamed import load_budgeted_target
 
     if memory_budget is None:
         return load_causal_lm(target, device=device, dtype=dtype), None
@@ -274,9 +274,9 @@ def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model):
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_every_mode_lossless_under_a_budget_below_draft_plus_target(tiny_pair_dirs, tiny_models, monkeypatch,
                                                                     mode, family):
-    from llmcad import models
+    from llmcad.models import loading as models
     from llmcad.engine import LLMCad
-    from llmcad.streamed import load_budgeted_target
+    from llmcad.streaming.streamed import load_budgeted_target
 
     monkeypatch.setattr(models, "_load_target", _budgeted_load_target)
     dirs = tiny_pair_dirs(family)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from llmcad import build_info
 from llmcad.errors import StreamerIOError
-from llmcad.streamer import WeightStreamer, evict_from_page_cache, layout_bytes, raw_direct_read_gbps
+from llmcad.streaming.streamer import WeightStreamer, evict_from_page_cache, layout_bytes, raw_direct_read_gbps
 
 SIZES = (300_001, 200_003)  # odd sizes: the aligned tail of a direct read runs past end of file
 
@@ -375,7 +375,7 @@ def test_random_ranges_byte_identical(files, layers, direct, backend, num_buffer
 def test_bench_streamer_json_and_cleanup(tmp_path, capsys, overlap):
     import json
 
-    from llmcad import bench_streamer
+    from llmcad.bench import streamer_bench as bench_streamer
 
     argv = ["--size", "6MiB", "--layer-bytes", "1MiB", "--repeats", "1", "--dir", str(tmp_path), "--json"]
     assert bench_streamer.main(argv + (["--overlap", "--passes", "1"] if overlap else [])) == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import llmcad
-from llmcad import tree
+from llmcad.spec import tree
 import tree_reference as ref
 
 pytestmark = [

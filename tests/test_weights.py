@@ -1,4 +1,4 @@
-"""llmcad.weights: safetensors header index, per-layer byte ranges, and load-time file errors."""
+"""llmcad.streaming.weights: safetensors header index, per-layer byte ranges, and load-time file errors."""
 import json
 import struct
 
@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from llmcad.errors import WeightFileError
-from llmcad.weights import ITEMSIZE, load_index, read_header
+from llmcad.streaming.weights import ITEMSIZE, load_index, read_header
 from tiny_models import build_tiny
 
 

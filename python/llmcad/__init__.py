@@ -3,7 +3,7 @@
 A small draft model stays in memory and grows a token tree; the large target model is streamed from
 storage layer by layer and verifies the whole tree in one pass. Output is lossless.
 """
-from ._build import __version__, build_info
+from llmcad._build import __version__, build_info
 
 __all__ = ["__version__", "build_info", "LLMCad"]
 
@@ -11,7 +11,7 @@ __all__ = ["__version__", "build_info", "LLMCad"]
 def __getattr__(name):
     # The engine imports torch and transformers; load it only when asked for.
     if name == "LLMCad":
-        from .engine import LLMCad
+        from llmcad.engine import LLMCad
 
         return LLMCad
     raise AttributeError(f"module 'llmcad' has no attribute {name!r}")

@@ -9,7 +9,7 @@ except metadata.PackageNotFoundError:  # running from a source tree
 
 def _ext():
     try:
-        from . import _C
+        from llmcad import _C
     except ImportError as exc:  # pragma: no cover - only without a build
         raise ImportError(
             f"llmcad's compiled extension is missing ({exc}); install the package with "

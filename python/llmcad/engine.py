@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kv
-from .draft import DraftTree, TreeDrafter
-from .errors import EngineClosedError, PromptError
-from .fallback import POLICIES, Policy, make_policy
-from .models import load_pair, resolve_device, resolve_dtype
-from .pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, VerifyWorker, install_target_hooks, main_path,
+from llmcad.spec import kv
+from llmcad.spec.draft import DraftTree, TreeDrafter
+from llmcad.errors import EngineClosedError, PromptError
+from llmcad.spec.policy import POLICIES, Policy, make_policy
+from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
+from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, VerifyWorker, install_target_hooks, main_path,
                        reconcile)
-from .stats import StatsRecorder
-from .trace import IOProbe, Tracer
-from .verify import TargetChooser, TargetVerifier
+from llmcad.stats import StatsRecorder
+from llmcad.trace import IOProbe, Tracer
+from llmcad.spec.verify import TargetChooser, TargetVerifier
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LLMCad:
     called through its ordinary forward with a float 4D mask, explicit positions and a DynamicCache.
 
     ``pipeline``: verify on a worker thread while the draft drafts provisionally during the target's
-    IO waits (llmcad.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
+    IO waits (llmcad.spec.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
     waits on IO otherwise) and a drafting mode. ``prefetch``: read the next pass's first layers while
     the draft drafts (False: a pass's reads start when it begins). ``max_provisional_tokens``: bound
     on provisional tokens per verification (0: none).
@@ -68,7 +68,7 @@ class LLMCad:
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
         (fixed-length chain) or "target-only" (one token a pass). ``policy_options``: that mode's
         parameters (max_tree_tokens, max_depth, branch_threshold, alpha, chain_length; see
-        llmcad.fallback). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
+        llmcad.spec.policy). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
         ``memory_budget``: None keeps the target resident. ``dtype``: None keeps the checkpoint's.
         ``streamer_options``: WeightStreamer keyword arguments for a streamed target (e.g.
         ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``).
@@ -367,7 +367,7 @@ def _budgeted_kv_positions(draft, target, placement):
     kv_bytes = (getattr(placement, "accounting", None) or {}).get("kv_caches") if placement is not None else None
     if not kv_bytes:
         return None
-    from .budget import kv_cache_bytes
+    from llmcad.streaming.budget import kv_cache_bytes
 
     per_position = kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)
     return int(kv_bytes // per_position) if per_position else None

@@ -31,7 +31,7 @@ def device_integrated(device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     flag = getattr(torch.cuda.get_device_properties(index), "is_integrated", None)
     if flag is None:  # older torch: ask the extension
-        from ._build import _ext
+        from llmcad._build import _ext
 
         flag = _ext().cuda_device_integrated(index)
     return bool(flag)

@@ -2,10 +2,10 @@
 
 The model is built from its config on the meta device. Non-layer tensors (embeddings, final norm,
 lm_head) and the first k layers are loaded resident; every other decoder layer gets a forward
-pre-hook that acquires its bytes from the :class:`~llmcad.streamer.WeightStreamer` and binds each
+pre-hook that acquires its bytes from the :class:`~llmcad.streaming.streamer.WeightStreamer` and binds each
 parameter to a zero-copy view of the buffer (or a converted copy when the compute dtype differs),
 and a forward hook that puts the parameters back on meta and releases the buffer. On a CUDA device
-the bytes reach the GPU through a :class:`~llmcad.gpu_upload.DeviceFeed`: a device ring filled on a
+the bytes reach the GPU through a :class:`~llmcad.streaming.gpu_upload.DeviceFeed`: a device ring filled on a
 side stream, the next layer's upload overlapping this layer's compute ("copy"), or the pinned buffer
 in place ("zero-copy", integrated GPUs). HF's own forward (rotary, masks, cache) runs unchanged, so
 logits are bit-identical to the in-memory model.
@@ -26,20 +26,20 @@ from pathlib import Path
 
 import torch
 
-from .budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
-from .errors import EngineClosedError, ModelLoadError, WeightFileError
-from .gpu_upload import DeviceFeed, resolve_gpu_path
-from .weights import WeightIndex, load_index
+from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
+from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
+from llmcad.streaming.gpu_upload import DeviceFeed, resolve_gpu_path
+from llmcad.streaming.weights import WeightIndex, load_index
 
 
 def load_streamed_target(path, *, placement: Placement | None = None, dtype=None, device="cpu",
                          streamer_options: dict | None = None, attn_implementation: str | None = None):
     """Build the streamed target of checkpoint directory ``path``.
 
-    ``placement``: from :func:`llmcad.budget.plan_placement` (None: every layer resident).
+    ``placement``: from :func:`llmcad.streaming.budget.plan_placement` (None: every layer resident).
     ``dtype``: compute dtype (None: the checkpoint's). ``streamer_options``: extra WeightStreamer
     keyword arguments (backend, direct, ...), plus ``gpu_path`` for a CUDA ``device``: "auto" (default:
-    zero-copy on an integrated GPU, else copy), "copy" or "zero-copy" (see llmcad.gpu_upload).
+    zero-copy on an integrated GPU, else copy), "copy" or "zero-copy" (see llmcad.streaming.gpu_upload).
     Returns the HF model itself, in eval mode, with the controller attached as ``model.llmcad_streamed``
     (a :class:`StreamedTarget`: ``bytes_read``, ``placement``, ``stats()``, ``close()``).
     """
@@ -101,7 +101,7 @@ class StreamedTarget:
         self._options = dict(streamer_options)
         # CUDA: "copy" (device ring, side stream) or "zero-copy" (pinned buffer in place); None off CUDA
         self.gpu_path = resolve_gpu_path(self._options.pop("gpu_path", "auto"), device)
-        self._feed = None  # llmcad.gpu_upload.DeviceFeed when gpu_path is set
+        self._feed = None  # llmcad.streaming.gpu_upload.DeviceFeed when gpu_path is set
         self._layers = decoder_layers(model)
         self._streamed = list(placement.streamed_layers)
         self._bindings = {i: _layer_bindings(self._layers[i], index, i) for i in self._streamed}
@@ -117,7 +117,7 @@ class StreamedTarget:
         self.last_pass_bytes = 0
         self.passes = 0
         self.bind_wait_s = 0.0  # time blocked in acquire
-        # pipeline hooks (issue 6, llmcad.pipeline): readiness of the next layer, prefetch switch
+        # pipeline hooks (issue 6, llmcad.spec.pipeline): readiness of the next layer, prefetch switch
         self.prefetch_between_passes = True  # False: a pass's reads start only when the pass begins
         self._loads_at_reset = 0  # streamer loads (done or failed) counted before the last reset
         self._acquired_since_reset = 0
@@ -203,7 +203,7 @@ class StreamedTarget:
 
     # ---- streamer ----
     def _open_streamer(self):
-        from .streamer import WeightStreamer, layout_bytes
+        from llmcad.streaming.streamer import WeightStreamer, layout_bytes
 
         p = self.placement
         self._streamer = WeightStreamer([str(f) for f in self.index.files], buffer_bytes=p.buffer_bytes,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._build import _ext
+from llmcad._build import _ext
 
 _MASK_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 

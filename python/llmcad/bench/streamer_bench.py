@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
-from . import build_info
-from .streamer import WeightStreamer, evict_from_page_cache, raw_direct_read_gbps
+from llmcad import build_info
+from llmcad.streaming.streamer import WeightStreamer, evict_from_page_cache, raw_direct_read_gbps
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 10**6, "MB": 10**6, "MIB": 1 << 20,
           "G": 10**9, "GB": 10**9, "GIB": 1 << 30}

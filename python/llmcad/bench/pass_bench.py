@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from .budget import plan_placement, resident_placement
-from .streamed import load_streamed_target
-from .weights import load_index
+from llmcad.streaming.budget import plan_placement, resident_placement
+from llmcad.streaming.streamed import load_streamed_target
+from llmcad.streaming.weights import load_index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _tree_inputs(model, n, prefix_len, seed):
     """A random tree (fixed seed), its mask and positions, and a KV cache already holding the prefix."""
     from transformers import DynamicCache
 
-    from . import tree
+    from llmcad.spec import tree
 
     rng = np.random.default_rng(seed)
     parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
@@ -123,7 +123,7 @@ def _timed(fn) -> float:
 
 
 def _evict(index):
-    from .streamer import evict_from_page_cache
+    from llmcad.streaming.streamer import evict_from_page_cache
 
     for path in index.files:
         evict_from_page_cache(path)
@@ -131,7 +131,7 @@ def _evict(index):
 
 def _io_alone(index, placement, options) -> float:
     """Seconds the streamer alone takes to read the streamed layers cold, in order."""
-    from .streamer import WeightStreamer
+    from llmcad.streaming.streamer import WeightStreamer
 
     if not placement.streamed_layers:
         return 0.0

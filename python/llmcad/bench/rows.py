@@ -1,6 +1,6 @@
 """One row of ``llmcad bench e2e``, run in its own process: load, warm up, generate every prompt cold.
 
-``python -m llmcad.bench_rows JOB.json OUT.json`` reads a job written by :mod:`llmcad.bench_e2e`
+``python -m llmcad.bench.rows JOB.json OUT.json`` reads a job written by :mod:`llmcad.bench.e2e`
 (models, token ids, budget, the row's runner and options, the setting's bandwidth cap) and writes the
 row's raw record: generated tokens per prompt, totals (tokens, seconds, target passes, bytes read,
 draft steps), peak RSS, placement and the page-cache evictor's report. A failure is recorded in
@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    """``python -m llmcad.bench_rows JOB OUT``: measure one row and write its raw record."""
+    """``python -m llmcad.bench.rows JOB OUT``: measure one row and write its raw record."""
     job_path, out_path = (argv or sys.argv[1:])[:2]
     Path(out_path).write_text(json.dumps(row_record(json.loads(Path(job_path).read_text()))))
     return 0
@@ -52,8 +52,8 @@ def measure_row(job: dict) -> dict:
 
 
 def _timed_prompts(runner, job: dict) -> dict:
-    from .pagecache import Evictor
-    from .stats import peak_rss_bytes
+    from llmcad.bench.pagecache import Evictor
+    from llmcad.stats import peak_rss_bytes
 
     runner.generate(job["prompt_ids"][0], job["warmup_tokens"])
     totals = {"generated": 0, "seconds": 0.0, "passes": 0, "bytes_read": 0, "draft_steps": 0, "io_read_bytes": 0,
@@ -99,7 +99,7 @@ def load_engine(job: dict):
     :func:`_assemble_engine` while ``from_pretrained`` takes no streamer options)."""
     import inspect
 
-    from .engine import LLMCad
+    from llmcad.engine import LLMCad
 
     options = dict(job["row"]["options"])
     mode = options.pop("mode")
@@ -118,10 +118,10 @@ def load_engine(job: dict):
 def _assemble_engine(job: dict, mode: str, options: dict, streamer_options: dict):
     """The engine built from its parts (models, budget, streamed) as ``from_pretrained`` builds it, with
     ``streamer_options`` passed on: a stop-gap while ``from_pretrained`` takes no streamer options."""
-    from .engine import LLMCad
-    from .fallback import make_policy
-    from .models import check_tokenizers, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from .streamed import load_budgeted_target
+    from llmcad.engine import LLMCad
+    from llmcad.spec.policy import make_policy
+    from llmcad.models.loading import check_tokenizers, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from llmcad.streaming.streamed import load_budgeted_target
 
     policy = make_policy(mode, **options)
     dtype = resolve_dtype(job["dtype"])
@@ -145,19 +145,19 @@ class EngineRow:
         self.target = job["target"]
 
     def files(self) -> list:
-        from .weights import checkpoint_files
+        from llmcad.streaming.weights import checkpoint_files
 
         return checkpoint_files(self.target)
 
     def cold(self) -> None:
-        from .pagecache import evict
+        from llmcad.bench.pagecache import evict
 
         if hasattr(self.streamed, "drop_prefetch"):
             self.streamed.drop_prefetch()  # the previous prompt's prefetch would start this one warm
         evict(self.files())
 
     def generate(self, ids: list, max_new_tokens: int) -> tuple[list, dict]:
-        from .peers import io_read_bytes
+        from llmcad.bench.peers import io_read_bytes
 
         before, io0 = self._bytes(), io_read_bytes()
         start = time.perf_counter()
@@ -195,7 +195,7 @@ class PeerRow:
     bytes_source = "/proc/self/io read_bytes"
 
     def __init__(self, job: dict):
-        from .peers import HFOffloadPeer
+        from llmcad.bench.peers import HFOffloadPeer
 
         draft = job["draft"] if job["row"]["options"].get("assisted") else None
         self.peer = HFOffloadPeer(job["target"], memory_budget=job["memory_budget"], draft=draft,
@@ -205,7 +205,7 @@ class PeerRow:
         return self.peer.files_read()
 
     def cold(self) -> None:
-        from .pagecache import evict
+        from llmcad.bench.pagecache import evict
 
         evict(self.files())
 

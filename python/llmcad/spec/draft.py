@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kv
-from .forward import forward_with_mask, pending_tree_inputs
-from .pipeline import ema
+from llmcad.spec import kv
+from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
+from llmcad.spec.pipeline import ema
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
 
@@ -116,7 +116,7 @@ class TreeDrafter:
         """Keep prefix + the accepted nodes the draft has run; queue the rest (at most the last) as pending.
 
         ``seed``: node ids of a chain below the last accepted node (its first node is the next root)
-        whose tokens and KV start the next tree (see llmcad.pipeline.reconcile), with the branches
+        whose tokens and KV start the next tree (see llmcad.spec.pipeline.reconcile), with the branches
         its provisional steps would have opened, up to ``max_nodes`` nodes; the rest is dropped.
         """
         ran = [tree.slot[a] for a in accepted if tree.slot[a] >= 0]

@@ -142,7 +142,7 @@ def install_target_hooks(target, gate: ComputeGate | None = None, tracer=None) -
     hand compute to the draft while the read is not finished. ``tracer``: one "target" span per
     layer computed and one "io wait" span per acquire that blocked.
     """
-    from .streamed import decoder_layers
+    from llmcad.streaming.streamed import decoder_layers
 
     controller = getattr(target, "llmcad_streamed", None)
     streamed = set(controller.placement.streamed_layers) if controller is not None else set()

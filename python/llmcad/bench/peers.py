@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .budget import module_bytes, parse_size
-from .errors import BudgetError, ModelLoadError
-from .models import load_causal_lm, resolve_dtype
-from .stats import peak_rss_bytes
+from llmcad.streaming.budget import module_bytes, parse_size
+from llmcad.errors import BudgetError, ModelLoadError
+from llmcad.models.loading import load_causal_lm, resolve_dtype
+from llmcad.stats import peak_rss_bytes
 
 
 def io_read_bytes() -> int | None:
@@ -136,7 +136,7 @@ class _FirstEmission:
 def _kv_bytes(config, kv_tokens: int, dtype) -> int:
     import torch
 
-    from .budget import kv_cache_bytes
+    from llmcad.streaming.budget import kv_cache_bytes
 
     context = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                       "max_position_embeddings", None) or kv_tokens

@@ -1,7 +1,7 @@
 """``llmcad prepare``: import a GGUF file or an HF checkpoint into a streamable safetensors directory.
 
 The output holds ``config.json``, the tokenizer and safetensors weights in one dtype; every decoder
-layer is then a few contiguous byte ranges that :mod:`llmcad.weights` indexes for streaming.
+layer is then a few contiguous byte ranges that :mod:`llmcad.streaming.weights` indexes for streaming.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import ModelLoadError, WeightFileError
+from llmcad.errors import ModelLoadError, WeightFileError
 
 DTYPES = ("bfloat16", "float16", "float32")
 _CHECKED_TENSORS = 4  # tensors compared value-for-value after writing
@@ -90,7 +90,7 @@ def verify(out: Path, model, dtype: str | None = None) -> None:
     """
     from safetensors import safe_open
 
-    from .weights import load_index
+    from llmcad.streaming.weights import load_index
 
     index = load_index(out)
     state = model.state_dict()

@@ -8,7 +8,7 @@ gives target-only, chain, tree, tree+fallback and llmcad instead. ``--cap RATE``
 the streamer's bandwidth capped (llmcad rows only: the peers cannot be capped).
 
 A row is data: (name, runner, options); for the engine, options are ``LLMCad.from_pretrained``
-keyword arguments (``mode`` and policy options); each row runs in :mod:`llmcad.bench_rows`.
+keyword arguments (``mode`` and policy options); each row runs in :mod:`llmcad.bench.rows`.
 Outputs under ``--out``: ``e2e.json`` (or ``ablation.json``), a markdown table with the exact
 command at the top, and PNG bar charts.
 """
@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import LLMCadError, PromptError
+from llmcad.errors import LLMCadError, PromptError
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench_report import machine_info, markdown
-    from .plots import plot_rows
+    from llmcad.bench.report import machine_info, markdown
+    from llmcad.bench.plots import plot_rows
 
     plan = make_plan(args)
     out = Path(args.out)
@@ -150,10 +150,10 @@ def resolve_pair(args) -> tuple:
     if args.draft is not None:
         return Path(args.draft), Path(args.target)
     if args.tiny:
-        from .tiny_pair import build_tiny_pair
+        from llmcad.bench.tiny_pair import build_tiny_pair
 
         return build_tiny_pair(Path(args.out) / "tiny-models")
-    from .fetch import ensure_real_pair
+    from llmcad.models.fetch import ensure_real_pair
 
     return ensure_real_pair("bfloat16")
 
@@ -161,7 +161,7 @@ def resolve_pair(args) -> tuple:
 def load_prompts(args) -> tuple[list, list]:
     """(prompt texts, labels): the built-in tiny prompts or HumanEval problems START:END."""
     if args.tiny:
-        from .tiny_pair import PROMPTS
+        from llmcad.bench.tiny_pair import PROMPTS
 
         return list(PROMPTS), [f"tiny/{i}" for i in range(len(PROMPTS))]
     start, end = parse_range(args.prompts)
@@ -178,7 +178,7 @@ def load_prompts(args) -> tuple[list, list]:
 
 def tokenize(target, texts: list) -> list:
     """Token ids of each prompt with the target's tokenizer, as the engine would tokenize a string."""
-    from .models import load_tokenizer
+    from llmcad.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(target)
     return [list(tokenizer(t)["input_ids"]) for t in texts]
@@ -189,8 +189,8 @@ def tiny_budget(draft, target) -> int:
     the streamed target budgets them): the target streams."""
     from transformers import AutoConfig
 
-    from .budget import kv_cache_bytes
-    from .weights import checkpoint_files, load_index
+    from llmcad.streaming.budget import kv_cache_bytes
+    from llmcad.streaming.weights import checkpoint_files, load_index
 
     index = load_index(target)
     dtype = index.layers[0][0].torch_dtype
@@ -261,25 +261,25 @@ def parse_ints(text: str, flag: str) -> list:
 
 def parse_rate(text: str) -> float:
     """Bytes per second from ``300MB/s`` (or ``300MB``)."""
-    from .budget import parse_size
+    from llmcad.streaming.budget import parse_size
 
     return float(parse_size(text[:-2] if text.lower().endswith("/s") else text, what="--cap"))
 
 
 def command_line() -> str:
-    """The command as the user typed it (``llmcad bench e2e ...`` or ``python -m llmcad.bench_e2e ...``)."""
+    """The command as the user typed it (``llmcad bench e2e ...`` or ``python -m llmcad.bench.e2e ...``)."""
     argv = sys.argv
     if argv[1:3] == ["bench", "e2e"]:
         return shlex.join(["llmcad", *argv[1:]])
     if argv[0].endswith("bench_e2e.py"):
-        return shlex.join(["python", "-m", "llmcad.bench_e2e", *argv[1:]])
+        return shlex.join(["python", "-m", "llmcad.bench.e2e", *argv[1:]])
     return "llmcad bench e2e (called from Python: " + shlex.join(argv) + ")"
 
 
 # ---------------------------------------------------------------- measure (parent)
 def measure(plan: dict, out: Path) -> dict:
     """Run every (row, setting) in a child; returns the report's rows, workloads and bandwidth."""
-    from .weights import checkpoint_files
+    from llmcad.streaming.weights import checkpoint_files
 
     jobs = [(row, setting) for setting in plan["settings"] for row in plan["rows"]
             if setting[1] is None or row.cappable]
@@ -307,7 +307,7 @@ def measure(plan: dict, out: Path) -> dict:
 
 def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict]:
     """One summarized row per (name, setting) (the fastest chain length), compared with target-only."""
-    from .bench_report import best_variant, compare, summarize
+    from llmcad.bench.report import best_variant, compare, summarize
 
     rows, tokens, sweep = [], {}, {}
     for setting, _ in plan["settings"]:
@@ -329,7 +329,7 @@ def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict
 
 
 def workload(plan: dict) -> dict:
-    from .pagecache import METHOD
+    from llmcad.bench.pagecache import METHOD
 
     timer = f" and every {plan['evict_interval_s'] * 1e3:g} ms from a thread" if plan["evict_interval_s"] > 0 else ""
     return {"prompts": f"{plan['prompts_flag']} ({len(plan['prompt_ids'])} prompts)",
@@ -350,7 +350,7 @@ def private_copy(source, dest: Path) -> Path:
     from the original could not be evicted, and would serve the rows from memory."""
     import shutil
 
-    from .pagecache import evict
+    from llmcad.bench.pagecache import evict
 
     print(f"copying {source} to {dest} (a private copy of the target's files)", file=sys.stderr, flush=True)
     shutil.copytree(source, dest)
@@ -369,8 +369,8 @@ def _variant(row: Row) -> str:
 def raw_bandwidth(files) -> float | None:
     """Bytes/s of a cold O_DIRECT sequential read of ``files`` (the extension's raw-read helper)."""
     try:
-        from .pagecache import evict
-        from .streamer import raw_direct_read_gbps
+        from llmcad.bench.pagecache import evict
+        from llmcad.streaming.streamer import raw_direct_read_gbps
 
         evict(files)
         total = sum(Path(f).stat().st_size for f in files)
@@ -389,7 +389,7 @@ def spawn_row(plan: dict, row: Row, setting: tuple, work: Path, index: int) -> d
                                       "device", "seed", "warmup_tokens", "evict_interval_s", "threads")}
     job.update(row=asdict(row), setting=name, cap=cap, offload_folder=str(work / f"offload-{index}"))
     if plan["in_process"]:
-        from .bench_rows import row_record
+        from llmcad.bench.rows import row_record
 
         return row_record(job)
     job_path, out_path = work / f"row-{index}.json", work / f"row-{index}.out.json"
@@ -397,7 +397,7 @@ def spawn_row(plan: dict, row: Row, setting: tuple, work: Path, index: int) -> d
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "llmcad.bench_rows", str(job_path), str(out_path)]
+    cmd = [sys.executable, "-m", "llmcad.bench.rows", str(job_path), str(out_path)]
     error = None
     try:
         done = subprocess.run(cmd, env=env, timeout=plan["row_timeout"])
@@ -425,7 +425,7 @@ def merge_reports(old: dict, new: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmcad.bench_e2e")
+    parser = argparse.ArgumentParser(prog="python -m llmcad.bench.e2e")
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError, TokenizerMismatchError
+from llmcad.errors import ModelLoadError, TokenizerMismatchError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -19,7 +19,7 @@ class ModelPair:
     draft: torch.nn.Module
     target: torch.nn.Module
     tokenizer: object
-    placement: object = None  # llmcad.budget.Placement when a memory budget was given
+    placement: object = None  # llmcad.streaming.budget.Placement when a memory budget was given
 
 
 def resolve_dtype(dtype):
@@ -83,7 +83,7 @@ def check_checkpoint(directory) -> None:
     the one config.json describes (ModelLoadError naming the tensor). Nothing is loaded (meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .weights import checkpoint_files, read_header
+    from llmcad.streaming.weights import checkpoint_files, read_header
 
     directory = Path(directory)
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
@@ -179,12 +179,12 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, streamer_
     """The target model object the engine verifies with, and its placement (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
-    target is resident; with a budget, llmcad.streamed plans which layers fit beside the draft and
+    target is resident; with a budget, llmcad.streaming.streamed plans which layers fit beside the draft and
     returns the layer-streamed drop-in (the same HF model, layers bound to streamed weights).
     """
     if memory_budget is None:
         return load_causal_lm(target, device=device, dtype=dtype), None
-    from .streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
+    from llmcad.streaming.streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
 
     where = _check_source(target)
     check_checkpoint(where)  # the same early, one-line errors as the resident path

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import LLMCadError
+from llmcad.errors import LLMCadError
 
 COLORS = {"IO": "tab:orange", "target compute": "tab:blue", "draft": "tab:green", "verify/commit": "tab:purple"}
 SPECIAL = {"provisional": "tab:olive", "io wait": "lightgray", "wait draft step": "tab:red"}

@@ -26,8 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import _build
-from .errors import StreamerIOError
+from llmcad import _build
+from llmcad.errors import StreamerIOError
 
 __all__ = ["WeightStreamer", "LayerView", "evict_from_page_cache", "layout_bytes", "ALIGN"]
 

@@ -79,7 +79,7 @@ def machine_info() -> dict:
     import psutil
     import torch
 
-    from . import _build
+    from llmcad import _build
 
     cpu = platform.processor() or platform.machine()
     try:

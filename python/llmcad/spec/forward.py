@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from . import tree
+from llmcad.spec import tree
 
 _CACHE_KWARG = {}  # model class -> "cache" (transformers >= 5.24) or "past_key_values"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import BudgetError
-from .weights import ITEMSIZE, WeightIndex
+from llmcad.errors import BudgetError
+from llmcad.streaming.weights import ITEMSIZE, WeightIndex
 
 ALIGNMENT = 4096  # O_DIRECT reads the aligned superset of each range
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

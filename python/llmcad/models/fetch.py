@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import ModelLoadError
+from llmcad.errors import ModelLoadError
 
 _CHUNK = 8 << 20  # bytes per read while joining/hashing
 
@@ -67,7 +67,7 @@ def ensure_real_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
 
 def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     """A prepared safetensors directory for ``model`` in the cache (made on first use)."""
-    from .prepare import prepare
+    from llmcad.models.prepare import prepare
 
     out = cache_dir() / f"{model.name}-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):

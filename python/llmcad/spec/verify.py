@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import kv, tree
-from .forward import forward_with_mask, pending_tree_inputs
+from llmcad.spec import kv
+
+from llmcad.spec import tree
+from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
 
 
 class TargetVerifier:
@@ -48,7 +50,7 @@ class TargetVerifier:
 
     def accept(self, parents, tokens, choice):
         """The acceptance walk over the verified tree: ``(accepted node ids, bonus)`` as
-        :func:`llmcad.tree.accept`. With ``choice`` on a CUDA device the walk runs there (current
+        :func:`llmcad.spec.tree.accept`. With ``choice`` on a CUDA device the walk runs there (current
         stream) and only the accepted ids and the bonus come back to the host; the device ids are kept
         for :meth:`commit`."""
         self._device_accepted = None
