@@ -28,8 +28,15 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = VOCAB_SIZE, extra_special: list[str] | None = None):
-    """A byte-level BPE tokenizer trained on a small built-in corpus; adds <s> in front of a prompt."""
+# a ChatML-like template over the tokenizer's own specials: a turn is "<s>role\ncontent</s>\n"
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE, extra_special: list[str] | None = None,
+                    chat_template: str | None = None):
+    """A byte-level BPE tokenizer trained on a small built-in corpus; adds <s> in front of a prompt.
+    ``chat_template``: a Jinja chat template (e.g. CHAT_TEMPLATE); none by default."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +50,8 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE, extra_special: list[str] | Non
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        chat_template=chat_template,
     )
 
 

@@ -11,6 +11,7 @@ from llmcad.spec import kv
 from llmcad.spec.draft import DraftTree, TreeDrafter
 from llmcad.errors import EngineClosedError, PromptError
 from llmcad.spec.policy import POLICIES, Policy, make_policy
+from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, VerifyWorker, install_target_hooks, main_path,
                        reconcile)
@@ -105,8 +106,10 @@ class LLMCad:
 
     def generate(self, prompt, max_new_tokens=128, *, do_sample=False, temperature=1.0, top_k=None,
                  top_p=None, seed=None, stop=None, streamer=None, trace=None) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (str, tokenized with the target's
-        tokenizer adding special tokens as HF does, or a list of token ids).
+        """Generate up to ``max_new_tokens`` tokens after ``prompt``: a str (tokenized with the target's
+        tokenizer adding special tokens as HF does), a list of token ids, or a conversation, a list of
+        ``{"role", "content"}`` messages put through the tokenizer's chat template with the generation
+        prompt (``apply_chat_template(messages, add_generation_prompt=True)``, see llmcad.models.chat).
 
         Stops at the target's EOS token(s) (included in ``tokens``), at ``max_new_tokens``, at a ``stop``
         string (str or list; stops after the token that completes it), or at the context length.
@@ -137,7 +140,9 @@ class LLMCad:
         return GenerationResult(list(output.tokens), output.text(), stats, run.record.trace)
 
     def _encode(self, prompt) -> list:
-        if isinstance(prompt, str):
+        if is_messages(prompt):
+            ids = chat_prompt_ids(self.tokenizer, prompt)
+        elif isinstance(prompt, str):
             if not prompt:
                 raise PromptError("prompt is empty")
             ids = list(self.tokenizer(prompt)["input_ids"])
@@ -148,7 +153,8 @@ class LLMCad:
             if bad:
                 raise PromptError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         else:
-            raise PromptError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+            raise PromptError(f"prompt must be a str or a list of token ids or of {{'role', 'content'}} "
+                              f"messages, got {type(prompt).__name__}")
         if not ids:
             raise PromptError("prompt is empty (no tokens)")
         if len(ids) >= self.context_length:

@@ -1,0 +1,60 @@
+"""Chat prompts: messages -> token ids through the tokenizer's own chat template, as transformers does.
+
+``chat_prompt_ids(tokenizer, messages)`` is the one place llmcad turns a conversation into a prompt
+(``LLMCad.generate``, ``llmcad generate --chat``, ``llmcad chat`` and the demo all call it).
+"""
+from __future__ import annotations
+
+from llmcad.errors import PromptError
+
+
+def is_messages(prompt) -> bool:
+    """True for a non-empty list/tuple of dicts (a conversation), False for text or token ids."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def check_messages(messages) -> list:
+    """``messages`` as a list of ``{"role": str, "content": str}``; PromptError naming the bad one."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise PromptError(f"message {i} ({message!r:.80}) must be a dict with str 'role' and 'content'")
+    return list(messages)
+
+
+def chat_prompt_ids(tokenizer, messages) -> list:
+    """The ids of ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``: the
+    conversation in the model's template, ending with the prompt that opens the assistant's turn."""
+    messages = check_messages(messages)
+    if not has_chat_template(tokenizer):
+        raise PromptError("this model's tokenizer has no chat template, so it cannot take messages; "
+                          "pass the prompt as text or token ids")
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+    except Exception as exc:  # a template error (jinja TemplateError, raise_exception in the template)
+        raise PromptError(f"the chat template rejected the messages: {' '.join(str(exc).split())}") from exc
+    return [int(t) for t in encoded["input_ids"]]
+
+
+def end_of_turn_ids(tokenizer) -> list:
+    """Ids of the special tokens the chat template writes right after a message's content (the
+    end-of-turn marker: ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``...), found by rendering a
+    short conversation; [] without a template or when it cannot be rendered."""
+    if not has_chat_template(tokenizer):
+        return []
+    marker = "llmcad-end-of-turn-probe"
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that refuses this conversation: no end-of-turn found
+        return []
+    after = text[text.find(marker) + len(marker):].lstrip() if marker in text else ""
+    specials = sorted(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids), key=lambda t: -len(t[0]))
+    return [int(token_id) for token, token_id in specials if token and after.startswith(token)][:1]
