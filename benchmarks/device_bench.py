@@ -185,7 +185,7 @@ def bench_streamed_pass(repeats=3, tree_nodes=32, prefix_len=64):
 
     _, target_dir = build_model()
     index = load_index(target_dir)
-    resident = load_streamed_target(target_dir, placement=resident_placement(index), device="cuda")
+    resident = load_streamed_target(target_dir, placement=resident_placement(index), device="cuda").model
     rng = np.random.default_rng(SEED)
     parents = random_parents(tree_nodes, rng)
     vocab = resident.config.vocab_size
@@ -209,9 +209,9 @@ def bench_streamed_pass(repeats=3, tree_nodes=32, prefix_len=64):
     rows = []
     placement = plan_placement(index, memory_budget=1 << 50, max_resident_layers=0, num_buffers=2)
     for gpu_path in ("copy", "zero-copy"):
-        streamed = load_streamed_target(target_dir, placement=placement, device="cuda",
-                                        streamer_options={"gpu_path": gpu_path})
-        ctl = streamed.llmcad_streamed
+        ctl = load_streamed_target(target_dir, placement=placement, device="cuda",
+                                   streamer_options={"gpu_path": gpu_path})
+        streamed = ctl.model
         try:
             tree_pass(resident, run(resident))  # warm-up
             tree_pass(streamed, run(streamed))
@@ -255,18 +255,19 @@ def bench_e2e(new_tokens=24, repeats=2):
                                                   ("360MB-streamed", big_draft, big_target, True)):
         tokenizer = load_tokenizer(target_dir)
         draft = load_causal_lm(draft_dir, device="cuda")
-        placement = None
+        controller = None
         if streamed:
             placement = plan_placement(load_index(target_dir), memory_budget=1 << 50, max_resident_layers=0,
                                        num_buffers=2)
-            target = load_streamed_target(target_dir, placement=placement, device="cuda")
+            controller = load_streamed_target(target_dir, placement=placement, device="cuda")
+            target = controller.model
         else:
             target = load_causal_lm(target_dir, device="cuda")
         prompt = tokenizer(tiny_pair.PROMPTS[0])["input_ids"]
         speeds, outputs = {}, {}
         try:
             for mode in ("target-only", "llmcad"):
-                engine = LLMCad(draft, target, tokenizer, make_policy(mode), placement=placement)
+                engine = LLMCad(draft, target, tokenizer, make_policy(mode), streamed=controller)
                 engine.generate(prompt, 4)  # warm-up
                 times = []
                 for _ in range(repeats):
@@ -278,8 +279,8 @@ def bench_e2e(new_tokens=24, repeats=2):
                 outputs[mode] = result.tokens
                 speeds[mode] = len(result.tokens) / statistics.median(times)
         finally:
-            if streamed:
-                target.llmcad_streamed.close()
+            if controller is not None:
+                controller.close()
         rows.append({"bench": "e2e", "pair": name, "new_tokens": new_tokens,
                      "target_only_tok_s": speeds["target-only"], "llmcad_tok_s": speeds["llmcad"],
                      "llmcad_vs_target_only": speeds["llmcad"] / speeds["target-only"],

@@ -221,6 +221,16 @@ void bind_streamer(py::module_& m) {
         if (index < 0) throw std::invalid_argument("read_index must be >= 0");
         s.inject_fault(static_cast<uint64_t>(index), code);
       })
+      .def("next_ready", &Streamer::next_ready)
+      // [(seq, layer, start_s, end_s, bytes, ok)] of the loads with seq >= since (streamer_clock_s time)
+      .def("loads_since", [](const Streamer& s, int64_t since) {
+        if (since < 0) throw std::invalid_argument("since must be >= 0");
+        std::vector<std::tuple<uint64_t, int, double, double, uint64_t, bool>> out;
+        for (const llmcad::LoadRecord& r : s.loads_since(static_cast<uint64_t>(since)))
+          out.emplace_back(r.seq, r.layer, r.start_s, r.end_s, r.bytes, r.ok);
+        return out;
+      })
+      .def("loads_finished", &Streamer::loads_finished)
       .def("num_layers", &Streamer::num_layers)
       .def("layer_bytes", &Streamer::layer_bytes)
       .def("layout_bytes", &Streamer::layout_bytes)
@@ -246,6 +256,7 @@ void bind_streamer(py::module_& m) {
   m.def("streamer_layout_bytes", [=](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges) {
     return llmcad::streamer_layout_bytes(to_ranges(ranges));
   });
+  m.def("streamer_clock_s", &llmcad::streamer_clock_s);
   m.def("evict_from_page_cache", &llmcad::evict_from_page_cache, py::call_guard<py::gil_scoped_release>());
   m.def("raw_direct_read_bytes_per_s", &llmcad::raw_direct_read_bytes_per_s, py::arg("path"),
         py::arg("block_bytes") = 4 << 20, py::call_guard<py::gil_scoped_release>());

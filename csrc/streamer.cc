@@ -41,6 +41,7 @@ namespace {
 uint64_t align_down(uint64_t x) { return x / kStreamerAlign * kStreamerAlign; }
 uint64_t align_up(uint64_t x) { return (x + kStreamerAlign - 1) / kStreamerAlign * kStreamerAlign; }
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double clock_seconds(Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
 
 std::string errno_text(int code) { return std::strerror(code); }
 
@@ -270,6 +271,13 @@ struct Streamer::Impl final : ReadHooks {
   uint64_t layers_loaded = 0, errors = 0;
   double acquire_wait_s = 0, io_busy_s = 0;
   std::vector<std::string> warnings;
+  std::deque<LoadRecord> load_log;  // the newest kMaxLoadRecords finished loads
+  uint64_t loads_finished = 0;      // seq of the next record
+
+  void record_load(int layer, Clock::time_point t0, Clock::time_point t1, bool ok) {
+    load_log.push_back({loads_finished++, layer, clock_seconds(t0), clock_seconds(t1), layers[layer].payload_bytes, ok});
+    if (load_log.size() > kMaxLoadRecords) load_log.pop_front();
+  }
 
   explicit Impl(StreamerOptions o) : opt(std::move(o)), bucket(opt.bandwidth_cap) {}
   ~Impl() override {
@@ -372,11 +380,12 @@ struct Streamer::Impl final : ReadHooks {
       auto t0 = Clock::now();
       int code = 0;
       std::string error = load(plan, slot, &code);
-      double busy = seconds_since(t0);
+      auto t1 = Clock::now();
 
       lock.lock();
-      io_busy_s += busy;
+      io_busy_s += std::chrono::duration<double>(t1 - t0).count();
       loading = false;
+      if (code != ECANCELED) record_load(next->layer, t0, t1, error.empty());  // a cancelled load is no load
       if (error.empty()) {
         next->state = State::kLoaded;
         ++layers_loaded;
@@ -559,6 +568,27 @@ void Streamer::inject_fault(uint64_t read_index, int code) {
   impl_->fault_at = static_cast<int64_t>(impl_->reads.load() + read_index);
 }
 
+bool Streamer::next_ready() const {
+  const Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = std::find_if(s.requests.begin(), s.requests.end(), [](const Impl::Request& r) { return r.state != Impl::State::kHeld; });
+  return it != s.requests.end() && (it->state == Impl::State::kLoaded || it->state == Impl::State::kFailed);
+}
+
+std::vector<LoadRecord> Streamer::loads_since(uint64_t since) const {
+  const Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mu);
+  std::vector<LoadRecord> out;
+  for (const LoadRecord& r : s.load_log)
+    if (r.seq >= since) out.push_back(r);
+  return out;
+}
+
+uint64_t Streamer::loads_finished() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->loads_finished;
+}
+
 int Streamer::num_layers() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return static_cast<int>(impl_->layers.size());
@@ -598,6 +628,8 @@ StreamerStats Streamer::stats() const {
 }
 
 // ---------------------------------------------------------------- helpers
+double streamer_clock_s() { return clock_seconds(Clock::now()); }
+
 uint64_t streamer_layout_bytes(const std::vector<ByteRange>& ranges) { return plan_layer(ranges).layout_bytes; }
 
 void evict_from_page_cache(const std::string& path) {

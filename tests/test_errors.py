@@ -289,7 +289,7 @@ def test_o_direct_refused_reads_buffered_with_one_warning(pair, streaming):
     budget, ids, want = streaming
     with LLMCad.from_pretrained(pair["shared"], pair["target"], memory_budget=budget, mode="tree",
                                 streamer_options={"direct": True}) as eng:
-        ctl = eng.target.llmcad_streamed
+        ctl = eng.streamed
         assert ctl.placement.streamed_layers and ctl.streamer.direct
         ctl.drop_prefetch()
         ctl.streamer.inject_fault(0, errno.EINVAL)  # what a filesystem refusing O_DIRECT reads answers

@@ -93,7 +93,7 @@ def assert_clean(engine, before_threads, native_before):
     assert native_threads() <= native_before
     layers = decoder_layers(engine.target)
     assert all(p.device.type == "meta" for i in engine.placement.streamed_layers for p in layers[i].parameters())
-    assert engine.target.llmcad_streamed._held is None
+    assert engine.streamed._held is None
 
 
 def baseline(engine, ids, want):
@@ -184,7 +184,7 @@ def test_eio_on_the_kth_read(pair, setup, mode, k):
     _, ids, want = setup
     with streamed_engine(pair, setup, mode, streamer_options=SLOW_IO) as eng:
         threads, native = baseline(eng, ids, want)
-        ctl = eng.target.llmcad_streamed
+        ctl = eng.streamed
         ctl.drop_prefetch()
         ctl.streamer.inject_fault(k, errno.EIO)
         result, error, seconds = generate_in_thread(eng, ids)

@@ -106,15 +106,15 @@ def test_streamed_target_on_gpu_is_lossless(gpu_models, tiny_tokenizer, gpu_path
                                num_buffers=2)
     streamed = load_streamed_target(dirs["target"], placement=placement, device="cuda",
                                     streamer_options={"gpu_path": gpu_path})
-    ctl = streamed.llmcad_streamed
+    ctl = streamed
     try:
         assert ctl.gpu_path == gpu_path
         for prompt in PROMPTS:
             ids = tiny_tokenizer(prompt)["input_ids"]
             expected = reference(models["target"], ids)
             for mode, options in MODES:
-                engine = LLMCad(models[draft_kind], streamed, tiny_tokenizer, make_policy(mode, **options),
-                                placement=placement)
+                engine = LLMCad(models[draft_kind], streamed.model, tiny_tokenizer, make_policy(mode, **options),
+                                streamed=streamed)
                 assert engine.generate(prompt, NEW_TOKENS).tokens == expected, (gpu_path, mode, prompt)
         stats = ctl.stats()["gpu"]
         assert stats["host_held"] == 0
@@ -135,10 +135,10 @@ def test_streamed_logits_match_resident_on_gpu(gpu_models, gpu_path):
                                     streamer_options={"gpu_path": gpu_path})
     try:
         for _ in range(2):  # the second pass reuses the device slots / host buffers
-            for a, b in zip(_prompt_then_tree(models["target"]), _prompt_then_tree(streamed)):
+            for a, b in zip(_prompt_then_tree(models["target"]), _prompt_then_tree(streamed.model)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     finally:
-        streamed.llmcad_streamed.close()
+        streamed.close()
 
 
 def _prompt_then_tree(model):

@@ -241,9 +241,10 @@ def test_streamed_target_through_the_feed_is_bit_identical(checkpoint, monkeypat
     monkeypatch.setattr(gpu_upload, "CudaOps", FakeOps)
     monkeypatch.setattr(gpu_upload, "zero_copy_bytes", lambda view, device: torch.from_numpy(view.array))
     placement = plan_placement(load_index(checkpoint), memory_budget="1GiB", max_resident_layers=1, num_buffers=2)
-    model = load_streamed_target(checkpoint, placement=placement, streamer_options={"gpu_path": path})
+    target = load_streamed_target(checkpoint, placement=placement, streamer_options={"gpu_path": path})
+    model = target.model
     ref = load_resident(checkpoint)
-    ctl = model.llmcad_streamed
+    ctl = target
     try:
         assert ctl.gpu_path == path
         ids = torch.tensor([[5, 9, 2, 7, 1]])
@@ -261,7 +262,8 @@ def test_failed_pass_resets_the_feed(checkpoint, monkeypatch):
     monkeypatch.setattr(streamed, "resolve_gpu_path", lambda gpu_path, device: gpu_path)
     monkeypatch.setattr(gpu_upload, "CudaOps", FakeOps)
     placement = plan_placement(load_index(checkpoint), memory_budget="1GiB", max_resident_layers=0, num_buffers=2)
-    model = load_streamed_target(checkpoint, placement=placement, streamer_options={"gpu_path": "copy"})
+    target = load_streamed_target(checkpoint, placement=placement, streamer_options={"gpu_path": "copy"})
+    model = target.model
     ref = load_resident(checkpoint)
     layer = streamed.decoder_layers(model)[2]
     fail = {"once": True}
@@ -279,4 +281,4 @@ def test_failed_pass_resets_the_feed(checkpoint, monkeypatch):
             assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     finally:
         handle.remove()
-        model.llmcad_streamed.close()
+        target.close()

@@ -189,7 +189,7 @@ def test_pipeline_off_prefetch_off_and_option_errors(tiny_pair_dirs, tiny_models
     ids, want = expected_tokens(tiny_models, tiny_tokenizer)
     with streamed_engine(tiny_pair_dirs, budgets, "shared", pipeline=False, prefetch=False) as engine:
         result = generate(engine, ids, NEW_TOKENS)
-        assert engine.target.llmcad_streamed.prefetch_between_passes is False
+        assert engine.streamed.prefetch_between_passes is False
     s = result.stats
     assert result.tokens == want and s["pipeline"] is False and s["prefetch"] is False
     assert s["provisional_drafted"] == 0
@@ -205,7 +205,7 @@ def test_verification_error_surfaces_without_hang_or_leaked_threads(tiny_pair_di
                                                                     budgets):
     ids, want = expected_tokens(tiny_models, tiny_tokenizer)
     with streamed_engine(tiny_pair_dirs, budgets, "shared", streamer_options=SLOW_IO) as engine:
-        ctl = engine.target.llmcad_streamed
+        ctl = engine.streamed
         before = set(threading.enumerate())
         outcome = {}
 

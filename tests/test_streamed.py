@@ -63,45 +63,49 @@ def _assert_same(ref, streamed, seed=0):
 @pytest.mark.parametrize("k", [0, 1, NUM_LAYERS - 1])
 @pytest.mark.parametrize("num_buffers", [2, 4])
 def test_logits_bit_identical(checkpoints, references, family, k, num_buffers):
-    model = load_streamed_target(checkpoints[family], placement=_placement(checkpoints[family], k, num_buffers))
+    streamed = load_streamed_target(checkpoints[family], placement=_placement(checkpoints[family], k, num_buffers))
+    model = streamed.model
     try:
-        ctl = model.llmcad_streamed
+        ctl = streamed
         assert ctl.placement.resident_layers == list(range(k))
         _assert_same(references[family], model)
         # streamed layers hold no weights between passes
         assert all(p.device.type == "meta" for i in range(k, NUM_LAYERS) for p in decoder_layers(model)[i].parameters())
     finally:
-        model.llmcad_streamed.close()
+        streamed.close()
 
 
 def test_converted_dtype_is_bit_identical(tmp_path):
     """bf16 on disk computed in fp32: each streamed layer is converted once per pass, like from_pretrained."""
     path = build_tiny("qwen2", tmp_path / "m", num_layers=3, dtype=torch.bfloat16)
     ref = load_resident(path, dtype=torch.float32)
-    model = load_streamed_target(path, placement=_placement(path, 1, dtype=torch.float32), dtype=torch.float32)
+    streamed = load_streamed_target(path, placement=_placement(path, 1, dtype=torch.float32), dtype=torch.float32)
+    model = streamed.model
     try:
         assert model.dtype == torch.float32
         _assert_same(ref, model)
-        assert model.llmcad_streamed.placement.accounting["conversion_scratch"] > 0
+        assert streamed.placement.accounting["conversion_scratch"] > 0
     finally:
-        model.llmcad_streamed.close()
+        streamed.close()
 
 
 def test_sharded_checkpoint_streams_across_files(tmp_path):
     path = build_tiny("llama", tmp_path / "m", num_layers=4, max_shard_size="20KB")
     assert len(load_index(path).files) > 2
-    model = load_streamed_target(path, placement=_placement(path, 0))
+    streamed = load_streamed_target(path, placement=_placement(path, 0))
+    model = streamed.model
     try:
         _assert_same(load_resident(path), model)
     finally:
-        model.llmcad_streamed.close()
+        streamed.close()
 
 
 def test_bytes_read_per_pass_equals_streamed_layer_bytes(checkpoints):
     path = checkpoints["qwen2"]
     index = load_index(path)
-    model = load_streamed_target(path, placement=_placement(path, 1))
-    ctl = model.llmcad_streamed
+    streamed = load_streamed_target(path, placement=_placement(path, 1))
+    model = streamed.model
+    ctl = streamed
     try:
         per_pass = sum(index.layer_bytes(i) for i in range(1, NUM_LAYERS))
         assert ctl.placement.bytes_per_pass == per_pass
@@ -126,8 +130,9 @@ def test_tracked_memory_stays_within_the_budget(checkpoints, references):
     budget = minimum + index.layer_bytes(0) + 100  # room for exactly one resident layer
     placement = plan_placement(index, memory_budget=budget, draft_bytes=module_bytes(draft), kv_bytes=kv)
     assert len(placement.resident_layers) == 1
-    model = load_streamed_target(path, placement=placement)
-    ctl = model.llmcad_streamed
+    streamed = load_streamed_target(path, placement=placement)
+    model = streamed.model
+    ctl = streamed
     try:
         _, _, cache = _prompt_then_tree(model)
         cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -152,7 +157,8 @@ def test_too_small_budget_is_refused(checkpoints):
 
 
 def test_generate_matches_in_memory(checkpoints, references):
-    model = load_streamed_target(checkpoints["gemma"], placement=_placement(checkpoints["gemma"], 1))
+    streamed = load_streamed_target(checkpoints["gemma"], placement=_placement(checkpoints["gemma"], 1))
+    model = streamed.model
     try:
         ids = torch.tensor([[1, 5, 9, 13]])
         want = references["gemma"].generate(ids, max_new_tokens=6, do_sample=False)
@@ -160,11 +166,12 @@ def test_generate_matches_in_memory(checkpoints, references):
         assert model.get_input_embeddings().weight.device.type == "cpu"
         assert model.generation_config is not None
     finally:
-        model.llmcad_streamed.close()
+        streamed.close()
 
 
 def test_pass_that_raises_midway_leaves_the_next_pass_correct(checkpoints, references):
-    model = load_streamed_target(checkpoints["qwen2"], placement=_placement(checkpoints["qwen2"], 0))
+    streamed = load_streamed_target(checkpoints["qwen2"], placement=_placement(checkpoints["qwen2"], 0))
+    model = streamed.model
     layer = decoder_layers(model)[2]
     fail = {"once": True}
 
@@ -179,14 +186,15 @@ def test_pass_that_raises_midway_leaves_the_next_pass_correct(checkpoints, refer
         _assert_same(references["qwen2"], model)
     finally:
         handle.remove()
-        model.llmcad_streamed.close()
+        streamed.close()
 
 
 def test_io_error_surfaces_and_the_target_recovers(checkpoints, references):
     from llmcad.errors import StreamerIOError
 
-    model = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
-    ctl = model.llmcad_streamed
+    streamed = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    model = streamed.model
+    ctl = streamed
     try:
         ctl.drop_prefetch()  # drop the prefetched first pass so the fault hits a read of the next one
         ctl.streamer.inject_fault(0)
@@ -198,8 +206,9 @@ def test_io_error_surfaces_and_the_target_recovers(checkpoints, references):
 
 
 def test_next_layer_ready_and_prefetch_switch(checkpoints):
-    model = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
-    ctl = model.llmcad_streamed
+    streamed = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    model = streamed.model
+    ctl = streamed
     try:
         ctl.drop_prefetch()
         assert not ctl.next_layer_ready()  # nothing queued
@@ -218,23 +227,63 @@ def test_next_layer_ready_and_prefetch_switch(checkpoints):
         ctl.close()
 
 
+def test_acquire_watchers_run_in_hook_order_and_loads_name_decoder_layers(checkpoints):
+    streamed = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 1))
+    model, events = streamed.model, []
+
+    def log(tag):
+        def record(i, *_hook_args):
+            i = i if isinstance(i, int) else list(streamed.layers).index(i)
+            bound = all(p.device.type != "meta" for p in streamed.layers[i].parameters())
+            events.append((tag, i, bound))
+        return record
+
+    handles = [streamed.watch_acquire(log("before"), log("after"))]
+    handles += [layer.register_forward_pre_hook(log("compute")) for layer in streamed.layers]
+    try:
+        streamed.drop_prefetch()
+        mark, t0 = streamed.load_mark(), time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4]]))
+        t1 = time.perf_counter()
+        want = [("compute", 0, True)]
+        for i in range(1, NUM_LAYERS):
+            want += [("before", i, False), ("after", i, True), ("compute", i, True)]
+        assert events == want
+        loads = streamed.loads_since(mark)[:NUM_LAYERS - 1]  # the next pass's prefetch may follow
+        assert [r.layer_id for r in loads] == list(range(1, NUM_LAYERS)) and all(r.ok for r in loads)
+        assert all(t0 <= r.start_s <= r.end_s <= t1 for r in loads)
+        assert [r.bytes for r in loads] == [streamed.index.layer_bytes(i) for i in range(1, NUM_LAYERS)]
+        handles[0].remove()
+        events.clear()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4]]))
+        assert [e[0] for e in events] == ["compute"] * NUM_LAYERS
+    finally:
+        for h in handles:
+            h.remove()
+        streamed.close()
+
+
 def test_close_with_prefetched_pass_does_not_hang_and_forward_after_close_fails(checkpoints):
-    model = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    streamed = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 0))
+    model = streamed.model
     with torch.no_grad():
         model(input_ids=torch.tensor([[3, 4]]))  # leaves the next pass prefetched
-    closer = threading.Thread(target=model.llmcad_streamed.close)
+    closer = threading.Thread(target=streamed.close)
     closer.start()
     closer.join(timeout=30)
     assert not closer.is_alive(), "close() hung"
-    model.llmcad_streamed.close()  # idempotent
+    streamed.close()  # idempotent
     with pytest.raises(EngineClosedError), torch.no_grad():
         model(input_ids=torch.tensor([[3, 4]]))
 
 
 def test_all_resident_placement_needs_no_streamer(checkpoints, references):
     path = checkpoints["phi3"]
-    model = load_streamed_target(path, placement=resident_placement(load_index(path)))
-    assert model.llmcad_streamed.streamer is None
+    streamed = load_streamed_target(path, placement=resident_placement(load_index(path)))
+    model = streamed.model
+    assert streamed.streamer is None
     _assert_same(references["phi3"], model)
 
 
@@ -266,8 +315,9 @@ def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model):
 
     if memory_budget is None:
         return load_causal_lm(target, device=device, dtype=dtype), None
-    return load_budgeted_target(target, memory_budget=memory_budget, draft_model=draft_model,
-                                dtype=resolve_dtype(dtype), device=device, kv_tokens=KV_TOKENS)
+    streamed = load_budgeted_target(target, memory_budget=memory_budget, draft_model=draft_model,
+                                    dtype=resolve_dtype(dtype), device=device, kv_tokens=KV_TOKENS)
+    return streamed.model, streamed
 
 
 @pytest.mark.parametrize("mode", ["llmcad", "tree", "chain", "target-only"])
@@ -294,17 +344,18 @@ def test_every_mode_lossless_under_a_budget_below_draft_plus_target(tiny_pair_di
                                do_sample=False)[0, len(prompt):].tolist()
         got = engine.generate(prompt, max_new_tokens=16).tokens
         assert got == want[:len(got)] and (len(got) == 16 or got[-1] in engine.eos_token_ids)
-        ctl = engine.target.llmcad_streamed
+        ctl = engine.streamed
         assert ctl.bytes_read == ctl.passes * ctl.placement.bytes_per_pass
     finally:
-        engine.target.llmcad_streamed.close()
+        engine.streamed.close()
 
 
 def test_weight_file_changed_in_place_closes_the_target(tmp_path):
     from llmcad.errors import WeightFileError
 
     path = build_tiny("qwen2", tmp_path / "m", num_layers=2)
-    model = load_streamed_target(path, placement=_placement(path, 0))
+    streamed = load_streamed_target(path, placement=_placement(path, 0))
+    model = streamed.model
     weights = path / "model.safetensors"
     time.sleep(0.02)
     with open(weights, "r+b") as f:  # same inode, other bytes

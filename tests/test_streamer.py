@@ -165,6 +165,41 @@ def test_injected_eio_then_next_use_is_clean(files, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_load_records_and_readiness(files, backend):
+    """Every finished load is recorded by the IO thread, in FIFO order, on the perf_counter clock;
+    next_ready() says whether the next acquire would wait."""
+    paths, _ = files
+    with WeightStreamer(paths, buffer_bytes=200_000, num_buffers=2, backend=backend, chunk_bytes=4096) as s:
+        ids = [s.add_layer(r) for r in LAYERS]
+        assert not s.next_ready() and s.loads_finished == 0 and s.loads_since(0) == []
+        t0 = time.perf_counter()
+        s.prefetch(ids[0])
+        deadline = time.monotonic() + 30
+        while not s.next_ready() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert s.next_ready()
+        s.acquire(ids[0])
+        s.release(ids[0])
+        assert not s.next_ready()  # nothing queued
+        order = ids + ids[:2]
+        for _ in stream_all(s, order[1:], 2):
+            pass
+        t1 = time.perf_counter()
+        mark = s.loads_finished
+        s.inject_fault(0, errno.EIO)
+        with pytest.raises(StreamerIOError):
+            s.acquire(ids[1])
+        records = s.loads_since(0)
+        assert [r.seq for r in records] == list(range(len(order) + 1))
+        assert [r.layer_id for r in records] == order + [ids[1]]
+        assert all(r.ok for r in records[:-1]) and not records[-1].ok
+        assert all(t0 <= r.start_s <= r.end_s <= t1 for r in records[:-1])
+        assert [r.bytes for r in records[:3]] == [s.layer_bytes(i) for i in ids[:3]]
+        assert s.loads_since(mark) == records[-1:] and s.loads_finished == mark + 1
+        assert not s.next_ready()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_refused_buffered_read_is_an_error_naming_file_and_offset(files, backend):
     paths, _ = files
     with WeightStreamer(paths, buffer_bytes=1 << 17, backend=backend, direct=False) as s:

@@ -5,11 +5,13 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "llmcad/capabilities.h"
@@ -146,6 +148,40 @@ TEST(Streamer, InjectedFaultThenCleanRead) {
     EXPECT_NE(message.find(std::strerror(EIO)), std::string::npos) << message;
     llmcad::LayerView v = s.acquire(id);
     EXPECT_TRUE(same(v, 0, file.bytes, {0, 10, 90000}));
+  }
+}
+
+TEST(Streamer, LoadRecordsAndReadiness) {
+  TempFile file(200000);
+  for (StreamerBackend backend : backends()) {
+    Streamer s(options(file.path, backend, true, 2));
+    int a = s.add_layer(kLayers[0]), b = s.add_layer(kLayers[1]);
+    EXPECT_FALSE(s.next_ready());  // nothing queued
+    double t0 = llmcad::streamer_clock_s();
+    s.prefetch(a);
+    s.acquire(a);
+    EXPECT_FALSE(s.next_ready());
+    s.inject_fault(0, EIO);  // fails b's first read
+    s.prefetch(b);
+    while (!s.next_ready()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT_THROW(s.acquire(b), StreamerIOError);
+    s.release(a);
+    double t1 = llmcad::streamer_clock_s();
+    std::vector<llmcad::LoadRecord> loads = s.loads_since(0);
+    ASSERT_EQ(loads.size(), 2u);
+    EXPECT_EQ(loads[0].seq, 0u);
+    EXPECT_EQ(loads[0].layer, a);
+    EXPECT_TRUE(loads[0].ok);
+    EXPECT_EQ(loads[0].bytes, s.layer_bytes(a));
+    EXPECT_EQ(loads[1].layer, b);
+    EXPECT_FALSE(loads[1].ok);
+    for (const llmcad::LoadRecord& r : loads) {
+      EXPECT_LE(t0, r.start_s);
+      EXPECT_LE(r.start_s, r.end_s);
+      EXPECT_LE(r.end_s, t1);
+    }
+    EXPECT_EQ(s.loads_finished(), 2u);
+    EXPECT_EQ(s.loads_since(1).size(), 1u);
   }
 }
 

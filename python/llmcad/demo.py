@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     except (LLMCadError, OSError) as exc:
         return _fail(f"could not load the models: {_one_line(exc)}",
                      hint=None if args.draft else MANUAL_HELP)
-    streamed = getattr(engine.target, "llmcad_streamed", None)
-    bytes_before = int(getattr(streamed, "bytes_read", 0) or 0)
+    streamed = engine.streamed
+    bytes_before = int(streamed.bytes_read) if streamed is not None else 0
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     result = engine.generate(args.prompt, args.max_new_tokens, streamer=_write)

@@ -16,7 +16,7 @@ from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, VerifyWorker, install_target_hooks, main_path,
                        reconcile)
 from llmcad.stats import StatsRecorder
-from llmcad.trace import IOProbe, Tracer
+from llmcad.trace import Tracer, io_lane
 from llmcad.spec.verify import TargetChooser, TargetVerifier
 
 
@@ -34,8 +34,10 @@ class GenerationResult:
 class LLMCad:
     """A draft/target pair, a verification policy and the compute-IO pipeline switches.
 
-    ``target`` is any transformers causal LM (resident, or a layer-streamed drop-in): it is only ever
-    called through its ordinary forward with a float 4D mask, explicit positions and a DynamicCache.
+    ``target`` is any transformers causal LM: it is only ever called through its ordinary forward
+    with a float 4D mask, explicit positions and a DynamicCache. ``streamed``: the
+    :class:`~llmcad.streaming.streamed.StreamedTarget` whose ``model`` is ``target`` when its layers
+    are streamed (None: resident); ``placement`` defaults to its placement.
 
     ``pipeline``: verify on a worker thread while the draft drafts provisionally during the target's
     IO waits (llmcad.spec.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
@@ -46,13 +48,16 @@ class LLMCad:
 
     modes = tuple(POLICIES)
 
-    def __init__(self, draft, target, tokenizer, policy: Policy, *, placement=None, pipeline=None, prefetch=True,
-                 max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS):
+    def __init__(self, draft, target, tokenizer, policy: Policy, *, streamed=None, placement=None, pipeline=None,
+                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS):
+        if streamed is not None and streamed.model is not target:
+            raise ValueError("streamed.model must be the target model")
         self.draft = draft
         self.target = target
+        self.streamed = streamed
         self.tokenizer = tokenizer
         self.policy = policy
-        self.placement = placement
+        self.placement = placement if placement is not None or streamed is None else streamed.placement
         self.pipeline, self.prefetch, self.max_provisional_tokens = _pipeline_options(
             policy, pipeline, prefetch, max_provisional_tokens)
         self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
@@ -82,16 +87,15 @@ class LLMCad:
             raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, **extra)
-        return cls(pair.draft, pair.target, pair.tokenizer, policy, placement=pair.placement, pipeline=pipeline,
-                   prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
+        return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
+                   pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
         EngineClosedError. Safe to call twice; a resident target has nothing to release."""
         self._closed = True
-        controller = getattr(self.target, "llmcad_streamed", None)
-        if controller is not None:
-            controller.close()
+        if self.streamed is not None:
+            self.streamed.close()
 
     def __enter__(self) -> "LLMCad":
         return self
@@ -174,13 +178,13 @@ class _Run:
         self.drafter = TreeDrafter(engine.draft, ids) if self.policy.drafts else None
         if self.drafter is not None:
             self.drafter.tracer = tracer
-        self.controller = getattr(engine.target, "llmcad_streamed", None)
+        self.controller = engine.streamed
         streams = self.controller is not None and bool(self.controller.placement.streamed_layers)
         self.streams = streams
         self.pipelined = engine.pipeline and self.drafter is not None and streams
         self.gate = ComputeGate(lockstep=engine.pipeline_lockstep) if self.pipelined else None
         self.worker = None
-        self.record = StatsRecorder(engine.target, len(ids), self.policy.describe())
+        self.record = StatsRecorder(engine.streamed, len(ids), self.policy.describe())
 
     def start(self, stack: ExitStack) -> None:
         """Install hooks, the IO probe and the worker; ``stack`` undoes them whatever happens."""
@@ -189,10 +193,10 @@ class _Run:
             if not self.engine.prefetch:
                 self.controller.drop_prefetch()  # the pass queued at load time would start warm
         if self.gate is not None or self.tracer is not None:
-            handles = install_target_hooks(self.engine.target, self.gate, self.tracer)
+            handles = install_target_hooks(self.engine.target, self.controller, self.gate, self.tracer)
             stack.callback(lambda: [h.remove() for h in handles])
         if self.tracer is not None and self.streams:
-            stack.enter_context(IOProbe(self.tracer, self.controller))
+            stack.enter_context(io_lane(self.tracer, self.controller))
         if self.pipelined:
             self.worker = stack.enter_context(VerifyWorker(self.verifier, self.drafter, self.gate,
                                                            self.controller.next_layer_ready, self.tracer))

@@ -14,20 +14,12 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def target_bytes_read(target) -> int:
-    """Bytes the target has read from storage so far (0 for a resident target). A streamed target
-    carries its controller as ``target.llmcad_streamed``; any target may expose ``bytes_read``."""
-    source = getattr(target, "llmcad_streamed", target)
-    value = getattr(source, "bytes_read", 0)
-    return int(value() if callable(value) else value)
-
-
 class StatsRecorder:
     """Counts passes, accepted lengths and draft steps; times draft, target and the rest."""
 
-    def __init__(self, target, prompt_tokens: int, policy_info: dict):
-        self._target = target
-        self._bytes_at_start = target_bytes_read(target)
+    def __init__(self, streamed, prompt_tokens: int, policy_info: dict):
+        self._streamed = streamed  # the StreamedTarget, None for a resident target
+        self._bytes_at_start = self._bytes_read()
         self._start = time.perf_counter()
         self.prompt_tokens = prompt_tokens
         self.policy_info = policy_info
@@ -38,6 +30,10 @@ class StatsRecorder:
         # pipeline (llmcad.spec.pipeline): provisional tokens drafted during verifications, how many seeded
         # the next tree, how many were dropped (a mismatch, or beyond the next tree's limits)
         self.provisional = {"provisional_drafted": 0, "provisional_reused": 0, "provisional_dropped": 0}
+
+    def _bytes_read(self) -> int:
+        """Bytes the target has read from storage so far (0 for a resident target)."""
+        return int(self._streamed.bytes_read) if self._streamed is not None else 0
 
     @contextmanager
     def timed(self, part: str):
@@ -63,8 +59,7 @@ class StatsRecorder:
     def finish(self, generated: int, draft_steps: int, stop_reason: str, extra: dict | None = None) -> dict:
         total = time.perf_counter() - self._start
         passes = self.target_passes
-        controller = getattr(self._target, "llmcad_streamed", None)  # a layer-streamed target's own counters
-        streamed = {"streamed": controller.stats()} if controller is not None else {}
+        streamed = {"streamed": self._streamed.stats()} if self._streamed is not None else {}
         return {
             **self.policy_info,
             "prompt_tokens": self.prompt_tokens,
@@ -76,7 +71,7 @@ class StatsRecorder:
             "draft_steps": draft_steps,
             **self.provisional,
             "tokens_per_s": generated / total if total > 0 else 0.0,
-            "bytes_read": target_bytes_read(self._target) - self._bytes_at_start,
+            "bytes_read": self._bytes_read() - self._bytes_at_start,
             "peak_rss_bytes": peak_rss_bytes(),
             "time_s": {"draft": self.seconds["draft"], "target": self.seconds["target"],
                        "other": max(0.0, total - self.seconds["draft"] - self.seconds["target"]),

@@ -1,7 +1,7 @@
 """Timeline of one generation as Chrome trace-event JSON (Perfetto, chrome://tracing).
 
 One process, one lane (``tid``) per activity, named by thread-name metadata events:
-  IO              one span per streamed layer read (from the streamer's own load timings)
+  IO              one span per streamed layer read (the streamer's per-load records)
   target compute  one span per decoder layer the target runs, plus "io wait" spans while it is blocked
   draft           one span per draft forward ("draft" in a round, "provisional" during a verification)
   verify/commit   one span per target pass ("verify"), acceptance ("accept") and KV commit ("commit")
@@ -25,6 +25,11 @@ class Tracer:
         self._start = time.perf_counter()
         self._events = []  # (lane, name, t0, t1, args); list.append is atomic under the GIL
         self._lock = threading.Lock()
+
+    @property
+    def start(self) -> float:
+        """perf_counter() when the trace began (ts 0)."""
+        return self._start
 
     def now(self) -> float:
         return time.perf_counter()
@@ -68,65 +73,15 @@ class Tracer:
             json.dump(self.to_chrome(), f)
 
 
-class IOProbe:
-    """Turns a streamed target's load counters into IO-lane spans, one per layer read.
-
-    The streamer reads on its own C++ thread and exposes cumulative counters (``layers_loaded``,
-    ``errors``, ``io_busy_s``). A probe thread samples them every ``interval_s``; a load that
-    finished between two samples becomes a span ending at the sample, lasting its share of the
-    ``io_busy_s`` growth (exact when one load finishes per interval; the end is late by at most one
-    interval). Loads are FIFO over the controller's streamed layers, so the k-th load since a
-    reset is layer ``streamed[k % len(streamed)]``. Only runs while tracing.
-    """
-
-    def __init__(self, tracer: Tracer, controller, interval_s: float = 0.0005):
-        self.tracer, self.controller, self.interval_s = tracer, controller, interval_s
-        self._layers = list(controller.placement.streamed_layers)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="llmcad-io-probe", daemon=True)
-        self._last = self._sample()
-        self._base = self._prev_base = self._reset_base()
-
-    def __enter__(self) -> "IOProbe":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        try:
-            self._poll()  # loads finished since the last sample
-        except Exception:  # noqa: BLE001 - the streamer closed: nothing more to observe
-            pass
-
-    def _sample(self):
-        st = self.controller.streamer.stats()
-        return int(st["layers_loaded"]) + int(st["errors"]), float(st["io_busy_s"])
-
-    def _reset_base(self) -> int:
-        return int(getattr(self.controller, "_loads_at_reset", 0))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self._poll()
-            except Exception:  # the streamer closed under us: nothing more to observe
-                return
-
-    def _poll(self) -> None:
-        now = time.perf_counter()
-        loads, busy = self._sample()
-        done, spent = loads - self._last[0], busy - self._last[1]
-        if done <= 0:
-            return
-        base = self._reset_base()
-        if base != self._base:
-            self._prev_base, self._base = self._base, base
-        each = spent / done
-        for j in range(done):
-            g = self._last[0] + j  # this load's index among all the streamer's finished loads
-            k = g - (self._base if g >= self._base else self._prev_base)  # ... since its ring's reset
-            layer = self._layers[k % len(self._layers)] if self._layers else -1
-            end = now - (done - 1 - j) * each
-            self.tracer.add("io", f"read L{layer}", end - each, end, layer=layer)
-        self._last = (loads, busy)
+@contextmanager
+def io_lane(tracer: Tracer, streamed):
+    """Adds one IO-lane span per layer load of ``streamed`` (a StreamedTarget) that finishes inside
+    the block, from the start and end times the streamer's IO thread recorded for it. A load that
+    began before the trace did is cut at the trace's start."""
+    mark = streamed.load_mark()
+    try:
+        yield
+    finally:
+        for load in streamed.loads_since(mark):
+            name = f"read L{load.layer_id}" + ("" if load.ok else " (failed)")
+            tracer.add("io", name, max(load.start_s, tracer.start), load.end_s, layer=load.layer_id)

@@ -93,6 +93,18 @@ struct StreamerStats {
   std::vector<std::string> warnings;  // e.g. O_DIRECT refused for a file (buffered reads instead)
 };
 
+// One finished layer load, successful or failed (a load cancelled by reset() or close() is not
+// recorded). Times are steady_clock seconds (see streamer_clock_s()).
+struct LoadRecord {
+  uint64_t seq = 0;    // 0, 1, ... in the order loads finished, over the streamer's life
+  int layer = -1;      // the id add_layer returned
+  double start_s = 0;  // the IO thread began the layer's reads
+  double end_s = 0;    // its last read completed (or failed)
+  uint64_t bytes = 0;  // payload bytes of the layer
+  bool ok = true;      // false: the load failed (acquire() throws StreamerIOError for it)
+};
+constexpr size_t kMaxLoadRecords = 1 << 16;  // the newest records kept; older ones are dropped
+
 class Streamer {
  public:
   // Opens every file (StreamerIOError naming a missing one), allocates the buffers, starts the
@@ -112,6 +124,13 @@ class Streamer {
   // Fails the k-th read from now (0 = the next read issued) with errno `code`. Test hook.
   void inject_fault(uint64_t read_index, int code);
 
+  // Whether the oldest request not yet acquired has finished loading (or failed), so that its
+  // acquire() will not block. False when nothing is queued.
+  bool next_ready() const;
+  // Records of the loads with seq >= `since` that are still kept (the newest kMaxLoadRecords).
+  std::vector<LoadRecord> loads_since(uint64_t since) const;
+  uint64_t loads_finished() const;  // the seq the next finished load will get
+
   int num_layers() const;
   uint64_t layer_bytes(int layer) const;   // payload: sum of range lengths
   uint64_t layout_bytes(int layer) const;  // buffer bytes the layer occupies (aligned extents)
@@ -125,6 +144,9 @@ class Streamer {
 
 // Buffer bytes a layer of these ranges occupies (4096-aligned extents); size buffers with it.
 uint64_t streamer_layout_bytes(const std::vector<ByteRange>& ranges);
+
+// Seconds on the clock LoadRecord times use (std::chrono::steady_clock; CLOCK_MONOTONIC on Linux).
+double streamer_clock_s();
 
 // posix_fadvise(DONTNEED) over the whole file so the next read comes from storage.
 void evict_from_page_cache(const std::string& path);

@@ -64,21 +64,20 @@ def measure(target, *, memory_budget=None, tree_nodes=32, prefix_len=64, repeats
     placement = plan_placement(index, memory_budget=budget, dtype=dtype, num_buffers=num_buffers,
                                max_resident_layers=None if memory_budget is not None else 0)
     options = {"backend": backend}
-    resident = load_streamed_target(target, placement=resident_placement(index), dtype=dtype)
+    resident = load_streamed_target(target, placement=resident_placement(index), dtype=dtype).model
     streamed = load_streamed_target(target, placement=placement, dtype=dtype, streamer_options=options)
     try:
         inputs = _tree_inputs(resident, tree_nodes, prefix_len, seed)
         _pass(resident, inputs)  # warm-up: kernels, allocator
-        _pass(streamed, inputs)
+        _pass(streamed.model, inputs)
         walls, ios, computes = [], [], []
         for _ in range(repeats):
             computes.append(_timed(lambda: _pass(resident, inputs)))
             ios.append(_io_alone(index, placement, options))
             walls.append(_cold_streamed_pass(streamed, index, inputs))
-        ctl = streamed.llmcad_streamed
-        stats = ctl.streamer.stats() if ctl.streamer is not None else {}
+        stats = streamed.streamer.stats() if streamed.streamer is not None else {}
     finally:
-        streamed.llmcad_streamed.close()
+        streamed.close()
     wall, io, compute = (statistics.median(x) for x in (walls, ios, computes))
     paired = statistics.median(w / max(i, c) for w, i, c in zip(walls, ios, computes))
     return {"wall_s": wall, "io_s": io, "compute_s": compute, "overlap_ratio": wall / max(io, compute),
@@ -148,15 +147,15 @@ def _io_alone(index, placement, options) -> float:
         return time.perf_counter() - start
 
 
-def _cold_streamed_pass(model, index, inputs) -> float:
+def _cold_streamed_pass(streamed, index, inputs) -> float:
     """One streamed pass with nothing prefetched and the files out of the page cache."""
-    model.llmcad_streamed.drop_prefetch()
+    streamed.drop_prefetch()
     _evict(index)
     cache = copy.deepcopy(inputs["cache"])
     start = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-              position_ids=inputs["position_ids"], past_key_values=cache, use_cache=True)
+        streamed.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       position_ids=inputs["position_ids"], past_key_values=cache, use_cache=True)
     return time.perf_counter() - start
 
 

@@ -127,11 +127,11 @@ def _assemble_engine(job: dict, mode: str, options: dict, streamer_options: dict
     dtype = resolve_dtype(job["dtype"])
     tokenizer = load_tokenizer(job["target"])
     draft = load_causal_lm(job["draft"], device=job["device"], dtype=dtype)
-    target, placement = load_budgeted_target(job["target"], memory_budget=job["memory_budget"], draft_model=draft,
-                                             dtype=dtype, device=resolve_device(job["device"]),
-                                             streamer_options=streamer_options)
-    check_tokenizers(load_tokenizer(job["draft"]), tokenizer, draft, target)
-    return LLMCad(draft, target, tokenizer, policy, placement=placement)
+    streamed = load_budgeted_target(job["target"], memory_budget=job["memory_budget"], draft_model=draft,
+                                    dtype=dtype, device=resolve_device(job["device"]),
+                                    streamer_options=streamer_options)
+    check_tokenizers(load_tokenizer(job["draft"]), tokenizer, draft, streamed.model)
+    return LLMCad(draft, streamed.model, tokenizer, policy, streamed=streamed)
 
 
 class EngineRow:
@@ -141,7 +141,7 @@ class EngineRow:
 
     def __init__(self, job: dict):
         self.engine = load_engine(job)
-        self.streamed = getattr(self.engine.target, "llmcad_streamed", None)
+        self.streamed = self.engine.streamed
         self.target = job["target"]
 
     def files(self) -> list:
@@ -152,7 +152,7 @@ class EngineRow:
     def cold(self) -> None:
         from llmcad.bench.pagecache import evict
 
-        if hasattr(self.streamed, "drop_prefetch"):
+        if self.streamed is not None:
             self.streamed.drop_prefetch()  # the previous prompt's prefetch would start this one warm
         evict(self.files())
 
@@ -184,9 +184,7 @@ class EngineRow:
         return p.summary() if p is not None else None
 
     def close(self) -> None:
-        closer = getattr(self.engine, "close", None) or getattr(self.streamed, "close", None)
-        if closer is not None:
-            closer()
+        self.engine.close()
 
 
 class PeerRow:

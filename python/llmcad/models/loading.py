@@ -20,6 +20,7 @@ class ModelPair:
     target: torch.nn.Module
     tokenizer: object
     placement: object = None  # llmcad.streaming.budget.Placement when a memory budget was given
+    streamed: object = None  # llmcad.streaming.streamed.StreamedTarget (its model is target) with a budget
 
 
 def resolve_dtype(dtype):
@@ -169,18 +170,19 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype)
     extra = {"streamer_options": streamer_options} if streamer_options else {}
-    target_model, placement = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                           draft_model=draft_model, **extra)
+    target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
+                                          draft_model=draft_model, **extra)
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
-    return ModelPair(draft_model, target_model, target_tokenizer, placement)
+    placement = streamed.placement if streamed is not None else None
+    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed)
 
 
 def _load_target(target, *, device, dtype, memory_budget, draft_model, streamer_options=None):
-    """The target model object the engine verifies with, and its placement (None without a budget).
+    """The target model the engine verifies with, and its StreamedTarget (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
     target is resident; with a budget, llmcad.streaming.streamed plans which layers fit beside the draft and
-    returns the layer-streamed drop-in (the same HF model, layers bound to streamed weights).
+    returns the streamed target (the same HF model, layers bound to streamed weights).
     """
     if memory_budget is None:
         return load_causal_lm(target, device=device, dtype=dtype), None
@@ -188,6 +190,7 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, streamer_
 
     where = _check_source(target)
     check_checkpoint(where)  # the same early, one-line errors as the resident path
-    return load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
-                                dtype=resolve_dtype(dtype), device=resolve_device(device),
-                                streamer_options=streamer_options)
+    streamed = load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
+                                    dtype=resolve_dtype(dtype), device=resolve_device(device),
+                                    streamer_options=streamer_options)
+    return streamed.model, streamed

@@ -135,62 +135,68 @@ class ComputeGate:
         self.target_wait_s += time.perf_counter() - t0
 
 
-def install_target_hooks(target, gate: ComputeGate | None = None, tracer=None) -> list:
-    """Forward hooks on the target's decoder layers; returns their handles (remove them when done).
+def install_target_hooks(target, streamed=None, gate: ComputeGate | None = None, tracer=None) -> list:
+    """Hooks on the target's decoder layers; returns their handles (remove them when done).
 
-    ``gate``: around each streamed layer's acquire (it runs in the streamed target's own pre-hook),
-    hand compute to the draft while the read is not finished. ``tracer``: one "target" span per
-    layer computed and one "io wait" span per acquire that blocked.
+    ``streamed``: the :class:`~llmcad.streaming.streamed.StreamedTarget` whose ``model`` is
+    ``target`` (None: resident). ``gate``: around each streamed layer's acquire, hand compute to the
+    draft while the read is not finished. ``tracer``: one "target" span per layer computed and one
+    "io wait" span per acquire that blocked.
+
+    Order per streamed layer (fixed by the streamed target's bind hook, see ``watch_acquire``):
+    ``before`` (readiness; gate hands compute over) -> acquire and bind -> ``after`` (gate takes
+    compute back, io-wait span, compute span starts) -> the layer -> compute span ends.
     """
-    from llmcad.streaming.streamed import decoder_layers
-
-    controller = getattr(target, "llmcad_streamed", None)
-    streamed = set(controller.placement.streamed_layers) if controller is not None else set()
+    streamed_layers = set(streamed.placement.streamed_layers) if streamed is not None else set()
     handles = []
-    for i, layer in enumerate(decoder_layers(target)):
-        if i in streamed and (gate is not None or tracer is not None):
-            before, after = _acquire_hooks(i, controller, gate, tracer)
-            handles.append(layer.register_forward_pre_hook(before, prepend=True))  # runs before the acquire
-            handles.append(layer.register_forward_pre_hook(after))  # runs after it
-        if tracer is not None:
-            start, end = _compute_span_hooks(i, tracer, i in streamed)
-            handles.append(layer.register_forward_pre_hook(start))
-            handles.append(layer.register_forward_hook(end, always_call=True))
+    for i, layer in enumerate(target.model.layers):
+        span = _ComputeSpan(i, tracer, i in streamed_layers) if tracer is not None else None
+        if i in streamed_layers and (gate is not None or tracer is not None):
+            before, after = _acquire_hooks(i, streamed, gate, tracer, span)
+            handles.append(streamed.watch_acquire(before, after))
+        elif span is not None:
+            handles.append(layer.register_forward_pre_hook(span.start))
+        if span is not None:
+            handles.append(layer.register_forward_hook(span.end, always_call=True))
     return handles
 
 
-def _acquire_hooks(i, controller, gate, tracer):
+def _acquire_hooks(i, streamed, gate, tracer, span):
     state = {}
 
-    def before(module, args):
-        ready = controller.next_layer_ready()
+    def before(_layer):
+        ready = streamed.next_layer_ready()
         state["t0"], state["ready"] = time.perf_counter(), ready
         if gate is not None:
             gate.target_waits_for_io(ready)
 
-    def after(module, args):
+    def after(_layer):
         t_loaded = time.perf_counter()
         if gate is not None:
             gate.target_resumes()
-        if tracer is not None and not state.get("ready", True):
-            tracer.add("target", f"io wait L{i}", state["t0"], t_loaded, layer=i)
-            if time.perf_counter() - t_loaded > 1e-4:
-                tracer.add("target", "wait draft step", t_loaded, time.perf_counter(), layer=i)
+        if tracer is not None:
+            if not state.get("ready", True):
+                tracer.add("target", f"io wait L{i}", state["t0"], t_loaded, layer=i)
+                if time.perf_counter() - t_loaded > 1e-4:
+                    tracer.add("target", "wait draft step", t_loaded, time.perf_counter(), layer=i)
+            span.start()
 
     return before, after
 
 
-def _compute_span_hooks(i, tracer, streamed: bool):
-    state = {}
+class _ComputeSpan:
+    """One "target" span per forward of decoder layer ``i``."""
 
-    def start(module, args):
-        state["t0"] = time.perf_counter()
+    def __init__(self, i, tracer, streamed: bool):
+        self.i, self.tracer, self.streamed, self.t0 = i, tracer, streamed, None
 
-    def end(module, args, output):
-        if "t0" in state:
-            tracer.add("target", f"L{i}", state.pop("t0"), time.perf_counter(), layer=i, streamed=streamed)
+    def start(self, *_hook_args):
+        self.t0 = time.perf_counter()
 
-    return start, end
+    def end(self, *_hook_args):
+        if self.t0 is not None:
+            self.tracer.add("target", f"L{self.i}", self.t0, time.perf_counter(), layer=self.i, streamed=self.streamed)
+            self.t0 = None
 
 
 class VerifyWorker:

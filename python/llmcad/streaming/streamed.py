@@ -15,16 +15,29 @@ order (the ring bounds what is in flight); when a pass ends, the next pass's lay
 once so the ring fills while the draft drafts. A pass that raised midway (KeyboardInterrupt too)
 resets the ring. A weight file modified in place after indexing closes the target with a
 WeightFileError instead of ever computing on changed bytes.
+
+The engine and the pipeline are handed the :class:`StreamedTarget` itself (``model`` is the HF
+model to call); readiness (:meth:`StreamedTarget.next_layer_ready`), per-load timing
+(:meth:`StreamedTarget.loads_since`, recorded by the C++ IO thread) and counters (``stats()``) are
+its methods. Hook order per streamed layer is fixed in one place, its bind pre-hook: the acquire
+watchers' ``before``, the acquire, the parameter binding, the watchers' ``after``, then the layer's
+own compute (see :meth:`StreamedTarget.watch_acquire`).
+
+This module owns the streamed target and its hooks; it must not import llmcad.spec, the engine or
+llmcad.bench.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
@@ -40,8 +53,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     ``dtype``: compute dtype (None: the checkpoint's). ``streamer_options``: extra WeightStreamer
     keyword arguments (backend, direct, ...), plus ``gpu_path`` for a CUDA ``device``: "auto" (default:
     zero-copy on an integrated GPU, else copy), "copy" or "zero-copy" (see llmcad.streaming.gpu_upload).
-    Returns the HF model itself, in eval mode, with the controller attached as ``model.llmcad_streamed``
-    (a :class:`StreamedTarget`: ``bytes_read``, ``placement``, ``stats()``, ``close()``).
+    Returns the :class:`StreamedTarget`; its ``model`` is the HF model (eval mode) to call.
     """
     path = Path(path)
     index = load_index(path)
@@ -54,8 +66,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     if len(layers) != index.num_layers:
         raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
     _load_resident(model, index, placement.resident_layers, dtype, device)
-    model.llmcad_streamed = StreamedTarget(model, index, placement, device, streamer_options or {})
-    return model
+    return StreamedTarget(model, index, placement, device, streamer_options or {})
 
 
 DEFAULT_KV_TOKENS = 2048  # cache positions budgeted per model when the caller does not say
@@ -67,7 +78,8 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
 
     The budget covers the draft's weights (as loaded), the target's resident tensors and ring, and
     both KV caches at ``kv_tokens`` positions (default: DEFAULT_KV_TOKENS, capped by the context).
-    Returns ``(model, placement)``; raises BudgetError (a ValueError) when the budget is too small.
+    Returns the :class:`StreamedTarget` (its ``placement`` is the plan); raises BudgetError (a
+    ValueError) when the budget is too small.
     """
     from transformers import AutoConfig
 
@@ -79,9 +91,8 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
     kv = kv_cache_bytes(config, kv_tokens, dtype) + kv_cache_bytes(draft_model.config, kv_tokens, draft_model.dtype)
     placement = plan_placement(index, memory_budget=memory_budget, dtype=dtype, draft_bytes=module_bytes(draft_model),
                                kv_bytes=kv, num_buffers=num_buffers)
-    model = load_streamed_target(path, placement=placement, dtype=dtype, device=device,
-                                 streamer_options=streamer_options)
-    return model, placement
+    return load_streamed_target(path, placement=placement, dtype=dtype, device=device,
+                                streamer_options=streamer_options)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -92,9 +103,12 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 class StreamedTarget:
-    """Binds streamed layers per pass; counts bytes; owns the streamer."""
+    """A layer-streamed HF causal LM: ``model`` (call it as usual), its ``placement``, the streamer.
+
+    Binds streamed layers per pass; counts bytes; owns the streamer and the weight files."""
 
     def __init__(self, model, index: WeightIndex, placement: Placement, device, streamer_options):
+        self.model = model
         self.placement = placement
         self.index = index
         self._model, self._device = model, device
@@ -117,10 +131,8 @@ class StreamedTarget:
         self.last_pass_bytes = 0
         self.passes = 0
         self.bind_wait_s = 0.0  # time blocked in acquire
-        # pipeline hooks (issue 6, llmcad.spec.pipeline): readiness of the next layer, prefetch switch
         self.prefetch_between_passes = True  # False: a pass's reads start only when the pass begins
-        self._loads_at_reset = 0  # streamer loads (done or failed) counted before the last reset
-        self._acquired_since_reset = 0
+        self._acquire_watchers = OrderedDict()  # handle id -> (before(i), after(i)); see watch_acquire
         self.resident_bytes = module_bytes(model)
         self.peak_tracked_bytes = self.resident_bytes
         self._hooks = []
@@ -151,11 +163,36 @@ class StreamedTarget:
             out["gpu"] = self._feed.stats()
         return out
 
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The model's decoder layers."""
+        return self._layers
+
+    def watch_acquire(self, before, after) -> RemovableHandle:
+        """Call ``before(i)`` right before streamed layer ``i``'s bytes are acquired (the acquire may
+        block on IO) and ``after(i)`` once they are bound, right before the layer computes. The one
+        place hook order is defined: both run inside this target's bind pre-hook, in the order
+        watchers were added. Returns a handle; ``handle.remove()`` stops the calls."""
+        handle = RemovableHandle(self._acquire_watchers)
+        self._acquire_watchers[handle.id] = (before, after)
+        return handle
+
+    def load_mark(self) -> int:
+        """A mark for :meth:`loads_since`: loads finished from now on have a seq >= it."""
+        return self._streamer.loads_finished if self._streamer is not None else 0
+
+    def loads_since(self, mark: int = 0) -> list:
+        """Per-load records (:class:`llmcad.streaming.streamer.LoadRecord`, ``time.perf_counter()``
+        times) of the loads finished since ``mark``, with ``layer_id`` the decoder layer index."""
+        if self._streamer is None:
+            return []
+        return [dataclasses.replace(r, layer_id=self._layer_of_sid[r.layer_id])
+                for r in self._streamer.loads_since(mark)]
+
     def drop_prefetch(self) -> None:
         """Forget the reads queued for the next pass, so it starts cold (benchmarks)."""
         if self._streamer is not None and not self._in_pass:
             self._streamer.reset()
-            self._mark_reset()
             self._queued = 0
 
     def close(self, reason: str | None = None) -> None:
@@ -180,10 +217,8 @@ class StreamedTarget:
             self._hooks.append(self._model.model.register_forward_pre_hook(self._refuse))
 
     def next_layer_ready(self) -> bool:
-        """True when the next streamed layer's read has finished (its acquire will not block).
-
-        Reads finish in FIFO order, so the next request is loaded once the streamer's finished loads
-        since the last reset outnumber the layers acquired since then (issue 6: the compute gate)."""
+        """True when the next streamed layer's read has finished (its acquire will not block); the
+        pipeline's compute gate asks this before each streamed layer."""
         if self._streamer is None:
             return True
         if self._closed:
@@ -191,15 +226,7 @@ class StreamedTarget:
         if self._feed is not None and self._in_pass and self._pass_next < len(self._streamed) \
                 and self._feed.uploaded(self._streamed[self._pass_next]):
             return True  # copy path: the awaited layer was acquired and its upload queued already
-        return self._loads_finished() - self._loads_at_reset > self._acquired_since_reset
-
-    def _loads_finished(self) -> int:
-        st = self._streamer.stats()
-        return int(st["layers_loaded"]) + int(st["errors"])
-
-    def _mark_reset(self) -> None:
-        self._loads_at_reset = self._loads_finished()
-        self._acquired_since_reset = 0
+        return self._streamer.next_ready()
 
     # ---- streamer ----
     def _open_streamer(self):
@@ -209,12 +236,13 @@ class StreamedTarget:
         self._streamer = WeightStreamer([str(f) for f in self.index.files], buffer_bytes=p.buffer_bytes,
                                         num_buffers=p.num_buffers, **self._options)
         self._ring_bytes = self._streamer.memory_bytes
-        self._sid = {}
+        self._sid = {}  # decoder layer index -> streamer layer id
         slot_bytes = 0
         for i in self._streamed:
             ranges = [(t.file_index, t.offset, t.length) for t, _ in self._bindings[i]]
             self._sid[i] = self._streamer.add_layer(ranges)
             slot_bytes = max(slot_bytes, layout_bytes(ranges))
+        self._layer_of_sid = {sid: i for i, sid in self._sid.items()}
         if self.gpu_path is not None:
             self._feed = DeviceFeed(self.gpu_path, self._device, acquire=self._acquire,
                                     release=lambda i: self._streamer.release(self._sid[i]),
@@ -234,7 +262,6 @@ class StreamedTarget:
         if self._feed is not None:
             self._feed.reset()  # no copy or kernel may still read a buffer the ring is about to reuse
         self._streamer.reset()
-        self._mark_reset()
         self._queued = 0
         if self.prefetch_between_passes:
             self._queue_next_pass()
@@ -312,18 +339,21 @@ class StreamedTarget:
             if not self._in_pass or self._streamed[self._pass_next] != i:
                 raise RuntimeError(f"streamed layer {i} ran out of order (expected a pass over layers "
                                    f"{self._streamed[0]}..{self._streamed[-1]} through model.model)")
+            watchers = list(self._acquire_watchers.values())
+            for before, _ in watchers:
+                before(i)
             start = time.perf_counter()
             # on CUDA the feed gives the layer's bytes on the device (uploaded earlier, or now)
             view = self._feed.begin(i) if self._feed is not None else self._acquire(i)
             self._held = i
             self.bind_wait_s += time.perf_counter() - start
             self._bind(i, view)
+            for _, after in watchers:
+                after(i)
         return bind
 
     def _acquire(self, i):
-        view = self._streamer.acquire(self._sid[i])
-        self._acquired_since_reset += 1
-        return view
+        return self._streamer.acquire(self._sid[i])
 
     def _make_release(self, i):
         def release(module, args, output):

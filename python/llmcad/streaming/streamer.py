@@ -12,6 +12,10 @@ every buffer is held, releasing a layer that is not held (double release), unkno
 after ``close()``. A failed read raises :class:`llmcad.errors.StreamerIOError` at ``acquire()``
 (file, offset and errno text in the message, ``errno`` set); the streamer stays usable.
 
+Timing: every finished load (not one cancelled by ``reset()``) is recorded by the C++ IO thread
+with its start and end time; ``loads_since(seq)`` returns them as :class:`LoadRecord` on the
+``time.perf_counter()`` clock, so a timeline needs no polling.
+
 Views: ``LayerView.array`` and the tensors from ``LayerView.tensor`` share the buffer memory (no
 copy). They are valid until ``release()``; after that the buffer is reused for another layer.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import errno as _errno
 import functools
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -29,7 +34,7 @@ import numpy as np
 from llmcad import _build
 from llmcad.errors import StreamerIOError
 
-__all__ = ["WeightStreamer", "LayerView", "evict_from_page_cache", "layout_bytes", "ALIGN"]
+__all__ = ["WeightStreamer", "LayerView", "LoadRecord", "evict_from_page_cache", "layout_bytes", "ALIGN"]
 
 ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths
 
@@ -93,6 +98,25 @@ class LayerView:
         return torch.frombuffer(self.range_bytes(index), dtype=dtype).view(shape)
 
 
+@dataclass(frozen=True)
+class LoadRecord:
+    """One finished layer load, as the IO thread recorded it. Times: ``time.perf_counter()`` seconds."""
+
+    seq: int  # 0, 1, ... in the order loads finished, over the streamer's life
+    layer_id: int  # the id add_layer returned
+    start_s: float  # the layer's first read was issued
+    end_s: float  # its last read completed (or failed)
+    bytes: int  # payload bytes of the layer
+    ok: bool  # False: the load failed (its acquire raised StreamerIOError)
+
+
+def _clock_offset() -> float:
+    """perf_counter() minus the streamer's clock (0 where both are CLOCK_MONOTONIC, as on Linux)."""
+    before = time.perf_counter()
+    native = _build._ext().streamer_clock_s()
+    return (before + time.perf_counter()) / 2 - native
+
+
 class WeightStreamer:
     """Streams layers of byte ranges from ``paths`` through ``num_buffers`` buffers.
 
@@ -145,6 +169,7 @@ class WeightStreamer:
             paths, capacity, int(num_buffers), backend, bool(direct), int(queue_depth), int(chunk_bytes),
             float(bandwidth_cap or 0.0), pin,
         )
+        self._clock_offset = _clock_offset()
         self._warned = set()  # fallback kinds already warned about
         self._warn_new()
 
@@ -190,6 +215,22 @@ class WeightStreamer:
         self.close()
 
     # ---------------------------------------------------------------- facts
+    def next_ready(self) -> bool:
+        """Whether the next ``acquire()`` would return without waiting (its read finished or failed);
+        False when nothing is queued."""
+        return self._impl.next_ready()
+
+    @property
+    def loads_finished(self) -> int:
+        """The ``seq`` the next finished load will get (a mark for :meth:`loads_since`)."""
+        return self._impl.loads_finished()
+
+    def loads_since(self, seq: int = 0) -> list:
+        """:class:`LoadRecord` of every load with ``seq`` >= ``seq`` still kept (the newest 65536)."""
+        off = self._clock_offset
+        return [LoadRecord(q, layer, t0 + off, t1 + off, n, ok)
+                for q, layer, t0, t1, n, ok in self._impl.loads_since(int(seq))]
+
     def stats(self) -> dict:
         """backend, direct, pinned, registered (io_uring fixed buffers), num_buffers, buffer_bytes, memory_bytes, bytes_read, reads,
         layers_loaded, errors, acquire_wait_s, io_busy_s, warnings."""
