@@ -56,5 +56,15 @@ def end_of_turn_ids(tokenizer) -> list:
     except Exception:  # a template that refuses this conversation: no end-of-turn found
         return []
     after = text[text.find(marker) + len(marker):].lstrip() if marker in text else ""
-    specials = sorted(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids), key=lambda t: -len(t[0]))
-    return [int(token_id) for token, token_id in specials if token and after.startswith(token)][:1]
+    specials = sorted(special_tokens(tokenizer).items(), key=lambda t: -len(t[0]))
+    return [token_id for token, token_id in specials if token and after.startswith(token)][:1]
+
+
+def special_tokens(tokenizer) -> dict:
+    """Text -> id of every special token: the named ones (eos, pad...) and the added tokens marked
+    special (``<|im_start|>``, ``<|im_end|>``...)."""
+    tokens = {t: int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            tokens.setdefault(str(added), int(token_id))
+    return tokens

@@ -71,6 +71,7 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
 
     out = cache_dir() / f"{model.name}-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        update_end_ids(out)
         return out
     source = _from_hub(model) or ensure_gguf(model)
     # prepare into a side directory and rename: an interrupted import never looks like a prepared model
@@ -79,6 +80,21 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     prepare(source, partial, dtype)
     partial.rename(out)
     return out
+
+
+def update_end_ids(directory: Path) -> list:
+    """Add the end-of-generation ids an older ``prepare`` left out of a stored model (its tokenizer's
+    end-of-text and end-of-turn tokens), saying so once; returns the ids added."""
+    from llmcad.models.eos import add_stored_end_ids, tokenizer_end_ids
+    from llmcad.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    added = add_stored_end_ids(directory, tokenizer_end_ids(tokenizer))
+    if added:
+        names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in added)
+        print(f"llmcad: {directory.name}: generation now also stops at {names}, as the original model does "
+              "(updated generation_config.json)", file=sys.stderr)
+    return added
 
 
 def _from_hub(model: RealModel):

@@ -80,7 +80,18 @@ def _load(src: Path, gguf_file, dtype: str):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = getattr(torch, dtype)
+    _keep_end_of_generation(model, tokenizer, src / gguf_file if gguf_file else None)
     return model.eval(), tokenizer
+
+
+def _keep_end_of_generation(model, tokenizer, gguf_path) -> None:
+    """Store every end-of-generation id the source defines in the generation config (a GGUF import
+    keeps only the metadata's eos id; see llmcad.models.eos)."""
+    from llmcad.models.eos import end_of_generation_ids
+
+    ids = end_of_generation_ids(model, tokenizer, gguf_path)
+    if ids:
+        model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
 
 
 def verify(out: Path, model, dtype: str | None = None) -> None:
