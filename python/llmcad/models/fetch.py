@@ -88,7 +88,10 @@ def update_end_ids(directory: Path) -> list:
     from llmcad.models.eos import add_stored_end_ids, tokenizer_end_ids
     from llmcad.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(directory)
+    try:
+        tokenizer = load_tokenizer(directory)
+    except ModelLoadError:
+        return []  # a damaged directory: loading the model reports it
     added = add_stored_end_ids(directory, tokenizer_end_ids(tokenizer))
     if added:
         names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in added)
