@@ -18,12 +18,18 @@ from llmcad.errors import LLMCadError
 EXTERNAL = {
     "prepare": ("llmcad.models.prepare", "import GGUF or another checkpoint into a streamable safetensors directory"),
     "demo": ("llmcad.demo", "run the default real pair on a default prompt"),
+    "chat": ("llmcad.chat", "talk with a chat model: keeps the conversation, streams each reply"),
     "trace-plot": ("llmcad.bench.trace_plot", "plot a trace written by `generate --trace`"),
 }
 BENCH = {
     "streamer": "llmcad.bench.streamer_bench",
     "pass": "llmcad.bench.pass_bench",
     "e2e": "llmcad.bench.e2e",
+}
+BENCH_HELP = {
+    "streamer": "cold-read throughput of the weight streamer against a raw O_DIRECT read",
+    "pass": "one cold streamed target pass over a token tree, against IO and compute alone",
+    "e2e": "llmcad against the peers a user would pick, on the real pair (or --tiny)",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
 POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "chain_length")
@@ -45,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers are built by their modules when invoked, see :func:`main`)."""
     parser = Parser(prog="llmcad", description="Run a large LM that does not fit in memory: "
                                      "tree speculative decoding with a layer-streamed target.")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_arguments(sub.add_parser("generate", help="generate text from a prompt"))
     for name, (_, help_text) in EXTERNAL.items():
@@ -53,24 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+def version_text() -> str:
+    """``llmcad X.Y.Z`` and what the extension was compiled with."""
+    from llmcad import __version__
+
+    try:
+        from llmcad import build_info
+
+        info = build_info()
+    except ImportError:
+        return f"llmcad {__version__} (compiled extension missing)"
+    return (f"llmcad {__version__} (CUDA {'compiled' if info['cuda_compiled'] else 'not compiled'}, "
+            f"io_uring {'compiled' if info['io_uring_compiled'] else 'not compiled'})")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The draft/target pair, where and how the target runs, and the verification policy."""
     p.add_argument("--draft", required=True, help="draft model: local HF directory or hub id")
     p.add_argument("--target", required=True, help="target model: local HF directory or hub id")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--mode", choices=MODES, default="llmcad")
     p.add_argument("--memory-budget", default=None, help="bound on all model memory, e.g. 2GiB (default: "
                    "keep the target resident)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    s = p.add_argument_group("sampling (any of these, or --do-sample, turns sampling on; default greedy)")
-    s.add_argument("--do-sample", action="store_true")
-    s.add_argument("--temperature", type=float, default=None)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     t = p.add_argument_group("policy (defaults: see llmcad.spec.policy)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
                    "(llmcad, tree)")
@@ -79,9 +92,6 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    "branch (llmcad, tree; default 0.3)")
     t.add_argument("--alpha", type=float, default=None, help="initial fallback threshold (llmcad; 0.01)")
     t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain)")
-    p.add_argument("--json", action="store_true", help='print one JSON object {"text", "tokens", "stats"}')
-    p.add_argument("--trace", default=None, metavar="FILE", help="write the timeline (IO, target compute, draft, "
-                   "verify/commit) as Chrome trace-event JSON (Perfetto; `llmcad trace-plot FILE` draws it)")
     e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
     e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,
                    help="verify on the main thread, no provisional drafting (default: on in llmcad mode)")
@@ -95,27 +105,116 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap the streamer's read bandwidth (emulate slower storage, e.g. 300e6)")
 
 
-def run_generate(args) -> int:
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    s = p.add_argument_group("sampling (any of these, or --do-sample, turns sampling on; default greedy)")
+    s.add_argument("--do-sample", action="store_true")
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="send --prompt as a user message through the target's "
+                   "chat template (for chat/instruct models)")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    add_sampling_arguments(p)
+    p.add_argument("--json", action="store_true", help='print one JSON object {"text", "tokens", "stats"}')
+    p.add_argument("--quiet", action="store_true", help="no timing summary on stderr after the text")
+    p.add_argument("--trace", default=None, metavar="FILE", help="write the timeline (IO, target compute, draft, "
+                   "verify/commit) as Chrome trace-event JSON (Perfetto; `llmcad trace-plot FILE` draws it)")
+
+
+def check_model_arguments(args) -> None:
+    """What can be checked without loading a model: both sources (directories exist, a hub id is
+    reachable), policy options, memory budget, device, dtype."""
+    from llmcad.models.loading import check_sources, resolve_device, resolve_dtype
+
+    check_sources(args.draft, args.target)
+    from llmcad.spec.policy import make_policy
+    from llmcad.streaming.budget import parse_size
+
+    make_policy(args.mode, **policy_options(args))
+    if args.memory_budget is not None:
+        parse_size(args.memory_budget)
+    resolve_device(args.device)
+    resolve_dtype(args.dtype)
+
+
+def check_sampling_arguments(args) -> None:
+    from llmcad.engine import check_generation_options
+
+    check_generation_options(args.max_new_tokens, stop=args.stop, **sampling_options(args))
+
+
+def policy_options(args) -> dict:
+    return {k: getattr(args, k) for k in POLICY_FLAGS if getattr(args, k) is not None}
+
+
+def sampling_options(args) -> dict:
+    sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    return {"do_sample": sample, "temperature": 1.0 if args.temperature is None else args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
+def open_engine(args):
+    """The LLMCad engine the model arguments describe (models loaded)."""
     from llmcad.engine import LLMCad
 
-    _quiet_transformers()
-    options = {k: getattr(args, k) for k in POLICY_FLAGS if getattr(args, k) is not None}
+    options = policy_options(args)
     if args.max_provisional_tokens is not None:
         options["max_provisional_tokens"] = args.max_provisional_tokens
     if args.bandwidth_cap is not None:
         options["streamer_options"] = {"bandwidth_cap": args.bandwidth_cap}
-    sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    with LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
-                                device=args.device, dtype=args.dtype, pipeline=args.pipeline, prefetch=args.prefetch,
-                                **options) as engine:
-        result = engine.generate(args.prompt, args.max_new_tokens, do_sample=sample,
-                                 temperature=1.0 if args.temperature is None else args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                 streamer=None if args.json else _stdout_writer, trace=args.trace)
+    return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
+                                  device=args.device, dtype=args.dtype, pipeline=args.pipeline,
+                                  prefetch=args.prefetch, **options)
+
+
+def generate_prompt(args):
+    """The prompt generate gets: the text, or with --chat the ids of the chat-templated conversation
+    (the target's tokenizer only; a model without a template fails here, before any model loads)."""
+    from llmcad.errors import PromptError
+
+    if not args.prompt:
+        raise PromptError("prompt is empty (--prompt)")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat")
+    if not args.chat:
+        return args.prompt
+    from llmcad.models.chat import chat_prompt_ids
+    from llmcad.models.loading import load_tokenizer
+
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+        [{"role": "user", "content": args.prompt}]
+    return chat_prompt_ids(load_tokenizer(args.target), messages)
+
+
+def run_generate(args) -> int:
+    import time
+
+    from llmcad.stats import summary
+
+    check_model_arguments(args)
+    quiet_transformers()
+    check_sampling_arguments(args)
+    prompt = generate_prompt(args)
+    started = time.perf_counter()
+    with open_engine(args) as engine:
+        load_s = time.perf_counter() - started
+        result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
+                                 streamer=None if args.json else _stdout_writer, **sampling_options(args))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        if not args.quiet:
+            print(summary(result.stats, load_s), file=sys.stderr)
     return 0
 
 
@@ -140,11 +239,22 @@ def dispatch(argv: list) -> int:
         return run_external(EXTERNAL[command][0], command, argv[1:])
     if command == "bench":
         which = argv[1] if len(argv) > 1 else None
+        if which in ("-h", "--help"):
+            print(bench_help())
+            return 0
         if which not in BENCH:
             _error(f"bench needs one of: {', '.join(BENCH)}")
             return 2
         return run_external(BENCH[which], f"bench {which}", argv[2:])
     return run_generate(build_parser().parse_args(argv))
+
+
+def bench_help() -> str:
+    lines = ["usage: llmcad bench {" + ",".join(BENCH) + "} [options]", "", "benchmarks (`llmcad bench NAME --help` "
+             "for each one's options; every one takes --json):"]
+    for name in BENCH:
+        lines.append(f"  {name:<10} {BENCH_HELP.get(name, '')}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -182,7 +292,7 @@ def _error(message: str) -> None:
     print(f"llmcad: error: {message}", file=sys.stderr)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No progress bars or deprecation chatter around the generated text."""
     import warnings
 

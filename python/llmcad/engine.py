@@ -17,7 +17,7 @@ from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, V
                        reconcile)
 from llmcad.stats import StatsRecorder
 from llmcad.trace import Tracer, io_lane
-from llmcad.spec.verify import TargetChooser, TargetVerifier
+from llmcad.spec.verify import TargetChooser, TargetVerifier, validate_sampling
 
 
 @dataclass
@@ -333,6 +333,15 @@ def _eos_ids(model) -> set:
 def _context(model) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def check_generation_options(max_new_tokens, *, do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None,
+                             stop=None) -> None:
+    """generate's options checked without a model (ValueError naming the bad one): for callers that
+    check their input before loading."""
+    _check_max_new(max_new_tokens)
+    _stops(stop)
+    validate_sampling(do_sample, temperature, top_k, top_p, seed)
 
 
 def _check_max_new(max_new_tokens) -> int:

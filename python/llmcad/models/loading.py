@@ -1,6 +1,7 @@
 """Loading a draft/target pair of Hugging Face causal LMs and checking that their tokenizers agree."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,44 @@ def _check_source(source) -> str:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {text!r} has no config.json (expected Hugging Face layout)")
         return str(path)
+    return check_hub_id(text)
+
+
+def check_sources(*sources) -> None:
+    """Each source a usable local model directory or a hub id the hub can supply (ModelLoadError at
+    once otherwise); nothing is loaded."""
+    for source in sources:
+        _check_source(source)
+
+
+def check_hub_id(text: str) -> str:
+    """``text`` if the hub can supply it: already in the local hub cache, or the hub reachable within a
+    second. Otherwise ModelLoadError at once (transformers would retry for about a minute)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(text, "config.json"), str):
+        return text
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not hub_reachable():
+        raise ModelLoadError(f"{text!r} is not a local directory, and as a Hugging Face hub id it cannot be "
+                             "downloaded: the hub is unreachable (offline) and the model is not in the local "
+                             "cache; pass a local model directory (e.g. one `llmcad prepare` wrote)")
     return text
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_causal_lm(source, *, device="cpu", dtype=None) -> torch.nn.Module:
