@@ -107,6 +107,12 @@ def load_causal_lm(source, *, device="cpu", dtype=None) -> torch.nn.Module:
     where = _check_source(source)
     if Path(where).is_dir():
         check_checkpoint(where)
+        if _is_quantized(where):  # transformers cannot load llmcad's packed linears: build it ourselves
+            from llmcad.streaming.streamed import load_streamed_target
+
+            resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device))
+            resident.close()  # every layer is loaded: the weight files are no longer needed
+            return resident.model
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
@@ -122,6 +128,7 @@ def check_checkpoint(directory) -> None:
     the one config.json describes (ModelLoadError naming the tensor). Nothing is loaded (meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmcad.streaming.quantized import quantize_modules, scheme_of
     from llmcad.streaming.weights import checkpoint_files, read_header
 
     directory = Path(directory)
@@ -137,12 +144,27 @@ def check_checkpoint(directory) -> None:
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+    record = scheme_of(config)
+    if record is not None:
+        quantize_modules(model, record, model.dtype)
     _check_decoder_layers(model, directory)
     for name, param in model.state_dict().items():
         path, shape = shapes.get(name, (None, tuple(param.shape)))
         if shape != tuple(param.shape):
             raise ModelLoadError(f"{path}: {name!r} has shape {list(shape)} but config.json describes "
                                  f"{list(param.shape)} (config and weights disagree)")
+
+
+def _is_quantized(directory) -> bool:
+    """True for a checkpoint written by ``llmcad prepare --quantize``."""
+    import json
+
+    from llmcad.models.quantize import CONFIG_KEY
+
+    try:
+        return CONFIG_KEY in json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def load_tokenizer(source):

@@ -21,16 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", required=True, help="output directory (created)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights")
     parser.add_argument("--gguf-file", default=None, help="name of the GGUF file inside SRC")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="store decoder-layer linears as int8 (per channel) or int4 (per group)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="int4 group size: 32, 64, 128 (default) or 256")
 
 
 def run(args) -> int:
-    out = prepare(args.src, args.out, args.dtype, gguf_file=args.gguf_file)
+    out = prepare(args.src, args.out, args.dtype, gguf_file=args.gguf_file, quantize=args.quantize,
+                  group_size=args.group_size)
     print(f"prepared {out}")
     return 0
 
 
-def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None) -> Path:
+def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, quantize: str | None = None,
+            group_size: int | None = None) -> Path:
     """Load ``src`` (GGUF via ``gguf_file`` or a checkpoint), write it to ``out`` in ``dtype``, verify.
+
+    ``quantize``: "int8" or "int4" (``group_size``) stores the decoder-layer linears packed
+    (llmcad.models.quantize); the float tensors and the scales are in ``dtype``.
 
     Returns the output directory. Raises ModelLoadError when the source cannot be loaded and
     WeightFileError when the written files do not match the model.
@@ -38,6 +47,10 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None) -> 
     src, gguf_file = _resolve_source(Path(src), gguf_file)
     if dtype not in DTYPES:
         raise ModelLoadError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if quantize is not None:
+        from llmcad.models.quantize import check_scheme
+
+        group_size = check_scheme(quantize, group_size)
     with tqdm(total=3, desc="prepare", unit="step") as steps:
         steps.set_postfix_str("loading")
         model, tokenizer = _load(src, gguf_file, dtype)
@@ -45,12 +58,26 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None) -> 
         steps.set_postfix_str("writing")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
+        if quantize is not None:
+            from llmcad.models import quantize as quant
+
+            state, record = quant.quantized_state(model, quantize, group_size, model.dtype)
+            state = quant.drop_tied(model, state)
+            quant.write_checkpoint(out, model, state, record)
+        else:
+            model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         steps.update()
         steps.set_postfix_str("verifying")
-        verify(out, model, dtype)
+        if quantize is not None:
+            quant.verify_written(out, state, record)
+        else:
+            verify(out, model, dtype)
         steps.update()
+    if quantize is not None and gguf_file:
+        types = "/".join(quant.gguf_tensor_types(src / gguf_file)) or "its types"
+        print(f"note: {gguf_file} ({types}) was dequantized and requantized to {quantize}: "
+              "not bit-exact to the GGUF's own quantization")
     return out
 
 

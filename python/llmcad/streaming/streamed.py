@@ -42,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DeviceFeed, resolve_gpu_path
+from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
 from llmcad.streaming.weights import WeightIndex, load_index
 
 
@@ -66,6 +67,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     if len(layers) != index.num_layers:
         raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
     _load_resident(model, index, placement.resident_layers, dtype, device)
+    pack_resident(model, placement.resident_layers)
     return StreamedTarget(model, index, placement, device, streamer_options or {})
 
 
@@ -439,6 +441,9 @@ def _build_on_meta(path: Path, dtype, device, attn_implementation):
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    record = scheme_of(config)
+    if record is not None:  # a quantized checkpoint: its linears are stored packed
+        quantize_modules(model, record, dtype)
     # Same path as from_pretrained: non-persistent buffers (rotary inv_freq) are made real, then
     # filled by the model's own _init_weights, which on meta parameters does nothing.
     owners = set()

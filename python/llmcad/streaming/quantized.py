@@ -1,0 +1,153 @@
+"""Quantized linear layers at run time: torch's weight-only kernels on the packed bytes of a checkpoint.
+
+A checkpoint written by ``llmcad prepare --quantize`` (llmcad.models.quantize) stores each decoder-layer
+linear as ``qweight`` / ``scales`` (/ ``zeros``). :func:`quantize_modules` swaps those nn.Linear modules of
+a model built on meta for :class:`QuantizedLinear`, whose parameters have exactly the stored names,
+shapes and dtypes, so resident loading and layer streaming bind them like any other parameter.
+
+Kernels (torch built-ins only):
+- CPU int8: ``aten._weight_int8pack_mm`` on the stored int8 [N, K] (its own layout).
+- CPU int4: ``aten._weight_int4pack_mm_for_cpu``; the weight goes through
+  ``aten._convert_weight_to_int4pack_for_cpu`` (a layout that depends on the CPU's vector width).
+- CUDA int4: ``aten._weight_int4pack_mm`` (bfloat16 activations) after ``aten._convert_weight_to_int4pack``.
+- CUDA int8: no weight-only int8 kernel in torch; the int8 weight is cast to the activation dtype inside
+  ``F.linear`` and the per-channel scales applied to the output (the same product).
+Resident layers are converted to the kernel's layout once (:func:`pack_resident`); streamed layers are
+converted inside each forward, from the bytes the streamer bound.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmcad.errors import ModelLoadError
+from llmcad.models.quantize import CONFIG_KEY, GROUP_SIZES, SCHEMES
+
+_CONVERT_ROWS = 1024  # rows converted at a time on CPU: a multiple of every CPU block width (32, 64)
+
+
+class QuantizedLinear(torch.nn.Module):
+    """y = x W^T + b with W stored as int8 per channel or int4 per group (see llmcad.models.quantize)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, scheme: str, group_size: int | None,
+                 dtype, device="meta"):
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ModelLoadError(f"unknown quantization scheme {scheme!r} (expected one of {SCHEMES})")
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size = scheme, group_size
+        self.kernel_layout = False  # True once qweight holds the device kernel's layout (resident layers)
+
+        def param(shape, dt):
+            return torch.nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
+
+        n, k = out_features, in_features
+        if scheme == "int8":
+            self.qweight = param((n, k), torch.int8)
+            self.scales = param((n,), dtype)
+        else:
+            self.qweight = param((n, k // 2), torch.uint8)
+            self.scales = param((n, k // group_size), dtype)
+            self.zeros = param((n, k // group_size), dtype)
+        self.bias = param((n,), dtype) if bias else None
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}"
+
+    def pack(self) -> None:
+        """Convert qweight to the kernel's layout once (resident layers; idempotent)."""
+        if not self.kernel_layout:
+            self._parameters["qweight"] = torch.nn.Parameter(self._kernel_weight(), requires_grad=False)
+            self.kernel_layout = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.scheme == "int8":
+            y = self._int8(x2)
+        else:
+            y = self._int4(x2)
+        y = y.reshape(*lead, self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def _kernel_weight(self) -> torch.Tensor:
+        if self.kernel_layout or self.scheme == "int8":
+            return self.qweight
+        if self.qweight.device.type == "cuda":
+            return torch.ops.aten._convert_weight_to_int4pack(self.qweight.contiguous(), _inner_k_tiles(self.in_features))
+        return cpu_int4_layout(self.qweight)
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+        return torch.nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scales
+
+    def _int4(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._kernel_weight()
+        scale_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2]
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, self.group_size, scale_zeros)
+        y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), weight, self.group_size,
+                                               scale_zeros.to(torch.bfloat16))
+        return y.to(x.dtype)
+
+
+def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Stored nibbles uint8 [N, K/2] -> the CPU int4 kernel's layout (uint8 [N, K/2]), by torch's own
+    conversion op, a block of rows at a time (the layout is blocked along N, so blocks concatenate)."""
+    n, half = qweight.shape
+    out = torch.empty_like(qweight)
+    codes = torch.empty((min(n, _CONVERT_ROWS), 2 * half), dtype=torch.int32)
+    for start in range(0, n, _CONVERT_ROWS):
+        rows = qweight[start:start + _CONVERT_ROWS]
+        c = codes[:rows.shape[0]]
+        c[:, 0::2] = rows >> 4
+        c[:, 1::2] = rows & 0x0F
+        out[start:start + rows.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c, 1).view(rows.shape)
+    return out
+
+
+def _inner_k_tiles(k: int) -> int:
+    for tiles in (8, 4, 2):
+        if k % (tiles * 16) == 0:
+            return tiles
+    raise ModelLoadError(f"in_features={k}: the CUDA int4 kernel needs a multiple of 32")
+
+
+def scheme_of(config) -> dict | None:
+    """The quantization record of a config (None for a float model), checked."""
+    record = getattr(config, CONFIG_KEY, None)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("scheme") not in SCHEMES or not record.get("modules") or (
+            record["scheme"] == "int4" and record.get("group_size") not in GROUP_SIZES):
+        raise ModelLoadError(f"config.json: {CONFIG_KEY} is not a valid quantization record: {record!r}")
+    return record
+
+
+def quantize_modules(model, record: dict, dtype) -> None:
+    """Swap the recorded nn.Linear modules of every decoder layer (on meta) for QuantizedLinear."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        for name in record["modules"]:
+            try:
+                linear = layer.get_submodule(name)
+            except AttributeError:
+                raise ModelLoadError(f"config.json: {CONFIG_KEY} names {name!r}, which layer {i} does not have") \
+                    from None
+            if not isinstance(linear, torch.nn.Linear):
+                raise ModelLoadError(f"config.json: {CONFIG_KEY} names {name!r}, not a linear layer")
+            owner_name, _, attr = name.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            setattr(owner, attr, QuantizedLinear(linear.in_features, linear.out_features,
+                                                 bias=linear.bias is not None, scheme=record["scheme"],
+                                                 group_size=record.get("group_size"), dtype=dtype))
+
+
+def pack_resident(model, layer_indices) -> None:
+    """Convert the quantized linears of the given (loaded) decoder layers to their kernel's layout."""
+    layers = model.model.layers
+    for i in layer_indices:
+        for module in layers[i].modules():
+            if isinstance(module, QuantizedLinear):
+                module.pack()

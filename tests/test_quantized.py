@@ -1,0 +1,279 @@
+"""Weight-only int8 / int4 targets: the offline packing, the kernels' linear, and losslessness of every
+mode (resident and streamed) against the quantized target's own greedy and seeded output (fp32)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pair_models
+from llmcad import LLMCad
+from llmcad.errors import ModelLoadError
+from llmcad.models import quantize as quant
+from llmcad.models.loading import load_causal_lm
+from llmcad.models.prepare import prepare
+from llmcad.spec.policy import make_policy
+from llmcad.streaming.quantized import QuantizedLinear, cpu_int4_layout
+from llmcad.streaming.weights import load_index
+
+SCHEMES = [("int8", None), ("int4", 32)]
+AWKWARD_ROWS = (1, 2, 7, 63, 65)
+PROMPT = "def add(a, b):"
+NEW_TOKENS = 16
+MODE_OPTIONS = [
+    ("target-only", {}),
+    ("chain", {}),
+    ("tree", {}),
+    ("tree", {"max_tree_tokens": 3, "max_depth": 2}),
+    ("llmcad", {}),
+    ("llmcad", {"branch_threshold": 0.05, "max_tree_tokens": 12, "alpha": 0.2}),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The packed kernels split even tiny matrices across threads; on a loaded shared CPU each such
+    barrier can cost tens of milliseconds, so these tiny-model tests run them on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(tiny_pair_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    built = {}
+
+    def get(family: str, scheme: str, kind: str = "target"):
+        key = (family, scheme, kind)
+        if key not in built:
+            group = dict(SCHEMES)[scheme]
+            built[key] = prepare(tiny_pair_dirs(family)[kind], root / f"{family}-{kind}-{scheme}", "float32",
+                                 quantize=scheme, group_size=group)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def quantized_models(quantized_dirs):
+    loaded = {}
+
+    def get(family: str, scheme: str, kind: str = "target"):
+        key = (family, scheme, kind)
+        if key not in loaded:
+            loaded[key] = load_causal_lm(quantized_dirs(family, scheme, kind))
+        return loaded[key]
+
+    return get
+
+
+def _generate_reference(model, ids, n=NEW_TOKENS):
+    ids = torch.tensor([ids])
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                          do_sample=False)[0, ids.shape[1]:].tolist()
+
+
+# ---- packing ----
+@pytest.mark.parametrize("shape", [(16, 32), (48, 96), (1040, 64)])
+def test_int4_pack_round_trip_and_error_bound(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    packed = quant.quantize_int4(w, 32, torch.float32)
+    assert packed["qweight"].dtype == torch.uint8 and packed["qweight"].shape == (shape[0], shape[1] // 2)
+    codes = quant.unpack_nibbles(packed["qweight"])
+    assert torch.equal(quant.pack_nibbles(codes), packed["qweight"])
+    assert int(codes.max()) <= 15
+    err = (quant.dequantize(packed, "int4", 32) - w).abs().reshape(shape[0], -1, 32)
+    assert (err <= packed["scales"][..., None] / 2 + 1e-6).all()  # nearest grid point within the group's range
+
+
+def test_int8_per_channel_error_bound():
+    torch.manual_seed(1)
+    w = torch.randn(40, 72) * torch.linspace(0.01, 3, 40)[:, None]
+    packed = quant.quantize_int8(w, torch.float32)
+    assert packed["qweight"].dtype == torch.int8 and int(packed["qweight"].abs().max()) == 127
+    err = (quant.dequantize(packed, "int8") - w).abs()
+    assert (err <= packed["scales"][:, None] / 2 + 1e-6).all()
+
+
+def test_cpu_int4_layout_by_blocks_equals_one_conversion():
+    torch.manual_seed(2)
+    q = torch.randint(0, 16, (1040, 64), dtype=torch.uint8)  # 1024 + a 16-row tail
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(cpu_int4_layout(quant.pack_nibbles(q)), whole.view(torch.uint8).reshape(1040, 32))
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES + [("int4", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_matches_dequantized_weight(scheme, group, dtype):
+    torch.manual_seed(3)
+    n, k = 48, 128
+    w, bias = torch.randn(n, k), torch.randn(n)
+    packed = quant.quantize_int8(w, dtype) if scheme == "int8" else quant.quantize_int4(w, group, dtype)
+    layer = QuantizedLinear(k, n, bias=True, scheme=scheme, group_size=group, dtype=dtype, device="cpu")
+    for name, t in dict(packed, bias=bias.to(dtype)).items():
+        getattr(layer, name).data = t
+    reference = quant.dequantize(packed, scheme, group)
+    tol = 1e-4 if dtype == torch.float32 else 0.15
+    for packed_once in (False, True):
+        if packed_once:
+            layer.pack()
+        for rows in AWKWARD_ROWS:
+            x = torch.randn(1, rows, k).to(dtype)
+            want = x.float() @ reference.T + bias.to(dtype).float()
+            got = layer(x)
+            assert got.shape == (1, rows, n) and got.dtype == dtype
+            assert (got.float() - want).abs().max() < tol * want.abs().max(), (rows, packed_once)
+
+
+# ---- prepare ----
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_prepare_writes_one_range_per_layer_and_records_the_scheme(quantized_dirs, tiny_pair_dirs, scheme, group):
+    out = quantized_dirs("qwen2", scheme)
+    record = json.loads((out / "config.json").read_text())[quant.CONFIG_KEY]
+    assert record["scheme"] == scheme and record["group_size"] == group
+    assert "self_attn.q_proj" in record["modules"] and "mlp.down_proj" in record["modules"]
+    index, float_index = load_index(out), load_index(tiny_pair_dirs("qwen2")["target"])
+    for i in range(index.num_layers):
+        assert len(index.layer_ranges(i).ranges) == 1
+        names = {t.name.rsplit(".", 1)[-1] for t in index.layers[i]}
+        assert "qweight" in names and ("zeros" in names) == (scheme == "int4")
+    ratio = index.layer_bytes(0) / float_index.layer_bytes(0)
+    assert ratio < (0.3 if scheme == "int8" else 0.2)  # fp32 source: 4 bytes a weight, 1 or 1/2 + scales
+
+
+def test_prepare_rejects_bad_schemes_and_shapes(tiny_pair_dirs, tmp_path):
+    src = tiny_pair_dirs("llama")["target"]
+    with pytest.raises(ModelLoadError, match="int8, int4"):
+        prepare(src, tmp_path / "a", "float32", quantize="int3")
+    with pytest.raises(ModelLoadError, match="--group-size 48"):
+        prepare(src, tmp_path / "b", "float32", quantize="int4", group_size=48)
+    with pytest.raises(ModelLoadError, match="int4 only"):
+        prepare(src, tmp_path / "c", "float32", quantize="int8", group_size=32)
+    with pytest.raises(ModelLoadError, match="divisible by the group size"):
+        prepare(src, tmp_path / "d", "float32", quantize="int4", group_size=256)  # hidden 64
+
+
+def test_cli_prepare_quantize(tiny_pair_dirs, tmp_path, capsys):
+    from llmcad.cli import main
+
+    assert main(["prepare", str(tiny_pair_dirs("llama")["target"]), "-o", str(tmp_path / "q"), "--dtype",
+                 "float32", "--quantize", "int4", "--group-size", "64"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())[quant.CONFIG_KEY]["group_size"] == 64
+    assert main(["prepare", str(tiny_pair_dirs("llama")["target"]), "-o", str(tmp_path / "r"),
+                 "--quantize", "int4", "--group-size", "100"]) == 2
+    assert "--group-size 100" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_resident_quantized_model_is_its_dequantized_weights(quantized_dirs, tiny_pair_dirs, scheme, group):
+    from safetensors.torch import load_file
+
+    out = quantized_dirs("qwen2", scheme)
+    model, reference = load_causal_lm(out), load_causal_lm(tiny_pair_dirs("qwen2")["target"])
+    stored = load_file(out / "model.safetensors")
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                parts = {k.rsplit(".", 1)[-1]: v for k, v in stored.items() if k.rsplit(".", 1)[0] == name}
+                module.weight.copy_(quant.dequantize(parts, scheme, group))
+        ids = torch.tensor([[5, 17, 42, 7, 99]])
+        got, want = model(ids).logits, reference(ids).logits
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+# ---- losslessness ----
+@pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+@pytest.mark.parametrize("family", pair_models.FAMILIES)
+def test_every_mode_equals_the_quantized_targets_greedy_output(quantized_models, tiny_models, tiny_tokenizer,
+                                                               family, scheme):
+    target = quantized_models(family, scheme)
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    expected = _generate_reference(target, ids)
+    for mode, options in MODE_OPTIONS:
+        eng = LLMCad(tiny_models(family, "shared"), target, tiny_tokenizer, make_policy(mode, **options))
+        assert eng.generate(PROMPT, NEW_TOKENS).tokens == expected, (family, scheme, mode, options)
+
+
+@pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+def test_quantized_draft_and_target_together(quantized_models, tiny_tokenizer, scheme):
+    target, draft = quantized_models("llama", scheme), quantized_models("llama", scheme, "shared")
+    expected = _generate_reference(target, tiny_tokenizer(PROMPT)["input_ids"])
+    result = LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad")).generate(PROMPT, NEW_TOKENS)
+    assert result.tokens == expected
+    assert result.stats["tokens_per_pass"] > 1  # the quantized draft gets tokens accepted
+
+
+@pytest.mark.parametrize("mode", ["llmcad", "tree", "chain", "target-only"])
+@pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_streamed_quantized_target_is_lossless_and_reads_packed_bytes(quantized_dirs, quantized_models, tiny_pair_dirs,
+                                                                      family, scheme, mode):
+    """Through the engine's own loading: a budget below draft + target streams every packed layer."""
+    from llmcad.errors import BudgetError
+
+    dirs = tiny_pair_dirs(family)
+    with pytest.raises(BudgetError) as err:  # the smallest budget the plan accepts streams every layer
+        LLMCad.from_pretrained(dirs["shared"], quantized_dirs(family, scheme), memory_budget=1)
+    budget = int(err.value.args[0].split("(")[2].split(" bytes")[0])
+    eng = LLMCad.from_pretrained(dirs["shared"], quantized_dirs(family, scheme), mode=mode, memory_budget=budget)
+    try:
+        assert eng.placement.resident_layers == [] and eng.placement.streamed_layers
+        index = load_index(quantized_dirs(family, scheme))
+        assert eng.placement.bytes_per_pass == sum(index.layer_bytes(i) for i in range(index.num_layers))
+        ids = eng.tokenizer(PROMPT)["input_ids"]
+        expected = _generate_reference(quantized_models(family, scheme), ids)
+        got = eng.generate(ids, NEW_TOKENS).tokens
+        assert got == expected[:len(got)] and (len(got) == NEW_TOKENS or got[-1] in eng.eos_token_ids)
+        ctl = eng.streamed
+        assert ctl.passes > 0 and ctl.bytes_read == ctl.passes * eng.placement.bytes_per_pass
+    finally:
+        eng.close()
+
+
+def test_budget_counts_packed_bytes(quantized_dirs, tiny_pair_dirs):
+    from llmcad.streaming.budget import plan_placement
+
+    plans = {s: plan_placement(load_index(quantized_dirs("llama", s)), memory_budget="1GiB", max_resident_layers=1)
+             for s, _ in SCHEMES}
+    plans["float"] = plan_placement(load_index(tiny_pair_dirs("llama")["target"]), memory_budget="1GiB",
+                                    max_resident_layers=1)
+    assert plans["int4"].bytes_per_pass < plans["int8"].bytes_per_pass < plans["float"].bytes_per_pass / 3
+    for p in plans.values():
+        assert p.buffer_bytes >= p.bytes_per_pass // len(p.streamed_layers)
+    acct = {s: p.accounting["target_resident_layers"] for s, p in plans.items()}
+    assert acct["int4"] < acct["int8"] < acct["float"]
+
+
+@pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+def test_seeded_sampling_is_reproducible_in_every_mode(quantized_models, tiny_models, tiny_tokenizer, scheme):
+    target = quantized_models("llama", scheme)
+    sampling = dict(do_sample=True, temperature=0.8, top_k=8, seed=11)
+    for mode in ("target-only", "chain", "tree", "llmcad"):
+        eng = LLMCad(tiny_models("llama", "shared"), target, tiny_tokenizer, make_policy(mode))
+        first = eng.generate(PROMPT, NEW_TOKENS, **sampling).tokens
+        assert eng.generate(PROMPT, NEW_TOKENS, **sampling).tokens == first, mode
+
+
+def test_int4_sampling_follows_the_quantized_targets_distribution(quantized_models, tiny_models, tiny_tokenizer):
+    from test_sampling import CHI2_CRITICAL_DF15_P001, RUNS, TOP_K, target_joint
+
+    from llmcad.spec.verify import TargetChooser
+
+    target = quantized_models("llama", "int4")
+    eng = LLMCad(tiny_models("llama", "shared"), target, tiny_tokenizer, make_policy("llmcad", branch_threshold=0.1))
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    sampling = dict(temperature=0.8, top_k=TOP_K)
+    expected = target_joint(target, ids, TargetChooser(do_sample=True, **sampling))
+    counts = torch.zeros_like(expected)
+    for seed in range(RUNS):
+        tokens = eng.generate(ids, 2, do_sample=True, seed=seed, **sampling).tokens
+        counts[tokens[0], tokens[1]] += 1
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a token outside the target's top-k support was emitted"
+    e, o = expected[support] * RUNS, counts[support]
+    assert float(((o - e) ** 2 / e).sum()) < CHI2_CRITICAL_DF15_P001
