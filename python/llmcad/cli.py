@@ -20,6 +20,7 @@ EXTERNAL = {
     "demo": ("llmcad.demo", "run the default real pair on a default prompt"),
     "chat": ("llmcad.chat", "talk with a chat model: keeps the conversation, streams each reply"),
     "trace-plot": ("llmcad.bench.trace_plot", "plot a trace written by `generate --trace`"),
+    "serve": ("llmcad.serve.command", "an OpenAI-compatible HTTP server (needs pip install \"llmcad[serve]\")"),
 }
 BENCH = {
     "streamer": "llmcad.bench.streamer_bench",
@@ -74,13 +75,14 @@ def version_text() -> str:
             f"io_uring {'compiled' if info['io_uring_compiled'] else 'not compiled'})")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
+                        budget_default: str = "keep the target resident") -> None:
     """The draft/target pair, where and how the target runs, and the verification policy."""
-    p.add_argument("--draft", required=True, help="draft model: local HF directory or hub id")
-    p.add_argument("--target", required=True, help="target model: local HF directory or hub id")
+    p.add_argument("--draft", required=required, help="draft model: local HF directory or hub id")
+    p.add_argument("--target", required=required, help="target model: local HF directory or hub id")
     p.add_argument("--mode", choices=MODES, default="llmcad")
     p.add_argument("--memory-budget", default=None, help="bound on all model memory, e.g. 2GiB (default: "
-                   "keep the target resident)")
+                   f"{budget_default})")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
