@@ -61,19 +61,21 @@ class Job:
 
 
 class JobQueue:
-    """A bounded FIFO of jobs waiting for the worker; cancelled jobs leave it at once."""
+    """A FIFO of jobs for the worker: up to ``limit`` may wait while one runs (one more is taken when the
+    worker is idle, since it leaves the queue at once). Cancelled jobs leave it at once."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self._jobs = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._busy = False  # the worker holds a job
 
     def put(self, job: Job) -> None:
         with self._cond:
             if self._closed:
                 raise errors.shutting_down()
-            if len(self._jobs) >= self.limit:
+            if len(self._jobs) >= self.limit + (0 if self._busy else 1):
                 raise errors.queue_full(self.limit)
             self._jobs.append(job)
             self._cond.notify()
@@ -87,11 +89,18 @@ class JobQueue:
                 return False
 
     def get(self) -> Job | None:
-        """The oldest job; None once the queue is closed."""
+        """The oldest job (the worker holds it until :meth:`done`); None once the queue is closed."""
         with self._cond:
             while not self._jobs and not self._closed:
                 self._cond.wait()
-            return None if self._closed else self._jobs.popleft()
+            if self._closed:
+                return None
+            self._busy = True
+            return self._jobs.popleft()
+
+    def done(self) -> None:
+        with self._cond:
+            self._busy = False
 
     def close(self) -> list:
         """Refuse new jobs and wake the worker; returns the jobs that were still waiting."""
@@ -142,7 +151,7 @@ class GenerationWorker:
         """Refuse new jobs, fail the waiting ones and cancel the running one; returns at once."""
         with self._lock:
             self._halted_while_loading = self._halted_while_loading or self.state == "loading"
-            self.state = "stopped"
+            self.state = "failed" if self.state == "failed" else "stopped"
             for job in self.queue.close():
                 job.post("error", errors.shutting_down())
             if self.running is not None:
@@ -188,6 +197,7 @@ class GenerationWorker:
                 finally:
                     with self._lock:
                         self.running = None
+                    self.queue.done()
         finally:
             engine.close()
 
