@@ -28,6 +28,7 @@ import llmcad
 import pair_models
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, ModelLoadError
+from llmcad.models.chat import chat_prompt_ids
 from llmcad.serve.server import make_server
 from llmcad.serve.textstream import TextStream, cut_at_stop, held_back
 from llmcad.serve.worker import GenerationWorker
@@ -35,8 +36,6 @@ from llmcad.serve.worker import GenerationWorker
 MODEL = "tiny"
 PROMPT = "def add(a, b):"
 MESSAGES = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 N = 10  # generated tokens in most checks (the machine running the tests may be slow and shared)
 TEST_LIMIT_S = 120
 CLIENT_TIMEOUT_S = 60
@@ -62,8 +61,7 @@ def time_limit():
 @pytest.fixture(scope="module")
 def pair(tiny_pair_dirs, tmp_path_factory):
     """The tiny llama target and its shared-layers draft, with a tokenizer that has a chat template."""
-    tokenizer = pair_models.build_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = pair_models.build_tokenizer(chat_template=pair_models.CHAT_TEMPLATE)
     dirs, root = tiny_pair_dirs("llama"), tmp_path_factory.mktemp("serve")
     return {kind: pair_models.copy_with_tokenizer(dirs[src], root / kind, tokenizer)
             for kind, src in (("draft", "shared"), ("target", "target"))}
@@ -153,8 +151,7 @@ def slow_server(pair, streaming_budget):
 
 
 def chat_ids(engine, messages=MESSAGES) -> list:
-    return list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-                ["input_ids"])
+    return chat_prompt_ids(engine.tokenizer, messages)
 
 
 def stream_text(stream, chat: bool) -> tuple[str, list]:
@@ -255,7 +252,7 @@ def test_sampled_completion_with_a_seed_equals_generate(server, reference):
 
 
 def test_chat_uses_the_chat_template(server, reference):
-    want = reference.generate(chat_ids(reference), N)
+    want = reference.generate(MESSAGES, N)
     got = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=N, temperature=0)
     assert got.object == "chat.completion"
     assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == want.text
@@ -270,7 +267,7 @@ def test_chat_uses_the_chat_template(server, reference):
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_streamed_chunks_concatenate_to_the_same_text(server, reference, chat):
-    prompt = chat_ids(reference) if chat else PROMPT
+    prompt = MESSAGES if chat else PROMPT
     want = reference.generate(prompt, N)
     client = server.client()
     create = client.chat.completions.create if chat else client.completions.create
@@ -439,7 +436,7 @@ def test_disconnect_mid_stream_cancels_and_the_next_request_is_clean(slow_server
     assert health["requests"]["cancelled"] - before["cancelled"] == 2
     assert health["requests"]["finished"] == before["finished"]
     # the engine's streamed target holds no layer buffer; the next request gets the right text
-    assert engine.target.llmcad_streamed._held is None
+    assert engine.streamed._held is None
     client = slow_server.client()
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0).choices[0].text == want
     client.close()

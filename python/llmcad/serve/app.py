@@ -96,14 +96,15 @@ class _API:
         if frontend is None:
             raise errors.not_ready(self.worker.state)
         if chat:
-            ids = prompts.chat_ids(frontend.tokenizer, schemas.chat_messages(req))
+            prompt = schemas.chat_messages(req)
+            ids = prompts.chat_ids(frontend.tokenizer, prompt)
             default = None
         else:
-            ids = prompts.completion_ids(frontend.tokenizer, req.prompt, frontend.vocab_size)
+            prompt = ids = prompts.completion_ids(frontend.tokenizer, req.prompt, frontend.vocab_size)
             default = prompts.COMPLETION_DEFAULT_MAX_TOKENS
         n = prompts.max_new_tokens(len(ids), requested, frontend.context_length, default,
                                    "messages" if chat else "prompt")
-        return Job(ids, n, params, asyncio.get_running_loop())
+        return Job(prompt, len(ids), n, params, asyncio.get_running_loop())
 
     async def _events(self, job: Job, shape: Shape):
         """The SSE body: the role (chat), text deltas, the finish reason, usage if asked, ``[DONE]``;

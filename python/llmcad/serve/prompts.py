@@ -1,10 +1,13 @@
 """Prompt token ids for a request (a completion prompt tokenized as the engine tokenizes a string, chat
-messages through the tokenizer's chat template) and the context-length checks, done before queueing."""
+messages through the tokenizer's chat template as the engine applies it) and the context-length checks,
+done before queueing."""
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
+from llmcad.errors import PromptError
+from llmcad.models.chat import chat_prompt_ids
 from llmcad.serve.errors import bad_request
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
@@ -45,16 +48,12 @@ def completion_ids(tokenizer, prompt, vocab_size: int) -> list:
 
 
 def chat_ids(tokenizer, messages: list) -> list:
-    """The chat template applied to ``messages`` with the assistant's generation prompt added."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
+    """The chat template applied to ``messages`` with the assistant's generation prompt added, as
+    ``engine.generate`` applies it to messages."""
     try:
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)
-    except Exception as exc:  # a template may refuse a conversation (roles out of order, ...)
-        raise bad_request(f"messages: the chat template refused them: {' '.join(str(exc).split())}",
-                          "messages") from None
-    return list(encoded["input_ids"])
+        return chat_prompt_ids(tokenizer, messages)
+    except PromptError as exc:
+        raise bad_request(f"messages: {' '.join(str(exc).split())}", "messages") from None
 
 
 def max_new_tokens(prompt_tokens: int, requested, context: int, default=None, param="prompt") -> int:

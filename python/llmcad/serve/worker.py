@@ -35,10 +35,12 @@ class Outcome:
 
 @dataclass
 class Job:
-    """One request's generation. Events reach the request's event loop as (kind, value): ("start", None),
-    ("text", delta), then ("done", Outcome) or ("error", APIError)."""
+    """One request's generation. ``prompt``: what ``engine.generate`` is given (token ids, or chat
+    messages), ``prompt_tokens`` its length in tokens. Events reach the request's event loop as
+    (kind, value): ("start", None), ("text", delta), then ("done", Outcome) or ("error", APIError)."""
 
-    ids: list
+    prompt: list
+    prompt_tokens: int
     max_new_tokens: int
     params: Params
     loop: asyncio.AbstractEventLoop
@@ -210,7 +212,7 @@ class GenerationWorker:
         text = TextStream(self.engine.tokenizer, job.params.stop)
         streamer = _JobStreamer(job, text)
         try:
-            result = self.engine.generate(job.ids, job.max_new_tokens, streamer=streamer,
+            result = self.engine.generate(job.prompt, job.max_new_tokens, streamer=streamer,
                                           **job.params.engine_kwargs())
         except Cancelled:
             self.counts["cancelled"] += 1
@@ -229,7 +231,7 @@ class GenerationWorker:
         if tail and job.params.stream:
             job.post("text", tail)
         self.counts["finished"] += 1
-        job.post("done", _outcome(text, result, len(job.ids)))
+        job.post("done", _outcome(text, result, job.prompt_tokens))
 
 
 class _JobStreamer:
