@@ -590,12 +590,20 @@ def test_cli_refuses_bad_arguments_and_a_missing_extra(capsys, monkeypatch):
     assert err.count("\n") == 1 and 'pip install "llmcad[serve]"' in err and "no_such_module_llmcad" in err
 
 
-def test_cli_exits_2_when_the_models_cannot_load(tmp_path, capsys):
+def test_cli_exits_2_when_the_models_cannot_load(pair, tmp_path, capsys):
+    """A missing directory is refused before the server starts; weights that fail to load stop the
+    server, which then exits 2 with the loader's message."""
     from llmcad.cli import main
 
-    assert main(["serve", "--draft", str(tmp_path / "no-draft"), "--target", str(tmp_path / "no-target"),
-                 "--port", "0", "--log-level", "warning"]) == 2
+    assert main(["serve", "--draft", str(tmp_path / "no-draft"), "--target", str(tmp_path / "no-target")]) == 2
     assert "llmcad: error:" in capsys.readouterr().err
+    broken = pair_models.copy_with_tokenizer(pair["target"], tmp_path / "broken", pair_models.build_tokenizer(
+        chat_template=pair_models.CHAT_TEMPLATE))
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["serve", "--draft", str(pair["draft"]), "--target", str(broken), "--port", "0",
+                 "--log-level", "warning"]) == 2
+    err = capsys.readouterr().err
+    assert "llmcad: error:" in err and "model.safetensors" in err.splitlines()[-1], err
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
