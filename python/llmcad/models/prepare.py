@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmcad.errors import ModelLoadError, WeightFileError
+from llmcad.progress import step
 
 DTYPES = ("bfloat16", "float16", "float32")
 _CHECKED_TENSORS = 4  # tensors compared value-for-value after writing
@@ -51,12 +52,9 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         from llmcad.models.quantize import check_scheme
 
         group_size = check_scheme(quantize, group_size)
-    with tqdm(total=3, desc="prepare", unit="step") as steps:
-        steps.set_postfix_str("loading")
-        model, tokenizer = _load(src, gguf_file, dtype)
-        steps.update()
-        steps.set_postfix_str("writing")
-        out = Path(out)
+    model, tokenizer = _load(src, gguf_file, dtype)
+    out = Path(out)
+    with step(f"prepare: writing {quantize or dtype} weights to {out}"):
         out.mkdir(parents=True, exist_ok=True)
         if quantize is not None:
             from llmcad.models import quantize as quant
@@ -67,13 +65,10 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         else:
             model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        steps.update()
-        steps.set_postfix_str("verifying")
-        if quantize is not None:
-            quant.verify_written(out, state, record)
-        else:
-            verify(out, model, dtype)
-        steps.update()
+    if quantize is not None:
+        quant.verify_written(out, state, record)
+    else:
+        verify(out, model, dtype)
     if quantize is not None and gguf_file:
         types = "/".join(quant.gguf_tensor_types(src / gguf_file)) or "its types"
         print(f"note: {gguf_file} ({types}) was dequantized and requantized to {quantize}: "
@@ -93,14 +88,18 @@ def _resolve_source(src: Path, gguf_file):
 
 def _load(src: Path, gguf_file, dtype: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    what = src / gguf_file if gguf_file else src
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kwargs)
+        with step(f"prepare: reading the tokenizer of {what}"):
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        if gguf_file:  # unpack every weight now (llmcad streams plain tensors), so no GGUF kernel is involved
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        with step(f"prepare: loading {what} as {dtype}", spinner=not gguf_file):  # a GGUF load has its own bar
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        what = src / gguf_file if gguf_file else src
         raise ModelLoadError(f"{what}: cannot load model: {exc}") from exc
     # A GGUF import is dequantized already; saving must not claim a quantization.
     model.hf_quantizer = None
@@ -133,7 +132,7 @@ def verify(out: Path, model, dtype: str | None = None) -> None:
     index = load_index(out)
     state = model.state_dict()
     expected = {k: v for k, v in state.items() if k in index.tensors or not _is_tied(model, k)}
-    for name, tensor in tqdm(expected.items(), desc="verify", unit="tensor", leave=False):
+    for name, tensor in tqdm(expected.items(), desc="prepare: verifying", unit="tensor", leave=False):
         entry = index.tensors.get(name)
         if entry is None:
             raise WeightFileError(f"{out}: tensor {name!r} missing from the written checkpoint")
