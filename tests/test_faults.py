@@ -249,8 +249,22 @@ def test_keyboard_interrupt_raised_inside_a_streamed_pass(pair, setup, mode):
         assert eng.generate(ids, NEW_TOKENS).tokens == want
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process for the test, whatever the suite was started
+    with (under nohup or `&` it is ignored, and interrupt_main() then does nothing)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+# a child `llmcad` that takes SIGINT as Python's default does, even when it inherits SIG_IGN
+_CLI_WITH_SIGINT = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "from llmcad.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_ctrl_c_in_the_middle_of_a_streamed_pass(pair, setup, mode):
+def test_ctrl_c_in_the_middle_of_a_streamed_pass(pair, setup, mode, sigint_raises):
     """SIGINT semantics: the interrupt is delivered to the main thread (the caller) while a target layer
     is about to run (on the worker thread in llmcad mode); generate ends with KeyboardInterrupt."""
     _, ids, want = setup
@@ -296,7 +310,7 @@ def test_ctrl_c_on_the_command_line_exits_130_quickly(pair, setup):
     budget, _, _ = setup
     python_dir = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-m", "llmcad.cli", "generate", "--draft", str(pair["draft"]), "--target",
+    argv = [sys.executable, "-c", _CLI_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "200", "--memory-budget", str(budget),
             "--bandwidth-cap", "2e6"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
