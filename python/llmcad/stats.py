@@ -97,10 +97,10 @@ def summary(stats: dict, load_s: float | None = None) -> str:
     tokens, passes = stats.get("generated_tokens", 0), stats.get("target_passes", 0)
     rows = [
         ("generated", f"{tokens} tokens in {seconds.get('total', 0.0):.2f} s = {stats.get('tokens_per_s', 0.0):.2f} "
-                      f"tokens/s (stopped by {stats.get('stop_reason') or 'nothing'})"),
+                      f"tokens/s ({stats.get('mode', '?')} mode, stopped by {stats.get('stop_reason') or 'nothing'})"),
         ("target", f"{passes} passes, {stats.get('tokens_per_pass', 0.0):.2f} tokens per pass, "
                    f"{seconds.get('target', 0.0):.2f} s"),
-        ("draft", f"{seconds.get('draft', 0.0):.2f} s ({stats.get('mode', '?')} mode)"),
+        ("draft", f"{seconds.get('draft', 0.0):.2f} s"),
         ("read", f"{format_size(stats.get('bytes_read', 0))} of target weights from storage"),
         ("peak RSS", format_size(stats.get("peak_rss_bytes", 0))),
     ]
