@@ -18,7 +18,7 @@ from llmcad.bench import pagecache
 from llmcad.bench.tiny_pair import PROMPTS, build_tiny_pair
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MAIN_NAMES = ["target-only", "chain", "llmcad", "hf-offload", "hf-assisted-offload"]
+MAIN_NAMES = ["target-only", "chain", "tree", "llmcad-paper", "llmcad", "hf-offload", "hf-assisted-offload"]
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +162,23 @@ def test_compare_against_baseline_of_the_same_setting():
     assert [r["agreement"] for r in rows] == [1.0, 0.5, 1.0, 1.0]
 
 
-def test_ablation_rows_are_data():
-    args = _parse(["--ablation", "--chain-k", "3", "--row-option", "tree+fallback.prefetch=false"])
+def test_rows_are_data():
+    args = _parse(["--chain-k", "3", "--row-option", "llmcad-paper.prefetch=false", "--rows",
+                   "target-only,chain,tree,llmcad-paper,llmcad"])
     rows = bench_e2e.select_rows(args, [3])
-    assert [r.name for r in rows] == ["target-only", "chain", "tree", "tree+fallback", "llmcad"]
+    assert [r.name for r in rows] == ["target-only", "chain", "tree", "llmcad-paper", "llmcad"]
     assert rows[1].options == {"mode": "chain", "chain_length": 3}
-    assert rows[3].options == {"mode": "llmcad", "pipeline": False, "prefetch": False}
+    assert rows[3].options == {"mode": "llmcad", "alpha_rule": "paper", "prefetch": False}
+
+
+def test_agreement_with_a_shorter_baseline_counts_its_positions_only():
+    rows = [{"name": "target-only", "setting": "s", "tokens_per_s": 1.0},
+            {"name": "llmcad", "setting": "s", "tokens_per_s": 4.0}]
+    tokens = {("target-only", "s"): [[1, 2]], ("llmcad", "s"): [[1, 2, 3, 4]]}
+    bench_report.compare(rows, tokens, baseline_cut=True)
+    assert rows[1]["agreement"] == 1.0 and rows[1]["ratio_vs_target_only"] == 4.0
+    bench_report.compare(rows, tokens)
+    assert rows[1]["agreement"] == 0.5
 
 
 def test_humaneval_prompts_come_from_the_package():

@@ -28,7 +28,10 @@ MODE_OPTIONS = [
     ("tree", {}),
     ("tree", {"max_tree_tokens": 3, "max_depth": 2}),
     ("llmcad", {}),
-    ("llmcad", {"branch_threshold": 0.05, "max_tree_tokens": 12, "alpha": 0.2}),
+    ("llmcad", {"max_tree_tokens": 5, "max_depth": 3}),
+    ("llmcad", {"branch_threshold": 0.05, "max_tree_tokens": 12}),
+    ("llmcad", {"alpha_rule": "paper"}),
+    ("llmcad", {"alpha_rule": "paper", "branch_threshold": 0.05, "max_tree_tokens": 12, "alpha": 0.2}),
 ]
 
 
@@ -258,7 +261,7 @@ def test_pacer_extends_largest_deficit():
 
 
 def test_llmcad_fallback_rule():
-    policy = LLMCadPolicy(alpha=0.01)
+    policy = LLMCadPolicy(alpha=0.01, alpha_rule="paper")
     t = DraftTree.rooted(0)
     a = t.add(0, 1, 0.9)
     b = t.add(a, 2, 0.9)
@@ -286,4 +289,8 @@ def test_make_policy_errors():
     with pytest.raises(ValueError, match="max_tree_tokens"):
         make_policy("llmcad", max_tree_tokens=0)
     with pytest.raises(ValueError, match="alpha"):
-        make_policy("llmcad", alpha=0)
+        make_policy("llmcad", alpha=0, alpha_rule="paper")
+    with pytest.raises(ValueError, match="alpha_rule='paper'"):
+        make_policy("llmcad", alpha=0.1)
+    with pytest.raises(ValueError, match="alpha_rule"):
+        make_policy("llmcad", alpha_rule="fast")

@@ -93,19 +93,23 @@ def _check_lossless(engine, tiny_models, tiny_tokenizer, family="qwen2"):
     return s
 
 
+@pytest.mark.parametrize("alpha_rule", ["cost", "paper"])
 @pytest.mark.parametrize("lockstep", [True, False])
 @pytest.mark.parametrize("draft_kind", ["same", "unrelated", "shared"])
 def test_llmcad_mode_is_lossless_while_drafting_provisionally(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets,
-                                                            draft_kind, lockstep):
+                                                            draft_kind, lockstep, alpha_rule):
     options = {} if lockstep else {"streamer_options": SLOW_IO}
-    with streamed_engine(tiny_pair_dirs, budgets, draft_kind, lockstep=lockstep, **options) as engine:
+    with streamed_engine(tiny_pair_dirs, budgets, draft_kind, lockstep=lockstep, alpha_rule=alpha_rule,
+                         **options) as engine:
         s = _check_lossless(engine, tiny_models, tiny_tokenizer)
-    assert s["mode"] == "llmcad" and s["prefetch"] is True
+    assert s["mode"] == "llmcad" and s["prefetch"] is True and s["alpha_rule"] == alpha_rule
     if lockstep:  # every verification that could draft did
         assert s["provisional_drafted"] > 0
-    if draft_kind == "same":  # the draft's greedy path is the target's: provisional tokens are always reused
-        assert s["provisional_dropped"] == 0
+    if draft_kind == "same" and alpha_rule == "paper":  # the draft's greedy path is the target's: provisional
+        assert s["provisional_dropped"] == 0  # tokens on the main path are always reused
         assert s["provisional_drafted"] == 0 or s["provisional_reused"] > 0
+    if draft_kind == "same" and alpha_rule == "cost" and lockstep:  # the next tree grows under the bonus
+        assert s["provisional_reused"] > 0
 
 
 def test_draft_equal_to_target_reuses_every_provisional_token_hand_worked(tiny_pair_dirs, tiny_models,
@@ -279,14 +283,14 @@ def test_reconcile_keeps_the_provisional_tail_only_on_a_matching_prefix():
 @pytest.mark.parametrize("family", ["llama"])
 def test_every_ablation_row_is_lossless(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets, family):
     """The rows of `llmcad bench e2e --ablation`, as engine options."""
-    rows = [{"mode": "target-only"}, {"mode": "chain"}, {"mode": "tree"}, {"mode": "llmcad", "pipeline": False},
-            {"mode": "llmcad"}]
+    rows = [{"mode": "target-only"}, {"mode": "chain"}, {"mode": "tree"}, {"mode": "llmcad", "alpha_rule": "paper"},
+            {"mode": "llmcad", "pipeline": False}, {"mode": "llmcad"}]
     ids, want = expected_tokens(tiny_models, tiny_tokenizer, family)
     for options in rows:
         with streamed_engine(tiny_pair_dirs, budgets, "shared", family=family, **options) as engine:
             s = generate(engine, ids, NEW_TOKENS).stats
             assert generate(engine, ids, NEW_TOKENS).tokens == want, options
-        assert s["pipeline"] is (options == {"mode": "llmcad"})
+        assert s["pipeline"] is (options.get("mode") == "llmcad" and options.get("pipeline", True))
 
 
 def test_a_yielding_draft_wakes_for_the_next_io_wait():
@@ -305,3 +309,21 @@ def test_a_yielding_draft_wakes_for_the_next_io_wait():
     assert gate.draft_turn() is True
     gate.draft_step_done()
     gate.end_verification()
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_seeded_sampling_streamed_and_pipelined_equals_target_only(tiny_pair_dirs, tiny_models, tiny_tokenizer,
+                                                                   budgets, family):
+    """A sampled run of the pipelined llmcad mode (provisional trees, streamed target) reproduces the
+    resident target-only run with the same seed, token for token."""
+    from llmcad.spec.policy import make_policy
+
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    sampling = dict(do_sample=True, temperature=0.9, top_k=30, seed=11)
+    want = LLMCad(tiny_models(family, "shared"), tiny_models(family, "target"), tiny_tokenizer,
+                  make_policy("target-only")).generate(ids, NEW_TOKENS, **sampling).tokens
+    for lockstep in (True, False):
+        with streamed_engine(tiny_pair_dirs, budgets, "shared", family=family, lockstep=lockstep) as engine:
+            result = engine.generate(ids, NEW_TOKENS, **sampling)
+        assert result.tokens == want, lockstep
+        assert result.stats["pipeline"] is True

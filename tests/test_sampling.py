@@ -92,3 +92,40 @@ def test_choice_uses_the_seeded_generator():
     b = TargetChooser(do_sample=True, seed=11).choose(logits)
     assert np.array_equal(a, b) and a.dtype == np.int32
     assert np.array_equal(TargetChooser().choose(logits), logits.argmax(-1).numpy())
+
+
+SAMPLED_MODES = [("chain", {}), ("tree", {"branch_threshold": 0.05}), ("llmcad", {}),
+                 ("llmcad", {"max_tree_tokens": 6, "branch_threshold": 0.1}), ("llmcad", {"alpha_rule": "paper"})]
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "unrelated", "shared"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gemma"])
+def test_seeded_sampling_equals_target_only_in_every_mode(tiny_models, tiny_tokenizer, family, draft_kind):
+    """Each token's noise is keyed on (seed, absolute position): any mode samples what target-only
+    samples, token for token, whatever the trees and however many tokens a pass accepts."""
+    target = tiny_models(family, "target")
+    draft = tiny_models(family, draft_kind)
+    sampling = dict(do_sample=True, temperature=0.9, top_k=30)
+    for seed in (0, 5):
+        want = LLMCad(draft, target, tiny_tokenizer, make_policy("target-only")).generate(
+            PROMPT, 16, seed=seed, **sampling).tokens
+        for mode, options in SAMPLED_MODES:
+            got = LLMCad(draft, target, tiny_tokenizer, make_policy(mode, **options)).generate(
+                PROMPT, 16, seed=seed, **sampling)
+            assert got.tokens == want, (family, draft_kind, mode, options, seed)
+    other = LLMCad(draft, target, tiny_tokenizer, make_policy("target-only")).generate(PROMPT, 16, seed=1, **sampling)
+    assert other.tokens != want, "different seeds should give different samples here"
+
+
+def test_noise_is_keyed_on_seed_and_position_only():
+    from llmcad.spec.verify import exponential_noise
+
+    a = exponential_noise(3, 17, 50, "cpu")
+    assert torch.equal(a, exponential_noise(3, 17, 50, "cpu"))
+    assert not torch.equal(a, exponential_noise(3, 18, 50, "cpu"))
+    assert not torch.equal(a, exponential_noise(4, 17, 50, "cpu"))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    chooser = TargetChooser(do_sample=True, seed=3)
+    rows = chooser.choose(logits, [17, 40, 17])
+    alone = chooser.choose(logits[2:3], [17])
+    assert rows[2] == alone[0]  # a row's pick depends on its logits and position, not on its neighbours

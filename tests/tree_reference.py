@@ -86,3 +86,17 @@ def random_tree(rng, n, max_branch=None):
         low = 0 if max_branch is None else max(0, i - max_branch)
         parents[i] = rng.integers(low, i)
     return parents
+
+
+def draft_rows_mask(parents, slots, nodes, prefix_len, ran, dtype=np.float32):
+    """Additive mask [B, prefix_len + ran + B] of a batched draft forward: row i (node nodes[i]) sees the
+    prefix, the slots of its ancestors (written the slow way: a visibility matrix over all keys) and
+    its own new key prefix_len + ran + i."""
+    keys = prefix_len + ran + len(nodes)
+    seen = np.zeros((len(nodes), keys), dtype=bool)
+    seen[:, :prefix_len] = True
+    for row, node in enumerate(nodes):
+        for a in ancestors_or_self(parents, node)[1:]:
+            seen[row, prefix_len + slots[a]] = True
+        seen[row, prefix_len + ran + row] = True
+    return np.where(seen, 0.0, -np.inf).astype(dtype)

@@ -33,7 +33,7 @@ BENCH_HELP = {
     "e2e": "llmcad against the peers a user would pick, on the real pair (or --tiny)",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
-POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "chain_length")
+POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "chain_length")
 
 
 class UsageError(ValueError):
@@ -92,7 +92,10 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
     t.add_argument("--max-depth", type=int, default=None, help="draft tokens per branch (llmcad, tree)")
     t.add_argument("--branch-threshold", type=float, default=None, help="draft probability that opens a "
                    "branch (llmcad, tree; default 0.3)")
-    t.add_argument("--alpha", type=float, default=None, help="initial fallback threshold (llmcad; 0.01)")
+    t.add_argument("--alpha-rule", choices=("cost", "paper"), default=None, help="llmcad: verify by the "
+                   "measured cost model (cost, default) or by the paper's alpha equation (paper)")
+    t.add_argument("--alpha", type=float, default=None, help="initial fallback threshold (llmcad with "
+                   "--alpha-rule paper; 0.01)")
     t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain)")
     e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
     e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,
@@ -102,7 +105,8 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
     e.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not read the next pass's layers while the draft drafts")
     e.add_argument("--max-provisional-tokens", type=int, default=None,
-                   help="provisional tokens per verification (default 8)")
+                   help="provisional tokens per verification (default: bounded by the IO waits; 8 on the main "
+                   "path of a chain or tree mode)")
     e.add_argument("--bandwidth-cap", type=float, default=None, metavar="BYTES_PER_S",
                    help="cap the streamer's read bandwidth (emulate slower storage, e.g. 300e6)")
 

@@ -2,6 +2,7 @@
 drafts provisionally, when pipelined), commit the accepted path, repeat."""
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
@@ -13,8 +14,8 @@ from llmcad.errors import EngineClosedError, PromptError
 from llmcad.spec.policy import POLICIES, Policy, make_policy
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
-from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, ComputeGate, VerifyWorker, install_target_hooks, main_path,
-                       reconcile)
+from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
+                                  VerifyWorker, bonus_subtree, install_target_hooks, main_path, reconcile)
 from llmcad.stats import StatsRecorder
 from llmcad.trace import Tracer, io_lane
 from llmcad.spec.verify import TargetChooser, TargetVerifier, validate_sampling
@@ -174,6 +175,7 @@ class _Run:
         self.engine, self.chooser, self.output, self.tracer = engine, chooser, output, tracer
         self.policy = engine.policy
         self.policy.reset()
+        self.prompt_length = len(ids)
         self.verifier = TargetVerifier(engine.target, ids)
         self.drafter = TreeDrafter(engine.draft, ids) if self.policy.drafts else None
         if self.drafter is not None:
@@ -205,13 +207,20 @@ class _Run:
         """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""
         policy, output = self.policy, self.output
         with self.record.timed("draft"):
-            tree = self.drafter.grow(root, policy, self._remaining() - 1) if self.drafter else DraftTree.rooted(root)
+            tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room()) if self.drafter
+                    else DraftTree.rooted(root))
+        n, created = min(len(tree), policy.max_tree_tokens), len(tree)
+        t0 = time.perf_counter()
         with self.record.timed("target"):
-            logits, n, provisional = self._verify(tree)
-        verified = tree.head(n) if provisional else tree
+            logits, provisional = self._verify(tree, n)
+        policy.observe_pass(n, time.perf_counter() - t0)
+        verified = tree.head(n)
+        # node u chooses the token at absolute position committed + depth(u): the key of its sampling noise
+        committed = self.prompt_length + len(output.tokens)
         with self._span("accept"):
             # on CUDA the walk runs on the device; only the accepted ids and the bonus come back
-            accepted, bonus = self.verifier.accept(verified.parents, verified.tokens, self.chooser.choose(logits))
+            choice = self.chooser.choose(logits, [committed + d for d in verified.depth])
+            accepted, bonus = self.verifier.accept(verified.parents, verified.tokens, choice)
         emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])
         self.record.record_pass(n, len(accepted) - 1, emitted)
         if output.done:
@@ -221,30 +230,48 @@ class _Run:
             self.verifier.commit(accepted)
             if self.drafter:
                 with self.record.timed("draft"):
-                    seed = reconcile(tree, accepted, bonus, provisional, self._max_seed_depth())
-                    self.drafter.commit(tree, accepted, seed, max_nodes=self.policy.max_tree_tokens)
-                reused = sum(1 for node in seed if node >= n)  # provisional nodes among the seed
+                    seed = self._seed(tree, accepted, bonus, provisional, n)
+                    self.drafter.commit(tree, accepted, seed, max_nodes=max(len(seed), policy.max_tree_tokens))
+                reused = sum(1 for node in seed if node >= created)  # provisional nodes among the seed
                 self.record.record_provisional(len(provisional), reused, len(provisional) - reused)
         policy.observe(verified, accepted)
         return bonus
 
-    def _verify(self, tree):
+    def _seed(self, tree, accepted, bonus: int, provisional: list, n: int) -> list:
+        """Nodes of this round's tree that start the next one (see llmcad.spec.pipeline)."""
+        if self.policy.best_first:
+            return bonus_subtree(tree, accepted, bonus, self._remaining() - 1)
+        return reconcile(tree, accepted, bonus, provisional, self._max_seed_depth())
+
+    def _verify(self, tree, n: int):
         if self.worker is not None:
-            return self.worker.verify(tree, self._provisional_limit(tree))
-        with self._span("verify", nodes=len(tree)):
-            return self.verifier.run(tree.tokens, tree.parents), len(tree), []
+            return self.worker.verify(tree, n, self._provisional_limit(tree), self.policy, self._remaining() - 1)
+        with self._span("verify", nodes=n):
+            return self.verifier.run(tree.tokens[:n], tree.parents[:n]), []
 
     def _remaining(self) -> int:
         """Tokens generate may still emit."""
         return min(self.output.max_new_tokens, self.output.room) - len(self.output.tokens)
 
+    def _kv_room(self):
+        """Draft KV positions left in the memory budget (None: no budget)."""
+        if self.engine._draft_kv_positions is None:
+            return None
+        return max(0, self.engine._draft_kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
+
     def _provisional_limit(self, tree) -> int:
-        """Provisional tokens worth drafting: max_provisional_tokens, tokens still to emit beyond the
-        main path, and draft KV positions left in the memory budget."""
+        """Provisional nodes worth drafting. Best-first: ``max_provisional_tokens`` (None: up to four
+        trees' worth; the IO waits bound it first); the draft KV room bounds it as it grows. Main path:
+        ``max_provisional_tokens`` (None: 8), tokens still to emit beyond the main path, draft KV room."""
+        limit = self.engine.max_provisional_tokens
+        if self.policy.best_first:
+            return 4 * self.policy.max_tree_tokens if limit is None else limit
+        limit = MAIN_PATH_PROVISIONAL_TOKENS if limit is None else limit
         depth_cap = self._remaining() - 1  # as for tree nodes: a deeper node could never be emitted
-        limit = min(self.engine.max_provisional_tokens, depth_cap - tree.depth[main_path(tree)[-1]])
-        if self.engine._draft_kv_positions is not None:
-            limit = min(limit, self.engine._draft_kv_positions - kv.cache_length(self.drafter.cache))
+        limit = min(limit, depth_cap - tree.depth[main_path(tree)[-1]])
+        room = self._kv_room()
+        if room is not None:
+            limit = min(limit, room)
         return max(0, limit)
 
     def _max_seed_depth(self) -> int:
@@ -255,7 +282,7 @@ class _Run:
         return self.tracer.span("verify", name, **args) if self.tracer is not None else nullcontext()
 
     def pipeline_stats(self) -> dict:
-        return {"pipeline": self.pipelined, "prefetch": self.engine.prefetch,
+        return {**self.policy.report(),"pipeline": self.pipelined, "prefetch": self.engine.prefetch,
                 "max_provisional_tokens": self.engine.max_provisional_tokens,
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
                 "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0}
@@ -375,9 +402,9 @@ def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):
         raise ValueError(f"pipeline=True needs a drafting mode; mode {policy.name!r} runs no draft")
     if not isinstance(prefetch, bool):
         raise ValueError(f"prefetch={prefetch!r}: expected True or False")
-    if isinstance(max_provisional_tokens, bool) or not isinstance(max_provisional_tokens, int) \
-            or max_provisional_tokens < 0:
-        raise ValueError(f"max_provisional_tokens={max_provisional_tokens!r}: expected an int >= 0")
+    if max_provisional_tokens is not None and (isinstance(max_provisional_tokens, bool) or not isinstance(
+            max_provisional_tokens, int) or max_provisional_tokens < 0):
+        raise ValueError(f"max_provisional_tokens={max_provisional_tokens!r}: expected None or an int >= 0")
     return pipeline, prefetch, max_provisional_tokens
 
 

@@ -2,14 +2,16 @@
 
 Rows, on the same prompts, one fresh child process each (so peak RSS, page cache and memory are the
 row's own): ``target-only`` (the streamed target, one token a pass: the baseline), ``chain`` (the
-fastest of ``--chain-k``), ``llmcad``, ``hf-offload`` (transformers + accelerate disk offload under the
-same budget) and ``hf-assisted-offload`` (the same with ``assistant_model=draft``). ``--ablation``
-gives target-only, chain, tree, tree+fallback and llmcad instead. ``--cap RATE`` adds a setting with
-the streamer's bandwidth capped (llmcad rows only: the peers cannot be capped).
+fastest of ``--chain-k``), ``tree`` (fixed-size tree), ``llmcad-paper`` (the paper's alpha rule),
+``llmcad`` (best-first growth and the cost rule), ``hf-offload`` (transformers + accelerate disk
+offload under the same budget) and ``hf-assisted-offload`` (the same with ``assistant_model=draft``).
+``--cap RATE`` adds a setting with the streamer's bandwidth capped (llmcad rows only: the peers cannot
+be capped); both settings go into the one report. ``--max-new-tokens-baseline`` lets target-only, whose
+cost per token is one pass, generate fewer tokens (its tokens/s is a per-token rate either way).
 
 A row is data: (name, runner, options); for the engine, options are ``LLMCad.from_pretrained``
 keyword arguments (``mode`` and policy options); each row runs in :mod:`llmcad.bench.rows`.
-Outputs under ``--out``: ``e2e.json`` (or ``ablation.json``), a markdown table with the exact
+Outputs under ``--out``: ``e2e.json`` (with the git commit measured), a markdown table with the exact
 command at the top, and PNG bar charts.
 """
 from __future__ import annotations
@@ -40,17 +42,11 @@ class Row:
 MAIN_ROWS = (
     Row("target-only", "engine", {"mode": "target-only"}),
     Row("chain", "engine", {"mode": "chain"}),
+    Row("tree", "engine", {"mode": "tree"}),
+    Row("llmcad-paper", "engine", {"mode": "llmcad", "alpha_rule": "paper"}),
     Row("llmcad", "engine", {"mode": "llmcad"}),
     Row("hf-offload", "hf", {"assisted": False}, cappable=False),
     Row("hf-assisted-offload", "hf", {"assisted": True}, cappable=False),
-)
-# issue 6: each part of llmcad switched on in turn; the pipeline switch is an engine option
-ABLATION_ROWS = (
-    Row("target-only", "engine", {"mode": "target-only"}),
-    Row("chain", "engine", {"mode": "chain"}),
-    Row("tree", "engine", {"mode": "tree"}),
-    Row("tree+fallback", "engine", {"mode": "llmcad", "pipeline": False}),
-    Row("llmcad", "engine", {"mode": "llmcad"}),
 )
 DEFAULT_BUDGET = "2.5GiB"
 
@@ -75,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cap", default=None, metavar="RATE", help="add a setting with the streamer capped at RATE, "
                    "e.g. 300MB/s (llmcad rows only)")
     p.add_argument("--only-cap", action="store_true", help="run the capped setting only")
-    p.add_argument("--ablation", action="store_true", help="rows target-only, chain, tree, tree+fallback, llmcad")
+    p.add_argument("--max-new-tokens-baseline", type=int, default=None,
+                   help="tokens per prompt for the target-only row (default: --max-new-tokens)")
     p.add_argument("--rows", default=None, help="run only these rows (comma-separated names)")
     p.add_argument("--row-option", action="append", default=[], metavar="ROW.KEY=VALUE",
                    help="set an engine option of a row, VALUE as JSON (e.g. tree+fallback.prefetch=false)")
@@ -104,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = measure(plan, out)
-    report.update(command=plan["command"], commands=[plan["command"]], machine=machine_info())
-    stem = "ablation" if args.ablation else "e2e"
+    report.update(command=plan["command"], commands=[plan["command"]], machine=machine_info(),
+                  git_commit=git_commit())
+    stem = "e2e"
     if args.append and (out / f"{stem}.json").is_file():
         report = merge_reports(json.loads((out / f"{stem}.json").read_text()), report)
     report["plots"] = [str(p) for p in plot_rows(report["rows"], out, prefix=stem)]
@@ -141,6 +139,7 @@ def make_plan(args) -> dict:
             "evict_interval_s": args.evict_interval_ms / 1e3, "row_timeout": args.row_timeout,
             "in_process": args.in_process, "copy_target": args.copy_target,
             "threads": args.threads or (1 if args.tiny else None),
+            "max_new_tokens_baseline": min(args.max_new_tokens_baseline or max_new, max_new),
             "prompts_flag": "built-in tiny prompts" if args.tiny else f"HumanEval {args.prompts}"}
 
 
@@ -205,7 +204,7 @@ def tiny_budget(draft, target) -> int:
 
 def select_rows(args, chain_k: list) -> list:
     """The rows to run, chain expanded into one variant per length, with ``--row-option`` applied."""
-    rows = ABLATION_ROWS if args.ablation else MAIN_ROWS
+    rows = MAIN_ROWS
     if args.rows:
         wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
         unknown = sorted(set(wanted) - {r.name for r in rows})
@@ -266,6 +265,19 @@ def parse_rate(text: str) -> float:
     return float(parse_size(text[:-2] if text.lower().endswith("/s") else text, what="--cap"))
 
 
+def git_commit() -> str | None:
+    """The commit of the source tree measured (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else None
+    return commit + ("+dirty" if commit and dirty.stdout.strip() else "") if commit else None
+
+
 def command_line() -> str:
     """The command as the user typed it (``llmcad bench e2e ...`` or ``python -m llmcad.bench.e2e ...``)."""
     argv = sys.argv
@@ -322,7 +334,7 @@ def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict
             best = best_variant(summaries)
             tokens[(name, setting)] = variants[summaries.index(best)].get("tokens", [])
             rows.append(best)
-    compare(rows, tokens)
+    compare(rows, tokens, baseline_cut=plan["max_new_tokens_baseline"] < plan["max_new_tokens"])
     for row in rows:
         row["tokens"] = tokens[(row["name"], row["setting"])]
     return rows, sweep
@@ -388,6 +400,8 @@ def spawn_row(plan: dict, row: Row, setting: tuple, work: Path, index: int) -> d
     job = {key: plan[key] for key in ("draft", "target", "prompt_ids", "memory_budget", "max_new_tokens", "dtype",
                                       "device", "seed", "warmup_tokens", "evict_interval_s", "threads")}
     job.update(row=asdict(row), setting=name, cap=cap, offload_folder=str(work / f"offload-{index}"))
+    if row.options.get("mode") == "target-only":
+        job["max_new_tokens"] = plan["max_new_tokens_baseline"]
     if plan["in_process"]:
         from llmcad.bench.rows import row_record
 

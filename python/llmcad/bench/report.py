@@ -30,6 +30,10 @@ def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
                io_read_bytes=raw.get("io_read_bytes"), time_split_s=raw.get("time_split_s"))
     row["tokens_per_s"] = generated / seconds if generated and seconds > 0 else None
     row["tokens_per_pass"] = generated / passes if generated and passes else None
+    split, tree_tokens = raw.get("time_split_s") or {}, raw.get("tree_tokens")
+    row["draft_s_per_token"] = split["draft"] / generated if generated and "draft" in split else None
+    row["mean_tree_tokens"] = tree_tokens / passes if tree_tokens and passes else None
+    row["provisional"] = {k: raw.get(f"provisional_{k}") for k in ("drafted", "reused", "dropped")}
     # after the prompt's pass: decode speed without the prefill, which costs every row about the same
     first_s, first_tokens = raw.get("first_pass_s"), raw.get("first_pass_tokens")
     row["first_pass_s"] = first_s
@@ -52,10 +56,11 @@ def agreement(tokens: list, reference: list) -> float | None:
     return equal / total if total else None
 
 
-def compare(rows: list, tokens: dict) -> list:
+def compare(rows: list, tokens: dict, baseline_cut: bool = False) -> list:
     """Fill ``ratio_vs_target_only`` and ``agreement`` against the target-only row of each setting.
 
-    ``tokens``: (name, setting) -> generated ids per prompt.
+    ``tokens``: (name, setting) -> generated ids per prompt. ``baseline_cut``: target-only generated
+    fewer tokens a prompt than the other rows; agreement is then over its positions only.
     """
     base = {r["setting"]: r for r in rows if r["name"] == BASELINE and not r.get("error")}
     for row in rows:
@@ -64,7 +69,10 @@ def compare(rows: list, tokens: dict) -> list:
             continue
         if row["tokens_per_s"] and ref["tokens_per_s"]:
             row["ratio_vs_target_only"] = row["tokens_per_s"] / ref["tokens_per_s"]
-        row["agreement"] = agreement(tokens[(row["name"], row["setting"])], tokens[(BASELINE, row["setting"])])
+        ours, reference = tokens[(row["name"], row["setting"])], tokens[(BASELINE, row["setting"])]
+        if baseline_cut:
+            ours = [o[:len(r)] for o, r in zip(ours, reference)]
+        row["agreement"] = agreement(ours, reference)
     return rows
 
 
@@ -144,7 +152,8 @@ def _workload_lines(w: dict):
 _COLUMNS = (("row", "name", "{}"), ("tok/s", "tokens_per_s", "{:.2f}"),
             ("× target-only", "ratio_vs_target_only", "{:.2f}"),
             ("decode tok/s", "decode_tokens_per_s", "{:.2f}"),
-            ("tokens/pass", "tokens_per_pass", "{:.2f}"), ("MB read/token", "bytes_per_token", "MB"),
+            ("tokens/pass", "tokens_per_pass", "{:.2f}"), ("mean tree", "mean_tree_tokens", "{:.1f}"),
+            ("draft s/token", "draft_s_per_token", "{:.3f}"), ("MB read/token", "bytes_per_token", "MB"),
             ("IO floor s/token", "floor_s_per_token", "{:.3f}"), ("achieved/floor", "floor_ratio", "{:.2f}"),
             ("peak RSS", "peak_rss_bytes", "GiB"), ("agreement", "agreement", "{:.3f}"))
 

@@ -1,8 +1,17 @@
-"""Tree drafting: the draft grows a token tree one draft forward at a time.
+"""Tree drafting: the draft grows a token tree, one draft forward per step.
 
 The draft keeps ONE KV cache: the committed prefix, then every tree node it has run, in the order it
-ran them (``slot``). Extending a node is one forward of that one token, its mask row showing the prefix,
-the node's ancestors and itself, at position prefix + depth. After the forward:
+ran them (``slot``). A forward runs B nodes as B query rows; row i shows the prefix, the slots of its
+node's ancestors and its own new key, at position prefix + depth (:func:`rows_mask`).
+
+Best-first growth (policies with ``best_first``, the ``llmcad`` cost rule): every node carries a
+``value``, the calibrated probability that the target accepts its whole path. A step expands the B
+most valuable unexpanded nodes together (B and when to stop: the policy's cost model); each gets its
+top tokens as children when their value clears the bar (the value of the tree's last place when it is
+full). Before verification the tree is reordered best first, and the target verifies its first
+``max_tree_tokens`` nodes; the rest (and nodes grown while the target verifies) may seed the next tree.
+
+Paced growth (``tree`` and ``chain`` modes, the paper's rule): one node a step.
 - branching: the argmax token becomes the main child; every other token whose probability exceeds
   ``branch_threshold`` opens a branch beside it;
 - pacer: with M nodes in the tree, the next leaf to extend is the one with the largest deficit
@@ -20,6 +29,7 @@ from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
 from llmcad.spec.pipeline import ema
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
+TOP_CHILDREN = 4  # best-first: tokens examined per expanded node
 
 
 @dataclass
@@ -33,16 +43,18 @@ class DraftTree:
     depth: list = field(default_factory=list)
     slot: list = field(default_factory=list)  # index among the draft's forwarded tree nodes, -1 if not run
     children: list = field(default_factory=list)
+    value: list = field(default_factory=list)  # best-first: calibrated acceptance of the path (root: 1)
 
     @classmethod
     def rooted(cls, root_token: int) -> "DraftTree":
-        return cls([int(root_token)], [-1], [1.0], [1.0], [0], [-1], [[]])
+        return cls([int(root_token)], [-1], [1.0], [1.0], [0], [-1], [[]], [1.0])
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, parent: int, token: int, prob: float) -> int:
+    def add(self, parent: int, token: int, prob: float, value: float | None = None) -> int:
         node = len(self.tokens)
+        self.value.append(self.cum[parent] * prob if value is None else value)
         self.tokens.append(int(token))
         self.parents.append(parent)
         self.probs.append(prob)
@@ -57,7 +69,34 @@ class DraftTree:
         """A copy of the first ``n`` nodes (e.g. the tree as verified, without provisional nodes)."""
         keep = lambda kids: [c for c in kids if c < n]  # noqa: E731
         return DraftTree(self.tokens[:n], self.parents[:n], self.probs[:n], self.cum[:n], self.depth[:n],
-                         self.slot[:n], [keep(k) for k in self.children[:n]])
+                         self.slot[:n], [keep(k) for k in self.children[:n]], self.value[:n])
+
+    def select(self, nodes) -> "DraftTree":
+        """The nodes ``nodes`` (root first, every node after its parent) as a tree of their own,
+        rooted at ``nodes[0]``; slots and probabilities are kept, values and depths re-rooted."""
+        index = {node: i for i, node in enumerate(nodes)}
+        root = nodes[0]
+        out = DraftTree.rooted(self.tokens[root])
+        out.slot[0] = self.slot[root]
+        for node in nodes[1:]:
+            child = out.add(index[self.parents[node]], self.tokens[node], self.probs[node],
+                            self.value[node] / self.value[root] if self.value[root] > 0 else 0.0)
+            out.slot[child] = self.slot[node]
+        return out
+
+    def best_first_order(self, max_depth: int) -> list:
+        """Node ids by value (ties: creation order), nodes deeper than ``max_depth`` left out. Values
+        never grow down a path, so every node comes after its parent."""
+        keep = [i for i in range(len(self)) if self.depth[i] <= max_depth]
+        return sorted(keep, key=lambda i: (-self.value[i], i))
+
+    def subtree(self, node: int) -> list:
+        """``node`` and its descendants, in creation order."""
+        inside = {node}
+        for i in range(node + 1, len(self)):
+            if self.parents[i] in inside:
+                inside.add(i)
+        return sorted(inside)
 
     def leaves(self) -> list:
         return [i for i, kids in enumerate(self.children) if not kids]
@@ -92,10 +131,13 @@ class TreeDrafter:
         self._seed = None  # (tree, nodes run) kept from the last round's provisional drafting
         self._branch_threshold = None  # the current policy's (grow sets it)
         self._alternatives = {}  # provisional node -> [(token, prob)] of the branches it would open
+        self._kv_room = 1 << 30  # draft KV positions this round may still add (grow sets it)
 
-    def grow(self, root_token: int, policy, depth_cap: int) -> DraftTree:
+    def grow(self, root_token: int, policy, depth_cap: int, kv_room: int | None = None) -> DraftTree:
         """A tree rooted at ``root_token``, grown until ``policy`` asks for verification or a limit
-        (``policy.max_tree_tokens``, ``min(policy.max_depth, depth_cap)``) stops it."""
+        (``policy.max_tree_tokens``, ``min(policy.max_depth, depth_cap)``, ``kv_room`` draft KV
+        positions) stops it. Best-first trees come back best first: verify their first
+        ``policy.max_tree_tokens`` nodes."""
         tree, ran = self._seed or (DraftTree.rooted(root_token), 0)
         self._seed, self._alternatives = None, {}
         self._branch_threshold = policy.branch_threshold
@@ -104,6 +146,9 @@ class TreeDrafter:
         max_depth = min(policy.max_depth, depth_cap)
         self._prefix = kv.cache_length(self.cache) + len(self.pending) - ran
         self._ran = ran
+        self._kv_room = (1 << 30) if kv_room is None else kv_room
+        if policy.best_first:
+            return self._grow_best_first(tree, policy, max_depth)
         while len(tree) < policy.max_tree_tokens and not policy.should_verify(tree):
             node = self._pick_leaf(tree, max_depth)
             if node is None:
@@ -112,15 +157,77 @@ class TreeDrafter:
             self._add_children(tree, node, probs, policy)
         return tree
 
+    def _grow_best_first(self, tree: DraftTree, policy, max_depth: int) -> DraftTree:
+        """Batched best-first growth until the policy's cost model says verify (see module doc)."""
+        t0 = time.perf_counter()
+        self._revalue(tree, policy)
+        if tree.slot[0] < 0 and max_depth > 0 and self._kv_room > len(self.pending):
+            probs = self._run(tree, 0)
+            policy.observe_draft(1, time.perf_counter() - t0)
+            self._add_best_children(tree, 0, probs, policy, bar=0.0)
+        while True:
+            limit = policy.max_tree_tokens
+            ranked = sorted(tree.value, reverse=True)
+            floor = ranked[limit - 1] if len(tree) >= limit else 0.0
+            values, nodes = self._frontier(tree, max_depth)
+            rows = min(policy.rows(values), self._kv_room)
+            if rows <= 0 or not policy.keep_drafting(values[:rows], floor, sum(ranked[1:limit]), len(tree),
+                                                     time.perf_counter() - t0):
+                break
+            self.expand(tree, nodes[:rows], policy, bar=floor)
+        order = tree.best_first_order(max_depth)
+        return tree.select(order)
+
+    def expand(self, tree: DraftTree, nodes, policy, bar: float = 0.0, name: str = "draft") -> None:
+        """One draft forward of ``nodes`` (unexpanded, not the root); their top tokens become children."""
+        probs = self._run_rows(tree, nodes, policy, name)
+        for row, node in enumerate(nodes):
+            self._add_best_children(tree, node, probs[row], policy, bar)
+
+    def best_frontier(self, tree: DraftTree, policy, max_depth: int) -> list:
+        """The unexpanded nodes the policy would expand next (provisional drafting), within the KV room."""
+        values, nodes = self._frontier(tree, max_depth)
+        return nodes[:min(policy.rows(values), self._kv_room)]
+
+    @staticmethod
+    def _frontier(tree: DraftTree, max_depth: int) -> tuple[list, list]:
+        """(values, node ids) of the unexpanded nodes above ``max_depth``, best first."""
+        nodes = [i for i in range(1, len(tree)) if tree.slot[i] < 0 and tree.depth[i] < max_depth]
+        nodes.sort(key=lambda i: (-tree.value[i], i))
+        return [tree.value[i] for i in nodes], nodes
+
+    @staticmethod
+    def _revalue(tree: DraftTree, policy) -> None:
+        """Path values from the current calibration (a seeded tree's came from the previous one)."""
+        tree.value[0] = 1.0
+        for node in range(1, len(tree)):
+            tree.value[node] = policy.value(tree.value[tree.parents[node]], tree.probs[node])
+
+    @staticmethod
+    def _add_best_children(tree: DraftTree, node: int, probs: torch.Tensor, policy, bar: float) -> None:
+        """Children: the top tokens whose value clears ``bar`` (with ``policy.branch_threshold``: the
+        argmax and tokens above it)."""
+        top_p, top_t = torch.topk(probs, k=min(TOP_CHILDREN, probs.numel()))
+        threshold, mass = policy.branch_threshold, 0.0
+        for rank, (p, t) in enumerate(zip(top_p.tolist(), top_t.tolist())):
+            accept = policy.calibration(p)
+            mass += accept
+            if threshold is not None and rank > 0 and p <= threshold:
+                break
+            value = tree.value[node] * accept
+            if value > bar:
+                tree.add(node, t, p, value)
+        policy.observe_expansion(mass)
+
     def commit(self, tree: DraftTree, accepted, seed=(), max_nodes: int = 0) -> None:
         """Keep prefix + the accepted nodes the draft has run; queue the rest (at most the last) as pending.
 
-        ``seed``: node ids of a chain below the last accepted node (its first node is the next root)
-        whose tokens and KV start the next tree (see llmcad.spec.pipeline.reconcile), with the branches
-        its provisional steps would have opened, up to ``max_nodes`` nodes; the rest is dropped.
+        ``seed``: node ids of a subtree below the last accepted node, root first, every node after its
+        parent (its root is the next tree's root; see llmcad.spec.pipeline) whose tokens and KV start the
+        next tree, with the branches provisional main-path steps would have opened, up to ``max_nodes``.
         """
         ran = [tree.slot[a] for a in accepted if tree.slot[a] >= 0]
-        seed_ran = [tree.slot[s] for s in seed if tree.slot[s] >= 0]
+        seed_ran = sorted(tree.slot[s] for s in seed if tree.slot[s] >= 0)
         keep = list(range(self._prefix)) + [self._prefix + s for s in ran + seed_ran]
         if kv.cache_length(self.cache):
             kv.commit(self.cache, keep)
@@ -128,17 +235,15 @@ class TreeDrafter:
         if seed:
             if self.pending:
                 raise ValueError("a seed needs every accepted node run by the draft")
-            self._seed = (self._seed_tree(tree, seed, max(max_nodes, len(seed))), len(seed_ran))
+            self._seed = (self._seed_tree(tree, list(seed), max(max_nodes, len(seed))), len(seed_ran))
 
-    def _seed_tree(self, tree: DraftTree, seed, max_nodes: int) -> DraftTree:
-        """The chain ``seed`` as a new tree rooted at its first node (run nodes get slots 0, 1, ...),
-        then the branches beside its main children, shallow first, while fewer than ``max_nodes``."""
-        out = DraftTree.rooted(tree.tokens[seed[0]])
-        out.slot[0] = 0 if tree.slot[seed[0]] >= 0 else -1
-        for node in seed[1:]:
-            child = out.add(len(out) - 1, tree.tokens[node], tree.probs[node])
-            if tree.slot[node] >= 0:
-                out.slot[child] = max(out.slot) + 1
+    def _seed_tree(self, tree: DraftTree, seed: list, max_nodes: int) -> DraftTree:
+        """The subtree ``seed`` as a new tree (its run nodes get slots 0, 1, ... in the order they ran),
+        then the branches beside a seeded chain's main children, shallow first, while fewer than
+        ``max_nodes``."""
+        out = tree.select(seed)
+        ranks = {slot: i for i, slot in enumerate(sorted(s for s in out.slot if s >= 0))}
+        out.slot = [ranks[s] if s >= 0 else -1 for s in out.slot]
         for i, node in enumerate(seed[:-1]):  # the last seed node has no children in the new tree
             for token, prob in self._alternatives.get(node, ()):
                 if len(out) >= max_nodes:
@@ -170,34 +275,48 @@ class TreeDrafter:
     def _run(self, tree: DraftTree, node: int, name: str = "draft") -> torch.Tensor:
         """One draft forward of ``node``'s token (plus the pending tokens, on a root); its probabilities."""
         t0 = time.perf_counter()
-        device = self.draft.get_input_embeddings().weight.device
-        dtype = self.draft.get_input_embeddings().weight.dtype
         if node == 0:
+            device, dtype = self._device_dtype()
             mask, positions = pending_tree_inputs(kv.cache_length(self.cache), len(self.pending), [-1],
                                                   dtype, device)
             inputs = self.pending + [tree.tokens[0]]
+            logits = forward_with_mask(self.draft, self.cache, inputs, positions, mask, logits_to_keep=1)
+            self._kv_room -= len(self.pending) + 1
             self.pending = []
-        else:
-            mask, positions = self._node_row(tree, node, dtype, device), [self._prefix + tree.depth[node]]
-            inputs = [tree.tokens[node]]
-        logits = forward_with_mask(self.draft, self.cache, inputs, positions, mask, logits_to_keep=1)
-        tree.slot[node] = self._ran
-        self._ran += 1
-        self.steps += 1
-        if len(inputs) == 1:  # a prompt's prefill is no typical step
-            self.step_ema_s = ema(self.step_ema_s, time.perf_counter() - t0)
-        if self.tracer is not None:
-            self.tracer.add("draft", name, t0, time.perf_counter(), node=node, depth=tree.depth[node])
-        return torch.softmax(logits[-1], dim=-1)
+            tree.slot[0] = self._ran
+            self._ran += 1
+            self.steps += 1
+            if len(inputs) == 1:  # a prompt's prefill is no typical step
+                self.step_ema_s = ema(self.step_ema_s, time.perf_counter() - t0)
+            if self.tracer is not None:
+                self.tracer.add("draft", name, t0, time.perf_counter(), node=0, depth=0)
+            return torch.softmax(logits[-1], dim=-1)
+        return self._run_rows(tree, [node], None, name)[0]
 
-    def _node_row(self, tree: DraftTree, node: int, dtype, device) -> torch.Tensor:
-        """Mask row [1, 1, 1, prefix + ran + 1]: the prefix, the node's ancestors' slots and its own."""
-        keys = self._prefix + self._ran + 1
-        row = torch.full((keys,), float("-inf"), dtype=dtype)
-        row[: self._prefix] = 0
-        visible = [self._prefix + tree.slot[a] for a in tree.ancestors(node)] + [keys - 1]
-        row[visible] = 0
-        return row.view(1, 1, 1, keys).to(device)
+    def _run_rows(self, tree: DraftTree, nodes, policy, name: str = "draft") -> torch.Tensor:
+        """One draft forward of the tokens of ``nodes`` (none the root) as rows: probabilities [B, vocab]."""
+        t0 = time.perf_counter()
+        device, dtype = self._device_dtype()
+        mask = rows_mask(tree.parents, tree.slot, nodes, self._prefix, self._ran, dtype).to(device)
+        positions = [self._prefix + tree.depth[u] for u in nodes]
+        logits = forward_with_mask(self.draft, self.cache, [tree.tokens[u] for u in nodes], positions, mask)
+        for row, node in enumerate(nodes):
+            tree.slot[node] = self._ran + row
+        self._ran += len(nodes)
+        self._kv_room -= len(nodes)
+        self.steps += 1
+        seconds = time.perf_counter() - t0
+        self.step_ema_s = ema(self.step_ema_s, seconds)
+        if policy is not None:
+            policy.observe_draft(len(nodes), seconds)
+        if self.tracer is not None:
+            self.tracer.add("draft", name, t0, time.perf_counter(), rows=len(nodes),
+                            depth=max(tree.depth[u] for u in nodes))
+        return torch.softmax(logits, dim=-1)
+
+    def _device_dtype(self):
+        weight = self.draft.get_input_embeddings().weight
+        return weight.device, weight.dtype
 
     @staticmethod
     def _add_children(tree: DraftTree, node: int, probs: torch.Tensor, policy) -> None:
@@ -210,3 +329,27 @@ class TreeDrafter:
                 break
             tree.add(node, t, p)
             room -= 1
+
+
+def rows_mask(parents, slots, nodes, prefix: int, ran: int, dtype=torch.float32) -> torch.Tensor:
+    """Additive mask [1, 1, B, prefix + ran + B] of a draft forward running ``nodes`` as B rows after
+    ``prefix`` committed keys and ``ran`` tree keys (key ``prefix + slots[u]`` holds node u).
+
+    Row i sees every prefix key, the keys of node i's ancestors and its own new key ``prefix + ran + i``;
+    0 where visible, -inf elsewhere (float, never bool: bool masks are silently wrong in eager attention).
+    ValueError when a node was run already or an ancestor was not.
+    """
+    keys = prefix + ran + len(nodes)
+    mask = torch.full((len(nodes), keys), float("-inf"), dtype=dtype)
+    mask[:, :prefix] = 0
+    for row, node in enumerate(nodes):
+        if slots[node] >= 0:
+            raise ValueError(f"node {node} has run already (slot {slots[node]})")
+        visible, a = [prefix + ran + row], parents[node]
+        while a >= 0:
+            if not 0 <= slots[a] < ran:
+                raise ValueError(f"ancestor {a} of node {node} has not run (slot {slots[a]})")
+            visible.append(prefix + slots[a])
+            a = parents[a]
+        mask[row, visible] = 0
+    return mask.view(1, 1, len(nodes), keys)

@@ -1,20 +1,27 @@
 """Compute-IO pipeline: verification on a worker thread, provisional drafting while it waits on IO.
 
 While the streamed target verifies a tree on the ``llmcad-verify`` thread, the main thread keeps
-extending the tree's main path (the draft's greedy path: first-created children from the root) one
-draft forward at a time: *provisional drafting*. One :class:`ComputeGate` serialises compute and
-gives the target priority: the draft starts a step only while the target is blocked in the
-streamer's acquire for a layer whose read has not finished (``StreamedTarget.next_layer_ready()``)
-and, once typical durations are known, only when the step (moving average) should end before the
+drafting into the same tree: *provisional drafting*. With a best-first policy (the ``llmcad`` cost
+rule) each step expands the most valuable unexpanded nodes, verified or not, in one batched draft
+forward: the children of verified leaves and of nodes beside the verified tree are the likely bonus
+tokens, so this grows the next round's tree under them, each weighted by the probability that it
+becomes the next root. Otherwise (chain, tree, the paper's rule) it extends the tree's main path (the
+draft's greedy path) one node a step. One :class:`ComputeGate` serialises compute and gives the
+target priority: the draft starts a step only while the target is blocked in the streamer's acquire
+for a layer whose read has not finished (``StreamedTarget.next_layer_ready()``) and, once typical
+durations are known, only when the step (its measured cost for that many rows) should end before the
 wait does (moving average of past waits); never while a target layer computes. A target layer that
 becomes ready waits at most for the draft step in flight (``stats["gate_wait_s"]`` sums those waits).
-Provisional tokens are bounded by ``max_provisional_tokens``, by the tokens generation may still
-emit, and by the draft KV positions the memory budget reserved (see ``LLMCad``).
+So the IO waits bound provisional drafting; ``max_provisional_tokens`` (None: four trees' worth
+best-first, 8 on the main path), the tokens generation may still emit and the draft KV positions the
+memory budget reserved (see ``LLMCad``) bound it too.
 
-Reconciliation (:func:`reconcile`): when the accepted path plus the bonus token is a prefix of the
-main path + provisional tokens, the provisional tokens beyond it (with their draft KV) seed the next
-tree; otherwise they are dropped and the draft cache rolls back to prefix + accepted path. The
-target's output never depends on provisional tokens, so output stays lossless either way.
+Reconciliation: best-first (:func:`bonus_subtree`), the subtree under the node the target's bonus
+token picks (a child of the last accepted node) becomes the next tree with its draft KV; main path
+(:func:`reconcile`), when the accepted path plus the bonus token is a prefix of the main path +
+provisional tokens, the provisional tokens beyond it seed the next tree. Everything else is dropped
+and the draft cache rolls back to prefix + accepted path. The target's output never depends on
+provisional tokens, so output stays lossless either way.
 
 Threads and cores: torch's intra-op pool size is process-wide (``torch.get_num_threads()``, by
 default the physical cores) and both threads use it. We keep one size rather than splitting the
@@ -31,7 +38,8 @@ from concurrent.futures import wait as wait_futures
 
 import torch
 
-DEFAULT_MAX_PROVISIONAL_TOKENS = 8
+DEFAULT_MAX_PROVISIONAL_TOKENS = None  # None: bounded by the IO waits (best-first) or 8 (main path)
+MAIN_PATH_PROVISIONAL_TOKENS = 8
 
 
 class ComputeGate:
@@ -216,25 +224,29 @@ class VerifyWorker:
         self._pool.shutdown(wait=True)
         self._pool = None
 
-    def verify(self, tree, max_provisional: int):
-        """Verify ``tree`` on the worker while drafting up to ``max_provisional`` tokens onto its main
-        path. Returns (logits [n, vocab] of the n nodes verified, n, provisional node ids); an error
-        of the verification is raised here, after the draft has stopped and the worker is idle."""
-        tokens, parents = list(tree.tokens), list(tree.parents)
+    def verify(self, tree, n: int, max_provisional: int, policy=None, max_depth: int = 0):
+        """Verify the first ``n`` nodes of ``tree`` on the worker while drafting up to ``max_provisional``
+        provisional nodes into it: best-first expansions (``policy.best_first``, nodes up to depth
+        ``max_depth``) or steps down its main path. Returns (logits [n, vocab], provisional node ids);
+        an error of the verification is raised here, after the draft has stopped and the worker is idle."""
+        tokens, parents = list(tree.tokens[:n]), list(tree.parents[:n])
         if max_provisional <= 0 or not self._worth_drafting():  # inline: no thread hand-offs to pay for
             self.gate.begin_verification()
             self.gate.draft_stops()  # no draft step this time (lockstep must not wait for one)
-            return self._run(tokens, parents), len(tokens), []
+            return self._run(tokens, parents), []
         self.threaded_passes += 1
         self.gate.begin_verification()
         future = self._pool.submit(self._run, tokens, parents)
         nodes = []
         try:
-            nodes = self._draft(tree, max_provisional)
+            if policy is not None and policy.best_first:
+                nodes = self._draft_best_first(tree, max_provisional, policy, max_depth)
+            else:
+                nodes = self._draft(tree, max_provisional)
         finally:
             self.gate.draft_stops()
             wait_futures([future])  # never leave a pass running (or the gate held) behind us
-        return future.result(), len(tokens), nodes
+        return future.result(), nodes
 
     def _worth_drafting(self) -> bool:
         """Whether the target's IO waits, as measured so far (the gate measures them in every pass,
@@ -268,6 +280,24 @@ class VerifyWorker:
             nodes.append(node)
         return nodes
 
+    def _draft_best_first(self, tree, max_provisional: int, policy, max_depth: int) -> list:
+        """Grow ``tree`` best-first under the likely bonus tokens: each step expands the most valuable
+        unexpanded nodes (verified or not) while the expected draft forward fits in the IO wait."""
+        start = len(tree)
+        while len(tree) - start < max_provisional and self.gate.draft_turn():
+            rows = self.drafter.best_frontier(tree, policy, max_depth)
+            if not rows:
+                self.gate.draft_step_done()
+                break
+            if not self.gate.lockstep and (self.layer_ready() or not self.gate.step_fits(policy.draft_cost(len(rows)))):
+                self.gate.draft_yield()
+                continue
+            try:
+                self.drafter.expand(tree, rows, policy, name="provisional")
+            finally:
+                self.gate.draft_step_done()
+        return list(range(start, len(tree)))
+
 
 def ema(old, sample, weight: float = 0.3):
     """Exponential moving average: ``sample`` when there is no ``old`` value yet."""
@@ -280,6 +310,20 @@ def main_path(tree) -> list:
     while tree.children[path[-1]]:
         path.append(tree.children[path[-1]][0])
     return path
+
+
+def bonus_subtree(tree, accepted, bonus: int, max_depth: int) -> list:
+    """Node ids that seed the next best-first tree, root first: the subtree under the child of the last
+    accepted node whose token is the bonus, when the draft has run that child (else []), without nodes
+    more than ``max_depth`` below it."""
+    last = int(accepted[-1])
+    for child in tree.children[last]:
+        if tree.tokens[child] == int(bonus):
+            if tree.slot[child] < 0:
+                return []
+            limit = tree.depth[child] + max(0, max_depth)
+            return [u for u in tree.subtree(child) if tree.depth[u] <= limit]
+    return []
 
 
 def reconcile(tree, accepted, bonus: int, provisional: list, max_seed_depth: int) -> list:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from llmcad.spec.costs import AcceptanceCalibration, LinearCost
+
 
 class Policy:
     name = "base"
@@ -23,8 +25,20 @@ class Policy:
     def should_verify(self, tree) -> bool:
         return False
 
+    best_first = False  # True: llmcad.spec.draft grows the tree best-first, batched (the cost rule)
+
     def observe(self, tree, accepted) -> None:
         """Update after a verification (``accepted``: node ids, root first)."""
+
+    def observe_pass(self, tree_tokens: int, seconds: float) -> None:
+        """A target pass over ``tree_tokens`` nodes took ``seconds``."""
+
+    def observe_draft(self, rows: int, seconds: float) -> None:
+        """A draft forward of ``rows`` tree nodes took ``seconds``."""
+
+    def report(self) -> dict:
+        """Sizes the policy chose while generating (merged into the stats)."""
+        return {}
 
     def describe(self) -> dict:
         return {"mode": self.name, **{k: getattr(self, k) for k in OPTIONS.get(self.name, ())}}
@@ -59,29 +73,130 @@ class TreePolicy(Policy):
         self.branch_threshold = _fraction("branch_threshold", branch_threshold)
 
 
-class LLMCadPolicy(TreePolicy):
-    """LLMCad's rule: verify once the tree confidence T_c = max_i C_i drops below ``alpha`` (or a limit).
+class LLMCadPolicy(Policy):
+    """LLMCad: grow a tree, verify it once it is no longer worth growing.
 
-    After a verification, on the branch that matched best (the one holding the accepted path, followed
-    down first-created children): all of it accepted -> ``alpha *= 0.5``; otherwise
-    ``alpha = (N_all - N_correct) / N_all`` (the equation of the paper).
+    ``alpha_rule="cost"`` (default): best-first growth (see llmcad.spec.draft), every node valued by
+    the calibrated probability that the target accepts its whole path (:class:`AcceptanceCalibration`).
+    The next expansion (the ``rows`` most valuable unexpanded nodes, in one draft forward) is made
+    while its expected gain in accepted tokens per second it costs (draft forward + the target compute
+    its new nodes add) beats the expected tokens per second of the round so far; both costs are
+    measured while generating (:class:`LinearCost`). This is the paper's "verify when the tree's
+    confidence drops below alpha", with alpha set by the hardware. ``max_tree_tokens`` /
+    ``max_depth`` None: sized to the device, the tree grows while the target's pass stays IO-bound
+    (its per-token compute, times the tree size, fits in the pass's fixed cost).
+    ``branch_threshold``: None: a node's children are its top tokens whose path value clears the
+    current bar; a number: the argmax plus tokens above it (the paper's rule).
+
+    ``alpha_rule="paper"``: the paper's equation. Verify once the tree confidence T_c = max_i C_i drops
+    below ``alpha``; after a verification, on the branch that matched best (the one holding the
+    accepted path, followed down first-created children): all of it accepted -> ``alpha *= 0.5``;
+    otherwise ``alpha = (N_all - N_correct) / N_all``. Defaults 32 tokens, depth 10, threshold 0.3.
     """
 
     name = "llmcad"
+    INITIAL_TREE_TOKENS = 64  # before two target passes have been timed
+    AUTO_TREE_TOKENS = (16, 512)  # bounds of the device-sized tree
+    MAX_ROWS = 64  # bound on the rows of one draft forward
 
-    def __init__(self, max_tree_tokens: int = 32, max_depth: int = 10, branch_threshold: float = 0.3,
-                 alpha: float = 0.01):
-        super().__init__(max_tree_tokens, max_depth, branch_threshold)
-        self.initial_alpha = _fraction("alpha", alpha)
-        self.alpha = self.initial_alpha
+    def __init__(self, max_tree_tokens=None, max_depth=None, branch_threshold=None, alpha=None,
+                 alpha_rule: str = "cost"):
+        if alpha_rule not in ("cost", "paper"):
+            raise ValueError(f"alpha_rule={alpha_rule!r}: expected 'cost' or 'paper'")
+        self.alpha_rule = alpha_rule
+        self.best_first = alpha_rule == "cost"
+        if not self.best_first:
+            max_tree_tokens = 32 if max_tree_tokens is None else max_tree_tokens
+            max_depth = 10 if max_depth is None else max_depth
+            branch_threshold = 0.3 if branch_threshold is None else branch_threshold
+            alpha = 0.01 if alpha is None else alpha
+        elif alpha is not None:
+            raise ValueError("alpha is the paper's rule's threshold: give alpha_rule='paper' with it")
+        self.fixed_tree_tokens = None if max_tree_tokens is None else _positive_int(
+            "max_tree_tokens", max_tree_tokens, minimum=2)
+        self.fixed_depth = None if max_depth is None else _positive_int("max_depth", max_depth)
+        self.branch_threshold = None if branch_threshold is None else _fraction("branch_threshold",
+                                                                                branch_threshold)
+        self.initial_alpha = None if alpha is None else _fraction("alpha", alpha)
+        self.calibration = AcceptanceCalibration()
+        self.reset()
 
     def reset(self) -> None:
         self.alpha = self.initial_alpha
+        self.calibration.reset()
+        # priors: a 1-row draft forward 50 ms + 2 ms a row; a target pass 1 s + 20 ms a token
+        self.draft_cost = LinearCost(0.05, 0.002)
+        self.target_cost = LinearCost(1.0, 0.02, prior_rows=64)
+        self.child_mass = 0.8  # calibrated acceptance summed over an expanded node's children (average)
+        self.sizes = {"verified_tree_tokens": [], "draft_rows": []}
 
+    # ---- sizes
+    @property
+    def max_tree_tokens(self) -> int:
+        if self.fixed_tree_tokens is not None:
+            return self.fixed_tree_tokens
+        if self.target_cost.observations < 2:
+            return self.INITIAL_TREE_TOKENS
+        fixed, per_token = self.target_cost.coefficients()
+        low, high = self.AUTO_TREE_TOKENS
+        return high if per_token <= 0 else int(min(high, max(low, fixed / per_token)))
+
+    @property
+    def max_depth(self) -> int:
+        return self.fixed_depth if self.fixed_depth is not None else self.max_tree_tokens - 1
+
+    # ---- the paper's rule
     def should_verify(self, tree) -> bool:
         return tree.confidence() < self.alpha
 
+    # ---- the cost rule
+    def value(self, parent_value: float, prob: float) -> float:
+        """A child's path value: its parent's times the calibrated acceptance of its token."""
+        return parent_value * self.calibration(prob)
+
+    def rows(self, values) -> int:
+        """How many of the unexpanded nodes of ``values`` (path values, best first) to expand in the next
+        draft forward: the count with the most expected gain per second of draft forward."""
+        best, best_rate, gain = 0, 0.0, 0.0
+        for b, v in enumerate(values[:self.MAX_ROWS], start=1):
+            gain += v
+            rate = gain / self.draft_cost(b)
+            if rate > best_rate:
+                best, best_rate = b, rate
+        return best
+
+    def keep_drafting(self, values, floor: float, tree_value: float, tree_tokens: int, draft_s: float) -> bool:
+        """Whether expanding the nodes of ``values`` beats the round so far in tokens per second.
+
+        ``floor``: the value a new node must beat to enter a full tree; ``tree_value``: the sum of the
+        verified tree's path values (expected accepted draft tokens); ``draft_s``: this round's draft time.
+        """
+        children = self.child_mass * sum(values)
+        gain = max(0.0, children - floor * len(values)) if floor > 0 else children
+        if gain <= 0:
+            return False
+        room = max(0, self.max_tree_tokens - tree_tokens)
+        _, per_token = self.target_cost.coefficients()
+        cost = self.draft_cost(len(values)) + per_token * min(room, 2 * len(values))
+        round_rate = (1.0 + tree_value) / (draft_s + self.target_cost(min(tree_tokens, self.max_tree_tokens)))
+        return gain / cost > round_rate
+
+    def observe_expansion(self, mass: float) -> None:
+        """``mass``: calibrated acceptance summed over the top tokens of one expanded node."""
+        self.child_mass = 0.9 * self.child_mass + 0.1 * min(1.0, mass)
+
+    def observe_draft(self, rows: int, seconds: float) -> None:
+        self.draft_cost.observe(rows, seconds)
+        self.sizes["draft_rows"].append(rows)
+
+    def observe_pass(self, tree_tokens: int, seconds: float) -> None:
+        self.target_cost.observe(tree_tokens, seconds)
+        self.sizes["verified_tree_tokens"].append(tree_tokens)
+
     def observe(self, tree, accepted) -> None:
+        self.calibration.observe_tree(tree, accepted)
+        if self.best_first:
+            return
         n_correct = len(accepted) - 1
         n_all = best_branch_length(tree, int(accepted[-1]))
         if n_all == 0 or n_correct == n_all:
@@ -89,8 +204,21 @@ class LLMCadPolicy(TreePolicy):
         else:
             self.alpha = (n_all - n_correct) / n_all
 
+    def report(self) -> dict:
+        """The sizes chosen in the last generation (JSON-ready)."""
+        trees, rows = self.sizes["verified_tree_tokens"], self.sizes["draft_rows"]
+        fixed, per_token = self.target_cost.coefficients()
+        return {"alpha_rule": self.alpha_rule, "max_tree_tokens_chosen": self.max_tree_tokens,
+                "max_depth_chosen": self.max_depth,
+                "mean_tree_tokens": sum(trees) / len(trees) if trees else 0.0,
+                "mean_draft_rows": sum(rows) / len(rows) if rows else 0.0,
+                "draft_forwards": len(rows),
+                "target_pass_model_s": {"fixed": fixed, "per_token": per_token}}
+
     def describe(self) -> dict:
-        return {**super().describe(), "alpha": self.initial_alpha}
+        return {"mode": self.name, "alpha_rule": self.alpha_rule, "max_tree_tokens": self.fixed_tree_tokens,
+                "max_depth": self.fixed_depth, "branch_threshold": self.branch_threshold,
+                "alpha": self.initial_alpha}
 
 
 def best_branch_length(tree, last_accepted: int) -> int:
@@ -104,7 +232,7 @@ def best_branch_length(tree, last_accepted: int) -> int:
 
 POLICIES = {"llmcad": LLMCadPolicy, "tree": TreePolicy, "chain": ChainPolicy, "target-only": TargetOnlyPolicy}
 OPTIONS = {
-    "llmcad": ("max_tree_tokens", "max_depth", "branch_threshold", "alpha"),
+    "llmcad": ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule"),
     "tree": ("max_tree_tokens", "max_depth", "branch_threshold"),
     "chain": ("chain_length",),
     "target-only": (),

@@ -91,39 +91,55 @@ def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
 class TargetChooser:
     """The target's token at each node: argmax (greedy) or a sample from the distribution that
     transformers' sampler would use (temperature, then top-k, then top-p, the same warpers in the same
-    order), drawn with a seeded torch.Generator."""
+    order).
+
+    A sample is an exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)`` per vocabulary entry (the
+    Gumbel-max trick), and the noise of the token at absolute position ``t`` comes from a generator
+    seeded with (seed, t) alone. So a token depends only on the text before it, the seed and its
+    position: every mode, pipelined or not, samples exactly what target-only samples.
+    """
 
     def __init__(self, *, do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None):
         validate_sampling(do_sample, temperature, top_k, top_p, seed)
         self.do_sample = do_sample
         self.processors = _warpers(temperature, top_k, top_p) if do_sample else None
-        self.seed = seed
-        self._generator = None
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
     def processed_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Sampling distribution at each row of ``logits`` [n, vocab] -> probs [n, vocab]."""
         scores = self.processors(_NO_IDS, logits.float())
         return torch.softmax(scores, dim=-1)
 
-    def choose(self, logits: torch.Tensor):
+    def choose(self, logits: torch.Tensor, positions=None):
         """One token per row of ``logits`` [n, vocab]: int32 [n], a NumPy array for CPU logits and a
-        tensor on the logits' device for CUDA logits (no host copy: the acceptance walk runs there)."""
+        tensor on the logits' device for CUDA logits (no host copy: the acceptance walk runs there).
+        ``positions``: absolute position of the token each row chooses (default 0..n-1); it keys the
+        sampling noise."""
         if not self.do_sample:
             picks = logits.argmax(dim=-1).to(torch.int32)
         else:
             probs = self.processed_probs(logits)
-            picks = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device)).squeeze(1)
-            picks = picks.to(torch.int32)
+            positions = range(probs.shape[0]) if positions is None else positions
+            noise = torch.stack([exponential_noise(self.seed, int(t), probs.shape[1], probs.device)
+                                 for t in positions])
+            picks = (probs / noise).argmax(dim=-1).to(torch.int32)
         return picks if picks.is_cuda else picks.cpu().numpy()
 
-    def _rng(self, device) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            if self.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(self.seed))
-        return self._generator
+
+def exponential_noise(seed: int, position: int, size: int, device) -> torch.Tensor:
+    """Exp(1) noise [size] for the token at ``position``: a generator keyed on (seed, position) only."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_mix64(seed, position))
+    return torch.empty(size, dtype=torch.float32, device=device).exponential_(generator=generator).clamp_min_(1e-30)
+
+
+def _mix64(seed: int, position: int) -> int:
+    """SplitMix64 of (seed, position): distinct, well-spread generator seeds for nearby positions."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & mask
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        z = ((z ^ (z >> shift)) * mult) & mask
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 _NO_IDS = torch.empty((1, 0), dtype=torch.long)  # the warpers used here never read input_ids

@@ -1,0 +1,82 @@
+"""Online models the ``llmcad`` policy decides with: how often the target accepts a draft token given
+the draft's probability for it, and what a draft forward and a target pass cost on this machine."""
+from __future__ import annotations
+
+import math
+
+
+class AcceptanceCalibration:
+    """P(target accepts a draft token | the draft gave it probability p), learned from verified nodes.
+
+    ``buckets`` equal-width bins of p, each a Beta posterior whose prior is ``prior_weight`` pseudo-
+    observations at the bin's midpoint (a calibrated draft, until the data says otherwise). Always
+    strictly inside (0, 1), so a path's value shrinks with every token.
+    """
+
+    def __init__(self, buckets: int = 10, prior_weight: float = 4.0):
+        self.buckets = buckets
+        self.prior_weight = prior_weight
+        self.reset()
+
+    def reset(self) -> None:
+        self.accepted = [0.0] * self.buckets
+        self.seen = [0.0] * self.buckets
+
+    def _bin(self, p: float) -> int:
+        return min(self.buckets - 1, max(0, int(p * self.buckets)))
+
+    def __call__(self, p: float) -> float:
+        """Calibrated acceptance of a draft token of probability ``p``."""
+        b = self._bin(p)
+        mid = (b + 0.5) / self.buckets
+        return (self.accepted[b] + self.prior_weight * mid) / (self.seen[b] + self.prior_weight)
+
+    def observe(self, p: float, accepted: bool) -> None:
+        b = self._bin(p)
+        self.seen[b] += 1.0
+        self.accepted[b] += 1.0 if accepted else 0.0
+
+    def observe_tree(self, tree, accepted) -> None:
+        """Every node whose parent was accepted was tested by the target: accepted or not."""
+        on_path = {int(a) for a in accepted}
+        for node in range(1, len(tree)):
+            if tree.parents[node] in on_path:
+                self.observe(tree.probs[node], node in on_path)
+
+
+class LinearCost:
+    """Seconds as ``fixed + per_row * rows``, a least-squares fit of recent measurements that starts
+    from a prior (``fixed``, ``per_row``) worth ``prior_weight`` observations at 1 and ``prior_rows``."""
+
+    def __init__(self, fixed: float, per_row: float, prior_rows: int = 16, prior_weight: float = 1.0,
+                 memory: float = 0.9):
+        self.memory = memory  # older measurements fade (the machine's load changes)
+        self._sums = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
+        self.observations = 0
+        for rows in (1, prior_rows):
+            self._add(rows, fixed + per_row * rows, prior_weight)
+        self._prior = (fixed, per_row)
+
+    def _add(self, rows: float, seconds: float, weight: float) -> None:
+        w, sx, sy, sxx, sxy = self._sums
+        self._sums = [w + weight, sx + weight * rows, sy + weight * seconds, sxx + weight * rows * rows,
+                      sxy + weight * rows * seconds]
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        self._sums = [s * self.memory for s in self._sums]
+        self._add(float(rows), float(seconds), 1.0)
+        self.observations += 1
+
+    def coefficients(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per row), both >= 0."""
+        w, sx, sy, sxx, sxy = self._sums
+        var = sxx - sx * sx / w
+        slope = (sxy - sx * sy / w) / var if var > 1e-12 else self._prior[1]
+        slope = max(slope, 0.0)
+        return max(sy / w - slope * sx / w, 0.0), slope
+
+    def __call__(self, rows: int) -> float:
+        fixed, per_row = self.coefficients()
+        return fixed + per_row * rows

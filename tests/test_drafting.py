@@ -1,0 +1,247 @@
+"""Best-first batched drafting: the rows' masks and positions against a NumPy oracle and against plain
+forwards, tree bookkeeping, and the cost rule's decisions with a simulated draft of known acceptance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tree_reference as ref
+from llmcad.spec import kv
+from llmcad.spec.costs import AcceptanceCalibration, LinearCost
+from llmcad.spec.draft import DraftTree, TreeDrafter, rows_mask
+from llmcad.spec.pipeline import bonus_subtree
+from llmcad.spec.policy import LLMCadPolicy, make_policy
+
+PROMPT = "def add(a, b):"
+
+
+def random_run_state(rng, n):
+    """A random tree whose first nodes ran in a random order that still runs parents first, and the
+    unrun nodes whose parents all ran (the ones a step may expand)."""
+    parents = ref.random_tree(rng, n)
+    run = [0]
+    for node in range(1, n):
+        if parents[node] in run and rng.random() < 0.6:
+            run.append(node)
+    order = [0] + sorted(run[1:], key=lambda _: rng.random())
+    order = sorted(order, key=lambda u: ref.depths(parents)[u])  # parents before children
+    slots = np.full(n, -1, dtype=np.int64)
+    for i, node in enumerate(order):
+        slots[node] = i
+    if len(order) > 1 and all(slots[u] >= 0 or slots[parents[u]] < 0 for u in range(1, n)):
+        slots[order.pop()] = -1  # the deepest run node has no run child: un-run it, so it can be expanded
+    ready = [u for u in range(1, n) if slots[u] < 0 and slots[parents[u]] >= 0]
+    assert ready
+    return parents, slots, len(order), ready
+
+
+@pytest.mark.parametrize("n,prefix", [(2, 0), (7, 1), (33, 63), (65, 64), (130, 5)])
+def test_rows_mask_matches_the_numpy_oracle(n, prefix):
+    rng = np.random.default_rng(n * 1000 + prefix)
+    parents, slots, ran, ready = random_run_state(rng, n)
+    for count in sorted({1, len(ready) // 2, len(ready)} - {0}):
+        nodes = list(rng.permutation(ready)[:count])
+        for dtype, np_dtype in ((torch.float32, np.float32), (torch.bfloat16, np.float32)):
+            mask = rows_mask(parents.tolist(), slots.tolist(), nodes, prefix, ran, dtype)
+            assert mask.dtype == dtype and mask.shape == (1, 1, count, prefix + ran + count)
+            np.testing.assert_array_equal(mask[0, 0].float().numpy(),
+                                          ref.draft_rows_mask(parents, slots, nodes, prefix, ran, np_dtype))
+
+
+def test_rows_mask_refuses_unrun_ancestors_and_rerun_nodes():
+    parents, slots = [-1, 0, 1], [0, -1, -1]
+    with pytest.raises(ValueError, match="ancestor 1"):
+        rows_mask(parents, slots, [2], 4, 1)
+    with pytest.raises(ValueError, match="has run already"):
+        rows_mask(parents, slots, [0], 4, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3"])
+def test_batched_rows_give_the_logits_of_plain_forwards(tiny_models, tiny_tokenizer, family):
+    """Grow a tree best-first (several rows a step); every run node's draft distribution equals a
+    plain forward of prompt + its path, and the cache holds prefix + one key per run node."""
+    draft = tiny_models(family, "shared")
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    policy = LLMCadPolicy(max_tree_tokens=24, max_depth=4)
+    policy.draft_cost = LinearCost(1.0, 1e-6)  # a fixed cost dominates: wide steps
+    policy.target_cost = LinearCost(100.0, 1e-6)  # and passes are dear: drafting pays
+    seen = {}
+    drafter = TreeDrafter(draft, ids)
+    original = drafter._run_rows
+
+    def recording(tree, nodes, pol, name="draft"):
+        probs = original(tree, nodes, pol, name)
+        for row, node in enumerate(nodes):
+            seen[node] = (tree_path(tree, node), probs[row])
+        return probs
+
+    drafter._run_rows = recording
+    tree = drafter.grow(ids[-1], policy, depth_cap=10)
+    assert max(policy.sizes["draft_rows"]) > 1, "no batched step ran"
+    for path, probs in seen.values():
+        with torch.no_grad():
+            plain = torch.softmax(draft(torch.tensor([ids[:-1] + path])).logits[0, -1].float(), dim=-1)
+        torch.testing.assert_close(probs, plain, rtol=1e-4, atol=1e-5)
+    ran = sum(1 for s in tree.slot if s >= 0)
+    assert kv.cache_length(drafter.cache) >= len(ids) - 1 + ran
+    for node in range(1, len(tree)):  # best first: values never grow down a path, parents come first
+        assert tree.parents[node] < node and tree.value[node] <= tree.value[tree.parents[node]]
+    assert tree.value == sorted(tree.value, reverse=True)
+
+
+def tree_path(tree, node):
+    path = []
+    while node >= 0:
+        path.append(tree.tokens[node])
+        node = tree.parents[node]
+    return path[::-1]
+
+
+def test_select_subtree_and_bonus_seed():
+    t = DraftTree.rooted(9)
+    t.slot[0] = 0
+    a = t.add(0, 1, 0.6, 0.5)
+    b = t.add(0, 2, 0.3, 0.2)
+    t.slot[a] = 1
+    c = t.add(a, 3, 0.9, 0.4)
+    d = t.add(a, 4, 0.05, 0.01)
+    t.slot[c] = 2
+    e = t.add(c, 5, 0.8, 0.3)
+    assert t.subtree(a) == [a, c, d, e] and t.subtree(b) == [b]
+    assert t.best_first_order(max_depth=5) == [0, a, c, e, b, d]
+    assert t.best_first_order(max_depth=1) == [0, a, b]
+    sub = t.select([a, c, d, e])
+    assert sub.tokens == [1, 3, 4, 5] and sub.parents == [-1, 0, 0, 1] and sub.depth == [0, 1, 1, 2]
+    assert sub.slot == [1, 2, -1, -1] and sub.value[1] == pytest.approx(0.8)
+    # the target accepted [0] and chose 1: the subtree under a seeds the next tree (a ran)
+    assert bonus_subtree(t, [0], 1, max_depth=5) == [a, c, d, e]
+    assert bonus_subtree(t, [0], 1, max_depth=1) == [a, c, d]
+    assert bonus_subtree(t, [0], 2, max_depth=5) == []  # b never ran: nothing to reuse
+    assert bonus_subtree(t, [0, a], 7, max_depth=5) == []  # no child with the bonus token
+
+
+def test_calibration_learns_acceptance_and_keeps_a_prior():
+    cal = AcceptanceCalibration(buckets=10, prior_weight=4)
+    assert cal(0.95) == pytest.approx(0.95) and cal(0.05) == pytest.approx(0.05)
+    for i in range(400):  # a draft that is overconfident: p = 0.9 accepted half the time
+        cal.observe(0.9, i % 2 == 0)
+    assert cal(0.9) == pytest.approx((200 + 4 * 0.95) / 404)
+    assert cal(0.5) == pytest.approx(0.55)  # other bins keep their prior
+    t = DraftTree.rooted(0)
+    a = t.add(0, 1, 0.35)
+    t.add(0, 2, 0.35)
+    t.add(a, 3, 0.35)
+    cal.observe_tree(t, [0, a])  # nodes 1, 2 tested under the root, 3 under a: one of three accepted... and 3 missed
+    assert cal.seen[3] == 3 and cal.accepted[3] == 1
+
+
+def test_linear_cost_fits_measurements():
+    cost = LinearCost(1.0, 0.01)
+    for rows in (1, 8, 32, 64) * 10:
+        cost.observe(rows, 0.2 + 0.003 * rows)
+    fixed, per_row = cost.coefficients()
+    assert fixed == pytest.approx(0.2, rel=0.05) and per_row == pytest.approx(0.003, rel=0.05)
+    cost.observe(4, float("nan"))  # ignored
+    assert cost(10) == pytest.approx(0.23, rel=0.05)
+
+
+class SimulatedDraftDrafter(TreeDrafter):
+    """A draft whose every distribution is ``dist`` (top token first): no model, slots kept as a real
+    forward would keep them. The target accepts a token of probability p with probability p
+    (a calibrated draft), so a node's true value is its path's product of probabilities."""
+
+    def __init__(self, dist, seconds_per_row=0.002, fixed_seconds=0.05):
+        super().__init__(draft=None, prompt_ids=[1, 2, 3])
+        self.dist = torch.tensor(dist + [0.0] * (8 - len(dist)))
+        self.fixed, self.per_row = fixed_seconds, seconds_per_row
+
+    def _run(self, tree, node, name="draft"):
+        tree.slot[node] = self._ran
+        self._ran += 1
+        self.pending = []
+        return self.dist
+
+    def _run_rows(self, tree, nodes, policy, name="draft"):
+        for row, node in enumerate(nodes):
+            tree.slot[node] = self._ran + row
+        self._ran += len(nodes)
+        self._kv_room -= len(nodes)
+        self.steps += 1
+        if policy is not None:
+            policy.observe_draft(len(nodes), self.fixed + self.per_row * len(nodes))
+        return self.dist.expand(len(nodes), -1)
+
+
+def calibrated_policy(pass_fixed_s, pass_per_token_s, **options):
+    policy = make_policy("llmcad", **options)
+    for n in (8, 16, 32, 64) * 10:  # enough passes for the prior to fade
+        policy.observe_pass(n, pass_fixed_s + pass_per_token_s * n)
+    for rows in (1, 4, 16, 1, 4, 16):
+        policy.observe_draft(rows, 0.05 + 0.002 * rows)
+    rng = np.random.default_rng(0)
+    for p in rng.uniform(0, 1, 4000):  # the simulated draft is calibrated: accepted with probability p
+        policy.calibration.observe(float(p), bool(rng.random() < p))
+    return policy
+
+
+def grow_simulated(policy, dist, monkeypatch):
+    drafter = SimulatedDraftDrafter(dist)
+    clock = {"t": 0.0}
+
+    def fake_clock():  # draft time as the simulated draft costs it, not as this machine runs the test
+        return clock["t"]
+
+    original = drafter._run_rows
+
+    def timed(tree, nodes, pol, name="draft"):
+        clock["t"] += drafter.fixed + drafter.per_row * len(nodes)
+        return original(tree, nodes, pol, name)
+
+    drafter._run_rows = timed
+    monkeypatch.setattr("llmcad.spec.draft.time.perf_counter", fake_clock)
+    tree = drafter.grow(0, policy, depth_cap=200)
+    return tree, drafter.steps
+
+
+@pytest.mark.parametrize("dist", [[0.8, 0.1, 0.05], [0.5, 0.3, 0.1]])
+def test_cost_rule_verifies_earlier_when_passes_are_cheap(dist, monkeypatch):
+    """The same simulated draft: with 0.1 s passes the rule stops after fewer draft forwards and a
+    smaller tree than with 8 s passes (offloaded), where more drafting still pays."""
+    cheap, cheap_steps = grow_simulated(calibrated_policy(0.1, 0.0005), dist, monkeypatch)
+    costly, costly_steps = grow_simulated(calibrated_policy(8.0, 0.02), dist, monkeypatch)
+    assert cheap_steps < costly_steps
+    cheap_n = min(len(cheap), calibrated_policy(0.1, 0.0005).max_tree_tokens)
+    costly_n = min(len(costly), calibrated_policy(8.0, 0.02).max_tree_tokens)
+    assert cheap_n < costly_n
+    expected = lambda t, n: sum(t.value[1:n])  # noqa: E731 - expected accepted draft tokens
+    assert expected(cheap, cheap_n) < expected(costly, costly_n)
+    # the drafting time the cheap rule spent is comparable to its pass, never many passes' worth
+    assert cheap_steps * (0.05 + 0.002 * 64) < 5 * 0.2
+
+
+def test_tree_size_follows_the_device():
+    """Auto size: the tree grows while its compute (per token) fits in the pass's fixed (IO) time."""
+    io_bound = calibrated_policy(8.0, 0.02)
+    assert io_bound.max_tree_tokens == pytest.approx(400, abs=4)  # 8 s / 20 ms a token
+    assert io_bound.max_depth == io_bound.max_tree_tokens - 1
+    compute_bound = calibrated_policy(0.1, 0.01)
+    assert compute_bound.max_tree_tokens == LLMCadPolicy.AUTO_TREE_TOKENS[0]
+    fixed = make_policy("llmcad", max_tree_tokens=20, max_depth=6)
+    fixed.observe_pass(10, 5.0)
+    assert (fixed.max_tree_tokens, fixed.max_depth) == (20, 6)
+    assert make_policy("llmcad").max_tree_tokens == LLMCadPolicy.INITIAL_TREE_TOKENS
+    report = io_bound.report()
+    assert report["max_tree_tokens_chosen"] == io_bound.max_tree_tokens
+    assert report["mean_tree_tokens"] == pytest.approx(30)
+
+
+def test_rows_follow_the_draft_cost():
+    """Wide steps when a forward's fixed cost dominates, one row when every row costs as much."""
+    policy = make_policy("llmcad")
+    values = [0.9, 0.5, 0.4, 0.3, 0.2, 0.1]
+    policy.draft_cost = LinearCost(0.1, 0.0001)
+    assert policy.rows(values) == len(values)
+    policy.draft_cost = LinearCost(0.0, 0.1)
+    assert policy.rows(values) == 1
