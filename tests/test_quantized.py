@@ -27,7 +27,7 @@ MODE_OPTIONS = [
     ("tree", {}),
     ("tree", {"max_tree_tokens": 3, "max_depth": 2}),
     ("llmcad", {}),
-    ("llmcad", {"branch_threshold": 0.05, "max_tree_tokens": 12, "alpha": 0.2}),
+    ("llmcad", {"branch_threshold": 0.05, "max_tree_tokens": 12, "alpha": 0.2, "alpha_rule": "paper"}),
 ]
 
 

@@ -210,10 +210,10 @@ class _Run:
             tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room()) if self.drafter
                     else DraftTree.rooted(root))
         n, created = min(len(tree), policy.max_tree_tokens), len(tree)
-        t0 = time.perf_counter()
+        pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
         with self.record.timed("target"):
             logits, provisional = self._verify(tree, n)
-        policy.observe_pass(n, time.perf_counter() - t0)
+        policy.observe_pass(n, time.perf_counter() - t0, pending)
         verified = tree.head(n)
         # node u chooses the token at absolute position committed + depth(u): the key of its sampling noise
         committed = self.prompt_length + len(output.tokens)

@@ -162,8 +162,10 @@ class TreeDrafter:
         t0 = time.perf_counter()
         self._revalue(tree, policy)
         if tree.slot[0] < 0 and max_depth > 0 and self._kv_room > len(self.pending):
+            typical = not self.pending  # a prompt's prefill is no typical step
             probs = self._run(tree, 0)
-            policy.observe_draft(1, time.perf_counter() - t0)
+            if typical:
+                policy.observe_draft(1, time.perf_counter() - t0)
             self._add_best_children(tree, 0, probs, policy, bar=0.0)
         while True:
             limit = policy.max_tree_tokens

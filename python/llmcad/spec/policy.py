@@ -30,8 +30,8 @@ class Policy:
     def observe(self, tree, accepted) -> None:
         """Update after a verification (``accepted``: node ids, root first)."""
 
-    def observe_pass(self, tree_tokens: int, seconds: float) -> None:
-        """A target pass over ``tree_tokens`` nodes took ``seconds``."""
+    def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0) -> None:
+        """A target pass over ``tree_tokens`` nodes (and ``pending`` prompt tokens) took ``seconds``."""
 
     def observe_draft(self, rows: int, seconds: float) -> None:
         """A draft forward of ``rows`` tree nodes took ``seconds``."""
@@ -189,8 +189,8 @@ class LLMCadPolicy(Policy):
         self.draft_cost.observe(rows, seconds)
         self.sizes["draft_rows"].append(rows)
 
-    def observe_pass(self, tree_tokens: int, seconds: float) -> None:
-        self.target_cost.observe(tree_tokens, seconds)
+    def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0) -> None:
+        self.target_cost.observe(tree_tokens + pending, seconds)
         self.sizes["verified_tree_tokens"].append(tree_tokens)
 
     def observe(self, tree, accepted) -> None:
