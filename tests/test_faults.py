@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import llmcad
+from child_cli import LLMCAD_WITH_SIGINT
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, EngineClosedError, StreamerIOError, WeightFileError
 from llmcad.streaming.streamed import decoder_layers
@@ -258,10 +259,6 @@ def sigint_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-# a child `llmcad` that takes SIGINT as Python's default does, even when it inherits SIG_IGN
-_CLI_WITH_SIGINT = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                    "from llmcad.cli import main; sys.exit(main(sys.argv[1:]))")
-
 
 @pytest.mark.parametrize("mode", MODES)
 def test_ctrl_c_in_the_middle_of_a_streamed_pass(pair, setup, mode, sigint_raises):
@@ -310,7 +307,7 @@ def test_ctrl_c_on_the_command_line_exits_130_quickly(pair, setup):
     budget, _, _ = setup
     python_dir = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-c", _CLI_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
+    argv = [*LLMCAD_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "200", "--memory-budget", str(budget),
             "--bandwidth-cap", "2e6"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -26,6 +26,7 @@ import pytest
 
 import llmcad
 import pair_models
+from child_cli import LLMCAD_WITH_SIGINT
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, ModelLoadError
 from llmcad.models.chat import chat_prompt_ids
@@ -611,7 +612,7 @@ def test_cli_exits_2_when_the_models_cannot_load(pair, tmp_path, capsys):
 def test_cli_serves_then_stops_cleanly_on_a_signal(pair, reference, streaming_budget, sig, status):
     """`llmcad serve` in its own process: it answers, and a signal in the middle of a streamed generation
     ends the stream and the process within seconds, without a traceback."""
-    argv = [sys.executable, "-m", "llmcad.cli", "serve", "--draft", str(pair["draft"]), "--target",
+    argv = [*LLMCAD_WITH_SIGINT, "serve", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--port", "0", "--model-name", MODEL, "--memory-budget", str(streaming_budget),
             "--bandwidth-cap", str(SLOW_IO["bandwidth_cap"])]
     proc = subprocess.Popen(argv, env=_cli_env(), stderr=subprocess.PIPE, text=True)
