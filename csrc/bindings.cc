@@ -59,23 +59,6 @@ void bind_tree(py::module_& m) {
                                   std::to_string(n * (prefix + n) * elem));
     llmcad::tree_mask(parents.data(), n, prefix, static_cast<llmcad::MaskDType>(dtype), reinterpret_cast<void*>(out));
   });
-  m.def("tree_mask_packed", [](const I32Array& parents, int64_t prefix) {
-    int64_t n = checked_size(parents, "parents");
-    llmcad::validate_tree(parents.data(), n);
-    if (prefix < 0) throw std::invalid_argument("prefix length must be >= 0, got " + std::to_string(prefix));
-    py::array_t<uint64_t> out({n, llmcad::packed_mask_words(n, prefix)});
-    llmcad::tree_mask_packed(parents.data(), n, prefix, out.mutable_data());
-    return out;
-  });
-  m.def("tree_paths", [](const I32Array& parents) {
-    int64_t n = checked_size(parents, "parents");
-    llmcad::validate_tree(parents.data(), n);
-    int64_t leaves = llmcad::tree_num_leaves(parents.data(), n);
-    int64_t width = llmcad::tree_max_depth(parents.data(), n) + 1;
-    py::array_t<int32_t> out({leaves, width});
-    llmcad::tree_paths(parents.data(), n, out.mutable_data());
-    return out;
-  });
   m.def("tree_accept", [](const I32Array& parents, const I32Array& tokens, const I32Array& choice) {
     int64_t n = checked_size(parents, "parents");
     if (checked_size(tokens, "tokens") != n || checked_size(choice, "choice") != n)
@@ -98,45 +81,111 @@ void bind_tree(py::module_& m) {
 }
 
 // ---------------------------------------------------------------- tree (CUDA)
-// Device pointers and the stream cross as integers; the Python layer validates shapes and dtypes.
+// Device buffers cross as (address, byte size) integers with the device index and the stream handle
+// (0: the default stream). Everything checkable on the host is checked here, without touching device
+// memory: the device index, each size against n (from the parents' size), and that each address is
+// memory of that device. The parent array itself is validated in Python, on the host copy it came from.
+#ifdef LLMCAD_WITH_CUDA
+int checked_device(int device) {
+  int count = llmcad::cuda::device_count();
+  if (device < 0 || device >= count)
+    throw std::invalid_argument("no CUDA device " + std::to_string(device) + " (" + std::to_string(count) +
+                                " present)");
+  return device;
+}
+
+template <typename T>
+T* device_buffer(int device, uintptr_t address, int64_t bytes, int64_t expected_bytes, const std::string& what) {
+  if (bytes != expected_bytes)
+    throw std::invalid_argument(what + " has " + std::to_string(bytes) + " bytes, needs " +
+                                std::to_string(expected_bytes));
+  auto* ptr = reinterpret_cast<T*>(address);
+  llmcad::cuda::check_device_pointer(device, ptr, what.c_str());
+  return ptr;
+}
+
+// n from the parents buffer (int32 [n], n >= 1).
+int64_t parents_count(int64_t parents_bytes) {
+  if (parents_bytes <= 0 || parents_bytes % 4)
+    throw std::invalid_argument("parents buffer has " + std::to_string(parents_bytes) +
+                                " bytes, needs a positive multiple of 4 (int32 [n], n >= 1)");
+  return parents_bytes / 4;
+}
+
+void check_prefix(int64_t prefix) {
+  if (prefix < 0) throw std::invalid_argument("prefix length must be >= 0, got " + std::to_string(prefix));
+}
+#endif
+
 void bind_tree_cuda(py::module_& m) {
 #ifdef LLMCAD_WITH_CUDA
   using llmcad::MaskDType;
-  auto p = [](uintptr_t v) { return reinterpret_cast<void*>(v); };
+  auto stream_of = [](uintptr_t stream) { return reinterpret_cast<void*>(stream); };
+  m.def("cuda_device_count", &llmcad::cuda::device_count);
+  m.def("cuda_debug_checks", &llmcad::cuda::debug_checks);
   // cudaDeviceProp.integrated: the GPU shares host memory (Jetson), so pinned buffers are used in place.
-  m.def("cuda_device_integrated", [](int device) {
-    if (device < 0 || device >= llmcad::cuda::device_count())
-      throw std::invalid_argument("no CUDA device " + std::to_string(device));
-    return llmcad::cuda::device_integrated(device);
-  });
-  m.def("cuda_tree_depths", [p](uintptr_t parents, int64_t n, uintptr_t out, uintptr_t stream) {
-    llmcad::cuda::tree_depths(static_cast<const int32_t*>(p(parents)), n, static_cast<int32_t*>(p(out)), p(stream));
-  });
-  m.def("cuda_tree_positions", [p](uintptr_t parents, int64_t n, int64_t prefix, uintptr_t out, uintptr_t stream) {
-    llmcad::cuda::tree_positions(static_cast<const int32_t*>(p(parents)), n, prefix, static_cast<int64_t*>(p(out)), p(stream));
-  });
-  m.def("cuda_tree_mask", [p](uintptr_t parents, int64_t n, int64_t prefix, int dtype, uintptr_t out, uintptr_t stream) {
-    llmcad::cuda::tree_mask(static_cast<const int32_t*>(p(parents)), n, prefix, static_cast<MaskDType>(dtype), p(out), p(stream));
-  });
-  m.def("cuda_tree_mask_packed", [p](uintptr_t parents, int64_t n, int64_t prefix, uintptr_t out, uintptr_t stream) {
-    llmcad::cuda::tree_mask_packed(static_cast<const int32_t*>(p(parents)), n, prefix, static_cast<uint64_t*>(p(out)), p(stream));
-  });
-  m.def("cuda_tree_paths", [p](uintptr_t parents, int64_t n, uintptr_t leaves, int64_t num_leaves, int32_t max_depth,
-                               uintptr_t out, uintptr_t stream) {
-    llmcad::cuda::tree_paths(static_cast<const int32_t*>(p(parents)), n, static_cast<const int32_t*>(p(leaves)),
-                             num_leaves, max_depth, static_cast<int32_t*>(p(out)), p(stream));
-  });
-  m.def("cuda_tree_accept", [p](uintptr_t parents, uintptr_t tokens, uintptr_t choice, int64_t n, uintptr_t accepted,
-                                uintptr_t num_accepted, uintptr_t bonus, uintptr_t stream) {
-    llmcad::cuda::tree_accept(static_cast<const int32_t*>(p(parents)), static_cast<const int32_t*>(p(tokens)),
-                              static_cast<const int32_t*>(p(choice)), n, static_cast<int32_t*>(p(accepted)),
-                              static_cast<int64_t*>(p(num_accepted)), static_cast<int32_t*>(p(bonus)), p(stream));
-  });
-  m.def("cuda_commit_gather_indices", [p](uintptr_t accepted, uintptr_t num_accepted, int64_t max_accepted,
-                                          int64_t prefix, uintptr_t out, uintptr_t stream) {
-    llmcad::cuda::commit_gather_indices(static_cast<const int32_t*>(p(accepted)), static_cast<const int64_t*>(p(num_accepted)),
-                                        max_accepted, prefix, static_cast<int64_t*>(p(out)), p(stream));
-  });
+  m.def("cuda_device_integrated", [](int device) { return llmcad::cuda::device_integrated(checked_device(device)); });
+  m.def("cuda_tree_depths", [=](int device, uintptr_t parents, int64_t parents_bytes, uintptr_t out, int64_t out_bytes,
+                                uintptr_t stream) {
+    checked_device(device);
+    int64_t n = parents_count(parents_bytes);
+    auto* p = device_buffer<const int32_t>(device, parents, parents_bytes, 4 * n, "parents");
+    auto* o = device_buffer<int32_t>(device, out, out_bytes, 4 * n, "depths output (int32 [n])");
+    llmcad::cuda::tree_depths(device, p, n, o, stream_of(stream));
+  }, py::arg("device"), py::arg("parents"), py::arg("parents_bytes"), py::arg("out"), py::arg("out_bytes"),
+     py::arg("stream"));
+  m.def("cuda_tree_positions", [=](int device, uintptr_t parents, int64_t parents_bytes, int64_t prefix, uintptr_t out,
+                                   int64_t out_bytes, uintptr_t stream) {
+    checked_device(device);
+    check_prefix(prefix);
+    int64_t n = parents_count(parents_bytes);
+    auto* p = device_buffer<const int32_t>(device, parents, parents_bytes, 4 * n, "parents");
+    auto* o = device_buffer<int64_t>(device, out, out_bytes, 8 * n, "positions output (int64 [n])");
+    llmcad::cuda::tree_positions(device, p, n, prefix, o, stream_of(stream));
+  }, py::arg("device"), py::arg("parents"), py::arg("parents_bytes"), py::arg("prefix"), py::arg("out"),
+     py::arg("out_bytes"), py::arg("stream"));
+  m.def("cuda_tree_mask", [=](int device, uintptr_t parents, int64_t parents_bytes, int64_t prefix, int dtype,
+                              uintptr_t out, int64_t out_bytes, uintptr_t stream) {
+    checked_device(device);
+    check_prefix(prefix);
+    if (dtype < 0 || dtype > 2) throw std::invalid_argument("mask dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+    int64_t n = parents_count(parents_bytes);
+    auto* p = device_buffer<const int32_t>(device, parents, parents_bytes, 4 * n, "parents");
+    int64_t elem = dtype == 0 ? 4 : 2;
+    auto* o = device_buffer<void>(device, out, out_bytes, n * (prefix + n) * elem, "mask output ([n, prefix + n])");
+    llmcad::cuda::tree_mask(device, p, n, prefix, static_cast<MaskDType>(dtype), o, stream_of(stream));
+  }, py::arg("device"), py::arg("parents"), py::arg("parents_bytes"), py::arg("prefix"), py::arg("dtype"),
+     py::arg("out"), py::arg("out_bytes"), py::arg("stream"));
+  m.def("cuda_tree_accept", [=](int device, uintptr_t parents, int64_t parents_bytes, uintptr_t tokens,
+                                int64_t tokens_bytes, uintptr_t choice, int64_t choice_bytes, uintptr_t record,
+                                int64_t record_bytes, uintptr_t stream) {
+    checked_device(device);
+    int64_t n = parents_count(parents_bytes);
+    auto* p = device_buffer<const int32_t>(device, parents, parents_bytes, 4 * n, "parents");
+    auto* t = device_buffer<const int32_t>(device, tokens, tokens_bytes, 4 * n, "tokens (int32 [n])");
+    auto* c = device_buffer<const int32_t>(device, choice, choice_bytes, 4 * n, "choice (int32 [n])");
+    auto* r = device_buffer<int32_t>(device, record, record_bytes, 4 * (n + llmcad::cuda::kAcceptRecordHeader),
+                                     "accept record (int32 [n + 2])");
+    llmcad::cuda::tree_accept(device, p, t, c, n, r, stream_of(stream));
+  }, py::arg("device"), py::arg("parents"), py::arg("parents_bytes"), py::arg("tokens"), py::arg("tokens_bytes"),
+     py::arg("choice"), py::arg("choice_bytes"), py::arg("record"), py::arg("record_bytes"), py::arg("stream"));
+  m.def("cuda_commit_gather_indices", [=](int device, uintptr_t record, int64_t record_bytes, int64_t count,
+                                          int64_t prefix, uintptr_t out, int64_t out_bytes, uintptr_t stream) {
+    checked_device(device);
+    check_prefix(prefix);
+    if (record_bytes <= 4 * llmcad::cuda::kAcceptRecordHeader || record_bytes % 4)
+      throw std::invalid_argument("accept record has " + std::to_string(record_bytes) +
+                                  " bytes, needs int32 [n + 2] with n >= 1");
+    int64_t n = record_bytes / 4 - llmcad::cuda::kAcceptRecordHeader;
+    if (count < 1 || count > n)
+      throw std::invalid_argument("accepted count " + std::to_string(count) + " outside [1, " + std::to_string(n) +
+                                  "] for an accept record of " + std::to_string(n) + " nodes");
+    auto* r = device_buffer<const int32_t>(device, record, record_bytes, record_bytes, "accept record");
+    auto* o = device_buffer<int64_t>(device, out, out_bytes, 8 * (prefix + count),
+                                     "commit indices output (int64 [prefix + count])");
+    llmcad::cuda::commit_gather_indices(device, r, count, prefix, o, stream_of(stream));
+  }, py::arg("device"), py::arg("record"), py::arg("record_bytes"), py::arg("count"), py::arg("prefix"),
+     py::arg("out"), py::arg("out_bytes"), py::arg("stream"));
 #else
   (void)m;
 #endif

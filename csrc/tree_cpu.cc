@@ -104,59 +104,6 @@ void tree_mask(const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtyp
   }
 }
 
-int64_t packed_mask_words(int64_t n, int64_t prefix) { return (prefix + n + 63) / 64; }
-
-void tree_mask_packed(const int32_t* parents, int64_t n, int64_t prefix, uint64_t* out) {
-  int64_t words = packed_mask_words(n, prefix);
-  std::memset(out, 0, static_cast<size_t>(n * words) * sizeof(uint64_t));
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t* row = out + i * words;
-    for (int64_t k = 0; k < prefix; ++k) row[k >> 6] |= uint64_t{1} << (k & 63);
-    for (int64_t a = i; a >= 0; a = parents[a]) {
-      int64_t k = prefix + a;
-      row[k >> 6] |= uint64_t{1} << (k & 63);
-    }
-  }
-}
-
-namespace {
-std::vector<char> has_child(const int32_t* parents, int64_t n) {
-  std::vector<char> result(n, 0);
-  for (int64_t i = 1; i < n; ++i) result[parents[i]] = 1;
-  return result;
-}
-}  // namespace
-
-int64_t tree_num_leaves(const int32_t* parents, int64_t n) {
-  std::vector<char> inner = has_child(parents, n);
-  int64_t leaves = 0;
-  for (int64_t i = 0; i < n; ++i) leaves += inner[i] ? 0 : 1;
-  return leaves;
-}
-
-int32_t tree_max_depth(const int32_t* parents, int64_t n) {
-  std::vector<int32_t> depths(n);
-  tree_depths(parents, n, depths.data());
-  int32_t best = 0;
-  for (int32_t d : depths) best = d > best ? d : best;
-  return best;
-}
-
-void tree_paths(const int32_t* parents, int64_t n, int32_t* paths) {
-  std::vector<int32_t> depths(n);
-  tree_depths(parents, n, depths.data());
-  int32_t width = tree_max_depth(parents, n) + 1;
-  std::vector<char> inner = has_child(parents, n);
-  int64_t row = 0;
-  for (int64_t leaf = 0; leaf < n; ++leaf) {
-    if (inner[leaf]) continue;
-    int32_t* dst = paths + row * width;
-    for (int32_t k = 0; k < width; ++k) dst[k] = -1;
-    for (int64_t a = leaf; a >= 0; a = parents[a]) dst[depths[a]] = static_cast<int32_t>(a);
-    ++row;
-  }
-}
-
 int64_t tree_accept(const int32_t* parents, const int32_t* tokens, const int32_t* choice, int64_t n,
                     int32_t* accepted, int32_t* bonus) {
   int64_t count = 0;

@@ -15,6 +15,32 @@ void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
+// A launch error is reported at once; an asynchronous fault of the kernel only at the next sync, so the
+// debug build synchronizes after every kernel to name the one that faulted.
+void check_launch(cudaStream_t stream, const char* what) {
+  check(cudaGetLastError(), what);
+#ifdef LLMCAD_CUDA_DEBUG
+  check(cudaStreamSynchronize(stream), what);
+#else
+  (void)stream;
+#endif
+}
+
+// Makes `device` current for one call of this runtime (the extension's own; torch's is separate).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
 constexpr int kThreads = 256;
@@ -58,36 +84,9 @@ __global__ void mask_kernel(const int32_t* parents, int64_t n, int64_t prefix, T
   }
 }
 
-__global__ void packed_kernel(const int32_t* parents, int64_t n, int64_t prefix, int64_t words, uint64_t* out) {
-  extern __shared__ uint32_t bits[];
-  int64_t row = blockIdx.x;
-  load_ancestors(parents, row, n, bits);
-  for (int64_t w = threadIdx.x; w < words; w += blockDim.x) {
-    uint64_t word = 0;
-    for (int b = 0; b < 64; ++b) {
-      int64_t k = w * 64 + b;
-      if (k >= prefix + n) break;
-      int64_t j = k - prefix;
-      bool visible = j < 0 || ((bits[j >> 5] >> (j & 31)) & 1u);
-      if (visible) word |= uint64_t{1} << b;
-    }
-    out[row * words + w] = word;
-  }
-}
-
-__global__ void paths_kernel(const int32_t* parents, const int32_t* leaves, int64_t num_leaves, int32_t width,
-                             int32_t* paths) {
-  int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= num_leaves) return;
-  int32_t* dst = paths + r * width;
-  for (int32_t k = 0; k < width; ++k) dst[k] = -1;
-  int64_t leaf = leaves[r];
-  int32_t d = depth_of(parents, leaf);
-  for (int64_t a = leaf; a >= 0; a = parents[a]) dst[d--] = static_cast<int32_t>(a);
-}
-
 __global__ void accept_kernel(const int32_t* parents, const int32_t* tokens, const int32_t* choice, int64_t n,
-                              int32_t* accepted, int64_t* num_accepted, int32_t* bonus) {
+                              int32_t* record) {
+  int32_t* accepted = record + kAcceptRecordHeader;
   int64_t count = 0, node = 0;
   accepted[count++] = 0;
   for (;;) {
@@ -98,38 +97,29 @@ __global__ void accept_kernel(const int32_t* parents, const int32_t* tokens, con
     accepted[count++] = static_cast<int32_t>(next);
     node = next;
   }
-  *num_accepted = count;
-  *bonus = choice[node];
+  record[0] = static_cast<int32_t>(count);
+  record[1] = choice[node];
 }
 
-__global__ void gather_kernel(const int32_t* accepted, const int64_t* num_accepted, int64_t max_accepted,
-                              int64_t prefix, int64_t* out) {
+__global__ void gather_kernel(const int32_t* record, int64_t count, int64_t prefix, int64_t* out) {
   int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= prefix + max_accepted) return;
+  if (k >= prefix + count) return;
   int64_t j = k - prefix;
-  out[k] = j < 0 ? k : (j < *num_accepted ? prefix + accepted[j] : -1);
+  out[k] = j < 0 ? k : prefix + record[kAcceptRecordHeader + j];
 }
 
 size_t bitset_bytes(int64_t n) { return static_cast<size_t>((n + 31) / 32) * sizeof(uint32_t); }
 
-void check_rows(int64_t n) {
-  if (bitset_bytes(n) > 48 * 1024) throw std::invalid_argument("tree too large for the CUDA mask kernel (n > 393216)");
-}
-
 }  // namespace
 
-bool available() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return false;
-  }
-  return count > 0;
-}
+bool available() { return device_count() > 0; }
 
 int device_count() {
   int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) { cudaGetLastError(); return 0; }
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
   return count;
 }
 
@@ -139,18 +129,55 @@ bool device_integrated(int device) {
   return prop.integrated != 0;
 }
 
-void tree_depths(const int32_t* parents, int64_t n, int32_t* depths, void* stream) {
+bool debug_checks() {
+#ifdef LLMCAD_CUDA_DEBUG
+  return true;
+#else
+  return false;
+#endif
+}
+
+void check_device_pointer(int device, const void* ptr, const char* what) {
+  if (ptr == nullptr) throw std::invalid_argument(std::string(what) + " is a null pointer");
+  DeviceScope scope(device);
+  cudaPointerAttributes attr;
+  cudaError_t status = cudaPointerGetAttributes(&attr, ptr);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    throw std::invalid_argument(std::string(what) + " is not a CUDA address: " + cudaGetErrorString(status));
+  }
+  switch (attr.type) {
+    case cudaMemoryTypeDevice:
+      if (attr.device != device)
+        throw std::invalid_argument(std::string(what) + " is memory of CUDA device " + std::to_string(attr.device) +
+                                    ", the call runs on device " + std::to_string(device));
+      return;
+    case cudaMemoryTypeManaged:
+      return;
+    case cudaMemoryTypeHost:
+      if (attr.devicePointer == ptr) return;
+      throw std::invalid_argument(std::string(what) + " is pinned host memory not mapped at the same address");
+    default:
+      throw std::invalid_argument(std::string(what) + " is not CUDA memory (an ordinary host address?)");
+  }
+}
+
+void tree_depths(int device, const int32_t* parents, int64_t n, int32_t* depths, void* stream) {
+  DeviceScope scope(device);
   depths_kernel<<<blocks_for(n), kThreads, 0, as_stream(stream)>>>(parents, n, 0, depths, nullptr);
-  check(cudaGetLastError(), "tree_depths launch");
+  check_launch(as_stream(stream), "tree_depths kernel");
 }
 
-void tree_positions(const int32_t* parents, int64_t n, int64_t prefix, int64_t* positions, void* stream) {
+void tree_positions(int device, const int32_t* parents, int64_t n, int64_t prefix, int64_t* positions, void* stream) {
+  DeviceScope scope(device);
   depths_kernel<<<blocks_for(n), kThreads, 0, as_stream(stream)>>>(parents, n, prefix, nullptr, positions);
-  check(cudaGetLastError(), "tree_positions launch");
+  check_launch(as_stream(stream), "tree_positions kernel");
 }
 
-void tree_mask(const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtype, void* out, void* stream) {
-  check_rows(n);
+void tree_mask(int device, const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtype, void* out,
+               void* stream) {
+  if (bitset_bytes(n) > 48 * 1024) throw std::invalid_argument("tree too large for the CUDA mask kernel (n > 393216)");
+  DeviceScope scope(device);
   size_t shared = bitset_bytes(n);
   cudaStream_t s = as_stream(stream);
   int rows = static_cast<int>(n);
@@ -168,34 +195,22 @@ void tree_mask(const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtyp
     default:
       throw std::invalid_argument("unknown mask dtype code");
   }
-  check(cudaGetLastError(), "tree_mask launch");
+  check_launch(s, "tree_mask kernel");
 }
 
-void tree_mask_packed(const int32_t* parents, int64_t n, int64_t prefix, uint64_t* out, void* stream) {
-  check_rows(n);
-  int64_t words = packed_mask_words(n, prefix);
-  packed_kernel<<<static_cast<int>(n), 64, bitset_bytes(n), as_stream(stream)>>>(parents, n, prefix, words, out);
-  check(cudaGetLastError(), "tree_mask_packed launch");
+void tree_accept(int device, const int32_t* parents, const int32_t* tokens, const int32_t* choice, int64_t n,
+                 int32_t* record, void* stream) {
+  DeviceScope scope(device);
+  accept_kernel<<<1, 1, 0, as_stream(stream)>>>(parents, tokens, choice, n, record);
+  check_launch(as_stream(stream), "tree_accept kernel");
 }
 
-void tree_paths(const int32_t* parents, int64_t n, const int32_t* leaves, int64_t num_leaves, int32_t max_depth,
-                int32_t* paths, void* stream) {
-  (void)n;
-  paths_kernel<<<blocks_for(num_leaves), kThreads, 0, as_stream(stream)>>>(parents, leaves, num_leaves, max_depth + 1, paths);
-  check(cudaGetLastError(), "tree_paths launch");
-}
-
-void tree_accept(const int32_t* parents, const int32_t* tokens, const int32_t* choice, int64_t n, int32_t* accepted,
-                 int64_t* num_accepted, int32_t* bonus, void* stream) {
-  accept_kernel<<<1, 1, 0, as_stream(stream)>>>(parents, tokens, choice, n, accepted, num_accepted, bonus);
-  check(cudaGetLastError(), "tree_accept launch");
-}
-
-void commit_gather_indices(const int32_t* accepted, const int64_t* num_accepted, int64_t max_accepted, int64_t prefix,
-                           int64_t* out, void* stream) {
-  gather_kernel<<<blocks_for(prefix + max_accepted), kThreads, 0, as_stream(stream)>>>(accepted, num_accepted,
-                                                                                      max_accepted, prefix, out);
-  check(cudaGetLastError(), "commit_gather_indices launch");
+void commit_gather_indices(int device, const int32_t* record, int64_t count, int64_t prefix, int64_t* out,
+                           void* stream) {
+  if (prefix + count == 0) return;
+  DeviceScope scope(device);
+  gather_kernel<<<blocks_for(prefix + count), kThreads, 0, as_stream(stream)>>>(record, count, prefix, out);
+  check_launch(as_stream(stream), "commit_gather_indices kernel");
 }
 
 }  // namespace cuda

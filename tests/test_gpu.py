@@ -194,11 +194,15 @@ def _filled_cache(length, device):
 
 def test_kv_commit_with_device_indices():
     cache = _filled_cache(10, "cuda")
-    kv.commit(cache, torch.tensor([0, 1, 2, 5, 7], device="cuda"))
+    kv.commit(cache, [0, 1, 2, 5, 7], device_keep=torch.tensor([0, 1, 2, 5, 7], device="cuda"))
     assert kv.cache_length(cache) == 5
     assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 5, 7]
-    kv.commit(cache, torch.arange(3, device="cuda"))  # a prefix: crop
-    assert kv.cache_length(cache) == 3
+    kv.commit(cache, [0, 1, 3])  # host indices only: uploaded without a sync
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [1, 2, 6]
+    kv.commit(cache, [0, 1])  # a prefix: crop
+    assert kv.cache_length(cache) == 2
+    with pytest.raises(ValueError, match="host indices"):
+        kv.commit(cache, torch.arange(1, device="cuda"))
 
 
 def test_zero_copy_bytes_are_the_pinned_buffer(tmp_path):
@@ -230,9 +234,8 @@ def test_device_integrated_query_agrees_with_torch():
 
 def test_plan_kernels_run_on_the_current_stream():
     """Work queued on a side stream: the plan is made there and is right once that stream is synced."""
-    parents = torch.as_tensor(np.array(PARENTS, dtype=np.int32), device="cuda")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        mask = tree.attention_mask(parents, 4, device="cuda")
+        mask = tree.attention_mask(PARENTS, 4, device="cuda")
         side.synchronize()
     assert torch.equal(mask.cpu(), tree.attention_mask(PARENTS, 4))

@@ -46,19 +46,6 @@ def test_dense_mask_matches_reference_bits(name, parents, dtype):
                            want.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
 
-@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
-def test_packed_mask(name, parents):
-    for prefix in PREFIXES:
-        got = tree.packed_mask(parents, prefix)
-        np.testing.assert_array_equal(got, ref.packed_mask(parents, prefix))
-        np.testing.assert_array_equal(ref.unpack(got, prefix + len(parents)), ref.visible(parents, prefix))
-
-
-@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
-def test_paths(name, parents):
-    np.testing.assert_array_equal(tree.paths(parents), ref.paths(parents))
-
-
 @pytest.mark.parametrize("n", SIZES)
 def test_chain_mask_is_lower_triangular(n):
     chain = np.arange(-1, n - 1, dtype=np.int32)
@@ -164,8 +151,6 @@ def test_property_every_routine_matches_numpy(case, seed):
     np.testing.assert_array_equal(tree.position_ids(parents, prefix), prefix + ref.depths(parents))
     np.testing.assert_array_equal(tree.attention_mask(parents, prefix)[0, 0].numpy(),
                                   ref.attention_mask(parents, prefix))
-    np.testing.assert_array_equal(tree.packed_mask(parents, prefix), ref.packed_mask(parents, prefix))
-    np.testing.assert_array_equal(tree.paths(parents), ref.paths(parents))
     tokens = rng.integers(0, 4, size=len(parents)).astype(np.int32)
     choice = rng.integers(0, 4, size=len(parents)).astype(np.int32)
     accepted, bonus = tree.accept(parents, tokens, choice)
@@ -208,8 +193,7 @@ def test_property_any_parent_array_is_valid_or_a_value_error(parents):
     nothing crashes."""
     valid = len(parents) >= 1 and parents[0] == -1 and all(0 <= p < i for i, p in enumerate(parents) if i)
     if not valid:
-        for routine in (tree.depths, tree.paths, lambda p: tree.position_ids(p, 3),
-                        lambda p: tree.packed_mask(p, 3), lambda p: tree.attention_mask(p, 3)):
+        for routine in (tree.depths, lambda p: tree.position_ids(p, 3), lambda p: tree.attention_mask(p, 3)):
             with pytest.raises(ValueError):
                 routine(parents)
         return

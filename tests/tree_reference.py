@@ -32,39 +32,6 @@ def attention_mask(parents, prefix_len, dtype=np.float32):
     return np.where(visible(parents, prefix_len), 0.0, -np.inf).astype(dtype)
 
 
-def packed_mask(parents, prefix_len):
-    dense = visible(parents, prefix_len)
-    n, cols = dense.shape
-    words = (cols + 63) // 64
-    out = np.zeros((n, words), dtype=np.uint64)
-    for i in range(n):
-        for k in np.flatnonzero(dense[i]):
-            out[i, k // 64] |= np.uint64(1) << np.uint64(k % 64)
-    return out
-
-
-def unpack(packed, cols):
-    bits = np.unpackbits(packed.view(np.uint8).reshape(packed.shape[0], -1), axis=1, bitorder="little")
-    return bits[:, :cols].astype(bool)
-
-
-def paths(parents):
-    n = len(parents)
-    has_child = np.zeros(n, dtype=bool)
-    has_child[np.asarray(parents[1:], dtype=np.int64)] = True
-    d = depths(parents)
-    width = int(d.max()) + 1
-    rows = []
-    for leaf in range(n):
-        if has_child[leaf]:
-            continue
-        row = [-1] * width
-        for a in ancestors_or_self(parents, leaf):
-            row[d[a]] = a
-        rows.append(row)
-    return np.asarray(rows, dtype=np.int32).reshape(-1, width)
-
-
 def accept(parents, tokens, choice):
     node, accepted = 0, [0]
     while True:

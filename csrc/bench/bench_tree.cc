@@ -48,24 +48,23 @@ void BM_TreePlanCUDA(benchmark::State& state) {
     return;
   }
   auto parents = random_tree(n);
-  int32_t *d_parents, *d_tokens, *d_accepted, *d_bonus;
-  int64_t *d_positions, *d_count;
+  int32_t *d_parents, *d_tokens, *d_record;
+  int64_t* d_positions;
   float* d_mask;
   cudaStream_t stream;
   cudaStreamCreate(&stream);
-  cudaMalloc(&d_parents, n * 4); cudaMalloc(&d_tokens, n * 4); cudaMalloc(&d_accepted, n * 4);
-  cudaMalloc(&d_bonus, 4); cudaMalloc(&d_positions, n * 8); cudaMalloc(&d_count, 8);
+  cudaMalloc(&d_parents, n * 4); cudaMalloc(&d_tokens, n * 4); cudaMalloc(&d_record, (n + 2) * 4);
+  cudaMalloc(&d_positions, n * 8);
   cudaMalloc(&d_mask, n * (kPrefix + n) * 4);
   cudaMemcpy(d_parents, parents.data(), n * 4, cudaMemcpyHostToDevice);
   cudaMemset(d_tokens, 0, n * 4);
   for (auto _ : state) {
-    llmcad::cuda::tree_positions(d_parents, n, kPrefix, d_positions, stream);
-    llmcad::cuda::tree_mask(d_parents, n, kPrefix, llmcad::MaskDType::F32, d_mask, stream);
-    llmcad::cuda::tree_accept(d_parents, d_tokens, d_tokens, n, d_accepted, d_count, d_bonus, stream);
+    llmcad::cuda::tree_positions(0, d_parents, n, kPrefix, d_positions, stream);
+    llmcad::cuda::tree_mask(0, d_parents, n, kPrefix, llmcad::MaskDType::F32, d_mask, stream);
+    llmcad::cuda::tree_accept(0, d_parents, d_tokens, d_tokens, n, d_record, stream);
     cudaStreamSynchronize(stream);
   }
-  cudaFree(d_parents); cudaFree(d_tokens); cudaFree(d_accepted); cudaFree(d_bonus);
-  cudaFree(d_positions); cudaFree(d_count); cudaFree(d_mask);
+  cudaFree(d_parents); cudaFree(d_tokens); cudaFree(d_record); cudaFree(d_positions); cudaFree(d_mask);
   cudaStreamDestroy(stream);
 }
 BENCHMARK(BM_TreePlanCUDA)->Arg(64)->Arg(256)->Arg(1024)->Unit(benchmark::kMicrosecond)->UseRealTime();

@@ -69,29 +69,6 @@ TEST(Tree, HalfAndBf16MasksUseNegativeInfinityBits) {
   EXPECT_EQ(llmcad::float_to_bf16_bits(1.0f), 0x3f80);
 }
 
-TEST(Tree, PackedMaskMatchesDense) {
-  auto p = chain(70);
-  int prefix = 60, n = 70, cols = prefix + n;
-  int64_t words = llmcad::packed_mask_words(n, prefix);
-  EXPECT_EQ(words, 3);
-  std::vector<uint64_t> packed(static_cast<size_t>(n * words));
-  std::vector<float> dense(static_cast<size_t>(n) * cols);
-  llmcad::tree_mask_packed(p.data(), n, prefix, packed.data());
-  llmcad::tree_mask(p.data(), n, prefix, MaskDType::F32, dense.data());
-  for (int i = 0; i < n; ++i)
-    for (int k = 0; k < cols; ++k)
-      EXPECT_EQ(((packed[i * words + k / 64] >> (k % 64)) & 1u) == 1u, dense[i * cols + k] == 0.0f);
-}
-
-TEST(Tree, PathsAndLeaves) {
-  std::vector<int32_t> p{-1, 0, 0, 1, 3};
-  EXPECT_EQ(llmcad::tree_num_leaves(p.data(), 5), 2);
-  EXPECT_EQ(llmcad::tree_max_depth(p.data(), 5), 3);
-  std::vector<int32_t> paths(8);
-  llmcad::tree_paths(p.data(), 5, paths.data());
-  EXPECT_EQ(paths, (std::vector<int32_t>{0, 2, -1, -1, 0, 1, 3, 4}));
-}
-
 TEST(Tree, AcceptWalkAndCommitIndices) {
   std::vector<int32_t> p{-1, 0, 0, 1, 2};
   std::vector<int32_t> tokens{5, 10, 11, 12, 13};

@@ -22,7 +22,8 @@ def build_info() -> dict:
     """What was compiled into the extension and what is usable on this machine.
 
     Returns a dict with ``version``, ``cuda_compiled``, ``cuda_available``, ``io_uring_compiled``,
-    ``io_uring_available`` and ``cuda_architectures``.
+    ``io_uring_available``, ``cuda_architectures`` and ``cuda_debug`` (every CUDA kernel checked with a
+    sync: the LLMCAD_CUDA_DEBUG build option).
     """
     ext = _ext()
     return {
@@ -30,6 +31,7 @@ def build_info() -> dict:
         "cuda_compiled": bool(ext.cuda_compiled()),
         "cuda_available": bool(ext.cuda_available()),
         "cuda_architectures": ext.cuda_architectures(),
+        "cuda_debug": bool(ext.cuda_debug_checks()) if hasattr(ext, "cuda_debug_checks") else False,
         "io_uring_compiled": bool(ext.io_uring_compiled()),
         "io_uring_available": bool(ext.io_uring_available()),
     }

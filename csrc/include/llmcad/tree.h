@@ -23,15 +23,6 @@ void tree_positions(const int32_t* parents, int64_t n, int64_t prefix, int64_t* 
 // and itself), -inf elsewhere. Element type by dtype (fp32, fp16 bits, bf16 bits).
 void tree_mask(const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtype, void* out);
 
-// Bit-packed mask [n, words], words = ceil((prefix + n) / 64); bit k of word w is key 64*w + k.
-int64_t packed_mask_words(int64_t n, int64_t prefix);
-void tree_mask_packed(const int32_t* parents, int64_t n, int64_t prefix, uint64_t* out);
-
-// Leaves in creation order, and root-to-leaf paths [num_leaves, max_depth + 1] padded with -1.
-int64_t tree_num_leaves(const int32_t* parents, int64_t n);
-int32_t tree_max_depth(const int32_t* parents, int64_t n);
-void tree_paths(const int32_t* parents, int64_t n, int32_t* paths);
-
 // Acceptance walk, shared by greedy and sampled verification. From the root, at node u with target
 // choice t = choice[u]: descend to the first-created child c with tokens[c] == t, else stop.
 // Writes the accepted node indices (root first) into accepted[n], the bonus token (choice at the last

@@ -1,6 +1,9 @@
-// CUDA twins of tree.h. Pointers are device pointers; `stream` is a cudaStream_t passed as void* so
-// this header needs no CUDA include. All launches are asynchronous on `stream`; the tree is assumed
-// valid (the binding layer validates on the host copy of parents). Errors throw std::runtime_error.
+// CUDA twins of tree.h. Pointers are device pointers on CUDA device `device`, which each call makes
+// current for itself (and restores after): the extension links its own CUDA runtime, whose current
+// device is not torch's. `stream` is a cudaStream_t passed as void* (0: the legacy default stream) so
+// this header needs no CUDA include. Launches are asynchronous on `stream`; the tree is assumed valid
+// (the binding layer validates sizes and pointers, Python the parent array on the host). Errors throw
+// std::runtime_error; with LLMCAD_CUDA_DEBUG each launch is also synchronized and checked.
 #pragma once
 #include <cstdint>
 #include "llmcad/tree.h"
@@ -8,22 +11,31 @@
 namespace llmcad {
 namespace cuda {
 
-bool available();          // a CUDA device is present and the driver works
+bool available();  // a CUDA device is present and the driver works
 int device_count();
 bool device_integrated(int device);
+bool debug_checks();  // compiled with LLMCAD_CUDA_DEBUG
 
-void tree_depths(const int32_t* parents, int64_t n, int32_t* depths, void* stream);
-void tree_positions(const int32_t* parents, int64_t n, int64_t prefix, int64_t* positions, void* stream);
-void tree_mask(const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtype, void* out, void* stream);
-void tree_mask_packed(const int32_t* parents, int64_t n, int64_t prefix, uint64_t* out, void* stream);
-// paths: [num_leaves, max_depth + 1]; leaves (device, [num_leaves]) lists the leaf node ids in creation order.
-void tree_paths(const int32_t* parents, int64_t n, const int32_t* leaves, int64_t num_leaves,
-                int32_t max_depth, int32_t* paths, void* stream);
-// Single-thread walk on the device; writes accepted[n], *num_accepted and *bonus (device pointers).
-void tree_accept(const int32_t* parents, const int32_t* tokens, const int32_t* choice, int64_t n,
-                 int32_t* accepted, int64_t* num_accepted, int32_t* bonus, void* stream);
-void commit_gather_indices(const int32_t* accepted, const int64_t* num_accepted, int64_t max_accepted,
-                           int64_t prefix, int64_t* out, void* stream);
+// Throws std::invalid_argument naming `what` unless `ptr` is memory that device `device` can read and
+// write at that address (device, managed or mapped host memory).
+void check_device_pointer(int device, const void* ptr, const char* what);
+
+void tree_depths(int device, const int32_t* parents, int64_t n, int32_t* depths, void* stream);
+void tree_positions(int device, const int32_t* parents, int64_t n, int64_t prefix, int64_t* positions,
+                    void* stream);
+void tree_mask(int device, const int32_t* parents, int64_t n, int64_t prefix, MaskDType dtype, void* out,
+               void* stream);
+
+// The acceptance walk (one thread) writes an accept record, int32 [n + 2]:
+// {count, bonus, accepted[0], ..., accepted[count - 1], unspecified...}, so one copy of
+// record[0 : count + 2] brings everything to the host.
+constexpr int64_t kAcceptRecordHeader = 2;
+void tree_accept(int device, const int32_t* parents, const int32_t* tokens, const int32_t* choice, int64_t n,
+                 int32_t* record, void* stream);
+// KV slots kept by a commit, from an accept record: out[prefix + count] = [0, prefix) then
+// prefix + accepted[j]; `count` is the record's count, already known to the caller.
+void commit_gather_indices(int device, const int32_t* record, int64_t count, int64_t prefix, int64_t* out,
+                           void* stream);
 
 }  // namespace cuda
 }  // namespace llmcad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
 from llmcad.spec import tree
@@ -27,12 +28,19 @@ def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_kee
     Returns float logits [k, vocab] of the last ``logits_to_keep`` tokens (all q when 0).
     """
     device = model.get_input_embeddings().weight.device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).view(1, -1)
-    positions = torch.as_tensor(position_ids, dtype=torch.long, device=device).view(1, -1)
+    ids = _long_on(input_ids, device).view(1, -1)
+    positions = _long_on(position_ids, device).view(1, -1)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
                     logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache})
     return out.logits[0].float()
+
+
+def _long_on(values, device) -> torch.Tensor:
+    """int64 ``values`` on ``device``; host lists go up without a host sync (pinned, non-blocking)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=torch.long)
+    return tree.host_to_device(np.asarray(values, dtype=np.int64), device)
 
 
 def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device):
@@ -41,13 +49,13 @@ def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device
     Pending tokens are committed tokens the model has not cached yet (the prompt, in the first round):
     each sees the cache, the pending tokens up to itself, and no tree node. Tree rows are the tree's
     mask with prefix ``cache_len + num_pending``. Returns (mask [1,1,p+n,C+p+n], positions [p+n]).
+    ``parents``: host data, or a :class:`llmcad.spec.tree.DeviceTree` already uploaded to ``device``.
     """
     prefix = cache_len + num_pending
-    on_cuda = torch.device(device).type == "cuda"
-    if on_cuda:  # the CUDA kernels build the plan on the device (current stream)
-        parents = torch.as_tensor(tree.validate_parents(parents), device=device)
-        tree_mask = tree.attention_mask(parents, prefix, dtype=dtype, device=device)
-        tree_pos = tree.position_ids(parents, prefix)
+    if torch.device(device).type == "cuda":  # the CUDA kernels build the plan on the device (current stream)
+        device_tree = parents if isinstance(parents, tree.DeviceTree) else tree.DeviceTree(parents, device)
+        tree_mask = device_tree.attention_mask(prefix, dtype)
+        tree_pos = device_tree.position_ids(prefix)
     else:
         tree_mask = tree.attention_mask(parents, prefix, dtype=dtype, device="cpu")
         tree_pos = torch.as_tensor(tree.position_ids(parents, prefix))

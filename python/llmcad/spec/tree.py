@@ -2,8 +2,10 @@
 
 A tree of n nodes is its parent array in creation order: ``parents[0] == -1`` (the root, the last
 committed token) and ``0 <= parents[i] < i``. Keys are ``prefix_len`` cached tokens followed by the n
-tree nodes. CPU inputs (lists, NumPy arrays, CPU tensors) run the C++ kernels; CUDA tensors run the
-CUDA kernels on the current torch stream and return CUDA tensors.
+tree nodes. Parent arrays are host data (lists, NumPy arrays, CPU tensors), validated on the host; the
+C++ kernels plan on the CPU. For a CUDA device, :class:`DeviceTree` uploads a validated parent array
+once (no host sync) and runs the CUDA kernels on the current torch stream; nothing comes back to the
+host except the acceptance walk's few ids, in one small copy.
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ def _is_cuda(x) -> bool:
 
 
 def _int32_vector(values, name: str) -> np.ndarray:
+    if _is_cuda(values):
+        raise ValueError(f"{name} must be host data (a list, NumPy array or CPU tensor), got a CUDA tensor: "
+                         "checking it would copy it back to the host")
     if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
+        values = values.detach().numpy()
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {array.shape}")
@@ -50,17 +55,12 @@ def validate_parents(parents) -> np.ndarray:
 
 def depths(parents):
     """Depth of every node (root 0): int32 [n]."""
-    if _is_cuda(parents):
-        return _cuda_depths_or_positions(parents, None)
     return _ext().tree_depths(validate_parents(parents))
 
 
 def position_ids(parents, prefix_len: int):
     """Position id of every node, ``prefix_len + depth``: int64 [n]."""
-    prefix_len = _check_prefix(prefix_len)
-    if _is_cuda(parents):
-        return _cuda_depths_or_positions(parents, prefix_len)
-    return _ext().tree_positions(validate_parents(parents), prefix_len)
+    return _ext().tree_positions(validate_parents(parents), _check_prefix(prefix_len))
 
 
 def attention_mask(parents, prefix_len: int, dtype=None, device="cpu"):
@@ -74,23 +74,13 @@ def attention_mask(parents, prefix_len: int, dtype=None, device="cpu"):
         raise ValueError(f"mask dtype must be float32, float16 or bfloat16, got {dtype}")
     prefix_len = _check_prefix(prefix_len)
     device = torch.device(device)
-    if device.type == "cuda" or _is_cuda(parents):
-        return _cuda_mask(parents, prefix_len, dtype, code, device)
+    if device.type == "cuda":
+        return DeviceTree(parents, device).attention_mask(prefix_len, dtype)
     array = validate_parents(parents)
     n = array.shape[0]
     out = torch.empty((1, 1, n, prefix_len + n), dtype=dtype)
     _ext().tree_mask_into(array, prefix_len, code, out.data_ptr(), out.numel() * out.element_size())
     return out if device.type == "cpu" else out.to(device)
-
-
-def packed_mask(parents, prefix_len: int) -> np.ndarray:
-    """The tree mask bit-packed: uint64 [n, ceil((prefix_len + n) / 64)], bit k of word w = key 64w+k."""
-    return _ext().tree_mask_packed(validate_parents(parents), _check_prefix(prefix_len))
-
-
-def paths(parents) -> np.ndarray:
-    """Root-to-leaf node paths, leaves in creation order: int32 [num_leaves, max_depth + 1], -1 padded."""
-    return _ext().tree_paths(validate_parents(parents))
 
 
 def accept(parents, tokens, choice):
@@ -99,9 +89,11 @@ def accept(parents, tokens, choice):
     From the root, at node u descend to the first-created child whose token equals ``choice[u]``
     (the target's argmax or sample at u); stop when none does. Returns ``(accepted, bonus)``:
     the accepted node ids (int32, root first) and the bonus token ``choice[last accepted]``.
+    A CUDA ``choice`` runs the walk on its device (see :meth:`DeviceTree.accept`).
     """
-    if _is_cuda(parents):
-        return _cuda_accept(parents, tokens, choice)
+    if _is_cuda(choice):
+        accepted, bonus, _ = DeviceTree(parents, choice.device).accept(tokens, choice)
+        return accepted, bonus
     array = validate_parents(parents)
     token_array = _int32_vector(tokens, "tokens")
     choice_array = _int32_vector(choice, "choice")
@@ -132,115 +124,125 @@ class TreePlan:
 
 
 def plan(parents, prefix_len: int, dtype=None, device="cpu") -> TreePlan:
-    """Depths, position ids and the additive mask of a tree, on ``device``."""
+    """Depths, position ids and the additive mask of a tree, on ``device`` (one upload on CUDA)."""
     import torch
 
-    if torch.device(device).type == "cuda" and not _is_cuda(parents):
-        parents = torch.as_tensor(validate_parents(parents), device=device)
-    node_depths = depths(parents)
-    positions = position_ids(parents, prefix_len)
-    mask = attention_mask(parents, prefix_len, dtype=dtype, device=device)
-    positions = torch.as_tensor(positions).to(device).view(1, -1)
-    return TreePlan(depths=node_depths, position_ids=positions, mask=mask)
+    if torch.device(device).type == "cuda":
+        return DeviceTree(parents, device).plan(prefix_len, dtype)
+    positions = torch.as_tensor(position_ids(parents, prefix_len)).view(1, -1)
+    return TreePlan(depths=depths(parents), position_ids=positions,
+                    mask=attention_mask(parents, prefix_len, dtype=dtype))
 
 
-# ---------------------------------------------------------------- CUDA paths
-def _cuda_parents(parents):
-    """Validate on a host copy (one small D2H of n int32), return the device int32 tensor."""
+# ---------------------------------------------------------------- CUDA
+def host_to_device(array, device):
+    """A host array as a tensor on ``device`` with no host sync: on CUDA a pinned staging copy and a
+    non-blocking upload on the current stream (torch's caching host allocator keeps the staging buffer
+    until the copy has run). CPU devices get the array's own tensor."""
     import torch
 
-    validate_parents(parents.detach().cpu())
-    return parents.detach().to(torch.int32).contiguous()
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
-def _stream(device) -> int:
-    import torch
-
-    return torch.cuda.current_stream(device).cuda_stream
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
 
 
-def _cuda_depths_or_positions(parents, prefix_len):
-    import torch
+class DeviceTree:
+    """A tree's parent array validated on the host and uploaded once to a CUDA ``device``; its plan
+    and acceptance walk run there (current torch stream), device index passed explicitly."""
 
-    device_parents = _cuda_parents(parents)
-    n = device_parents.numel()
-    stream = _stream(device_parents.device)
-    if prefix_len is None:
-        out = torch.empty(n, dtype=torch.int32, device=device_parents.device)
-        _ext().cuda_tree_depths(device_parents.data_ptr(), n, out.data_ptr(), stream)
-    else:
-        out = torch.empty(n, dtype=torch.int64, device=device_parents.device)
-        _ext().cuda_tree_positions(device_parents.data_ptr(), n, prefix_len, out.data_ptr(), stream)
-    return out
+    def __init__(self, parents, device):
+        import torch
 
+        self.host = validate_parents(parents)
+        self.n = int(self.host.shape[0])
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"DeviceTree needs a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.parents = host_to_device(self.host, self.device)
 
-def _cuda_mask(parents, prefix_len, dtype, code, device):
-    import torch
+    def same_tree(self, parents) -> bool:
+        """Whether host ``parents`` is this tree (so its upload can be reused)."""
+        return len(parents) == self.n and np.array_equal(np.asarray(parents), self.host)
 
-    if not _is_cuda(parents):
-        parents = torch.as_tensor(validate_parents(parents), device=device)
-    device_parents = _cuda_parents(parents)
-    n = device_parents.numel()
-    out = torch.empty((1, 1, n, prefix_len + n), dtype=dtype, device=device_parents.device)
-    _ext().cuda_tree_mask(device_parents.data_ptr(), n, prefix_len, code, out.data_ptr(), _stream(out.device))
-    return out
+    def _stream(self) -> int:
+        import torch
 
+        return torch.cuda.current_stream(self.device).cuda_stream
 
-def cuda_packed_mask(parents, prefix_len: int):
-    """CUDA twin of :func:`packed_mask`; returns a CUDA int64 tensor holding the uint64 bit patterns."""
-    import torch
+    def depths(self):
+        import torch
 
-    device_parents = _cuda_parents(parents)
-    n = device_parents.numel()
-    words = (_check_prefix(prefix_len) + n + 63) // 64
-    out = torch.empty((n, words), dtype=torch.int64, device=device_parents.device)
-    _ext().cuda_tree_mask_packed(device_parents.data_ptr(), n, prefix_len, out.data_ptr(), _stream(out.device))
-    return out
+        out = torch.empty(self.n, dtype=torch.int32, device=self.device)
+        _ext().cuda_tree_depths(self.device.index, self.parents.data_ptr(), _nbytes(self.parents),
+                                out.data_ptr(), _nbytes(out), self._stream())
+        return out
 
+    def position_ids(self, prefix_len: int):
+        """int64 [n] on the device."""
+        import torch
 
-def cuda_paths(parents):
-    """CUDA twin of :func:`paths` (leaf list and width computed from a host copy of parents)."""
-    import torch
+        prefix_len = _check_prefix(prefix_len)
+        out = torch.empty(self.n, dtype=torch.int64, device=self.device)
+        _ext().cuda_tree_positions(self.device.index, self.parents.data_ptr(), _nbytes(self.parents), prefix_len,
+                                   out.data_ptr(), _nbytes(out), self._stream())
+        return out
 
-    host = validate_parents(parents.detach().cpu())
-    has_child = np.zeros(host.shape[0], dtype=bool)
-    has_child[host[1:]] = True
-    leaves = torch.as_tensor(np.flatnonzero(~has_child).astype(np.int32), device=parents.device)
-    width = int(_ext().tree_depths(host).max()) + 1
-    device_parents = _cuda_parents(parents)
-    out = torch.empty((leaves.numel(), width), dtype=torch.int32, device=parents.device)
-    _ext().cuda_tree_paths(device_parents.data_ptr(), host.shape[0], leaves.data_ptr(), leaves.numel(),
-                           width - 1, out.data_ptr(), _stream(out.device))
-    return out
+    def attention_mask(self, prefix_len: int, dtype=None):
+        """The additive mask [1, 1, n, prefix_len + n] (as :func:`attention_mask`) on the device."""
+        import torch
 
+        dtype = torch.float32 if dtype is None else dtype
+        code = _MASK_DTYPE_CODES.get(str(dtype).replace("torch.", ""))
+        if code is None:
+            raise ValueError(f"mask dtype must be float32, float16 or bfloat16, got {dtype}")
+        prefix_len = _check_prefix(prefix_len)
+        out = torch.empty((1, 1, self.n, prefix_len + self.n), dtype=dtype, device=self.device)
+        _ext().cuda_tree_mask(self.device.index, self.parents.data_ptr(), _nbytes(self.parents), prefix_len, code,
+                              out.data_ptr(), _nbytes(out), self._stream())
+        return out
 
-def _cuda_accept(parents, tokens, choice):
-    """Runs the walk on the device; only the accepted ids and the bonus come back to the host."""
-    import torch
+    def plan(self, prefix_len: int, dtype=None) -> TreePlan:
+        return TreePlan(depths=self.depths(), position_ids=self.position_ids(prefix_len).view(1, -1),
+                        mask=self.attention_mask(prefix_len, dtype))
 
-    device_parents = _cuda_parents(parents)
-    n = device_parents.numel()
-    tokens = tokens.to(device=device_parents.device, dtype=torch.int32).contiguous()
-    choice = choice.to(device=device_parents.device, dtype=torch.int32).contiguous()
-    if tokens.numel() != n or choice.numel() != n:
-        raise ValueError("parents, tokens and choice must have the same length")
-    accepted = torch.empty(n, dtype=torch.int32, device=device_parents.device)
-    count = torch.empty(1, dtype=torch.int64, device=device_parents.device)
-    bonus = torch.empty(1, dtype=torch.int32, device=device_parents.device)
-    _ext().cuda_tree_accept(device_parents.data_ptr(), tokens.data_ptr(), choice.data_ptr(), n,
-                            accepted.data_ptr(), count.data_ptr(), bonus.data_ptr(), _stream(accepted.device))
-    num = int(count.item())
-    return accepted[:num], int(bonus.item())
+    def accept(self, tokens, choice):
+        """The acceptance walk on the device: host ``tokens`` [n] (uploaded without a sync) and the
+        target's ``choice`` [n] on this device. Returns ``(accepted, bonus, record)``: the accepted
+        ids (int32 NumPy, root first) and the bonus from ONE small device-to-host copy, and the device
+        accept record (int32 [n + 2]: count, bonus, ids) for :meth:`commit_indices`."""
+        import torch
 
+        token_array = _int32_vector(tokens, "tokens")
+        if token_array.shape[0] != self.n or getattr(choice, "shape", (None,))[0] != self.n or choice.dim() != 1:
+            raise ValueError(f"parents, tokens and choice must have the same length, got {self.n}, "
+                             f"{token_array.shape[0]}, {tuple(choice.shape)}")
+        if choice.device != self.device:
+            raise ValueError(f"choice is on {choice.device}, the tree on {self.device}")
+        device_tokens = host_to_device(token_array, self.device)
+        device_choice = choice.to(torch.int32).contiguous()
+        record = torch.empty(self.n + 2, dtype=torch.int32, device=self.device)
+        _ext().cuda_tree_accept(self.device.index, self.parents.data_ptr(), _nbytes(self.parents),
+                                device_tokens.data_ptr(), _nbytes(device_tokens), device_choice.data_ptr(),
+                                _nbytes(device_choice), record.data_ptr(), _nbytes(record), self._stream())
+        host = record.cpu().numpy()  # the round's one device-to-host copy of the walk
+        count = int(host[0])
+        return host[2:2 + count].copy(), int(host[1]), record
 
-def cuda_commit_indices(accepted, prefix_len: int):
-    """CUDA twin of :func:`commit_indices` for a device ``accepted`` vector (int32, root first)."""
-    import torch
+    def commit_indices(self, record, count: int, prefix_len: int):
+        """KV slots kept by a commit (as :func:`commit_indices`), int64 [prefix_len + count] made on the
+        device from an accept ``record``; ``count`` is the record's count (known on the host)."""
+        import torch
 
-    accepted = accepted.to(torch.int32).contiguous()
-    prefix_len = _check_prefix(prefix_len)
-    count = torch.tensor([accepted.numel()], dtype=torch.int64, device=accepted.device)
-    out = torch.empty(prefix_len + accepted.numel(), dtype=torch.int64, device=accepted.device)
-    _ext().cuda_commit_gather_indices(accepted.data_ptr(), count.data_ptr(), accepted.numel(), prefix_len,
-                                      out.data_ptr(), _stream(out.device))
-    return out
+        prefix_len = _check_prefix(prefix_len)
+        out = torch.empty(prefix_len + int(count), dtype=torch.int64, device=self.device)
+        _ext().cuda_commit_gather_indices(self.device.index, record.data_ptr(), _nbytes(record), int(count),
+                                          prefix_len, out.data_ptr(), _nbytes(out), self._stream())
+        return out

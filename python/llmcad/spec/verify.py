@@ -30,7 +30,8 @@ class TargetVerifier:
         self.pending = list(prompt_ids[:-1])
         self.passes = 0
         self._prefix = 0
-        self._device_accepted = None  # CUDA: the last accept's node ids, still on the device
+        self._device_tree = None  # CUDA: the verified tree's parents on the device (tree.DeviceTree)
+        self._accept_record = None  # CUDA: (count, the last accept's record on the device)
 
     @property
     def dtype(self):
@@ -40,7 +41,10 @@ class TargetVerifier:
         """The target's logits at every tree node: float [n, vocab]. One forward, all n nodes."""
         cache_len = kv.cache_length(self.cache)
         device = self.target.get_input_embeddings().weight.device
-        mask, positions = pending_tree_inputs(cache_len, len(self.pending), parents, self.dtype, device)
+        # CUDA: one upload of the parents serves the plan and the acceptance walk
+        self._device_tree = tree.DeviceTree(parents, device) if device.type == "cuda" else None
+        mask, positions = pending_tree_inputs(cache_len, len(self.pending), self._device_tree or parents,
+                                              self.dtype, device)
         logits = forward_with_mask(self.target, self.cache, self.pending + list(tokens), positions, mask,
                                    logits_to_keep=len(tokens))
         self._prefix = cache_len + len(self.pending)
@@ -51,25 +55,27 @@ class TargetVerifier:
     def accept(self, parents, tokens, choice):
         """The acceptance walk over the verified tree: ``(accepted node ids, bonus)`` as
         :func:`llmcad.spec.tree.accept`. With ``choice`` on a CUDA device the walk runs there (current
-        stream) and only the accepted ids and the bonus come back to the host; the device ids are kept
-        for :meth:`commit`."""
-        self._device_accepted = None
+        stream) on the parents uploaded for the pass, and only the accepted ids and the bonus come back,
+        in one small copy; the device record is kept for :meth:`commit`."""
+        self._accept_record = None
         if not getattr(choice, "is_cuda", False):
             return tree.accept(parents, tokens, choice)
-        device_parents = torch.as_tensor(tree.validate_parents(parents), device=choice.device)
-        device_tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int32), device=choice.device)
-        accepted, bonus = tree.accept(device_parents, device_tokens, choice)
-        self._device_accepted = accepted
-        return accepted.cpu().numpy(), bonus
+        device_tree = self._device_tree
+        if device_tree is None or device_tree.device != choice.device or not device_tree.same_tree(parents):
+            device_tree = self._device_tree = tree.DeviceTree(parents, choice.device)
+        accepted, bonus, record = device_tree.accept(tokens, choice)
+        self._accept_record = (len(accepted), record)
+        return accepted, bonus
 
     def commit(self, accepted) -> None:
-        """Keep prefix + accepted path (root first) in the target's cache (gathered on the device
-        when the last :meth:`accept` ran there)."""
-        device_accepted, self._device_accepted = self._device_accepted, None
-        if device_accepted is not None and device_accepted.numel() == len(accepted):
-            kv.commit(self.cache, tree.cuda_commit_indices(device_accepted, self._prefix))
-            return
-        kv.commit(self.cache, tree.commit_indices(accepted, self._prefix))
+        """Keep prefix + accepted path (root first) in the target's cache. Decided on the host; on CUDA
+        the gather indices are made on the device from the last accept's record (no transfer)."""
+        keep = tree.commit_indices(accepted, self._prefix)
+        record, self._accept_record = self._accept_record, None
+        device_keep = None
+        if record is not None and record[0] == len(accepted) and self._device_tree is not None:
+            device_keep = self._device_tree.commit_indices(record[1], record[0], self._prefix)
+        kv.commit(self.cache, keep, device_keep=device_keep)
 
 
 def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:

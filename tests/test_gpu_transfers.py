@@ -1,0 +1,80 @@
+"""Device-to-host transfers per round, counted and held to a budget.
+
+A round may bring back, and so wait for the device, only what the host must decide on: one small
+copy of the draft's top tokens per draft forward, and one copy of the acceptance walk's ids per
+verification. Validation, planning, the KV commit and the target's choice stay on the device.
+On the CPU the spy counts calls on the tensors a GPU run would keep on the device (see
+transfer_spy); with a GPU it counts calls on CUDA tensors (cuda marker).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmcad
+from llmcad import LLMCad
+from llmcad.spec.policy import make_policy
+from transfer_spy import TransferSpy
+
+PROMPT = "def add(a, b):"
+NEW_TOKENS = 12
+DRAFT_COPIES = 2  # per draft forward: top-k probabilities and tokens (llmcad.spec.draft)
+ACCEPT_COPIES = 1  # per verification: the accept record
+
+
+def _run_counted(draft, target, tokenizer, mode, device, **generate):
+    engine = LLMCad(draft, target, tokenizer, make_policy(mode))
+    engine.generate(PROMPT, 2, **generate)  # warm-up: lazy initialisations are not a round's
+    with TransferSpy(device, sources=(draft, target)) as spy:
+        result = engine.generate(PROMPT, NEW_TOKENS, **generate)
+    return result, spy
+
+
+def _budget(stats) -> int:
+    return DRAFT_COPIES * stats["draft_steps"] + ACCEPT_COPIES * stats["target_passes"]
+
+
+def _describe(spy) -> str:
+    return "\n".join(f"{n} x {name} at {where}" for (name, where), n in spy.calls.most_common())
+
+
+@pytest.mark.parametrize("mode", ["target-only", "chain", "tree", "llmcad"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_round_transfers_within_budget_on_cpu(tiny_models, tiny_tokenizer, mode, sampled):
+    draft, target = tiny_models("qwen2", "same"), tiny_models("qwen2", "target")
+    options = {"do_sample": True, "seed": 3, "temperature": 0.8} if sampled else {}
+    result, spy = _run_counted(draft, target, tiny_tokenizer, mode, "cpu", **options)
+    stats = result.stats
+    assert stats["target_passes"] >= 2
+    assert spy.count <= _budget(stats), _describe(spy)
+    names = {name for name, _ in spy.calls}
+    assert names <= {"tolist", "cpu"}, _describe(spy)
+    # every verification's walk came back in exactly one copy
+    accept = sum(n for (name, where), n in spy.calls.items() if "verify.py" in where or "tree.py" in where)
+    assert accept == stats["target_passes"], _describe(spy)
+
+
+def test_spy_sees_every_kind_of_transfer(tiny_models):
+    """The spy itself: each transfer form on a device tensor is counted, host tensors are not."""
+    target = tiny_models("qwen2", "target")
+    with TransferSpy("cpu", sources=(target,)) as spy:
+        x = target.get_input_embeddings().weight[0, :3] * 2  # computed from a parameter: "device"
+        host = torch.arange(3)
+        int(host[0]), host.tolist(), host.cpu()  # host data: free
+        assert spy.count == 0
+        int(x[0] > 0), float(x[1]), x.tolist(), x.cpu(), x.numpy(), x[0].item(), torch.equal(x, x), bool(x[0])
+    assert sorted(name for name, _ in spy.calls) == sorted(
+        ["__int__", "__float__", "tolist", "cpu", "numpy", "item", "equal", "__bool__"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and llmcad.build_info()["cuda_available"]),
+                    reason="needs a CUDA build and a GPU")
+@pytest.mark.parametrize("mode", ["chain", "tree", "llmcad"])
+def test_round_transfers_within_budget_on_gpu(tiny_pair_dirs, tiny_tokenizer, mode):
+    from llmcad.models.loading import load_causal_lm
+
+    dirs = tiny_pair_dirs("qwen2")
+    draft, target = (load_causal_lm(dirs[k], device="cuda") for k in ("same", "target"))
+    result, spy = _run_counted(draft, target, tiny_tokenizer, mode, "cuda")
+    assert spy.count <= _budget(result.stats), _describe(spy)
