@@ -57,14 +57,16 @@ def test_round_transfers_within_budget_on_cpu(tiny_models, tiny_tokenizer, mode,
 def test_spy_sees_every_kind_of_transfer(tiny_models):
     """The spy itself: each transfer form on a device tensor is counted, host tensors are not."""
     target = tiny_models("qwen2", "target")
-    with TransferSpy("cpu", sources=(target,)) as spy:
-        x = target.get_input_embeddings().weight[0, :3] * 2  # computed from a parameter: "device"
+    forms = {"__int__": lambda x: int(x[0] > 0), "__float__": lambda x: float(x[1]), "tolist": lambda x: x.tolist(),
+             "cpu": lambda x: x.cpu(), "numpy": lambda x: x.numpy(), "item": lambda x: x[0].item(),
+             "equal": lambda x: torch.equal(x, x), "__bool__": lambda x: bool(x[0])}
+    with torch.no_grad(), TransferSpy("cpu", sources=(target,)) as spy:
         host = torch.arange(3)
         int(host[0]), host.tolist(), host.cpu()  # host data: free
         assert spy.count == 0
-        int(x[0] > 0), float(x[1]), x.tolist(), x.cpu(), x.numpy(), x[0].item(), torch.equal(x, x), bool(x[0])
-    assert sorted(name for name, _ in spy.calls) == sorted(
-        ["__int__", "__float__", "tolist", "cpu", "numpy", "item", "equal", "__bool__"])
+        for form in forms.values():
+            form(target.get_input_embeddings().weight[0, :3] * 2)  # computed from a parameter: "device"
+    assert sorted(name for name, _ in spy.calls) == sorted(forms)
 
 
 @pytest.mark.cuda

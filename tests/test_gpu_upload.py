@@ -155,14 +155,14 @@ def test_copy_feed_uploads_next_layer_from_the_previous_hook(gpu_finishes):
     host = FakeHostRing(layers, buffers=2)
     ops = FakeOps()
     feed = DeviceFeed("copy", "cpu", acquire=host.acquire, release=host.release, host_buffers=2,
-                      slot_bytes=16, ops=ops)
+                      slot_bytes=16, ops=ops, read_ready=lambda: True)
     order = list(range(5))
     for k, layer in enumerate(order):
         got = feed.begin(layer)
         assert bytes(got.raw.numpy()) == layers[layer]
         nxt = order[k + 1] if k + 1 < len(order) else None
         feed.end(layer, nxt)
-        if nxt is not None:
+        if nxt is not None and (gpu_finishes or k == 0):  # a free host buffer: no wait to queue it
             assert host.log[-1] == ("acquire", nxt) or ("acquire", nxt) in host.log[-3:]
             assert feed.uploaded(nxt)  # queued from layer's hook, before its own pre-hook
         if gpu_finishes:
@@ -281,4 +281,105 @@ def test_failed_pass_resets_the_feed(checkpoint, monkeypatch):
             assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     finally:
         handle.remove()
+        target.close()
+
+
+def test_copy_feed_never_waits_for_a_read_outside_begin():
+    """end() queues the next upload only when that waits for nothing: a read still running is left to
+    the next layer's begin(), where the pipeline's compute gate surrounds the wait."""
+    layers = _layer_bytes(4)
+    host = FakeHostRing(layers, buffers=2)
+    ops = FakeOps()
+    ready = {"read": False}
+    feed = DeviceFeed("copy", "cpu", acquire=host.acquire, release=host.release, host_buffers=2,
+                      slot_bytes=16, ops=ops, read_ready=lambda: ready["read"])
+    feed.begin(0)
+    feed.end(0, 1)
+    assert ("acquire", 1) not in host.log and not feed.uploaded(1)  # read not finished: no wait here
+    assert bytes(feed.begin(1).raw.numpy()) == layers[1]  # the wait happens in begin
+    ready["read"] = True
+    feed.end(1, 2)
+    assert not feed.uploaded(2)  # both host buffers still read by copies: queuing would wait for the GPU
+    ops.finish_all()
+    assert bytes(feed.begin(2).raw.numpy()) == layers[2]
+    feed.end(2, 3)
+    assert feed.uploaded(3) and feed.early_uploads == 1  # finished read, free host buffer: queued at once
+    feed.begin(3)
+    feed.end(3, None)
+    feed.finish_pass()
+    assert host.held == [] and feed.stats()["uploads"] == 4
+
+
+SLOW_IO = {"bandwidth_cap": 2e6}  # bytes/s: a tiny layer (~50 KB) takes ~25 ms, far longer than a draft step
+
+
+def test_copy_path_drafts_during_every_host_read(tiny_pair_dirs, tiny_models, tiny_tokenizer, monkeypatch):
+    """The copy path through the engine on stub streams, pipelined, with slow reads: the compute gate
+    sees the host read of every streamed layer (not only the first of a pass), the draft drafts
+    provisionally during them, and the output is the target's own greedy output."""
+    from llmcad import LLMCad
+    from llmcad.spec import pipeline
+    from llmcad.spec.policy import make_policy
+
+    monkeypatch.setattr(streamed, "resolve_gpu_path", lambda gpu_path, device: gpu_path)
+    monkeypatch.setattr(gpu_upload, "CudaOps", FakeOps)
+    waits = {"asked": 0, "handed": 0, "ema_samples": 0}
+    original_wait, original_resume = pipeline.ComputeGate.target_waits_for_io, pipeline.ComputeGate.target_resumes
+
+    def counting_wait(gate, ready):
+        waits["asked"] += 1
+        handed = original_wait(gate, ready)
+        waits["handed"] += handed
+        return handed
+
+    def counting_resume(gate):
+        waits["ema_samples"] += gate._io_waiting
+        return original_resume(gate)
+
+    monkeypatch.setattr(pipeline.ComputeGate, "target_waits_for_io", counting_wait)
+    monkeypatch.setattr(pipeline.ComputeGate, "target_resumes", counting_resume)
+    dirs = tiny_pair_dirs("qwen2")
+    placement = plan_placement(load_index(dirs["target"]), memory_budget="1GiB", max_resident_layers=0,
+                               num_buffers=2)
+    target = load_streamed_target(dirs["target"], placement=placement,
+                                  streamer_options={"gpu_path": "copy", **SLOW_IO})
+    prompt = "def add(a, b):"
+    ids = tiny_tokenizer(prompt)["input_ids"]
+    want = tiny_models("qwen2", "target").generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                   dtype=torch.long), max_new_tokens=12, do_sample=False)
+    try:
+        engine = LLMCad(tiny_models("qwen2", "same"), target.model, tiny_tokenizer, make_policy("llmcad"),
+                        streamed=target, pipeline=True)
+        result = engine.generate(ids, 12)
+        assert result.tokens == want[0, len(ids):].tolist()
+        layers = len(placement.streamed_layers)
+        passes = target.passes
+        assert waits["asked"] == passes * layers
+        # every layer beyond the host buffers prefetched between passes waits for its read in the gate
+        assert waits["handed"] >= passes * (layers - placement.num_buffers), waits
+        assert waits["ema_samples"] == waits["handed"]
+        assert result.stats["provisional_drafted"] > 0
+        assert target.stats()["gpu"]["uploads"] == target.passes * layers
+    finally:
+        target.close()
+
+
+def test_device_ring_is_budgeted_and_reported(checkpoint, monkeypatch):
+    """The copy path's device slots count in the placement's budget and in the target's memory."""
+    index = load_index(checkpoint)
+    plain = plan_placement(index, memory_budget="1GiB", max_resident_layers=0, num_buffers=2)
+    with_ring = plan_placement(index, memory_budget="1GiB", max_resident_layers=0, num_buffers=2,
+                               device_slots=gpu_upload.DEVICE_SLOTS)
+    ring = with_ring.accounting["device_ring"]
+    assert plain.accounting["device_ring"] == 0 and ring >= 2 * max(index.layer_bytes(i) for i in range(4))
+    assert with_ring.accounting["total"] == plain.accounting["total"] + ring
+    monkeypatch.setattr(streamed, "resolve_gpu_path", lambda gpu_path, device: gpu_path)
+    monkeypatch.setattr(gpu_upload, "CudaOps", FakeOps)
+    target = load_streamed_target(checkpoint, placement=with_ring, streamer_options={"gpu_path": "copy"})
+    try:
+        stats = target.stats()
+        assert stats["device_ring_bytes"] == stats["gpu"]["device_bytes"] > 0
+        assert target.memory_bytes == stats["resident_bytes"] + stats["streamer"]["memory_bytes"] + \
+            stats["device_ring_bytes"]
+    finally:
         target.close()

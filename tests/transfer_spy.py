@@ -30,7 +30,7 @@ class TransferSpy(TorchFunctionMode):
     def __init__(self, device: str = "cpu", sources=()):
         super().__init__()
         self.device = device
-        self._tainted = weakref.WeakSet()
+        self._tainted = {}  # id -> weakref (tensors compare elementwise, so no WeakSet)
         for module in sources:
             self.taint_module(module)
         self.calls = Counter()  # (call name, caller "file:line") -> count
@@ -38,7 +38,10 @@ class TransferSpy(TorchFunctionMode):
 
     def taint_module(self, module) -> None:
         for t in list(module.parameters()) + list(module.buffers()):
-            self._tainted.add(t)
+            self._taint(t)
+
+    def _taint(self, t) -> None:
+        self._tainted[id(t)] = weakref.ref(t)
 
     @property
     def count(self) -> int:
@@ -50,7 +53,8 @@ class TransferSpy(TorchFunctionMode):
     def _on_device(self, t) -> bool:
         if self.device == "cuda":
             return t.is_cuda
-        return t in self._tainted
+        ref = self._tainted.get(id(t))
+        return ref is not None and ref() is t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -59,14 +63,17 @@ class TransferSpy(TorchFunctionMode):
         device_input = any(self._on_device(t) for t in inputs)
         if self.enabled and device_input and self._is_transfer(name, args, kwargs):
             self.calls[(name, _caller())] += 1
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            for t in _tensors(out):  # host data now (on the CPU, .cpu() returns the tensor itself)
+                self._tainted.pop(id(t), None)
+            return out
         out = func(*args, **kwargs)
         if device_input and self.device != "cuda":
             for t in _tensors(out):
-                self._tainted.add(t)
+                self._taint(t)
             if name.endswith("_") or name in _IN_PLACE_EXTRA:
                 for t in inputs:
-                    self._tainted.add(t)
+                    self._taint(t)
         return out
 
     def _is_transfer(self, name, args, kwargs) -> bool:

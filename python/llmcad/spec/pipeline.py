@@ -172,13 +172,17 @@ def install_target_hooks(target, streamed=None, gate: ComputeGate | None = None,
 def _acquire_hooks(i, streamed, gate, tracer, span):
     state = {}
 
-    def before(_layer):
+    def before(layer):
+        if layer != i:  # a watcher sees every streamed layer's acquire; this one is layer i's
+            return
         ready = streamed.next_layer_ready()
         state["t0"], state["ready"] = time.perf_counter(), ready
         if gate is not None:
             gate.target_waits_for_io(ready)
 
-    def after(_layer):
+    def after(layer):
+        if layer != i:
+            return
         t_loaded = time.perf_counter()
         if gate is not None:
             gate.target_resumes()

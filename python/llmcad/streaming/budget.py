@@ -112,11 +112,13 @@ def module_bytes(module) -> int:
 
 def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes: int = 0,
                    kv_bytes: int = 0, num_buffers: int = 2, max_resident_layers: int | None = None,
-                   alignment: int = ALIGNMENT) -> Placement:
+                   alignment: int = ALIGNMENT, device_slots: int = 0) -> Placement:
     """Pin as many leading target layers as ``memory_budget`` allows; stream the rest.
 
     ``dtype``: compute dtype (None keeps the file's). ``draft_bytes``: the draft's weights.
     ``kv_bytes``: both KV caches at their largest (see :func:`kv_cache_bytes`).
+    ``device_slots``: device buffers of the largest streamed layer each (a discrete GPU's upload ring,
+    llmcad.streaming.gpu_upload; 0 on the CPU and for zero-copy).
     ``max_resident_layers``: pin at most this many layers even when more would fit (benchmarks, tests).
     Raises BudgetError when even k=0 (draft, non-layer tensors, ``num_buffers`` buffers) does not fit.
     """
@@ -125,14 +127,15 @@ def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes
     budget = parse_size(memory_budget)
     top = index.num_layers if max_resident_layers is None else max(0, min(max_resident_layers, index.num_layers))
     for k in range(top, -1, -1):
-        acct = _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment)
+        acct = _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment, device_slots)
         if acct["total"] <= budget:
             return _placement(index, k, acct, budget, num_buffers, alignment)
     raise BudgetError(
         f"memory_budget={format_size(budget)} ({budget} bytes) is too small: needs at least "
         f"{format_size(acct['total'])} ({acct['total']} bytes) for the draft weights "
         f"({format_size(draft_bytes)}), the target's non-layer tensors ({format_size(acct['target_non_layer'])}), "
-        f"{num_buffers} layer buffers ({format_size(acct['streamer_buffers'])}) and the KV caches "
+        f"{num_buffers} layer buffers ({format_size(acct['streamer_buffers'])}), {device_slots} device "
+        f"slots ({format_size(acct['device_ring'])}) and the KV caches "
         f"({format_size(kv_bytes)})")
 
 
@@ -142,7 +145,7 @@ def resident_placement(index: WeightIndex) -> Placement:
     return _placement(index, index.num_layers, acct, None, 0, ALIGNMENT)
 
 
-def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment) -> dict:
+def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment, device_slots=0) -> dict:
     """Byte accounting with the first k layers resident."""
     streamed = range(k, index.num_layers)
     buffer = ring_buffer_bytes(index, streamed, alignment)
@@ -155,6 +158,8 @@ def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment) -> 
         "conversion_scratch": max((sum(_compute_bytes(t, dtype) for t in index.layers[i]) for i in streamed),
                                   default=0) if converts else 0,
         "kv_caches": kv_bytes,
+        "device_ring": device_slots * max((aligned_extent(index.layer_ranges(i).ranges, alignment) for i in streamed),
+                                          default=0),
     }
     acct["total"] = sum(acct.values())
     return acct

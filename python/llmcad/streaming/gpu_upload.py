@@ -1,12 +1,14 @@
-"""Streamed layer bytes on a CUDA device (issue 8): the GPU side of the streamed target.
+"""Streamed layer bytes on a CUDA device: the GPU side of the streamed target.
 
 Two paths, picked by ``gpu_path`` (see :func:`resolve_gpu_path`):
 
 - ``"copy"`` (discrete GPUs): an :class:`UploadRing` of device slots (2 by default) filled from the
   streamer's pinned buffers by asynchronous H2D copies on a side stream. Layer i+1's upload is queued
-  from layer i's forward hook, after layer i's kernels were launched, so it overlaps layer i's compute.
-  Events order everything: the side stream waits for the compute of the slot's previous user, the
-  compute stream waits for the upload, and the host buffer goes back to the streamer once its copy
+  once layer i's kernels were launched, so it overlaps layer i's compute: from layer i's forward hook
+  when i+1's host read has already finished (no wait), else from layer i+1's pre-hook, where the
+  blocking host read happens inside the pipeline's compute gate (the draft drafts during it, as on the
+  CPU). Events order everything: the side stream waits for the compute of the slot's previous user,
+  the compute stream waits for the upload, and the host buffer goes back to the streamer once its copy
   has finished.
 - ``"zero-copy"`` (integrated GPUs, Jetson: host memory *is* device memory): the pinned buffer is used
   in place through its device address (no second copy); it goes back to the streamer once the kernels
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 GPU_PATHS = ("auto", "copy", "zero-copy")
+DEVICE_SLOTS = 2  # the copy path's device buffers: one computing, one being filled
 
 
 def device_integrated(device) -> bool:
@@ -123,7 +126,7 @@ class UploadRing:
     callbacks (host buffer release) run from :meth:`poll`/:meth:`drain` once their copy has finished.
     """
 
-    def __init__(self, slot_bytes: int, device, num_slots: int = 2, ops=None):
+    def __init__(self, slot_bytes: int, device, num_slots: int = DEVICE_SLOTS, ops=None):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.ops = ops or CudaOps(device)
@@ -232,21 +235,24 @@ class DeviceFeed:
     """Streamed layers' bytes on a CUDA device for the streamed target's hooks.
 
     ``acquire(layer) -> LayerView`` and ``release(layer)`` are the host ring's (in prefetch order);
-    ``host_buffers`` is its size: at most that many layers are held on the host at once, so a feed
-    never asks for a buffer the ring cannot give. Per layer: :meth:`begin` in its forward pre-hook
-    (returns :class:`LayerBytes`), :meth:`end` in its forward hook, naming the next layer of the pass
-    (its upload starts there, "copy"); :meth:`finish_pass` after a complete pass, :meth:`reset` after a
-    failed one.
+    ``read_ready() -> bool``: whether the next acquire would return without waiting for its read.
+    ``host_buffers`` is the host ring's size: at most that many layers are held on the host at once, so
+    a feed never asks for a buffer the ring cannot give. Per layer: :meth:`begin` in its forward
+    pre-hook (returns :class:`LayerBytes`; the only place a feed waits for a host read), :meth:`end` in
+    its forward hook, naming the next layer of the pass (its upload starts there when that needs no
+    wait, "copy"); :meth:`finish_pass` after a complete pass, :meth:`reset` after a failed one.
     """
 
     def __init__(self, mode: str, device, *, acquire, release, host_buffers: int, slot_bytes: int = 0,
-                 num_slots: int = 2, ops=None):
+                 num_slots: int = DEVICE_SLOTS, ops=None, read_ready=None):
         if mode not in ("copy", "zero-copy"):
             raise ValueError(f"mode must be 'copy' or 'zero-copy', got {mode!r}")
         self.mode, self.device = mode, torch.device(device)
         self.ops = ops or CudaOps(device)
         self._acquire, self._release = acquire, release
+        self._read_ready = read_ready or (lambda: False)
         self.host_buffers = int(host_buffers)
+        self.early_uploads = 0  # copy: uploads queued from the previous layer's hook (no wait)
         self.ring = UploadRing(slot_bytes, device, num_slots, ops=self.ops) if mode == "copy" else None
         self._layout = {}  # layer -> (offsets, lengths) of its uploaded bytes
         self._in_use = deque()  # zero-copy: (event after the layer's compute, layer) still read by kernels
@@ -267,7 +273,8 @@ class DeviceFeed:
     def stats(self) -> dict:
         out = {"gpu_path": self.mode, "device_bytes": self.device_bytes, "host_held": self.host_held()}
         if self.ring is not None:
-            out.update(uploads=self.ring.uploads, bytes_uploaded=self.ring.bytes_uploaded)
+            out.update(uploads=self.ring.uploads, bytes_uploaded=self.ring.bytes_uploaded,
+                       early_uploads=self.early_uploads)
         return out
 
     def begin(self, layer) -> LayerBytes:
@@ -281,11 +288,16 @@ class DeviceFeed:
         return LayerBytes(zero_copy_bytes(view, self.device), view.offsets, view.lengths)
 
     def end(self, layer, next_layer=None) -> None:
-        """After ``layer``'s kernels were launched; ``next_layer``: the pass's next streamed layer or None."""
+        """After ``layer``'s kernels were launched; ``next_layer``: the pass's next streamed layer or None.
+        Copy: ``next_layer``'s upload is queued here only if that waits for nothing (its host read has
+        finished and a host buffer is free); otherwise its :meth:`begin` does it, inside the gate."""
         if self.ring is not None:
             self.ring.done(layer)
-            if next_layer is not None:
-                self._upload(next_layer)
+            if next_layer is not None and not self.ring.holds(next_layer) and self._read_ready():
+                self.ring.poll()
+                if self.ring.copies_in_flight < self.host_buffers:
+                    self._upload(next_layer)
+                    self.early_uploads += 1
             return
         event = self.ops.new_event()
         event.record(self.ops.current_stream())

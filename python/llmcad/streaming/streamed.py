@@ -41,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 
 from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
-from llmcad.streaming.gpu_upload import DeviceFeed, resolve_gpu_path
+from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
 from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
 from llmcad.streaming.weights import WeightIndex, load_index
 
@@ -91,8 +91,10 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
     if kv_tokens is None:
         kv_tokens = min(DEFAULT_KV_TOKENS, getattr(config, "max_position_embeddings", None) or DEFAULT_KV_TOKENS)
     kv = kv_cache_bytes(config, kv_tokens, dtype) + kv_cache_bytes(draft_model.config, kv_tokens, draft_model.dtype)
+    gpu_path = resolve_gpu_path((streamer_options or {}).get("gpu_path", "auto"), device)
     placement = plan_placement(index, memory_budget=memory_budget, dtype=dtype, draft_bytes=module_bytes(draft_model),
-                               kv_bytes=kv, num_buffers=num_buffers)
+                               kv_bytes=kv, num_buffers=num_buffers,
+                               device_slots=DEVICE_SLOTS if gpu_path == "copy" else 0)
     return load_streamed_target(path, placement=placement, dtype=dtype, device=device,
                                 streamer_options=streamer_options)
 
@@ -152,12 +154,19 @@ class StreamedTarget:
 
     @property
     def memory_bytes(self) -> int:
-        """Resident tensors plus the streamer's buffers (the KV cache is the engine's)."""
-        return self.resident_bytes + self._ring_bytes
+        """Resident tensors, the streamer's buffers and the device upload ring (the KV cache is the
+        engine's)."""
+        return self.resident_bytes + self._ring_bytes + self.device_ring_bytes
+
+    @property
+    def device_ring_bytes(self) -> int:
+        """Device memory of the copy path's upload ring (0 off CUDA and for zero-copy)."""
+        return self._feed.device_bytes if self._feed is not None else 0
 
     def stats(self) -> dict:
         out = dict(self.placement.summary(), bytes_read=self.bytes_read, passes=self.passes,
                    bind_wait_s=self.bind_wait_s, resident_bytes=self.resident_bytes,
+                   device_ring_bytes=self.device_ring_bytes, memory_bytes=self.memory_bytes,
                    peak_tracked_bytes=self.peak_tracked_bytes)
         if self._streamer is not None:
             out["streamer"] = self._streamer.stats()
@@ -227,8 +236,8 @@ class StreamedTarget:
             return False
         if self._feed is not None and self._in_pass and self._pass_next < len(self._streamed) \
                 and self._feed.uploaded(self._streamed[self._pass_next]):
-            return True  # copy path: the awaited layer was acquired and its upload queued already
-        return self._streamer.next_ready()
+            return True  # copy path: the awaited layer's host read is done, its upload queued already
+        return self._streamer.next_ready()  # the host read (copy path: before its upload, in the gate)
 
     # ---- streamer ----
     def _open_streamer(self):
@@ -248,7 +257,8 @@ class StreamedTarget:
         if self.gpu_path is not None:
             self._feed = DeviceFeed(self.gpu_path, self._device, acquire=self._acquire,
                                     release=lambda i: self._streamer.release(self._sid[i]),
-                                    host_buffers=p.num_buffers, slot_bytes=slot_bytes)
+                                    host_buffers=p.num_buffers, slot_bytes=slot_bytes,
+                                    read_ready=self._streamer.next_ready)
 
     def _queue_next_pass(self):
         """Prefetch every streamed layer of the next pass, in order; the ring bounds the reads."""
@@ -362,7 +372,7 @@ class StreamedTarget:
             self._unbind(i)
             if self._held == i:
                 self._held = None
-                if self._feed is not None:  # layer i's kernels are launched: start the next upload
+                if self._feed is not None:  # layer i's kernels are launched: the next upload may start
                     following = self._pass_next + 1
                     self._feed.end(i, self._streamed[following] if following < len(self._streamed) else None)
                 else:
