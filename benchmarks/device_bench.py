@@ -1,12 +1,13 @@
 """GPU benchmarks for scripts/device_check.sh; prints one JSON line per figure and a table last.
 
 Every figure is a ratio against a baseline measured in the same process: tree-plan kernels (GPU
-against the C++ CPU kernels), H2D streaming (against a plain pinned copy of the same bytes), a
-streamed target pass (wall against max(IO, compute)) and end-to-end tokens/s (llmcad against
-target-only). The streamed figures use a random fp16 Qwen2-shaped model of about 360 MB made here and
+against the C++ CPU kernels), H2D through the upload ring from prefilled host buffers (against one
+large pinned cudaMemcpy of the same bytes), an event timeline of one streamed pass (the share of
+compute that overlapped an upload), a cold streamed target pass (wall against max(IO, compute)) and
+end-to-end tokens/s (llmcad against target-only). The streamed figures use a random fp16 Qwen2-shaped model of about 360 MB made here and
 saved to $LLMCAD_BENCH_MODEL (default /tmp/llmcad-device-model): no downloads, no real model.
 
-    python benchmarks/device_bench.py [--only tree_plan h2d streamed_pass e2e] [--json-out FILE]
+    python benchmarks/device_bench.py [--only tree_plan h2d timeline streamed_pass e2e] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -52,7 +53,6 @@ def bench_tree_plan(sizes=(64, 256, 1024), prefix=512):
     for n in sizes:
         parents = random_parents(n, rng)
         tokens = np.zeros(n, dtype=np.int32)
-        dev_parents = torch.as_tensor(parents, device="cuda")
         dev_tokens = torch.as_tensor(tokens, device="cuda")
 
         def cpu():
@@ -60,10 +60,11 @@ def bench_tree_plan(sizes=(64, 256, 1024), prefix=512):
             tree.attention_mask(parents, prefix)
             tree.accept(parents, tokens, tokens)
 
-        def gpu():
-            tree.position_ids(dev_parents, prefix)
-            tree.attention_mask(dev_parents, prefix, device="cuda")
-            tree.accept(dev_parents, dev_tokens, dev_tokens)
+        def gpu():  # one upload of the parents, plan and walk on the device, one copy back
+            dev = tree.DeviceTree(parents, "cuda")
+            dev.position_ids(prefix)
+            dev.attention_mask(prefix)
+            dev.accept(tokens, dev_tokens)
 
         cpu_s = median_seconds(cpu, sync=False)
         gpu_s = median_seconds(gpu)
@@ -149,29 +150,122 @@ def _feed_pass(index, layers, gpu_path, *, direct=True, evict=True) -> tuple:
         return time.perf_counter() - start, total
 
 
+def _events():
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
 def bench_h2d(repeats=5):
-    """Streamer (page cache warm, buffered reads) -> pinned ring -> device slots, against a plain pinned
-    torch copy (cudaMemcpyAsync) of the same bytes in the same layer-sized pieces."""
+    """H2D alone: the upload ring (2 device slots, side stream, events) fed from host buffers already
+    filled (pinned, one per layer: no storage IO), against ONE large pinned cudaMemcpy of the same
+    bytes, the physical limit. GB/s of each and their ratio (medians of event-timed runs)."""
+    from llmcad.streaming.gpu_upload import UploadRing
     from llmcad.streaming.weights import load_index
 
     _, target_dir = build_model()
     index = load_index(target_dir)
-    layers = list(range(index.num_layers))
-    _feed_pass(index, layers, "copy", direct=False, evict=False)  # warm: page cache, allocator
-    sizes = [index.layer_bytes(i) for i in layers]
-    pinned = torch.empty(max(sizes), dtype=torch.uint8, pin_memory=True)
-    slots = [torch.empty(max(sizes), dtype=torch.uint8, device="cuda") for _ in range(2)]
-
-    def plain():
-        for k, n in enumerate(sizes):
-            slots[k % 2][:n].copy_(pinned[:n], non_blocking=True)
-
-    plain()
-    plain_s = statistics.median(_sync_timed(plain) for _ in range(repeats))
-    ring_s = statistics.median(_feed_pass(index, layers, "copy", direct=False, evict=False)[0] for _ in range(repeats))
+    sizes = [index.layer_bytes(i) for i in range(index.num_layers)]
+    hosts = [torch.randint(0, 255, (n,), dtype=torch.uint8).pin_memory() for n in sizes]
     total = sum(sizes)
-    return [{"bench": "h2d_stream", "bytes": total, "plain_pinned_gbps": total / plain_s / 1e9,
-             "streamed_gbps": total / ring_s / 1e9, "streamed_vs_plain": plain_s / ring_s}]
+    big_host = torch.cat(hosts).pin_memory()
+    big_dev = torch.empty(total, dtype=torch.uint8, device="cuda")
+    ring = UploadRing(max(sizes), "cuda")
+    stream = torch.cuda.current_stream()
+
+    def through_ring():
+        for k, host in enumerate(hosts):
+            ring.upload(k, host)
+            ring.take(k)
+            ring.done(k)
+        ring.drain()
+
+    def one_copy():
+        big_dev.copy_(big_host, non_blocking=True)
+
+    def timed(fn) -> float:
+        start, end = _events()
+        torch.cuda.synchronize()
+        start.record(stream)
+        fn()
+        end.record(stream)  # the compute stream waited (take) for every upload
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    for fn in (through_ring, one_copy):  # warm-up
+        timed(fn)
+    ring_s = statistics.median(timed(through_ring) for _ in range(repeats))
+    copy_s = statistics.median(timed(one_copy) for _ in range(repeats))
+    return [{"bench": "h2d", "bytes": total, "layers": len(sizes), "one_memcpy_gbps": total / copy_s / 1e9,
+             "ring_gbps": total / ring_s / 1e9, "ring_vs_one_memcpy": copy_s / ring_s}]
+
+
+def bench_timeline(tree_nodes=512, prefix_len=64):
+    """One streamed pass (copy path, page cache warm: host reads are memcpy) with CUDA events around
+    every upload (side stream) and every layer's compute (compute stream). Figures: the share of
+    compute time during which an upload was in flight, and of upload time overlapped by compute;
+    0 for both would mean the copies and the kernels ran one after the other."""
+    from transformers import DynamicCache
+
+    from llmcad.streaming import gpu_upload
+    from llmcad.streaming.budget import plan_placement
+    from llmcad.streaming.streamed import load_streamed_target
+    from llmcad.streaming.weights import load_index
+
+    _, target_dir = build_model()
+    index = load_index(target_dir)
+    placement = plan_placement(index, memory_budget=1 << 50, max_resident_layers=0, num_buffers=2)
+    target = load_streamed_target(target_dir, placement=placement, device="cuda",
+                                  streamer_options={"gpu_path": "copy", "direct": False})
+    rng = np.random.default_rng(SEED)
+    vocab = target.model.config.vocab_size
+    prefix = torch.as_tensor(rng.integers(0, vocab, (1, prefix_len)), device="cuda")
+    ids = torch.as_tensor(rng.integers(0, vocab, (1, tree_nodes)), device="cuda")
+    plan = tree.plan(random_parents(tree_nodes, rng), prefix_len, dtype=target.model.dtype, device="cuda")
+    uploads, computes = [], []
+    original = gpu_upload.UploadRing.upload
+
+    def timed_upload(ring, key, host, on_copied=None):
+        start, end = _events()
+        start.record(ring.side)
+        original(ring, key, host, on_copied)
+        end.record(ring.side)
+        uploads.append((start, end))
+
+    def compute_start(module, args):
+        computes.append(_events())
+        computes[-1][0].record()
+
+    def compute_end(module, args, output):
+        computes[-1][1].record()
+
+    hooks = [layer.register_forward_pre_hook(compute_start) for layer in target.layers]
+    hooks += [layer.register_forward_hook(compute_end) for layer in target.layers]
+    gpu_upload.UploadRing.upload = timed_upload
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=target.model.config)
+            target.model(input_ids=prefix, past_key_values=cache, use_cache=True)  # warm: page cache, allocator
+            torch.cuda.synchronize()
+            uploads.clear()
+            computes.clear()
+            base = torch.cuda.Event(enable_timing=True)
+            base.record()
+            target.model(input_ids=ids, attention_mask=plan.mask, position_ids=plan.position_ids,
+                         past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+    finally:
+        gpu_upload.UploadRing.upload = original
+        for h in hooks:
+            h.remove()
+        target.close()
+    up = [(base.elapsed_time(a), base.elapsed_time(b)) for a, b in uploads]
+    comp = [(base.elapsed_time(a), base.elapsed_time(b)) for a, b in computes]
+    up_ms, comp_ms = sum(b - a for a, b in up), sum(b - a for a, b in comp)
+    both = sum(max(0.0, min(b, d) - max(a, c)) for a, b in up for c, d in comp)
+    return [{"bench": "timeline", "layers": len(comp), "uploads": len(up), "tree_nodes": tree_nodes,
+             "upload_ms": up_ms, "compute_ms": comp_ms, "overlap_ms": both,
+             "compute_overlapped": both / comp_ms if comp_ms else 0.0,
+             "upload_overlapped": both / up_ms if up_ms else 0.0,
+             "intervals": {"upload": up, "compute": comp}}]
 
 
 def bench_streamed_pass(repeats=3, tree_nodes=32, prefix_len=64):
@@ -191,9 +285,8 @@ def bench_streamed_pass(repeats=3, tree_nodes=32, prefix_len=64):
     vocab = resident.config.vocab_size
     ids = torch.as_tensor(rng.integers(0, vocab, (1, tree_nodes)), device="cuda")
     prefix = torch.as_tensor(rng.integers(0, vocab, (1, prefix_len)), device="cuda")
-    mask = tree.attention_mask(torch.as_tensor(parents, device="cuda"), prefix_len, dtype=resident.dtype,
-                               device="cuda")
-    positions = tree.position_ids(torch.as_tensor(parents, device="cuda"), prefix_len).view(1, -1)
+    plan = tree.plan(parents, prefix_len, dtype=resident.dtype, device="cuda")
+    mask, positions = plan.mask, plan.position_ids
 
     def run(model):
         cache = DynamicCache(config=model.config)
@@ -288,7 +381,8 @@ def bench_e2e(new_tokens=24, repeats=2):
     return rows
 
 
-BENCHES = {"tree_plan": bench_tree_plan, "h2d": bench_h2d, "streamed_pass": bench_streamed_pass, "e2e": bench_e2e}
+BENCHES = {"tree_plan": bench_tree_plan, "h2d": bench_h2d, "timeline": bench_timeline,
+           "streamed_pass": bench_streamed_pass, "e2e": bench_e2e}
 
 
 def main():
@@ -301,7 +395,7 @@ def main():
     for name in args.only:
         try:
             for row in BENCHES[name]():
-                print(json.dumps(row))
+                print(json.dumps({k: v for k, v in row.items() if k != "intervals"}))
                 rows.append(row)
         except Exception as exc:  # one failing bench must not hide the others' figures
             traceback.print_exc()
@@ -318,7 +412,7 @@ def main():
 def print_table(rows):
     print("\n| bench | configuration | figure |\n| --- | --- | --- |")
     for row in rows:
-        config = {k: v for k, v in row.items() if k not in ("bench",) and not isinstance(v, float)}
+        config = {k: v for k, v in row.items() if k not in ("bench", "intervals") and not isinstance(v, float)}
         figures = {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}
         print(f"| {row['bench']} | {config} | {figures} |")
 

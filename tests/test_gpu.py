@@ -37,7 +37,7 @@ PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 6]
 @pytest.fixture(scope="module")
 def gpu_models(tiny_pair_dirs):
     dirs = tiny_pair_dirs(FAMILY)
-    return dirs, {kind: load_causal_lm(dirs[kind], device="cuda") for kind in ("target", "unrelated")}
+    return dirs, {kind: load_causal_lm(dirs[kind], device="cuda") for kind in ("target", "unrelated", "same")}
 
 
 def reference(model, ids, max_new_tokens=NEW_TOKENS):
@@ -239,3 +239,170 @@ def test_plan_kernels_run_on_the_current_stream():
         mask = tree.attention_mask(PARENTS, 4, device="cuda")
         side.synchronize()
     assert torch.equal(mask.cpu(), tree.attention_mask(PARENTS, 4))
+
+
+def _report(check: str, **figures) -> None:
+    """One JSON line per figure for scripts/device_check.sh's table ($LLMCAD_DEVICE_REPORT)."""
+    import json
+    import os
+
+    path = os.environ.get("LLMCAD_DEVICE_REPORT")
+    if path:
+        with open(path, "a") as sink:
+            sink.write(json.dumps({"check": check, **figures}) + "\n")
+
+
+def _streamed(dirs, gpu_path, resident_layers=0, **options):
+    placement = plan_placement(load_index(dirs["target"]), memory_budget="1GiB", max_resident_layers=resident_layers,
+                               num_buffers=2)
+    return load_streamed_target(dirs["target"], placement=placement, device="cuda",
+                                streamer_options={"gpu_path": gpu_path, **options})
+
+
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 8}
+
+
+@pytest.mark.parametrize("gpu_path", ["copy", "zero-copy"])
+def test_sampled_streamed_equals_resident_on_gpu(gpu_models, tiny_tokenizer, gpu_path):
+    """Seeded sampling on the GPU: the streamed target (same trees: no pipeline) draws the same tokens
+    as the resident one, seed for seed; its logits are the resident model's, so its choices are too."""
+    dirs, models = gpu_models
+    streamed = _streamed(dirs, gpu_path, resident_layers=1)
+    try:
+        for seed in range(4):
+            for mode in ("chain", "tree", "llmcad"):
+                resident = LLMCad(models["unrelated"], models["target"], tiny_tokenizer, make_policy(mode))
+                engine = LLMCad(models["unrelated"], streamed.model, tiny_tokenizer, make_policy(mode),
+                                streamed=streamed, pipeline=False)
+                want = resident.generate(PROMPTS[0], NEW_TOKENS, seed=seed, **SAMPLING).tokens
+                assert engine.generate(PROMPTS[0], NEW_TOKENS, seed=seed, **SAMPLING).tokens == want, (mode, seed)
+    finally:
+        streamed.close()
+
+
+def test_sampled_top_k_one_is_greedy_on_gpu(gpu_models, tiny_tokenizer):
+    dirs, models = gpu_models
+    expected = reference(models["target"], tiny_tokenizer(PROMPTS[1])["input_ids"])
+    engine = LLMCad(models["unrelated"], models["target"], tiny_tokenizer, make_policy("llmcad"))
+    assert engine.generate(PROMPTS[1], NEW_TOKENS, do_sample=True, top_k=1, seed=5).tokens == expected
+
+
+def test_sampled_first_two_tokens_follow_target_distribution_on_gpu(gpu_models, tiny_tokenizer):
+    """Joint frequency of the first two sampled tokens (CUDA generator, acceptance walk on the GPU)
+    against the target's own P(t1) P(t2 | t1): chi-square at p = 0.001 over the top-4 support."""
+    dirs, models = gpu_models
+    target = models["target"]
+    chooser = TargetChooser(do_sample=True, temperature=0.8, top_k=4)
+    ids = tiny_tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        p1 = chooser.processed_probs(target(torch.tensor([ids], device="cuda")).logits[0, -1:])[0].double().cpu()
+        joint = torch.zeros(p1.numel(), p1.numel(), dtype=torch.float64)
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            row = target(torch.tensor([ids + [t1]], device="cuda")).logits[0, -1:]
+            joint[t1] = p1[t1] * chooser.processed_probs(row)[0].double().cpu()
+    engine = LLMCad(models["same"], target, tiny_tokenizer, make_policy("llmcad", branch_threshold=0.1))
+    runs = 600
+    counts = torch.zeros_like(joint)
+    for seed in range(runs):
+        tokens = engine.generate(ids, 2, do_sample=True, temperature=0.8, top_k=4, seed=seed).tokens
+        counts[tokens[0], tokens[1]] += 1
+    support = joint > 0
+    assert counts[~support].sum() == 0, "a token outside the target's top-k support was emitted"
+    expected, observed = joint[support] * runs, counts[support]
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    _report("lossless-sampled", chi2=chi2, runs=runs)
+    assert chi2 < 37.70, (chi2, observed.tolist(), expected.tolist())  # 15 degrees of freedom, p = 0.001
+
+
+SLOW_IO = {"bandwidth_cap": 2e6}  # bytes/s: each tiny layer's read takes ~25 ms, far longer than a draft step
+
+
+def test_provisional_drafting_happens_on_the_gpu_copy_path(gpu_models, tiny_tokenizer):
+    """Pipelined, copy path, slow reads, no lockstep: the draft drafts provisionally while the target
+    waits for host reads, and the output is still the target's greedy output."""
+    dirs, models = gpu_models
+    streamed = _streamed(dirs, "copy", **SLOW_IO)
+    try:
+        engine = LLMCad(models["same"], streamed.model, tiny_tokenizer, make_policy("llmcad"), streamed=streamed,
+                        pipeline=True)
+        result = engine.generate(PROMPTS[0], NEW_TOKENS)
+        assert result.tokens == reference(models["target"], tiny_tokenizer(PROMPTS[0])["input_ids"])
+        stats = result.stats
+        _report("provisional", drafted=stats["provisional_drafted"], reused=stats["provisional_reused"],
+                passes=stats["target_passes"])
+        assert stats["provisional_drafted"] > 0, stats
+    finally:
+        streamed.close()
+
+
+@pytest.mark.parametrize("gpu_path", ["copy", "zero-copy"])
+def test_fp16_streamed_logits_equal_resident_bitwise(gpu_models, tmp_path, gpu_path):
+    """An fp16 checkpoint: streamed layers computed on views of the uploaded (or pinned) bytes give
+    exactly the resident model's logits, over passes that reuse every slot and buffer."""
+    from transformers import AutoModelForCausalLM
+
+    dirs, _ = gpu_models
+    half = AutoModelForCausalLM.from_pretrained(dirs["target"], dtype=torch.float16)
+    half.save_pretrained(tmp_path / "half")
+    resident = load_causal_lm(tmp_path / "half", device="cuda")
+    assert resident.dtype == torch.float16
+    placement = plan_placement(load_index(tmp_path / "half"), memory_budget="1GiB", max_resident_layers=0,
+                               num_buffers=2)
+    streamed = load_streamed_target(tmp_path / "half", placement=placement, device="cuda",
+                                    streamer_options={"gpu_path": gpu_path})
+    try:
+        for _ in range(3):
+            for a, b in zip(_prompt_then_tree(resident), _prompt_then_tree(streamed.model)):
+                assert a.dtype == torch.float16
+                assert torch.equal(a, b), f"max |diff| {float((a.float() - b.float()).abs().max())}"
+        _report(f"fp16-bitwise-{gpu_path}", passes=streamed.passes, equal=True)
+    finally:
+        streamed.close()
+
+
+SLOW_CYCLES = 20_000_000  # torch.cuda._sleep: ~10 ms of GPU time
+
+
+@pytest.mark.parametrize("gpu_path,slow", [("copy", "compute"), ("copy", "copy"), ("zero-copy", "compute")])
+def test_release_ordering_under_slow_kernels(gpu_models, monkeypatch, gpu_path, slow):
+    """A slow kernel before each layer's compute (or before each upload, on the side stream): a slot
+    or a host buffer reused before the kernels reading it had run would change the logits."""
+    from llmcad.streaming import gpu_upload
+
+    dirs, models = gpu_models
+    if slow == "copy":
+        original = gpu_upload.UploadRing.upload
+
+        def slow_upload(ring, key, host, on_copied=None):
+            with torch.cuda.stream(ring.side):
+                torch.cuda._sleep(SLOW_CYCLES)
+            return original(ring, key, host, on_copied)
+
+        monkeypatch.setattr(gpu_upload.UploadRing, "upload", slow_upload)
+    streamed = _streamed(dirs, gpu_path)
+    handles = []
+    if slow == "compute":
+        for i in streamed.placement.streamed_layers:
+            handles.append(streamed.layers[i].register_forward_pre_hook(lambda m, a: torch.cuda._sleep(SLOW_CYCLES)))
+    try:
+        want = [t.clone() for t in _prompt_then_tree(models["target"])]
+        for _ in range(5):
+            for a, b in zip(want, _prompt_then_tree(streamed.model)):
+                assert torch.equal(a, b)
+        assert streamed.stats()["gpu"]["host_held"] == 0
+        _report(f"release-order-{gpu_path}-{slow}", passes=streamed.passes)
+    finally:
+        for h in handles:
+            h.remove()
+        streamed.close()
+
+
+def test_device_ring_in_stats_on_gpu(gpu_models):
+    dirs, _ = gpu_models
+    streamed = _streamed(dirs, "copy")
+    try:
+        stats = streamed.stats()
+        assert stats["device_ring_bytes"] == stats["gpu"]["device_bytes"] > 0
+        assert stats["memory_bytes"] == streamed.memory_bytes >= stats["resident_bytes"] + stats["device_ring_bytes"]
+    finally:
+        streamed.close()

@@ -383,3 +383,21 @@ def test_device_ring_is_budgeted_and_reported(checkpoint, monkeypatch):
             stats["device_ring_bytes"]
     finally:
         target.close()
+
+
+def test_budgeted_copy_path_reserves_the_device_ring(tiny_pair_dirs, tiny_models, monkeypatch):
+    """load_budgeted_target on a (stub) discrete GPU: the smallest budget grows by the device slots."""
+    from llmcad.errors import BudgetError
+    from llmcad.streaming.streamed import load_budgeted_target
+
+    monkeypatch.setattr(streamed, "resolve_gpu_path", lambda gpu_path, device: gpu_path)
+    target_dir, draft = tiny_pair_dirs("qwen2")["target"], tiny_models("qwen2", "same")
+    needs = {}
+    for path in ("zero-copy", "copy"):
+        with pytest.raises(BudgetError) as err:
+            load_budgeted_target(target_dir, memory_budget=1, draft_model=draft, streamer_options={"gpu_path": path})
+        needs[path] = int(err.value.args[0].split("(")[2].split(" bytes")[0])
+        assert f"{gpu_upload.DEVICE_SLOTS if path == 'copy' else 0} device slots" in err.value.args[0]
+    index = load_index(target_dir)
+    largest = max(index.layer_bytes(i) for i in range(index.num_layers))
+    assert needs["copy"] - needs["zero-copy"] >= gpu_upload.DEVICE_SLOTS * largest
