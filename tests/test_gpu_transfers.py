@@ -1,8 +1,9 @@
 """Device-to-host transfers per round, counted and held to a budget.
 
-A round may bring back, and so wait for the device, only what the host must decide on: one small
-copy of the draft's top tokens per draft forward, and one copy of the acceptance walk's ids per
-verification. Validation, planning, the KV commit and the target's choice stay on the device.
+A round may bring back, and so wait for the device, only what the host must decide on: the draft's
+top tokens and their probabilities (two small copies per expanded draft row), and one copy of the
+acceptance walk's ids per verification. Validation, planning, the KV commit and the target's choice
+stay on the device.
 On the CPU the spy counts calls on the tensors a GPU run would keep on the device (see
 transfer_spy); with a GPU it counts calls on CUDA tensors (cuda marker).
 """
@@ -18,35 +19,53 @@ from transfer_spy import TransferSpy
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 12
-DRAFT_COPIES = 2  # per draft forward: top-k probabilities and tokens (llmcad.spec.draft)
+DRAFT_COPIES = 2  # per draft row (node run): top-k probabilities and tokens (llmcad.spec.draft)
 ACCEPT_COPIES = 1  # per verification: the accept record
+SMALL_COPY = 16  # elements: a draft row's top-k (the tiny models' vocabularies are far larger)
 
 
-def _run_counted(draft, target, tokenizer, mode, device, **generate):
+def _run_counted(draft, target, tokenizer, mode, device, monkeypatch, **generate):
+    """Generate under the spy; returns (result, spy, draft rows run)."""
+    from llmcad.spec import draft as draft_module
+
     engine = LLMCad(draft, target, tokenizer, make_policy(mode))
     engine.generate(PROMPT, 2, **generate)  # warm-up: lazy initialisations are not a round's
+    rows = []
+    forward = draft_module.forward_with_mask
+
+    def counting_forward(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        rows.append(logits.shape[0])
+        return logits
+
+    monkeypatch.setattr(draft_module, "forward_with_mask", counting_forward)
     with TransferSpy(device, sources=(draft, target)) as spy:
         result = engine.generate(PROMPT, NEW_TOKENS, **generate)
-    return result, spy
+    return result, spy, sum(rows)
 
 
-def _budget(stats) -> int:
-    return DRAFT_COPIES * stats["draft_steps"] + ACCEPT_COPIES * stats["target_passes"]
+def _check_budget(spy, stats, draft_rows) -> None:
+    draft_side = {k: n for k, n in spy.calls.items() if "spec/draft.py" in k[1]}
+    target_side = {k: n for k, n in spy.calls.items() if k not in draft_side}
+    assert sum(target_side.values()) <= ACCEPT_COPIES * stats["target_passes"], _describe(spy)
+    assert sum(draft_side.values()) <= DRAFT_COPIES * draft_rows, _describe(spy)
+    assert all(spy.largest[k] <= SMALL_COPY for k in draft_side), _describe(spy)  # top-k, never a full row
 
 
 def _describe(spy) -> str:
-    return "\n".join(f"{n} x {name} at {where}" for (name, where), n in spy.calls.most_common())
+    return "\n".join(f"{n} x {name} at {where} (up to {spy.largest[name, where]} elements)"
+                     for (name, where), n in spy.calls.most_common())
 
 
 @pytest.mark.parametrize("mode", ["target-only", "chain", "tree", "llmcad"])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_round_transfers_within_budget_on_cpu(tiny_models, tiny_tokenizer, mode, sampled):
+def test_round_transfers_within_budget_on_cpu(tiny_models, tiny_tokenizer, mode, sampled, monkeypatch):
     draft, target = tiny_models("qwen2", "same"), tiny_models("qwen2", "target")
     options = {"do_sample": True, "seed": 3, "temperature": 0.8} if sampled else {}
-    result, spy = _run_counted(draft, target, tiny_tokenizer, mode, "cpu", **options)
+    result, spy, draft_rows = _run_counted(draft, target, tiny_tokenizer, mode, "cpu", monkeypatch, **options)
     stats = result.stats
     assert stats["target_passes"] >= 2
-    assert spy.count <= _budget(stats), _describe(spy)
+    _check_budget(spy, stats, draft_rows)
     names = {name for name, _ in spy.calls}
     assert names <= {"tolist", "cpu"}, _describe(spy)
     # every verification's walk came back in exactly one copy
@@ -73,10 +92,10 @@ def test_spy_sees_every_kind_of_transfer(tiny_models):
 @pytest.mark.skipif(not (torch.cuda.is_available() and llmcad.build_info()["cuda_available"]),
                     reason="needs a CUDA build and a GPU")
 @pytest.mark.parametrize("mode", ["chain", "tree", "llmcad"])
-def test_round_transfers_within_budget_on_gpu(tiny_pair_dirs, tiny_tokenizer, mode):
+def test_round_transfers_within_budget_on_gpu(tiny_pair_dirs, tiny_tokenizer, mode, monkeypatch):
     from llmcad.models.loading import load_causal_lm
 
     dirs = tiny_pair_dirs("qwen2")
     draft, target = (load_causal_lm(dirs[k], device="cuda") for k in ("same", "target"))
-    result, spy = _run_counted(draft, target, tiny_tokenizer, mode, "cuda")
-    assert spy.count <= _budget(result.stats), _describe(spy)
+    result, spy, draft_rows = _run_counted(draft, target, tiny_tokenizer, mode, "cuda", monkeypatch)
+    _check_budget(spy, result.stats, draft_rows)

@@ -34,6 +34,7 @@ class TransferSpy(TorchFunctionMode):
         for module in sources:
             self.taint_module(module)
         self.calls = Counter()  # (call name, caller "file:line") -> count
+        self.largest = Counter()  # (call name, caller) -> most elements one such transfer moved
         self.enabled = True
 
     def taint_module(self, module) -> None:
@@ -62,7 +63,9 @@ class TransferSpy(TorchFunctionMode):
         inputs = _tensors((args, kwargs))
         device_input = any(self._on_device(t) for t in inputs)
         if self.enabled and device_input and self._is_transfer(name, args, kwargs):
-            self.calls[(name, _caller())] += 1
+            key = (name, _caller())
+            self.calls[key] += 1
+            self.largest[key] = max(self.largest[key], max(t.numel() for t in inputs))
             out = func(*args, **kwargs)
             for t in _tensors(out):  # host data now (on the CPU, .cpu() returns the tensor itself)
                 self._tainted.pop(id(t), None)
