@@ -99,3 +99,31 @@ def test_round_transfers_within_budget_on_gpu(tiny_pair_dirs, tiny_tokenizer, mo
     draft, target = (load_causal_lm(dirs[k], device="cuda") for k in ("same", "target"))
     result, spy, draft_rows = _run_counted(draft, target, tiny_tokenizer, mode, "cuda", monkeypatch)
     _check_budget(spy, result.stats, draft_rows)
+
+
+def test_kv_commit_decides_on_the_host():
+    """Gather, crop and clear of a cache computed from 'device' tensors: no transfer at all, and the
+    slots kept are the ones asked for; bad host indices are refused before any device work."""
+    from transformers import DynamicCache
+
+    from llmcad.spec import kv
+
+    source = torch.nn.Linear(4, 4)
+    with torch.no_grad(), TransferSpy("cpu", sources=(source,)) as spy:
+        cache = DynamicCache()
+        for layer in range(2):
+            keys = (source.weight[0, 0] * 0 + torch.arange(10.0) + layer).view(1, 1, 10, 1).repeat(1, 2, 1, 4)
+            cache.update(keys, -keys, layer)
+        kv.commit(cache, [0, 1, 2, 5, 7])
+        device_keep = (source.weight[0, :3] * 0).long() + torch.tensor([0, 1, 3])  # indices on the "device"
+        kv.commit(cache, [0, 1, 3], device_keep=device_keep)
+        kv.commit(cache, [0, 1])
+        assert spy.count == 0, _describe(spy)
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [1.0, 2.0]
+    for bad in ([1, 0], [0, 2], [-1]):
+        with pytest.raises(ValueError, match="commit slots"):
+            kv.commit(cache, bad)
+    with pytest.raises(ValueError, match="device_keep"):
+        kv.commit(cache, [0], device_keep=torch.tensor([0, 1]))
+    kv.commit(cache, [])
+    assert kv.cache_length(cache) == 0

@@ -18,17 +18,35 @@ using llmcad::MaskDType;
 
 void cuda_ok(cudaError_t status) { ASSERT_EQ(status, cudaSuccess) << cudaGetErrorString(status); }
 
-// A device buffer of `count` T, freed at scope exit.
+// Makes `device` current for a scope (the test's own calls), then restores the previous one.
+struct OnDevice {
+  explicit OnDevice(int device) {
+    cudaGetDevice(&previous);
+    cudaSetDevice(device);
+  }
+  ~OnDevice() { cudaSetDevice(previous); }
+  int previous = 0;
+};
+
+// A device buffer of `count` T on `device`, poisoned, freed at scope exit.
 template <typename T>
 struct DeviceArray {
-  explicit DeviceArray(size_t count, int device = 0) : count(count) {
-    cudaSetDevice(device);
+  explicit DeviceArray(size_t count, int device = 0) : count(count), device(device) {
+    OnDevice on(device);
     if (cudaMalloc(&ptr, count * sizeof(T) + 1) != cudaSuccess) throw std::runtime_error("cudaMalloc");
-    cudaMemset(ptr, 0xAB, count * sizeof(T));  // poison
+    cudaMemset(ptr, 0xAB, count * sizeof(T));
+    cudaDeviceSynchronize();
   }
-  ~DeviceArray() { cudaFree(ptr); }
-  void upload(const std::vector<T>& host) { cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice); }
-  std::vector<T> download(size_t n) const {
+  ~DeviceArray() {
+    OnDevice on(device);
+    cudaFree(ptr);
+  }
+  void upload(const std::vector<T>& host) {
+    OnDevice on(device);
+    cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  std::vector<T> download(size_t n) const {  // after every kernel queued on this device has run
+    OnDevice on(device);
     std::vector<T> host(n);
     cudaDeviceSynchronize();
     cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost);
@@ -36,6 +54,7 @@ struct DeviceArray {
   }
   T* ptr = nullptr;
   size_t count;
+  int device;
 };
 
 std::vector<int32_t> random_tree(int64_t n, std::mt19937& rng, int window) {
@@ -46,13 +65,6 @@ std::vector<int32_t> random_tree(int64_t n, std::mt19937& rng, int window) {
   }
   return parents;
 }
-
-class TreeCuda : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!llmcad::cuda::available()) GTEST_SKIP() << "no CUDA device";
-  }
-};
 
 void expect_plan_matches_cpu(const std::vector<int32_t>& parents, int64_t prefix, int device) {
   int64_t n = static_cast<int64_t>(parents.size());
@@ -107,20 +119,23 @@ void expect_accept_matches_cpu(const std::vector<int32_t>& parents, std::mt19937
 const int64_t kSizes[] = {1, 2, 7, 31, 32, 33, 63, 64, 65, 257, 1000, 1025};
 const int64_t kPrefixes[] = {0, 5, 64, 129};
 
-TEST_F(TreeCuda, PlanMatchesCpuTwin) {
+TEST(TreeCuda, PlanMatchesCpuTwin) {
+  if (!llmcad::cuda::available()) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(7);
   for (int64_t n : kSizes)
     for (int window : {0, 2})
       for (int64_t prefix : kPrefixes) expect_plan_matches_cpu(random_tree(n, rng, window), prefix, 0);
 }
 
-TEST_F(TreeCuda, AcceptAndCommitMatchCpuTwin) {
+TEST(TreeCuda, AcceptAndCommitMatchCpuTwin) {
+  if (!llmcad::cuda::available()) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(11);
   for (int64_t n : kSizes)
     for (int trial = 0; trial < 20; ++trial) expect_accept_matches_cpu(random_tree(n, rng, trial % 3), rng, 9, 0);
 }
 
-TEST_F(TreeCuda, PointerCheckNamesTheProblem) {
+TEST(TreeCuda, PointerCheckNamesTheProblem) {
+  if (!llmcad::cuda::available()) GTEST_SKIP() << "no CUDA device";
   DeviceArray<int32_t> on_device(4);
   EXPECT_NO_THROW(llmcad::cuda::check_device_pointer(0, on_device.ptr, "parents"));
   std::vector<int32_t> host(4);
@@ -133,7 +148,8 @@ TEST_F(TreeCuda, PointerCheckNamesTheProblem) {
   }
 }
 
-TEST_F(TreeCuda, SecondDeviceIsHonoured) {
+TEST(TreeCuda, SecondDeviceIsHonoured) {
+  if (!llmcad::cuda::available()) GTEST_SKIP() << "no CUDA device";
   if (llmcad::cuda::device_count() < 2) GTEST_SKIP() << "one CUDA device";
   std::mt19937 rng(3);
   cudaSetDevice(0);  // the caller's current device stays 0: the call selects device 1 itself

@@ -35,7 +35,7 @@ def commit(cache, keep, device_keep=None) -> None:
         raise ValueError(f"device_keep has shape {tuple(device_keep.shape)}, keep has {k} slots")
     if k == length:
         return
-    if keep[-1] == k - 1:  # increasing from >= 0: exactly 0..k-1
+    if k == 0 or keep[-1] == k - 1:  # increasing from >= 0: exactly 0..k-1
         cache.crop(k - length)  # transformers 5.x: a negative count of positions to drop
         return
     on_device = {}  # device -> the indices there

@@ -221,7 +221,7 @@ class DeviceTree:
         import torch
 
         token_array = _int32_vector(tokens, "tokens")
-        if token_array.shape[0] != self.n or getattr(choice, "shape", (None,))[0] != self.n or choice.dim() != 1:
+        if token_array.shape[0] != self.n or choice.dim() != 1 or choice.shape[0] != self.n:
             raise ValueError(f"parents, tokens and choice must have the same length, got {self.n}, "
                              f"{token_array.shape[0]}, {tuple(choice.shape)}")
         if choice.device != self.device:
