@@ -148,7 +148,7 @@ def _prompt_then_tree(model):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
-        mask, positions = pending_tree_inputs(6, 0, PARENTS, torch.float32, "cuda")
+        mask, positions = pending_tree_inputs(6, 0, PARENTS, model.dtype, "cuda")
         second = model(input_ids=nodes, attention_mask=mask, position_ids=positions.view(1, -1),
                        past_key_values=cache, use_cache=True).logits
     return first, second
@@ -319,12 +319,13 @@ SLOW_IO = {"bandwidth_cap": 2e6}  # bytes/s: each tiny layer's read takes ~25 ms
 
 def test_provisional_drafting_happens_on_the_gpu_copy_path(gpu_models, tiny_tokenizer):
     """Pipelined, copy path, slow reads, no lockstep: the draft drafts provisionally while the target
-    waits for host reads, and the output is still the target's greedy output."""
+    waits for host reads, and the output is still the target's greedy output. Short chains of an
+    unrelated draft: many passes, each with tokens left to draft beyond its chain."""
     dirs, models = gpu_models
     streamed = _streamed(dirs, "copy", **SLOW_IO)
     try:
-        engine = LLMCad(models["same"], streamed.model, tiny_tokenizer, make_policy("llmcad"), streamed=streamed,
-                        pipeline=True)
+        engine = LLMCad(models["unrelated"], streamed.model, tiny_tokenizer, make_policy("chain", chain_length=2),
+                        streamed=streamed, pipeline=True)
         result = engine.generate(PROMPTS[0], NEW_TOKENS)
         assert result.tokens == reference(models["target"], tiny_tokenizer(PROMPTS[0])["input_ids"])
         stats = result.stats
@@ -386,9 +387,9 @@ def test_release_ordering_under_slow_kernels(gpu_models, monkeypatch, gpu_path, 
             handles.append(streamed.layers[i].register_forward_pre_hook(lambda m, a: torch.cuda._sleep(SLOW_CYCLES)))
     try:
         want = [t.clone() for t in _prompt_then_tree(models["target"])]
-        for _ in range(5):
+        for _ in range(5):  # as test_streamed_logits_match_resident_on_gpu: overwritten bytes are far off
             for a, b in zip(want, _prompt_then_tree(streamed.model)):
-                assert torch.equal(a, b)
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         assert streamed.stats()["gpu"]["host_held"] == 0
         _report(f"release-order-{gpu_path}-{slow}", passes=streamed.passes)
     finally:
