@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llmcad.spec import tree
+from llmcad.spec.forward import cache_kwargs
 
 SEED = 0
 
@@ -291,13 +292,13 @@ def bench_streamed_pass(repeats=3, tree_nodes=32, prefix_len=64):
     def run(model):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=prefix, past_key_values=cache, use_cache=True)
+            model(input_ids=prefix, **cache_kwargs(model, cache), use_cache=True)
         torch.cuda.synchronize()
         return cache
 
     def tree_pass(model, cache):
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache), use_cache=True)
 
     rows = []
     placement = plan_placement(index, memory_budget=1 << 50, max_resident_layers=0, num_buffers=2)

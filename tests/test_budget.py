@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 from llmcad.streaming.budget import kv_cache_bytes, module_bytes, parse_size, plan_placement, streamer_memory_bytes
 from llmcad.errors import BudgetError
+from llmcad.spec.forward import cache_kwargs
 from llmcad.streaming.weights import load_index
 from tiny_models import build_tiny, load_resident
 
@@ -103,7 +104,7 @@ def test_kv_cache_bytes_matches_a_real_cache(tmp_path):
     model = load_resident(build_tiny("llama", tmp_path / "m", num_layers=3))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.arange(11)[None], past_key_values=cache, use_cache=True)
+        model(input_ids=torch.arange(11)[None], **cache_kwargs(model, cache), use_cache=True)
     actual = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert kv_cache_bytes(model.config, 11, torch.float32) == actual
     assert module_bytes(model) == sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))

@@ -15,7 +15,7 @@ from llmcad.spec import tree
 from llmcad.spec.draft import DraftTree, TreeDrafter
 from llmcad.engine import GenerationResult
 from llmcad.spec.policy import LLMCadPolicy, TreePolicy, make_policy
-from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
+from llmcad.spec.forward import cache_kwargs, forward_with_mask, pending_tree_inputs
 from llmcad.spec import kv
 
 PROMPTS = ["def add(a, b):", "The quick brown"]
@@ -209,7 +209,7 @@ def test_kv_commit_keeps_prefix_and_path(tiny_models, tiny_tokenizer):
     kv.commit(cache, tree.commit_indices(accepted, prefix))
     fresh = DynamicCache()
     with torch.no_grad():
-        model(torch.tensor([ids[:-1] + [tokens[a] for a in accepted]]), cache=fresh, use_cache=True)
+        model(torch.tensor([ids[:-1] + [tokens[a] for a in accepted]]), **cache_kwargs(model, fresh), use_cache=True)
     assert kv.cache_length(cache) == prefix + 3
     for mine, ref in zip(cache.layers, fresh.layers):
         torch.testing.assert_close(mine.keys, ref.keys, rtol=1e-5, atol=1e-5)
@@ -240,7 +240,7 @@ def test_drafter_branches_paces_and_commits(tiny_models, tiny_tokenizer):
     committed = ids[:-1] + [t.tokens[a] for a in path]
     fresh = DynamicCache()
     with torch.no_grad():
-        draft(torch.tensor([committed[:kv.cache_length(drafter.cache)]]), cache=fresh, use_cache=True)
+        draft(torch.tensor([committed[:kv.cache_length(drafter.cache)]]), **cache_kwargs(draft, fresh), use_cache=True)
     assert kv.cache_length(drafter.cache) + len(drafter.pending) == len(committed)
     for mine, ref in zip(drafter.cache.layers, fresh.layers):
         torch.testing.assert_close(mine.keys, ref.keys, rtol=1e-5, atol=1e-5)

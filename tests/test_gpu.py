@@ -14,11 +14,12 @@ from llmcad.spec import kv
 from llmcad.spec import tree
 from llmcad.streaming.budget import plan_placement
 from llmcad.spec.policy import make_policy
-from llmcad.spec.forward import pending_tree_inputs
+from llmcad.spec.forward import cache_kwargs, pending_tree_inputs
 from llmcad.models.loading import load_causal_lm
 from llmcad.streaming.streamed import load_streamed_target
 from llmcad.spec.verify import TargetChooser, TargetVerifier
 from llmcad.streaming.weights import load_index
+from transfer_spy import TransferSpy
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,21 +46,6 @@ def reference(model, ids, max_new_tokens=NEW_TOKENS):
     return out[0, len(ids):].tolist()
 
 
-class HostCopySpy:
-    """Counts tensors of ``min_cols`` or more columns copied to the host with .cpu() (full logits)."""
-
-    def __init__(self, monkeypatch, min_cols):
-        self.big = []
-        original = torch.Tensor.cpu
-
-        def cpu(tensor, *args, **kwargs):
-            if tensor.is_cuda and tensor.dim() >= 2 and tensor.shape[-1] >= min_cols:
-                self.big.append(tuple(tensor.shape))
-            return original(tensor, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-
-
 class KernelSpy:
     """Counts calls of the extension's CUDA tree kernels."""
 
@@ -82,17 +68,18 @@ class KernelSpy:
 def test_greedy_on_gpu_equals_transformers_on_gpu(gpu_models, tiny_tokenizer, draft_kind, monkeypatch):
     dirs, models = gpu_models
     target = models["target"]
-    spy = HostCopySpy(monkeypatch, min_cols=target.config.vocab_size)
     kernels = KernelSpy(monkeypatch)
     for prompt in PROMPTS:
         ids = tiny_tokenizer(prompt)["input_ids"]
         expected = reference(target, ids)
-        spy.big.clear()
         for mode, options in MODES:
             engine = LLMCad(models[draft_kind], target, tiny_tokenizer, make_policy(mode, **options))
-            result = engine.generate(prompt, NEW_TOKENS)
+            with TransferSpy("cuda") as spy:  # resident target: no verification worker, all on this thread
+                result = engine.generate(prompt, NEW_TOKENS)
             assert result.tokens == expected, (draft_kind, mode, options, prompt)
-        assert spy.big == [], "full logits were copied to the host"
+            big = {key: n for key, n in spy.largest.items() if n >= target.config.vocab_size}
+            assert big == {}, f"full logits rows were brought to the host: {big}"
+            assert spy.count > 0, "the spy saw no transfer at all (the emitted ids must reach the host)"
     assert kernels.calls["cuda_tree_mask"] > 0 and kernels.calls["cuda_tree_positions"] > 0
     assert kernels.calls["cuda_tree_accept"] > 0, "the acceptance walk did not run on the GPU"
     assert kernels.calls["cuda_commit_gather_indices"] > 0, "the KV commit indices were not made on the GPU"
@@ -147,10 +134,10 @@ def _prompt_then_tree(model):
     nodes = torch.randint(0, model.config.vocab_size, (1, len(PARENTS)), generator=gen).cuda()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        first = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True).logits
         mask, positions = pending_tree_inputs(6, 0, PARENTS, model.dtype, "cuda")
         second = model(input_ids=nodes, attention_mask=mask, position_ids=positions.view(1, -1),
-                       past_key_values=cache, use_cache=True).logits
+                       **cache_kwargs(model, cache), use_cache=True).logits
     return first, second
 
 

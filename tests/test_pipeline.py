@@ -175,12 +175,15 @@ def test_unrelated_draft_drops_every_provisional_token_hand_worked(tiny_pair_dir
 
 
 def test_partly_agreeing_draft_counts_add_up(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets):
-    with streamed_engine(tiny_pair_dirs, budgets, "shared", lockstep=True, max_provisional_tokens=3) as engine:
-        ids, want = expected_tokens(tiny_models, tiny_tokenizer)
+    # llama: its half-depth draft agrees with the target on some passes and not on others
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", family="llama", lockstep=True,
+                         max_provisional_tokens=3) as engine:
+        ids, want = expected_tokens(tiny_models, tiny_tokenizer, "llama")
         result = generate(engine, ids, NEW_TOKENS)
     assert result.tokens == want
     per_pass = result.trace
     s = result.stats
+    assert s["provisional_drafted"] > 0 and s["provisional_reused"] > 0 and s["provisional_dropped"] > 0
     assert s["provisional_drafted"] == sum(p["provisional"] for p in per_pass)
     assert s["provisional_reused"] == sum(p.get("provisional_reused", 0) for p in per_pass)
     last = per_pass[-1]["provisional"]

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from llmcad.spec import tree
+from llmcad.spec.forward import cache_kwargs
 from llmcad.streaming.budget import kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import BudgetError, EngineClosedError, ModelLoadError
 from llmcad.streaming.streamed import decoder_layers, load_streamed_target
@@ -42,10 +43,10 @@ def _prompt_then_tree(model, seed=0):
     nodes = torch.randint(0, model.config.vocab_size, (1, len(PARENTS)), generator=gen)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        first = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True).logits
         mask = tree.attention_mask(PARENTS, PROMPT_LEN, dtype=model.dtype)
         positions = torch.as_tensor(tree.position_ids(PARENTS, PROMPT_LEN))[None]
-        second = model(input_ids=nodes, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        second = model(input_ids=nodes, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
                        use_cache=True).logits
     return first, second, cache
 
@@ -164,7 +165,22 @@ def test_generate_matches_in_memory(checkpoints, references):
         want = references["gemma"].generate(ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
         assert model.get_input_embeddings().weight.device.type == "cpu"
-        assert model.generation_config is not None
+    finally:
+        streamed.close()
+
+
+def test_generation_config_is_the_checkpoints(tmp_path):
+    """EOS ids and defaults come from generation_config.json, as with from_pretrained, not from config.json."""
+    from transformers import GenerationConfig
+
+    path = build_tiny("qwen2", tmp_path / "m", num_layers=2)
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=0, max_new_tokens=5).save_pretrained(path)
+    ref = load_resident(path)
+    streamed = load_streamed_target(path, placement=_placement(path, 0))
+    try:
+        got = streamed.model.generation_config
+        assert got.eos_token_id == [2, 7] != streamed.model.config.eos_token_id
+        assert got.to_dict() == ref.generation_config.to_dict()
     finally:
         streamed.close()
 

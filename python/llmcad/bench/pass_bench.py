@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from llmcad.spec.forward import cache_kwargs
 from llmcad.streaming.budget import plan_placement, resident_placement
 from llmcad.streaming.streamed import load_streamed_target
 from llmcad.streaming.weights import load_index
@@ -101,7 +102,7 @@ def _tree_inputs(model, n, prefix_len, seed):
     cache = DynamicCache(config=model.config)
     if prefix_len:
         with torch.no_grad():
-            model(input_ids=prefix, past_key_values=cache, use_cache=True)
+            model(input_ids=prefix, **cache_kwargs(model, cache), use_cache=True)
     return {"input_ids": torch.as_tensor(rng.integers(0, vocab, (1, n))),
             "attention_mask": tree.attention_mask(parents, prefix_len, dtype=model.dtype),
             "position_ids": torch.as_tensor(tree.position_ids(parents, prefix_len))[None],
@@ -111,7 +112,7 @@ def _tree_inputs(model, n, prefix_len, seed):
 def _pass(model, inputs):
     with torch.no_grad():
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                     position_ids=inputs["position_ids"], past_key_values=copy.deepcopy(inputs["cache"]),
+                     position_ids=inputs["position_ids"], **cache_kwargs(model, copy.deepcopy(inputs["cache"])),
                      use_cache=True).logits
 
 
@@ -155,7 +156,7 @@ def _cold_streamed_pass(streamed, index, inputs) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         streamed.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       position_ids=inputs["position_ids"], past_key_values=cache, use_cache=True)
+                       position_ids=inputs["position_ids"], **cache_kwargs(streamed.model, cache), use_cache=True)
     return time.perf_counter() - start
 
 

@@ -12,12 +12,14 @@ from llmcad.spec import tree
 _CACHE_KWARG = {}  # model class -> "cache" (transformers >= 5.24) or "past_key_values"
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for the KV-cache argument of ``model``'s forward: ``cache`` from transformers
+    5.24 on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
     cls = type(model)
     if cls not in _CACHE_KWARG:
         params = inspect.signature(cls.forward).parameters
         _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KWARG[cls]
+    return {_CACHE_KWARG[cls]: cache}
 
 
 def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_keep: int = 0) -> torch.Tensor:
@@ -32,7 +34,7 @@ def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_kee
     positions = _long_on(position_ids, device).view(1, -1)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
-                    logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache})
+                    logits_to_keep=logits_to_keep, **cache_kwargs(model, cache))
     return out.logits[0].float()
 
 

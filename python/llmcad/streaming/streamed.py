@@ -465,7 +465,20 @@ def _build_on_meta(path: Path, dtype, device, attn_implementation):
     with torch.no_grad():
         for owner in owners:
             model._init_weights(owner)
+    _load_generation_config(model, path)
     return model.eval()
+
+
+def _load_generation_config(model, path: Path) -> None:
+    """The checkpoint's generation_config.json (EOS ids, sampling defaults), as from_pretrained reads
+    it; from_config alone derives one from config.json, which may name other EOS ids."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read generation_config.json: {exc}") from exc
 
 
 def _load_resident(model, index: WeightIndex, resident_layers, dtype, device) -> None:

