@@ -23,11 +23,9 @@ from pathlib import Path
 import torch
 
 from llmcad.errors import ModelLoadError, WeightFileError
+from llmcad.streaming.quantized import CONFIG_KEY, GROUP_SIZES, SCHEMES
 
-SCHEMES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 DEFAULT_GROUP_SIZE = 128
-CONFIG_KEY = "llmcad_quantization"
 _INT8_MAX = 127
 _INT4_MAX = 15
 _SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",

@@ -20,7 +20,11 @@ from __future__ import annotations
 import torch
 
 from llmcad.errors import ModelLoadError
-from llmcad.models.quantize import CONFIG_KEY, GROUP_SIZES, SCHEMES
+
+# The checkpoint format (written by llmcad.models.quantize, which imports these)
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
+CONFIG_KEY = "llmcad_quantization"  # config.json key recording the scheme
 
 _CONVERT_ROWS = 1024  # rows converted at a time on CPU: a multiple of every CPU block width (32, 64)
 
