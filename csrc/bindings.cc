@@ -305,6 +305,20 @@ void bind_streamer(py::module_& m) {
   m.def("streamer_layout_bytes", [=](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges) {
     return llmcad::streamer_layout_bytes(to_ranges(ranges));
   });
+  m.attr("STREAMER_ALIGNMENT") = llmcad::kStreamerAlign;
+  m.def("streamer_buffer_capacity", [](int64_t buffer_bytes, int64_t num_files) {
+    if (buffer_bytes < 0 || num_files < 0) throw std::invalid_argument("buffer_bytes and num_files must be >= 0");
+    return llmcad::streamer_buffer_capacity(static_cast<uint64_t>(buffer_bytes), static_cast<size_t>(num_files));
+  });
+  m.def("streamer_buffer_bytes_for", [=](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges, int64_t num_files) {
+    if (num_files < 0) throw std::invalid_argument("num_files must be >= 0");
+    return llmcad::streamer_buffer_bytes_for(to_ranges(ranges), static_cast<size_t>(num_files));
+  });
+  m.def("streamer_memory_bytes", [](int64_t buffer_bytes, int num_buffers, int64_t num_files) {
+    if (buffer_bytes < 0 || num_buffers < 0 || num_files < 0)
+      throw std::invalid_argument("buffer_bytes, num_buffers and num_files must be >= 0");
+    return llmcad::streamer_memory_bytes(static_cast<uint64_t>(buffer_bytes), num_buffers, static_cast<size_t>(num_files));
+  });
   m.def("streamer_clock_s", &llmcad::streamer_clock_s);
   m.def("evict_from_page_cache", &llmcad::evict_from_page_cache, py::call_guard<py::gil_scoped_release>());
   m.def("raw_direct_read_bytes_per_s", &llmcad::raw_direct_read_bytes_per_s, py::arg("path"),

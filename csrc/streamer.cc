@@ -420,7 +420,7 @@ struct Streamer::Impl final : ReadHooks {
 // ---------------------------------------------------------------- public API
 Streamer::Streamer(StreamerOptions options) {
   validate(options);
-  options.buffer_bytes = align_up(options.buffer_bytes);
+  options.buffer_bytes = streamer_buffer_capacity(options.buffer_bytes, options.paths.size());
   bool pinned = want_pinned(options.pinned);
   impl_ = std::make_unique<Impl>(std::move(options));
   Impl& s = *impl_;
@@ -631,6 +631,21 @@ StreamerStats Streamer::stats() const {
 double streamer_clock_s() { return clock_seconds(Clock::now()); }
 
 uint64_t streamer_layout_bytes(const std::vector<ByteRange>& ranges) { return plan_layer(ranges).layout_bytes; }
+
+uint64_t streamer_buffer_capacity(uint64_t buffer_bytes, size_t num_files) {
+  return align_up(buffer_bytes + 2 * kStreamerAlign * num_files);
+}
+
+uint64_t streamer_buffer_bytes_for(const std::vector<ByteRange>& ranges, size_t num_files) {
+  LayerPlan plan = plan_layer(ranges);
+  uint64_t slack = 2 * kStreamerAlign * num_files;
+  uint64_t need = std::max(plan.payload_bytes, plan.layout_bytes > slack ? plan.layout_bytes - slack : 0);
+  return std::max<uint64_t>(need, 1);  // buffer_bytes must be > 0, even for a layer of empty ranges
+}
+
+uint64_t streamer_memory_bytes(uint64_t buffer_bytes, int num_buffers, size_t num_files) {
+  return static_cast<uint64_t>(std::max(num_buffers, 0)) * streamer_buffer_capacity(buffer_bytes, num_files);
+}
 
 void evict_from_page_cache(const std::string& path) {
   int fd = open_file(path, false);

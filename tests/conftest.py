@@ -50,7 +50,8 @@ def tiny_models(tiny_pair_dirs):
 
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers():
-    from transformers.utils import logging
+    """No progress bars or info logs in test output (the CLI's own setting; the warning filter it also
+    sets lives only as long as pytest's per-test warning context, so warnings still fail tests)."""
+    from llmcad.cli import quiet_transformers
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    quiet_transformers()

@@ -108,3 +108,20 @@ def test_kv_cache_bytes_matches_a_real_cache(tmp_path):
     actual = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert kv_cache_bytes(model.config, 11, torch.float32) == actual
     assert module_bytes(model) == sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_a_plan_is_what_the_streamer_allocates(tmp_path):
+    """Buffer size and ring memory come from the C++ streamer: every streamed layer of a sharded,
+    unaligned checkpoint fits the planned buffer, and the ring holds exactly the memory budgeted."""
+    from llmcad.streaming.streamer import WeightStreamer
+
+    index = load_index(build_tiny("llama", tmp_path / "m", num_layers=4, max_shard_size="20KB"))
+    assert len(index.files) > 2
+    for num_buffers in (1, 3):
+        kw = {"num_buffers": num_buffers, "max_resident_layers": 0}
+        p = plan_placement(index, memory_budget=_minimum(index, **kw), **kw)
+        assert p.streamed_layers == [0, 1, 2, 3]
+        with WeightStreamer(index.files, buffer_bytes=p.buffer_bytes, num_buffers=num_buffers) as s:
+            for i in p.streamed_layers:
+                s.add_layer(index.layer_ranges(i).ranges)
+            assert s.memory_bytes == p.accounting["streamer_buffers"]

@@ -310,16 +310,16 @@ def test_ctrl_c_on_the_command_line_exits_130_quickly(pair, setup):
     argv = [*LLMCAD_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "200", "--memory-budget", str(budget),
             "--bandwidth-cap", "2e6"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        assert proc.stdout.read(1), "no text streamed before the interrupt"  # generation is under way
-        proc.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=DEADLINE_S)
-        assert time.monotonic() - t0 < 10
-        err = proc.stderr.read().decode()
-        assert rc == 130 and "Traceback" not in err, (rc, err)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:  # closes the pipes
+        try:
+            assert proc.stdout.read(1), "no text streamed before the interrupt"  # generation is under way
+            proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            rc = proc.wait(timeout=DEADLINE_S)
+            assert time.monotonic() - t0 < 10
+            err = proc.stderr.read().decode()
+            assert rc == 130 and "Traceback" not in err, (rc, err)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from llmcad import build_info
 from llmcad.errors import StreamerIOError
-from llmcad.streaming.streamer import WeightStreamer, evict_from_page_cache, layout_bytes, raw_direct_read_gbps
+from llmcad.streaming.streamer import (WeightStreamer, buffer_bytes_for, evict_from_page_cache, layout_bytes,
+                                      memory_bytes, raw_direct_read_gbps)
 
 SIZES = (300_001, 200_003)  # odd sizes: the aligned tail of a direct read runs past end of file
 
@@ -404,6 +405,26 @@ def test_random_ranges_byte_identical(files, layers, direct, backend, num_buffer
         ids = [s.add_layer(r) for r in layers]
         for i, view in stream_all(s, ids, num_buffers):
             assert_layer(view, layers[i], paths)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ranges=layer_specs(), num_buffers=st.integers(1, 3))
+def test_sizes_the_budget_plans_with_are_the_streamers(files, ranges, num_buffers):
+    """buffer_bytes_for() is a size whose buffers hold the layer (4096 bytes less does not, unless
+    that is below the payload); memory_bytes() is what the streamer allocates."""
+    paths, _ = files
+    need = buffer_bytes_for(ranges, len(paths))
+    payload = sum(length for _, _, length in ranges)
+    assert need >= max(payload, 1)
+    with WeightStreamer(paths, buffer_bytes=need, num_buffers=num_buffers, backend="pread") as s:
+        s.add_layer(ranges)
+        assert s.memory_bytes == memory_bytes(need, num_buffers, len(paths)) == num_buffers * s.stats()["buffer_bytes"]
+        assert s.stats()["buffer_bytes"] >= layout_bytes(ranges)
+    smaller = need - 4096
+    if smaller >= max(payload, 1):
+        with WeightStreamer(paths, buffer_bytes=smaller, backend="pread") as s, \
+                pytest.raises(ValueError, match="raise buffer_bytes"):
+            s.add_layer(ranges)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["throughput", "overlap"])

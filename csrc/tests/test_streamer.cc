@@ -89,6 +89,22 @@ TEST(StreamerLayout, AlignedExtents) {
   EXPECT_EQ(llmcad::streamer_layout_bytes({{0, 0, 0}}), 0u);
 }
 
+TEST(StreamerLayout, BufferSizes) {
+  // capacity: payload + two aligned blocks per file, rounded up to 4096
+  EXPECT_EQ(llmcad::streamer_buffer_capacity(1, 1), 3 * 4096u);
+  EXPECT_EQ(llmcad::streamer_buffer_capacity(4096, 2), 5 * 4096u);
+  EXPECT_EQ(llmcad::streamer_memory_bytes(1, 2, 1), 6 * 4096u);
+  const std::vector<std::vector<ByteRange>> layers = {
+      {{0, 1, 4095}, {0, 4096, 4097}, {1, 100, 10}}, {{0, 4095, 2}}, {{0, 0, 100000}}, {{0, 5, 0}}};
+  for (const auto& ranges : layers) {
+    uint64_t payload = 0;
+    for (const ByteRange& r : ranges) payload += r.length;
+    uint64_t need = llmcad::streamer_buffer_bytes_for(ranges, 2);
+    EXPECT_GE(need, payload);
+    EXPECT_GE(llmcad::streamer_buffer_capacity(need, 2), llmcad::streamer_layout_bytes(ranges));
+  }
+}
+
 TEST(Streamer, LayersAreByteIdenticalForEveryBackend) {
   TempFile file(200001);
   for (StreamerBackend backend : backends())

@@ -54,9 +54,11 @@ def run(args: argparse.Namespace) -> int:
         draft, target = (args.draft, args.target) if args.draft else _fetch_pair()
     except (LLMCadError, OSError) as exc:
         return _fail(f"could not get the real pair: {_one_line(exc)}", hint=MANUAL_HELP)
-    _quiet_transformers()
+    from llmcad.cli import quiet_transformers
     from llmcad.engine import LLMCad
     from llmcad.progress import step
+
+    quiet_transformers()
 
     print(f"llmcad demo: draft {draft}\n             target {target}\n             mode {args.mode}, memory "
           f"budget {budget or 'none (target resident)'}, device {args.device}", file=sys.stderr)
@@ -158,13 +160,3 @@ def _fail(message: str, hint: str | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _quiet_transformers() -> None:
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)

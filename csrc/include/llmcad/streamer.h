@@ -46,7 +46,7 @@ enum class PinMode { kAuto, kOn, kOff };  // kAuto: cudaHostAlloc when a CUDA de
 
 struct StreamerOptions {
   std::vector<std::string> paths;
-  uint64_t buffer_bytes = 0;  // capacity of one buffer (rounded up to a multiple of 4096)
+  uint64_t buffer_bytes = 0;  // payload capacity of one buffer; it holds streamer_buffer_capacity() bytes
   int num_buffers = 2;
   StreamerBackend backend = StreamerBackend::kAuto;
   bool direct = true;                // try O_DIRECT
@@ -142,8 +142,16 @@ class Streamer {
   std::unique_ptr<Impl> impl_;
 };
 
-// Buffer bytes a layer of these ranges occupies (4096-aligned extents); size buffers with it.
+// The one source of the ring's sizes (Python's memory budget asks these too):
+// Buffer bytes a layer of these ranges occupies (4096-aligned extents, adjacent ranges of a file merged).
 uint64_t streamer_layout_bytes(const std::vector<ByteRange>& ranges);
+// Bytes one buffer holds for StreamerOptions::buffer_bytes over `num_files` files: the payload
+// capacity plus two aligned blocks per file (an extent's aligned head and tail), rounded up to 4096.
+uint64_t streamer_buffer_capacity(uint64_t buffer_bytes, size_t num_files);
+// A buffer_bytes (at least the layer's payload, and at least 1) whose capacity holds a layer of `ranges`.
+uint64_t streamer_buffer_bytes_for(const std::vector<ByteRange>& ranges, size_t num_files);
+// Memory a streamer allocates: num_buffers buffers of streamer_buffer_capacity() bytes.
+uint64_t streamer_memory_bytes(uint64_t buffer_bytes, int num_buffers, size_t num_files);
 
 // Seconds on the clock LoadRecord times use (std::chrono::steady_clock; CLOCK_MONOTONIC on Linux).
 double streamer_clock_s();

@@ -13,6 +13,8 @@ A row is data: (name, runner, options); for the engine, options are ``LLMCad.fro
 keyword arguments (``mode`` and policy options); each row runs in :mod:`llmcad.bench.rows`.
 Outputs under ``--out``: ``e2e.json`` (with the git commit measured), a markdown table with the exact
 command at the top, and PNG bar charts.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 

@@ -1,20 +1,25 @@
 """Keeping weight files out of the page cache, so benchmarks read them from storage.
 
-``evict(paths)`` drops files from the page cache once (posix_fadvise DONTNEED). ``Evictor`` keeps
+``evict(paths)`` drops files from the page cache once (the streamer's own eviction: fdatasync, then
+posix_fadvise DONTNEED). ``Evictor`` keeps
 them out while a row runs: it evicts before every target forward (a hook calls ``evict_now``), so a
 peer that reads weights through buffered IO or mmap (accelerate's disk offload) is not served from
 memory, and it asks util-linux ``fincore`` how many bytes of the files are cached. Evicting on a
 timer instead (``interval_s``) also drops readahead pages before they are used, which makes a
 reader fetch them twice: measured here, +50% bytes for accelerate's offload at 5 ms.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 
-import os
+import errno
 import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+from llmcad.streaming.streamer import evict_from_page_cache
 
 METHOD = "posix_fadvise(DONTNEED) before every target forward, checked with fincore"
 
@@ -32,19 +37,16 @@ def files_under(paths) -> list[Path]:
 
 def evict(paths) -> None:
     """Drop every file in ``paths`` (files or directories) from the page cache."""
-    for f in files_under(paths):
-        _fadvise_dontneed(f)
+    _evict_files(files_under(paths))
 
 
-def _fadvise_dontneed(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # a file that vanished (e.g. an offload folder being rewritten) needs no eviction
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def _evict_files(files) -> None:
+    for f in files:
+        try:
+            evict_from_page_cache(f)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # a file that vanished (an offload folder being rewritten) needs none
+                raise
 
 
 def cached_bytes(paths) -> int | None:
@@ -79,7 +81,7 @@ class Evictor:
         self.max_cached_bytes = None  # largest fincore figure seen while running
         self.max_cached_after_evict_bytes = None
         self.fincore_samples = 0
-        self._fds: dict = {}
+        self._files: list = []
         self._lock = threading.Lock()
         self._last_check = 0.0
         self._stop = threading.Event()
@@ -96,16 +98,11 @@ class Evictor:
         self._stop.set()
         self._thread.join()
         self._sample()
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds = {}
 
     def evict_now(self) -> None:
         """Drop the files from the page cache now; sample fincore right after (at most every check_s)."""
         with self._lock:
-            for fd in self._fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            _evict_files(self._files)
         self.evictions += 1
         if time.monotonic() - self._last_check >= self.check_s:
             cached = self._sample()
@@ -121,8 +118,7 @@ class Evictor:
                 next_scan = now + self.rescan_s
             if self.interval_s > 0 and now >= next_sweep:
                 with self._lock:
-                    for fd in self._fds.values():
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    _evict_files(self._files)
                 self.ticks += 1
                 next_sweep = now + self.interval_s
             if now - self._last_check >= self.check_s:
@@ -130,8 +126,9 @@ class Evictor:
             self._stop.wait(min(self.interval_s or self.check_s, self.check_s))
 
     def _rescan(self) -> None:
+        files = files_under(self.paths)
         with self._lock:
-            self._fds = _reopen(self._fds, files_under(self.paths))
+            self._files = files
 
     def _sample(self):
         self._last_check = time.monotonic()
@@ -146,18 +143,3 @@ class Evictor:
         return {"method": method, "evictions": self.evictions, "sweeps": self.ticks,
                 "fincore_samples": self.fincore_samples, "max_cached_bytes": self.max_cached_bytes,
                 "max_cached_after_evict_bytes": self.max_cached_after_evict_bytes}
-
-
-def _reopen(fds: dict, files) -> dict:
-    """Keep descriptors of files still present, open new ones, close the rest."""
-    wanted = {str(f) for f in files}
-    for name in list(fds):
-        if name not in wanted:
-            os.close(fds.pop(name))
-    for name in wanted - set(fds):
-        try:
-            fds[name] = os.open(name, os.O_RDONLY)
-        except OSError:
-            pass
-    return fds
-

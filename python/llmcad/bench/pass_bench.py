@@ -7,6 +7,8 @@ Per repeat, in the same process and on the same inputs:
 ``overlap_ratio = wall / max(io, compute)`` (medians): 1.0 means IO is perfectly hidden behind compute
 or the other way round; 2.0 means they ran back to back. ``overlap_ratio_paired`` is the median of the
 per-repeat ratios (each repeat's three timings are taken back to back, so it is steadier on a busy host).
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 

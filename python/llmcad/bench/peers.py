@@ -7,6 +7,8 @@ files; the folder holds whatever it must convert). With ``draft`` it is transfor
 generation (``assistant_model=draft``), the peer's speculative decoding. The budget counts what
 llmcad's counts: the draft (held in memory) and KV caches of ``kv_tokens`` positions per model, so the
 target's ``max_memory`` is ``budget - draft weights - KV caches``.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 

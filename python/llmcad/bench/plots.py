@@ -1,4 +1,7 @@
-"""Bar charts of benchmark rows (matplotlib, Agg backend: no display needed), written as PNG."""
+"""Bar charts of benchmark rows (matplotlib, Agg backend: no display needed), written as PNG.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
+"""
 from __future__ import annotations
 
 from pathlib import Path

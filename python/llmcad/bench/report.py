@@ -7,6 +7,8 @@ token-for-token agreement with the ``target-only`` row of the same setting.
 IO floor: a token cannot come faster than the bytes streamed for it can be read,
 ``floor s/token = (bytes per pass / raw O_DIRECT bandwidth) / tokens per pass = bytes per token / bandwidth``
 (under a cap the bandwidth is ``min(raw, cap)``); ``floor_ratio`` = achieved s/token / floor.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 

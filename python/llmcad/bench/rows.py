@@ -5,6 +5,8 @@
 row's raw record: generated tokens per prompt, totals (tokens, seconds, target passes, bytes read,
 draft steps), peak RSS, placement and the page-cache evictor's report. A failure is recorded in
 ``error``, never raised, so the other rows still run.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 
@@ -38,9 +40,14 @@ def row_record(job: dict) -> dict:
 
 def measure_row(job: dict) -> dict:
     """Load the row's generator, warm up once, then generate each prompt from a cold page cache."""
+    import warnings
+
     import torch
 
-    _quiet_transformers()
+    from llmcad.cli import quiet_transformers
+
+    quiet_transformers()
+    warnings.filterwarnings("ignore", category=UserWarning)  # peers' (accelerate's) notes on offloading
     torch.manual_seed(job["seed"])
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -228,17 +235,6 @@ class PeerRow:
 
     def close(self) -> None:
         self.peer = None
-
-
-def _quiet_transformers() -> None:
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ for an accelerator), sized so compute ~= IO, over
 compute, as a model's next forward pass would be; only the very first read cannot overlap). Reports
 IO alone, compute alone and overlapped wall time (medians) and ``ratio``, the median over repeats of
 overlapped / max(IO, compute).
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 

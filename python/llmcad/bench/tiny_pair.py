@@ -2,6 +2,8 @@
 
 The target has peaked next-token distributions and weak layers after its first two, so the draft (its
 own first two layers, embeddings and head: a sixth of its size) agrees with it often but not always. Nothing downloads.
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 

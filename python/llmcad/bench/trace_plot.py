@@ -1,5 +1,8 @@
 """``llmcad trace-plot FILE -o timeline.png``: draw a trace written by ``generate --trace`` (Chrome
-trace-event JSON, see llmcad.trace) as one row of bars per lane (matplotlib, Agg backend)."""
+trace-event JSON, see llmcad.trace) as one row of bars per lane (matplotlib, Agg backend).
+
+Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
+"""
 from __future__ import annotations
 
 import argparse

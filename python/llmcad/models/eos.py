@@ -6,6 +6,8 @@ token (Qwen2.5 Instruct: ``<|im_end|>`` 151645 and ``<|endoftext|>`` 151643; the
 list both). ``prepare`` therefore stores every id the source defines, from its metadata, the
 tokenizer's special tokens (the end-of-generation names llama.cpp also stops on) and the chat
 template's end-of-turn, and generation stops on all of them.
+
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

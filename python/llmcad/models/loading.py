@@ -1,4 +1,7 @@
-"""Loading a draft/target pair of Hugging Face causal LMs and checking that their tokenizers agree."""
+"""Loading a draft/target pair of Hugging Face causal LMs and checking that their tokenizers agree.
+
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
+"""
 from __future__ import annotations
 
 import os
@@ -178,10 +181,9 @@ def load_tokenizer(source):
 
 
 def _check_decoder_layers(model, source) -> None:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ModelLoadError(f"model {str(source)!r} ({type(model).__name__}) is not a decoder-only causal LM "
-                             "whose layers are a ModuleList at model.model.layers")
+    from llmcad.streaming.streamed import decoder_layers
+
+    decoder_layers(model, source)
 
 
 def _one_line(exc: BaseException) -> str:

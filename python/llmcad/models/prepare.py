@@ -2,6 +2,8 @@
 
 The output holds ``config.json``, the tokenizer and safetensors weights in one dtype; every decoder
 layer is then a few contiguous byte ranges that :mod:`llmcad.streaming.weights` indexes for streaming.
+
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ layouts where a kernel needs another one):
 Scales and zeros are stored in the checkpoint's float dtype; the value stored is the one the
 quantization used, so the model is defined by the written bytes. Embeddings, norms, biases and the
 lm_head stay in float. ``config.json`` records the scheme under :data:`CONFIG_KEY`.
+
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ Paced growth (``tree`` and ``chain`` modes, the paper's rule): one node a step.
   ``branch_threshold`` opens a branch beside it;
 - pacer: with M nodes in the tree, the next leaf to extend is the one with the largest deficit
   ``C_i * M - T_i`` (C_i: product of draft probabilities from the root, T_i: its depth).
+
+Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """One forward of a Hugging Face causal LM over cached keys + new tokens, with an explicit additive
-4D mask and explicit position ids (the way both the draft and the target are called)."""
+4D mask and explicit position ids (the way both the draft and the target are called).
+
+Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+"""
 from __future__ import annotations
 
 import inspect

@@ -3,6 +3,8 @@
 transformers 5.x has no API to keep chosen positions (``crop`` only drops a tail), so a commit
 gathers each layer's keys/values along the sequence dimension into contiguous slots. Every decision
 (bounds, crop or gather) is made on host indices, so a commit on a CUDA cache never waits for the device.
+
+Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ default the physical cores) and both threads use it. We keep one size rather tha
 cores, because the gate makes draft and target compute strictly one after the other: at any moment
 at most one intra-op team runs, so the two never oversubscribe the cores, and each gets all of them
 when it computes. The streamer's IO threads sleep in reads, not on the cores.
+
+Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

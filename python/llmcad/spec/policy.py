@@ -4,6 +4,8 @@ Every policy exposes ``branch_threshold`` (None: no branches), ``max_tree_tokens
 included), ``max_depth`` (draft tokens on a branch), ``drafts`` (False: the draft is never run),
 ``should_verify(tree)`` (asked before each draft step; limits are enforced by the drafter) and
 ``observe(tree, accepted)`` (called after each verification).
+
+Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 
 The target is any transformers causal LM called through its normal forward, so a layer-streamed
 target (same HF model, layers bound to streamed weights) drops in by replacing ``target``.
+
+Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

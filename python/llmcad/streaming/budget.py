@@ -4,6 +4,8 @@
 resident tensors (non-layer tensors plus the first k layers), the streamer's buffers, the scratch
 for a converted layer (when the compute dtype differs from the file's), and both KV caches.
 Spare budget pins target layers resident from the first one on, so they are never re-read.
+
+Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -11,9 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from llmcad.errors import BudgetError
+from llmcad.streaming import streamer
 from llmcad.streaming.weights import ITEMSIZE, WeightIndex
-
-ALIGNMENT = 4096  # O_DIRECT reads the aligned superset of each range
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -61,31 +62,16 @@ class Placement:
                 "accounted_bytes": self.accounting.get("total", 0)}
 
 
-def aligned_extent(ranges, alignment: int = ALIGNMENT) -> int:
-    """Bytes a buffer needs for ``ranges`` when each is read as its aligned superset."""
-    total = 0
-    for _, offset, length in ranges:
-        start = offset - offset % alignment
-        end = -(-(offset + length) // alignment) * alignment
-        total += end - start
-    return total
+def ring_buffer_bytes(index: WeightIndex, layers) -> int:
+    """``buffer_bytes`` for WeightStreamer: the smallest that holds every one of ``layers`` as the
+    streamer lays it out (the C++ streamer computes it, so a plan that fits here fits there)."""
+    files = len(index.files)
+    return max((streamer.buffer_bytes_for(index.layer_ranges(i).ranges, files) for i in layers), default=0)
 
 
-def ring_buffer_bytes(index: WeightIndex, layers, alignment: int = ALIGNMENT) -> int:
-    """``buffer_bytes`` for WeightStreamer: the largest layer's payload, enough for its aligned layout.
-
-    The streamer adds ``2 * alignment`` slack per file to ``buffer_bytes`` (see
-    :func:`streamer_memory_bytes`), which covers one aligned extent per file and layer.
-    """
-    slack = 2 * alignment * len(index.files)
-    return max((max(index.layer_bytes(i), aligned_extent(index.layer_ranges(i).ranges, alignment) - slack)
-                for i in layers), default=0)
-
-
-def streamer_memory_bytes(buffer_bytes: int, num_buffers: int, num_files: int, alignment: int = ALIGNMENT) -> int:
-    """Memory WeightStreamer allocates: each buffer is ``buffer_bytes`` + 2 aligned blocks per file."""
-    capacity = buffer_bytes + 2 * alignment * num_files
-    return num_buffers * (-(-capacity // alignment) * alignment)
+def streamer_memory_bytes(buffer_bytes: int, num_buffers: int, num_files: int) -> int:
+    """Memory WeightStreamer allocates for this ring (computed by the C++ streamer)."""
+    return streamer.memory_bytes(buffer_bytes, num_buffers, num_files)
 
 
 def kv_cache_bytes(config, tokens: int, dtype) -> int:
@@ -112,7 +98,7 @@ def module_bytes(module) -> int:
 
 def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes: int = 0,
                    kv_bytes: int = 0, num_buffers: int = 2, max_resident_layers: int | None = None,
-                   alignment: int = ALIGNMENT, device_slots: int = 0) -> Placement:
+                   device_slots: int = 0) -> Placement:
     """Pin as many leading target layers as ``memory_budget`` allows; stream the rest.
 
     ``dtype``: compute dtype (None keeps the file's). ``draft_bytes``: the draft's weights.
@@ -127,9 +113,9 @@ def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes
     budget = parse_size(memory_budget)
     top = index.num_layers if max_resident_layers is None else max(0, min(max_resident_layers, index.num_layers))
     for k in range(top, -1, -1):
-        acct = _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment, device_slots)
+        acct = _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, device_slots)
         if acct["total"] <= budget:
-            return _placement(index, k, acct, budget, num_buffers, alignment)
+            return _placement(index, k, acct, budget, num_buffers)
     raise BudgetError(
         f"memory_budget={format_size(budget)} ({budget} bytes) is too small: needs at least "
         f"{format_size(acct['total'])} ({acct['total']} bytes) for the draft weights "
@@ -141,33 +127,34 @@ def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes
 
 def resident_placement(index: WeightIndex) -> Placement:
     """Every layer resident (memory_budget=None)."""
-    acct = _account(index, index.num_layers, None, 0, 0, 0, ALIGNMENT)
-    return _placement(index, index.num_layers, acct, None, 0, ALIGNMENT)
+    acct = _account(index, index.num_layers, None, 0, 0, 0)
+    return _placement(index, index.num_layers, acct, None, 0)
 
 
-def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, alignment, device_slots=0) -> dict:
+def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, device_slots=0) -> dict:
     """Byte accounting with the first k layers resident."""
     streamed = range(k, index.num_layers)
-    buffer = ring_buffer_bytes(index, streamed, alignment)
+    buffer = ring_buffer_bytes(index, streamed)
     converts = dtype is not None and any(_converted(t, dtype) for i in streamed for t in index.layers[i])
     acct = {
         "draft_weights": draft_bytes,
         "target_non_layer": sum(_compute_bytes(t, dtype) for t in index.non_layer),
         "target_resident_layers": sum(_compute_bytes(t, dtype) for i in range(k) for t in index.layers[i]),
-        "streamer_buffers": streamer_memory_bytes(buffer, num_buffers, len(index.files), alignment) if streamed else 0,
+        "streamer_buffers": streamer_memory_bytes(buffer, num_buffers, len(index.files)) if streamed else 0,
         "conversion_scratch": max((sum(_compute_bytes(t, dtype) for t in index.layers[i]) for i in streamed),
                                   default=0) if converts else 0,
         "kv_caches": kv_bytes,
-        "device_ring": device_slots * max((aligned_extent(index.layer_ranges(i).ranges, alignment) for i in streamed),
-                                          default=0),
+        # a device slot holds a layer as the streamer lays it out (llmcad.streaming.gpu_upload)
+        "device_ring": device_slots * max((streamer.layout_bytes(index.layer_ranges(i).ranges) for i in streamed),
+                                          default=0) if device_slots else 0,
     }
     acct["total"] = sum(acct.values())
     return acct
 
 
-def _placement(index, k, acct, budget, num_buffers, alignment) -> Placement:
+def _placement(index, k, acct, budget, num_buffers) -> Placement:
     streamed = list(range(k, index.num_layers))
-    buffer = ring_buffer_bytes(index, streamed, alignment)
+    buffer = ring_buffer_bytes(index, streamed)
     if budget is not None:
         acct = dict(acct, spare=budget - acct["total"])
     return Placement(resident_layers=list(range(k)), streamed_layers=streamed, buffer_bytes=buffer,

@@ -14,6 +14,8 @@ Kernels (torch built-ins only):
   ``F.linear`` and the per-channel scales applied to the output (the same product).
 Resident layers are converted to the kernel's layout once (:func:`pack_resident`); streamed layers are
 converted inside each forward, from the bytes the streamer bound.
+
+Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

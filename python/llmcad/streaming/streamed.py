@@ -23,8 +23,7 @@ its methods. Hook order per streamed layer is fixed in one place, its bind pre-h
 watchers' ``before``, the acquire, the parameter binding, the watchers' ``after``, then the layer's
 own compute (see :meth:`StreamedTarget.watch_acquire`).
 
-This module owns the streamed target and its hooks; it must not import llmcad.spec, the engine or
-llmcad.bench.
+Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -99,10 +98,13 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
                                 streamer_options=streamer_options)
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
+def decoder_layers(model, source=None) -> torch.nn.ModuleList:
+    """``model.model.layers``; ModelLoadError naming ``source`` (or the class) when it is not a ModuleList."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ModelLoadError(f"{type(model).__name__}: decoder layers are not a ModuleList at model.model.layers")
+        what = f"model {str(source)!r} ({type(model).__name__})" if source is not None else type(model).__name__
+        raise ModelLoadError(f"{what} is not a decoder-only causal LM whose layers are a ModuleList at "
+                             "model.model.layers")
     return layers
 
 

@@ -18,6 +18,8 @@ with its start and end time; ``loads_since(seq)`` returns them as :class:`LoadRe
 
 Views: ``LayerView.array`` and the tensors from ``LayerView.tensor`` share the buffer memory (no
 copy). They are valid until ``release()``; after that the buffer is reused for another layer.
+
+Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -34,9 +36,8 @@ import numpy as np
 from llmcad import _build
 from llmcad.errors import StreamerIOError
 
-__all__ = ["WeightStreamer", "LayerView", "LoadRecord", "evict_from_page_cache", "layout_bytes", "ALIGN"]
-
-ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and lengths
+__all__ = ["WeightStreamer", "LayerView", "LoadRecord", "evict_from_page_cache", "layout_bytes", "buffer_bytes_for",
+           "memory_bytes"]
 
 
 def _translate_io_errors(fn):
@@ -122,11 +123,11 @@ class WeightStreamer:
 
     Args:
         paths: files the ranges refer to by index (a single path is accepted too).
-        buffer_bytes: payload capacity of ONE buffer; the streamer adds 4096-byte alignment slack
-            (two blocks per file), enough when each layer's ranges are contiguous within each file.
-            ``add_layer`` raises ValueError when a layer does not fit (see :func:`layout_bytes`).
-            Memory held: ``num_buffers * round_up(buffer_bytes + 8192 * len(paths), 4096)``
-            (``memory_bytes``), allocated once.
+        buffer_bytes: payload capacity of ONE buffer; the streamer adds alignment slack (two
+            4096-byte blocks per file), enough when each layer's ranges are contiguous within each
+            file. ``add_layer`` raises ValueError when a layer does not fit; :func:`buffer_bytes_for`
+            gives the size that fits a layer. Memory held: :func:`memory_bytes` (``memory_bytes``
+            property), allocated once.
         num_buffers: buffers in the ring (layers loaded or held at once).
         backend: "auto" (io_uring when built and allowed, else pread; a refused io_uring gives one
             warning and ``stats()["warnings"]`` says so), "io_uring" (refused -> StreamerIOError) or
@@ -163,10 +164,9 @@ class WeightStreamer:
         pin = {True: "on", False: "off", "auto": "auto"}.get(pinned)
         if pin is None:
             raise ValueError(f"pinned must be 'auto', True or False, got {pinned!r}")
-        capacity = int(buffer_bytes) + 2 * ALIGN * len(paths)
         self.paths = paths
         self._impl = _build._ext().Streamer(
-            paths, capacity, int(num_buffers), backend, bool(direct), int(queue_depth), int(chunk_bytes),
+            paths, int(buffer_bytes), int(num_buffers), backend, bool(direct), int(queue_depth), int(chunk_bytes),
             float(bandwidth_cap or 0.0), pin,
         )
         self._clock_offset = _clock_offset()
@@ -287,9 +287,21 @@ def evict_from_page_cache(path) -> None:
     _build._ext().evict_from_page_cache(str(path))
 
 
+# Sizes of the ring, computed by the C++ streamer itself (the memory budget plans with these).
 def layout_bytes(ranges) -> int:
     """Buffer bytes one layer of ``ranges`` occupies (4096-aligned extents)."""
     return _build._ext().streamer_layout_bytes(_ranges(ranges))
+
+
+def buffer_bytes_for(ranges, num_files: int) -> int:
+    """A ``buffer_bytes`` (at least the payload, at least 1) whose buffers hold a layer of ``ranges``
+    in a streamer over ``num_files`` files."""
+    return _build._ext().streamer_buffer_bytes_for(_ranges(ranges), int(num_files))
+
+
+def memory_bytes(buffer_bytes: int, num_buffers: int, num_files: int) -> int:
+    """Bytes a WeightStreamer(buffer_bytes=..., num_buffers=...) over ``num_files`` files allocates."""
+    return _build._ext().streamer_memory_bytes(int(buffer_bytes), int(num_buffers), int(num_files))
 
 
 @_translate_io_errors

@@ -4,6 +4,8 @@ Reads only the headers (8-byte little-endian header length, then a JSON header),
 sharded with ``model.safetensors.index.json``. Every header is checked against its file's size at
 load time, so a truncated file, a corrupt header or a missing shard fails here with a
 :class:`~llmcad.errors.WeightFileError` naming the file, not later in the middle of a pass.
+
+Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
