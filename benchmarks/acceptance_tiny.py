@@ -9,14 +9,23 @@ deterministic: counts, not timings). Every mode's output is checked against targ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import pair_models  # noqa: E402  (tests/pair_models.py: the tiny pair builders)
+def _pair_models():
+    """tests/pair_models.py (the tiny pair builders) as a module, without touching sys.path."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "pair_models.py"
+    spec = importlib.util.spec_from_file_location("pair_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pair_models = _pair_models()
 
 MODES = ("target-only", "chain", "tree", "llmcad")
 PROMPTS = ("def add(a, b):", "The quick brown", "for i in range(10):", "import numpy as np")

@@ -1,5 +1,5 @@
 """Endurance: one long generation in llmcad mode with a streamed target; RSS and open file descriptors
-sampled as tokens are committed must not grow after warm-up (issue 9).
+sampled as tokens are committed must not grow after warm-up.
 
     PYTHONPATH=python python benchmarks/endurance.py --draft D --target T --memory-budget 2GiB \
         [--tokens 2000] [--warmup 200] [--ignore-eos] [--json]
@@ -16,8 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 PROMPT = "Write a long story about a lighthouse keeper who learns to program."
 

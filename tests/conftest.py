@@ -5,14 +5,9 @@
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import pair_models  # noqa: E402
+import pair_models  # tests/ is on sys.path: pytest puts a rootless conftest's directory there
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 9): every bad model, tokenizer, prompt, option and storage condition ends
+"""The bad-input matrix: every bad model, tokenizer, prompt, option and storage condition ends
 in a specific exception naming the problem through the API, and in one line on stderr with exit status
 2 through the CLI (``llmcad generate``). Storage fallbacks (O_DIRECT or io_uring refused) are not errors:
 one warning, and the generation is still exact.

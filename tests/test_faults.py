@@ -1,4 +1,4 @@
-"""Faults while generating (issue 9): a weight file truncated or changed after loading, EIO on the k-th
+"""Faults while generating: a weight file truncated or changed after loading, EIO on the k-th
 read, an exception inside the verification thread, KeyboardInterrupt in the middle of a streamed pass.
 
 Each ends with an exception in the caller within seconds (a hang fails the test: generate runs on a

@@ -1,4 +1,4 @@
-"""device="cuda" end to end (issue 8): lossless greedy output on the GPU against transformers on the
+"""device="cuda" end to end: lossless greedy output on the GPU against transformers on the
 GPU in fp32, resident and layer-streamed (copy and zero-copy paths), plans and acceptance from the CUDA
 kernels, KV commit on the device. Skipped without a CUDA build and a GPU (scripts/device_check.sh)."""
 from __future__ import annotations

@@ -99,3 +99,17 @@ def test_typing_stubs_describe_the_extension():
 
 CUDA_ONLY = {"cuda_device_integrated", "cuda_tree_depths", "cuda_tree_positions", "cuda_tree_mask",
              "cuda_tree_mask_packed", "cuda_tree_paths", "cuda_tree_accept", "cuda_commit_gather_indices"}
+
+
+def test_comments_cite_no_issue_numbers():
+    """Comments and docstrings speak of the code, not of tracker entries a reader cannot see."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]  # the repository this test file belongs to
+    pattern = re.compile(r"\bissues? ?#?\d+\b|\(#\d+\)", re.IGNORECASE)
+    sources = [p for folder in ("python", "csrc", "tests", "benchmarks", "scripts")
+               for p in (root / folder).rglob("*") if p.suffix in (".py", ".pyi", ".cc", ".cu", ".h", ".sh", ".md")]
+    assert len(sources) > 50
+    cited = [f"{p.relative_to(root)}:{n}" for p in sources
+             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if pattern.search(line)]
+    assert cited == []

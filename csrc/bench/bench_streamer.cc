@@ -1,8 +1,9 @@
 // Streamer benchmark (ctest label "bench"): a 256 MiB file read cold through the streamer, per
-// backend, against a raw O_DIRECT 4 MiB sequential read loop in the same process. Prints GB/s and
-// the ratio (median of repeats). A plain main: the arguments Google Benchmark takes are ignored.
-// The file goes to $LLMCAD_BENCH_DIR or the working directory (the build tree, a real filesystem;
-// /tmp may be tmpfs) and is deleted at the end.
+// backend, against a raw O_DIRECT 4 MiB sequential read loop in the same iteration (the baseline).
+// Each iteration reads the file both ways, cold; the reported time is the streamed read's, and the
+// counters give both rates in GB/s and their ratio (streamed / raw). The file goes to
+// $LLMCAD_BENCH_DIR or the working directory (the build tree, a real filesystem; /tmp may be tmpfs)
+// and is deleted at the end.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -14,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <benchmark/benchmark.h>
+
 #include "llmcad/capabilities.h"
 #include "llmcad/streamer.h"
 
@@ -21,7 +24,6 @@ namespace {
 
 constexpr uint64_t kFileBytes = 256ull << 20;
 constexpr uint64_t kLayerBytes = 32ull << 20;
-constexpr int kRepeats = 5;
 
 std::string make_file() {
   const char* dir = std::getenv("LLMCAD_BENCH_DIR");
@@ -41,12 +43,12 @@ std::string make_file() {
   return path;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+const std::string& bench_file() {
+  static const std::string path = make_file();
+  return path;
 }
 
-// Streams the file as kLayerBytes layers through a 2-buffer ring; returns bytes/s.
+// Streams the file as kLayerBytes layers through a 2-buffer ring; returns seconds.
 double stream_once(const std::string& path, llmcad::StreamerBackend backend, bool* direct) {
   llmcad::StreamerOptions o;
   o.paths = {path};
@@ -64,8 +66,7 @@ double stream_once(const std::string& path, llmcad::StreamerBackend backend, boo
     s.acquire(id);
     s.release(id);
   }
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return kFileBytes / seconds;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 double raw_once(const std::string& path) {
@@ -73,30 +74,48 @@ double raw_once(const std::string& path) {
   return llmcad::raw_direct_read_bytes_per_s(path, 4 << 20);
 }
 
+// Arg 0: pread, 1: io_uring.
+void BM_StreamerVsRawDirectRead(benchmark::State& state) {
+  bool uring = state.range(0) == 1;
+  if (uring && !llmcad::io_uring_available()) {
+    state.SkipWithError("io_uring is not available here");
+    return;
+  }
+  const std::string& path = bench_file();
+  auto backend = uring ? llmcad::StreamerBackend::kIoUring : llmcad::StreamerBackend::kPread;
+  double raw_rate = 0, streamed_rate = 0;
+  bool direct = false;
+  for (auto _ : state) {
+    raw_rate += raw_once(path);  // the baseline, cold, in the same iteration
+    double seconds = stream_once(path, backend, &direct);
+    streamed_rate += kFileBytes / seconds;
+    state.SetIterationTime(seconds);
+  }
+  double n = static_cast<double>(state.iterations());
+  state.counters["streamed_GBps"] = streamed_rate / n / 1e9;
+  state.counters["raw_GBps"] = raw_rate / n / 1e9;
+  state.counters["ratio"] = streamed_rate / raw_rate;
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kFileBytes));
+  state.SetLabel(std::string(uring ? "io_uring" : "pread") + (direct ? " O_DIRECT" : " buffered") +
+                 ", 2 buffers of 32 MiB");
+}
+BENCHMARK(BM_StreamerVsRawDirectRead)->Arg(0)->Arg(1)->UseManualTime()->Iterations(1)->Repetitions(5)
+    ->Unit(benchmark::kMillisecond);
+
 }  // namespace
 
-int main() {
-  std::string path = make_file();
-  std::vector<std::pair<const char*, llmcad::StreamerBackend>> backends{{"pread", llmcad::StreamerBackend::kPread}};
-  if (llmcad::io_uring_available()) backends.push_back({"io_uring", llmcad::StreamerBackend::kIoUring});
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   int status = 0;
   try {
-    raw_once(path);  // warm-up
-    for (const auto& [name, backend] : backends) {
-      std::vector<double> raw, streamed;
-      bool direct = false;
-      for (int r = 0; r < kRepeats; ++r) {  // interleaved so drift hits both alike
-        raw.push_back(raw_once(path));
-        streamed.push_back(stream_once(path, backend, &direct));
-      }
-      double s = median(streamed), b = median(raw);
-      std::printf("streamer %-8s direct=%d buffers=2 layer=32MiB: %.3f GB/s  raw O_DIRECT 4MiB: %.3f GB/s  ratio %.3f\n",
-                  name, direct, s / 1e9, b / 1e9, s / b);
-    }
+    raw_once(bench_file());  // warm-up: the file exists and the device is awake
+    benchmark::RunSpecifiedBenchmarks();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_streamer: %s\n", e.what());
     status = 1;
   }
-  std::remove(path.c_str());
+  benchmark::Shutdown();
+  std::remove(bench_file().c_str());
   return status;
 }
