@@ -644,5 +644,6 @@ def test_cli_serves_then_stops_cleanly_on_a_signal(pair, reference, streaming_bu
             proc.kill()
             proc.wait()
     reader.join(10)
+    proc.stderr.close()  # the pipe's reader is done (an open pipe would be a ResourceWarning)
     log += [lines.get_nowait() for _ in range(lines.qsize())]
     assert not any("Traceback" in line for line in log), "".join(log)
