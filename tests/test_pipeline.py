@@ -175,8 +175,9 @@ def test_unrelated_draft_drops_every_provisional_token_hand_worked(tiny_pair_dir
 
 
 def test_partly_agreeing_draft_counts_add_up(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets):
-    # llama: its half-depth draft agrees with the target on some passes and not on others
-    with streamed_engine(tiny_pair_dirs, budgets, "shared", family="llama", lockstep=True,
+    # llama: its half-depth draft agrees with the target on some passes and not on others; the paper's
+    # rule drafts main-path provisional tokens, so whole runs of them are kept or dropped
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", family="llama", lockstep=True, alpha_rule="paper",
                          max_provisional_tokens=3) as engine:
         ids, want = expected_tokens(tiny_models, tiny_tokenizer, "llama")
         result = generate(engine, ids, NEW_TOKENS)

@@ -88,9 +88,12 @@ class Running:
     def __init__(self, server, worker, thread):
         self.server, self.worker, self.thread = server, worker, thread
         self.url = f"http://127.0.0.1:{server.port}"
+        self.clients = []  # closed when the server stops (an open connection is a ResourceWarning)
 
     def client(self, timeout=CLIENT_TIMEOUT_S) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+        self.clients.append(client)
+        return client
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -125,9 +128,12 @@ def running_server(load, max_queue=4, wait_ready=True):
     assert server.started, "the server did not start"
     if wait_ready:
         assert worker.ready.wait(60) and worker.state == "ready", worker.load_error
+    running = Running(server, worker, thread)
     try:
-        yield Running(server, worker, thread)
+        yield running
     finally:
+        for client in running.clients:
+            client.close()
         server.should_exit = True
         thread.join(60)
         assert not thread.is_alive(), "the server did not stop"
