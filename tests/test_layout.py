@@ -97,8 +97,9 @@ def test_typing_stubs_describe_the_extension():
     assert methods == {name for name in dir(ext.Streamer) if not name.startswith("_")}
 
 
-CUDA_ONLY = {"cuda_device_integrated", "cuda_tree_depths", "cuda_tree_positions", "cuda_tree_mask",
-             "cuda_tree_mask_packed", "cuda_tree_paths", "cuda_tree_accept", "cuda_commit_gather_indices"}
+CUDA_ONLY = {"cuda_device_count", "cuda_debug_checks", "cuda_device_integrated", "cuda_tree_depths",
+             "cuda_tree_positions", "cuda_tree_mask", "cuda_tree_accept", "cuda_commit_gather_indices"}
+
 
 
 def test_comments_cite_no_issue_numbers():
