@@ -76,9 +76,10 @@ arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | he
 [ -n "$arch" ] || arch=$("$python" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 arch=${arch:-90}
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
-echo "== $(date -u +%FT%TZ) GPU: ${gpu:-unknown} (sm_$arch); $("$python" -c 'import sys, torch, transformers
+header="$(date -u +%FT%TZ) GPU: ${gpu:-unknown} (sm_$arch); $("$python" -c 'import sys, torch, transformers
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "transformers", transformers.__version__)' 2>&1)"
+echo "== $header"
 
 build() {
   LLMCAD_CUDA=ON "$python" -m pip install -q --no-build-isolation --no-deps \
@@ -126,6 +127,9 @@ for name in build ctest-cuda memcheck pytest bench; do
   [ -f "$work/$name.log" ] && { echo "===== $name"; cat "$work/$name.log"; }
 done >"$out/stages.log"
 
-"$python" scripts/device_table.py "$out" "${rows[@]}" | tee "$out/table.md"
+{
+  echo "$header"
+  "$python" scripts/device_table.py "$out" "${rows[@]}"
+} | tee "$out/table.md"
 echo "total $((SECONDS - start))s; files in $out"
 rm -rf "$work"
