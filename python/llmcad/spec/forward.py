@@ -36,7 +36,7 @@ def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_kee
     ids = _long_on(input_ids, device).view(1, -1)
     positions = _long_on(position_ids, device).view(1, -1)
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
+        out = model(input_ids=ids, attention_mask=_on(mask, device), position_ids=positions, use_cache=True,
                     logits_to_keep=logits_to_keep, **cache_kwargs(model, cache))
     return out.logits[0].float()
 
@@ -44,8 +44,18 @@ def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_kee
 def _long_on(values, device) -> torch.Tensor:
     """int64 ``values`` on ``device``; host lists go up without a host sync (pinned, non-blocking)."""
     if isinstance(values, torch.Tensor):
-        return values.to(device=device, dtype=torch.long)
+        return _on(values.to(torch.long), device)
     return tree.host_to_device(np.asarray(values, dtype=np.int64), device)
+
+
+def _on(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor goes to a CUDA device without a host sync (pinned staging)."""
+    device = torch.device(device)
+    if t.device == device or t.device.type == device.type == "cuda":
+        return t.to(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device):
