@@ -239,7 +239,9 @@ def test_greedy_completion_equals_generate(server, reference):
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (prompt_tokens, len(want.tokens))
     assert got.usage.total_tokens == prompt_tokens + len(want.tokens)
     stats = got.usage.model_extra["llmcad"]
-    assert stats["generated_tokens"] == len(want.tokens) and stats["target_passes"] == want.stats["target_passes"]
+    # pass counts depend on measured timings (the cost rule), so only their consistency is checked
+    assert stats["generated_tokens"] == len(want.tokens) and stats["target_passes"] >= 1
+    assert stats["tokens_per_pass"] == pytest.approx(stats["generated_tokens"] / stats["target_passes"])
     assert {"tokens_per_pass", "bytes_read", "tokens_per_s"} <= set(stats)
     # a prompt given as token ids is the same request
     ids = reference.tokenizer(PROMPT)["input_ids"]
