@@ -3,6 +3,7 @@ mode (resident and streamed) against the quantized target's own greedy and seede
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from llmcad.models import quantize as quant
 from llmcad.models.loading import load_causal_lm
 from llmcad.models.prepare import prepare
 from llmcad.spec.policy import make_policy
-from llmcad.streaming.quantized import QuantizedLinear, cpu_int4_layout
+from llmcad.streaming.quantized import QuantizedLinear, _cpu_block_rows, cpu_int4_layout
 from llmcad.streaming.weights import load_index
 
 SCHEMES = [("int8", None), ("int4", 32)]
@@ -99,11 +100,21 @@ def test_int8_per_channel_error_bound():
     assert (err <= packed["scales"][:, None] / 2 + 1e-6).all()
 
 
-def test_cpu_int4_layout_by_blocks_equals_one_conversion():
-    torch.manual_seed(2)
-    q = torch.randint(0, 16, (1040, 64), dtype=torch.uint8)  # 1024 + a 16-row tail
-    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    assert torch.equal(cpu_int4_layout(quant.pack_nibbles(q)), whole.view(torch.uint8).reshape(1040, 32))
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 144, 1040])
+def test_cpu_int4_layout_equals_torchs_conversion_op(rows):
+    """The vectorized rearrangement (and the blockwise op for tails) gives torch's own op's bytes."""
+    from llmcad.streaming.quantized import _convert_by_op
+
+    torch.manual_seed(rows)
+    q = torch.randint(0, 16, (rows, 96), dtype=torch.uint8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).view(torch.uint8)
+    assert torch.equal(cpu_int4_layout(quant.pack_nibbles(q)), whole.reshape(rows, 48))
+    assert torch.equal(_convert_by_op(quant.pack_nibbles(q)), whole.reshape(rows, 48))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="torch's x86 block widths (AVX2: 32, AVX-512: 64)")
+def test_this_cpu_uses_the_vectorized_rearrangement():
+    assert _cpu_block_rows() in (32, 64)
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES + [("int4", 64)])
@@ -277,3 +288,44 @@ def test_int4_sampling_follows_the_quantized_targets_distribution(quantized_mode
     assert counts[~support].sum() == 0, "a token outside the target's top-k support was emitted"
     e, o = expected[support] * RUNS, counts[support]
     assert float(((o - e) ** 2 / e).sum()) < CHI2_CRITICAL_DF15_P001
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.cuda
+@_CUDA
+@pytest.mark.parametrize("scheme,group", SCHEMES + [("int4", 128)])
+def test_cuda_quantized_linear_matches_dequantized_weight(scheme, group):
+    torch.manual_seed(4)
+    n, k = 256, 256
+    w = torch.randn(n, k)
+    packed = quant.quantize_int8(w, torch.bfloat16) if scheme == "int8" else quant.quantize_int4(w, group, torch.bfloat16)
+    layer = QuantizedLinear(k, n, bias=False, scheme=scheme, group_size=group, dtype=torch.bfloat16, device="cuda")
+    for name, t in packed.items():
+        getattr(layer, name).data = t.cuda()
+    reference = quant.dequantize(packed, scheme, group)
+    for packed_once in (False, True):
+        if packed_once:
+            layer.pack()
+        for rows in AWKWARD_ROWS:
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            want = x.float() @ reference.T
+            got = layer(x.cuda()).float().cpu()
+            assert (got - want).abs().max() < 0.05 * want.abs().max(), (rows, packed_once)
+
+
+@pytest.mark.cuda
+@_CUDA
+@pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+def test_cuda_every_mode_equals_the_quantized_targets_greedy_output(quantized_dirs, tiny_pair_dirs, tiny_tokenizer,
+                                                                    scheme):
+    target = load_causal_lm(quantized_dirs("qwen2", scheme), device="cuda")
+    draft = load_causal_lm(tiny_pair_dirs("qwen2")["shared"], device="cuda")
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    x = torch.tensor([ids], device="cuda")
+    expected = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                               do_sample=False)[0, len(ids):].tolist()
+    for mode, options in MODE_OPTIONS:
+        eng = LLMCad(draft, target, tiny_tokenizer, make_policy(mode, **options))
+        assert eng.generate(PROMPT, NEW_TOKENS).tokens == expected, (scheme, mode, options)

@@ -19,6 +19,8 @@ Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.ben
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llmcad.errors import ModelLoadError
@@ -99,8 +101,38 @@ class QuantizedLinear(torch.nn.Module):
 
 
 def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Stored nibbles uint8 [N, K/2] -> the CPU int4 kernel's layout (uint8 [N, K/2]), by torch's own
-    conversion op, a block of rows at a time (the layout is blocked along N, so blocks concatenate)."""
+    """Stored nibbles uint8 [N, K/2] -> the CPU int4 kernel's layout (uint8 [N, K/2]).
+
+    torch's conversion op wants one int32 per value and runs a scalar loop (about 5 ns a weight here),
+    which would dominate a streamed pass. Its layout is blocked along N: per block of B rows (B = 4x the
+    CPU's float vector width), byte (k, j) holds rows j and j + B/2 at column k. Full blocks are therefore
+    rearranged with a few vectorized tensor ops, for the block width that reproduces torch's own op on a
+    probe (:func:`_cpu_block_rows`); the tail rows, or everything when no width matches, go through the op.
+    """
+    n, half = qweight.shape
+    block = _cpu_block_rows()
+    full = n - n % block if block else 0
+    out = torch.empty_like(qweight)
+    if full:
+        out[:full] = _rearrange_blocks(qweight[:full], block)
+    if full < n:
+        out[full:] = _convert_by_op(qweight[full:])
+    return out
+
+
+def _rearrange_blocks(qweight: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows in blocks of ``block``: out[b, m, 0|1, j] = (row j | row j + block/2 << 4) at column 2m | 2m+1."""
+    n, half = qweight.shape
+    blocks = qweight.view(n // block, 2, block // 2, half)
+    low, high = blocks[:, 0], blocks[:, 1]  # the rows that go to the low / high nibble
+    out = torch.empty((n // block, half, 2, block // 2), dtype=torch.uint8)
+    out[:, :, 0, :] = ((low >> 4) | (high & 0xF0)).transpose(1, 2)  # even columns (stored high nibbles)
+    out[:, :, 1, :] = ((low & 0x0F) | (high << 4)).transpose(1, 2)  # odd columns (stored low nibbles)
+    return out.view(n, half)
+
+
+def _convert_by_op(qweight: torch.Tensor) -> torch.Tensor:
+    """torch's own conversion, a block of rows at a time (the layout is blocked along N)."""
     n, half = qweight.shape
     out = torch.empty_like(qweight)
     codes = torch.empty((min(n, _CONVERT_ROWS), 2 * half), dtype=torch.int32)
@@ -111,6 +143,21 @@ def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
         c[:, 1::2] = rows & 0x0F
         out[start:start + rows.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c, 1).view(rows.shape)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_block_rows() -> int | None:
+    """The block width whose rearrangement equals torch's conversion op on this CPU (None: none does)."""
+    from llmcad.models.quantize import pack_nibbles
+
+    codes = torch.randint(0, 16, (2 * 64 + 16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_nibbles(codes)
+    want = _convert_by_op(packed)
+    for block in (64, 32):
+        full = codes.shape[0] - codes.shape[0] % block
+        if torch.equal(_rearrange_blocks(packed[:full], block), want[:full]):
+            return block
+    return None
 
 
 def _inner_k_tiles(k: int) -> int:
