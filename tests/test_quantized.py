@@ -329,3 +329,20 @@ def test_cuda_every_mode_equals_the_quantized_targets_greedy_output(quantized_di
     for mode, options in MODE_OPTIONS:
         eng = LLMCad(draft, target, tiny_tokenizer, make_policy(mode, **options))
         assert eng.generate(PROMPT, NEW_TOKENS).tokens == expected, (scheme, mode, options)
+
+
+def test_bench_pass_variants_report_ratios_against_the_base(quantized_dirs, tiny_pair_dirs, capsys):
+    from llmcad.cli import main
+
+    assert main(["bench", "pass", "--target", str(tiny_pair_dirs("qwen2")["target"]), "--variant",
+                 f"int8={quantized_dirs('qwen2', 'int8')}", "--variant", f"int4={quantized_dirs('qwen2', 'int4')}",
+                 "--cap", "50MB/s", "--repeats", "1", "--tree-nodes", "4", "--prefix", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    records = {(r["setting"], r["variant"]): r for r in report["records"]}
+    assert set(records) == {(s, v) for s in ("native", "cap50") for v in ("fp32", "int8", "int4")}
+    for setting in ("native", "cap50"):
+        assert records[(setting, "fp32")]["bytes_ratio"] == 1.0
+        assert records[(setting, "int4")]["bytes_ratio"] < records[(setting, "int8")]["bytes_ratio"] < 0.3
+        assert records[(setting, "int4")]["quantize"] == "int4" and records[(setting, "int4")]["layout_s"] > 0
+        assert records[(setting, "int8")]["layout_s"] == 0
+    assert records[("cap50", "int4")]["cap"] == 50e6

@@ -39,10 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                        help="also measure this target (e.g. int4=DIR from prepare --quantize) in the same run, "
+                        "with ratios against --target (see llmcad.bench.pass_variants)")
+    parser.add_argument("--cap", default=None, metavar="RATE",
+                        help="with --variant: add a setting with the streamer capped at RATE, e.g. 300MB/s")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
+    if args.variant or args.cap:
+        from llmcad.bench.pass_variants import run_variants
+
+        return run_variants(args)
     result = measure(args.target, memory_budget=args.memory_budget, tree_nodes=args.tree_nodes,
                      prefix_len=args.prefix, repeats=args.repeats, num_buffers=args.num_buffers,
                      backend=args.backend, dtype=args.dtype, seed=args.seed)
@@ -57,8 +66,9 @@ def run(args) -> int:
 
 
 def measure(target, *, memory_budget=None, tree_nodes=32, prefix_len=64, repeats=5, num_buffers=2,
-            backend="auto", dtype=None, seed=0) -> dict:
-    """Median wall/io/compute seconds of a cold tree pass; see the module docstring."""
+            backend="auto", dtype=None, seed=0, bandwidth_cap=None) -> dict:
+    """Median wall/io/compute seconds of a cold tree pass; see the module docstring.
+    ``bandwidth_cap``: bytes/s for the streamer (None: uncapped)."""
     if tree_nodes < 1 or repeats < 1:
         raise ValueError("--tree-nodes and --repeats must be >= 1")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -66,7 +76,7 @@ def measure(target, *, memory_budget=None, tree_nodes=32, prefix_len=64, repeats
     budget = memory_budget if memory_budget is not None else 1 << 50
     placement = plan_placement(index, memory_budget=budget, dtype=dtype, num_buffers=num_buffers,
                                max_resident_layers=None if memory_budget is not None else 0)
-    options = {"backend": backend}
+    options = {"backend": backend, "bandwidth_cap": bandwidth_cap}
     resident = load_streamed_target(target, placement=resident_placement(index), dtype=dtype).model
     streamed = load_streamed_target(target, placement=placement, dtype=dtype, streamer_options=options)
     try:
