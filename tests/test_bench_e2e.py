@@ -253,3 +253,23 @@ def test_append_replaces_rows_of_the_same_setting_only():
     assert merged["commands"] == ["a", "b"]
     assert [(r["setting"], r["v"]) for r in merged["rows"]] == [("native", 1), ("cap300", 2)]
     assert merged["bandwidth"]["floor_bps"] == {"native": 1, "cap300": 3}
+
+
+def test_quantized_rows_run_on_prepared_targets(tiny_pair, tmp_path):
+    draft, target = tiny_pair
+    argv = ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(tmp_path),
+            "--rows", "target-only,llmcad", "--quantize", "int8,int4", "--max-new-tokens", "6",
+            "--warmup-tokens", "2", "--in-process"]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["target-only", "llmcad", "target-only-int8", "llmcad-int8", "target-only-int4",
+                          "llmcad-int4"]
+    assert [rows[n]["quantize"] for n in rows] == [None, None, "int8", "int8", "int4", "int4"]
+    assert all(r["error"] is None for r in rows.values())
+    for scheme in ("int8", "int4"):
+        # each quantized llmcad row is lossless against its own quantized target-only row
+        assert rows[f"llmcad-{scheme}"]["tokens"] == rows[f"target-only-{scheme}"]["tokens"]
+        assert rows[f"llmcad-{scheme}"]["bytes_read"] / rows[f"llmcad-{scheme}"]["target_passes"] < \
+            rows["llmcad"]["bytes_read"] / rows["llmcad"]["target_passes"] / 2
+    assert (tmp_path / "quantized-target-int4" / "config.json").is_file()

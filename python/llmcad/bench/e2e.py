@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmcad.bench import quant_rows
 from llmcad.errors import LLMCadError, PromptError
 
 
@@ -75,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only-cap", action="store_true", help="run the capped setting only")
     p.add_argument("--max-new-tokens-baseline", type=int, default=None,
                    help="tokens per prompt for the target-only row (default: --max-new-tokens)")
+    p.add_argument("--quantize", default=None, metavar="SCHEMES",
+                   help="add <row>-int8 / <row>-int4 rows (llmcad rows on the target prepared with --quantize), "
+                   "e.g. int8,int4")
     p.add_argument("--rows", default=None, help="run only these rows (comma-separated names)")
     p.add_argument("--row-option", action="append", default=[], metavar="ROW.KEY=VALUE",
                    help="set an engine option of a row, VALUE as JSON (e.g. tree+fallback.prefetch=false)")
@@ -134,9 +138,13 @@ def make_plan(args) -> dict:
         raise ValueError("--only-cap needs --cap RATE")
     max_new = args.max_new_tokens or (12 if args.tiny else 128)
     chain_k = parse_ints(args.chain_k or ("2,4" if args.tiny else "4,6,8"), "--chain-k")
+    rows = select_rows(args, chain_k)
+    schemes = quant_rows.parse_schemes(getattr(args, "quantize", None))
+    rows += quant_rows.quantized_rows(rows, schemes)
+    quantized = quant_rows.prepare_targets(target, schemes, Path(args.out)) if schemes else {}
     return {"command": command_line(), "draft": str(draft), "target": str(target), "prompt_ids": ids,
-            "prompt_labels": labels, "memory_budget": str(budget), "settings": settings,
-            "rows": select_rows(args, chain_k), "max_new_tokens": max_new, "dtype": args.dtype,
+            "quantized_targets": quantized, "prompt_labels": labels, "memory_budget": str(budget), "settings": settings,
+            "rows": rows, "max_new_tokens": max_new, "dtype": args.dtype,
             "device": args.device, "seed": args.seed, "warmup_tokens": min(args.warmup_tokens, max_new),
             "evict_interval_s": args.evict_interval_ms / 1e3, "row_timeout": args.row_timeout,
             "in_process": args.in_process, "copy_target": args.copy_target,
@@ -400,7 +408,8 @@ def spawn_row(plan: dict, row: Row, setting: tuple, work: Path, index: int) -> d
     with ``error`` set when it failed."""
     name, cap = setting
     job = {key: plan[key] for key in ("draft", "target", "prompt_ids", "memory_budget", "max_new_tokens", "dtype",
-                                      "device", "seed", "warmup_tokens", "evict_interval_s", "threads")}
+                                      "device", "seed", "warmup_tokens", "evict_interval_s", "threads",
+                                      "quantized_targets")}
     job.update(row=asdict(row), setting=name, cap=cap, offload_folder=str(work / f"offload-{index}"))
     if row.options.get("mode") == "target-only":
         job["max_new_tokens"] = plan["max_new_tokens_baseline"]

@@ -22,7 +22,7 @@ JSON_KEYS = ("name", "setting", "tokens_per_s", "ratio_vs_target_only", "tokens_
 
 def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     """The metrics of one row from its raw record; ratio and agreement are filled by :func:`compare`."""
-    row = {k: raw.get(k) for k in ("name", "setting", "options", "placement", "evictor", "error")}
+    row = {k: raw.get(k) for k in ("name", "setting", "options", "quantize", "placement", "evictor", "error")}
     row.update(ratio_vs_target_only=None, agreement=None, peak_rss_bytes=raw.get("peak_rss_bytes"),
                cached_after_evict_bytes=(raw.get("evictor") or {}).get("max_cached_after_evict_bytes"))
     generated, seconds, passes = raw.get("generated", 0), raw.get("seconds", 0.0), raw.get("passes", 0)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmcad.bench import quant_rows
+
 
 def main(argv=None) -> int:
     """``python -m llmcad.bench.rows JOB OUT``: measure one row and write its raw record."""
@@ -28,9 +30,10 @@ def row_record(job: dict) -> dict:
     import gc
 
     row = job["row"]
-    record = {"name": row["name"], "setting": job["setting"], "options": row["options"], "error": None}
+    record = {"name": row["name"], "setting": job["setting"], "options": row["options"],
+              "quantize": row["options"].get("quantize"), "error": None}
     try:
-        record.update(measure_row(job))
+        record.update(measure_row(quant_rows.resolve_job(job)))
     except Exception as exc:  # a failed row is reported; the other rows still run
         record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         print(f"  row failed: {record['error']}", file=sys.stderr, flush=True)
