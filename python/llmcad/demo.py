@@ -21,6 +21,7 @@ DEFAULT_CHAT_PROMPT = ("Write a Python function quicksort(items: list[int]) -> l
                        "with the items sorted in ascending order, using quicksort. Reply with the code only.")
 DEFAULT_BUDGET = "2.5GiB"  # below draft + target in bf16 (about 4.8 GB): most target layers stream
 MODES = ("llmcad", "tree", "chain", "target-only")
+DEFAULT_QUANTIZE = "none"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default=DEFAULT_QUANTIZE,
+                   help=f"stream the target as int8 or int4 weights, prepared once into the cache (default "
+                   f"{DEFAULT_QUANTIZE}; see the README's quantization section)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
     except (LLMCadError, OSError) as exc:
         return _fail(f"could not get the real pair: {_one_line(exc)}", hint=MANUAL_HELP)
     from llmcad.cli import quiet_transformers
+
+    if args.quantize != "none":
+        try:
+            target = _quantized(target, args.quantize)
+        except (LLMCadError, OSError) as exc:
+            return _fail(f"could not prepare the {args.quantize} target: {_one_line(exc)}")
     from llmcad.engine import LLMCad
     from llmcad.progress import step
 
@@ -76,6 +86,18 @@ def run(args: argparse.Namespace) -> int:
     _write("\n")
     print(stats_table(result.stats, engine.placement, args.mode))
     return 0
+
+
+def _quantized(target, scheme: str):
+    """The target prepared with ``scheme``, cached under $LLMCAD_HOME/quantized (made on first use)."""
+    from pathlib import Path
+
+    from llmcad.models.fetch import cache_dir
+    from llmcad.models.quantize import quantized_copy
+
+    dest = cache_dir() / "quantized" / f"{Path(target).resolve().name}-{scheme}"
+    print(f"llmcad demo: {scheme} target in {dest}", file=sys.stderr)
+    return quantized_copy(target, scheme, dest)
 
 
 def _check_input(args, budget) -> None:

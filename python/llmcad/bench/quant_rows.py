@@ -6,7 +6,6 @@ and scheme match), and the row process swaps that directory in for the target (:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SCHEMES = ("int8", "int4")
@@ -30,28 +29,10 @@ def quantized_rows(rows: list, schemes: list) -> list:
 
 def prepare_targets(target, schemes: list, out: Path) -> dict:
     """scheme -> directory of the target prepared with that scheme (reused when already there)."""
-    from llmcad.models.prepare import prepare
-    from llmcad.models.quantize import CONFIG_KEY
+    from llmcad.models.quantize import quantized_copy
 
-    from llmcad.streaming.weights import load_index
-
-    layer = load_index(target).layers[0]
-    dtype = str(next(t.torch_dtype for t in layer if t.torch_dtype.is_floating_point))
-    inputs = {t.shape[1] for t in layer if len(t.shape) == 2}
-    group = next((g for g in (128, 64, 32) if all(k % g == 0 for k in inputs)), 32)  # tiny models: < 128
-    dirs = {}
-    for scheme in schemes:
-        dest = Path(out) / f"quantized-target-{scheme}"
-        stamp = dest / "llmcad-source.json"
-        source = {"source": str(Path(target).resolve()), "scheme": scheme, "group_size": group}
-        config = dest / "config.json"
-        if not (stamp.is_file() and json.loads(stamp.read_text()) == source and config.is_file()
-                and CONFIG_KEY in json.loads(config.read_text())):
-            prepare(target, dest, dtype.replace("torch.", ""), quantize=scheme,
-                    group_size=group if scheme == "int4" else None)
-            stamp.write_text(json.dumps(source))
-        dirs[scheme] = str(dest)
-    return dirs
+    return {scheme: str(quantized_copy(target, scheme, Path(out) / f"quantized-target-{scheme}"))
+            for scheme in schemes}
 
 
 def resolve_job(job: dict) -> dict:
