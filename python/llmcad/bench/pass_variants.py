@@ -5,6 +5,7 @@ target is measured (see :mod:`llmcad.bench.pass_bench`) natively and, with ``--c
 capped; every figure also appears as a ratio against ``--target`` in the same setting. The breakdown
 adds ``layout_s``: converting the streamed int4 weights to the CPU kernel's layout, which a streamed
 pass pays on top of the resident ``compute_s``; ``bound`` says which side dominates the pass.
+Nothing outside llmcad.bench imports this module.
 """
 from __future__ import annotations
 

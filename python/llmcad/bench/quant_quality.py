@@ -9,6 +9,7 @@ For the base (``--base``, e.g. the bf16 target) and each ``--variant NAME=DIR`` 
   (problems ``--ppl-problems``, disjoint from the benchmark prompts), the first ``--ppl-tokens`` tokens,
   in non-overlapping windows of ``--window`` tokens.
 Models are resident (one at a time), in the checkpoint's dtype.
+Nothing outside llmcad.bench imports this module.
 """
 from __future__ import annotations
 

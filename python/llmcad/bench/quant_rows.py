@@ -3,6 +3,7 @@
 Each llmcad (engine) row gets a copy per scheme whose options carry ``quantize``; the run prepares the
 target once per scheme (``llmcad prepare --quantize``, kept under ``--out`` and reused while its source
 and scheme match), and the row process swaps that directory in for the target (:func:`resolve_job`).
+Nothing outside llmcad.bench imports this module.
 """
 from __future__ import annotations
 

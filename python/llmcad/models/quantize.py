@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llmcad.errors import ModelLoadError, WeightFileError
-from llmcad.streaming.quantized import CONFIG_KEY, GROUP_SIZES, SCHEMES
+from llmcad.streaming.quantized import CONFIG_KEY, GROUP_SIZES, SCHEMES, pack_nibbles, unpack_nibbles
 
 DEFAULT_GROUP_SIZE = 128
 _INT8_MAX = 127
@@ -54,16 +54,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype) -> dict:
     q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, _INT4_MAX)
     return {"qweight": pack_nibbles(q.to(torch.uint8).reshape(n, k)), "scales": scales.contiguous(),
             "zeros": zeros.contiguous()}
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] of values 0..15 -> uint8 [N, K/2], even k in the high nibble."""
-    return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> uint8 [N, K] (inverse of :func:`pack_nibbles`)."""
-    return torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1)
 
 
 def dequantize(tensors: dict, scheme: str, group_size: int | None = None) -> torch.Tensor:

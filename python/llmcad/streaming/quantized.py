@@ -100,6 +100,16 @@ class QuantizedLinear(torch.nn.Module):
         return y.to(x.dtype)
 
 
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of values 0..15 -> the stored uint8 [N, K/2], even k in the high nibble."""
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] (inverse of :func:`pack_nibbles`)."""
+    return torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1)
+
+
 def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
     """Stored nibbles uint8 [N, K/2] -> the CPU int4 kernel's layout (uint8 [N, K/2]).
 
@@ -148,8 +158,6 @@ def _convert_by_op(qweight: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def _cpu_block_rows() -> int | None:
     """The block width whose rearrangement equals torch's conversion op on this CPU (None: none does)."""
-    from llmcad.models.quantize import pack_nibbles
-
     codes = torch.randint(0, 16, (2 * 64 + 16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     packed = pack_nibbles(codes)
     want = _convert_by_op(packed)
