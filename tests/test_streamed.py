@@ -324,13 +324,13 @@ def test_bench_pass_runs_on_a_tiny_model(checkpoints):
 KV_TOKENS = 64  # prompt + 16 new tokens + a tree: the cache positions these tests budget for
 
 
-def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model):
+def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False):
     """What llmcad.models.loading._load_target does with a budget (the wiring handed to the engine)."""
     from llmcad.models.loading import load_causal_lm, resolve_dtype
     from llmcad.streaming.streamed import load_budgeted_target
 
     if memory_budget is None:
-        return load_causal_lm(target, device=device, dtype=dtype), None
+        return load_causal_lm(target, device=device, dtype=dtype, mmap=mmap), None
     streamed = load_budgeted_target(target, memory_budget=memory_budget, draft_model=draft_model,
                                     dtype=resolve_dtype(dtype), device=device, kv_tokens=KV_TOKENS)
     return streamed.model, streamed

@@ -215,10 +215,9 @@ def run_generate(args) -> int:
         result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
                                  streamer=None if args.json else _stdout_writer, **sampling_options(args))
     if args.json:
-        print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}))
+        _write(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}) + "\n")
     else:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        _write("\n")
         if not args.quiet:
             print(summary(result.stats, load_s), file=sys.stderr)
     return 0
@@ -272,6 +271,9 @@ def main(argv=None) -> int:
         return dispatch(argv)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as head expects
+        _silence_stdout()
+        return 0
     except (LLMCadError, ValueError, OSError, ImportError) as exc:
         _error(" ".join(str(exc).split()) or type(exc).__name__)
         return 2
@@ -286,8 +288,26 @@ def main(argv=None) -> int:
 
 
 def _stdout_writer(text: str) -> None:
+    _write(text)
+
+
+def _write(text: str) -> None:
+    """Text to stdout, flushed; nothing when stdout is closed (``>&-``). A reader that went away
+    raises BrokenPipeError, which main() turns into a quiet exit."""
+    if sys.stdout is None:
+        return
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot complain about the pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -2,15 +2,19 @@
 drafts provisionally, when pipelined), commit the accepted path, repeat."""
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from llmcad.spec import kv
 from llmcad.spec.draft import DraftTree, TreeDrafter
-from llmcad.errors import EngineClosedError, PromptError
+from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
 from llmcad.spec.policy import POLICIES, Policy, make_policy
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
@@ -63,13 +67,16 @@ class LLMCad:
             policy, pipeline, prefetch, max_provisional_tokens)
         self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
         self.eos_token_ids = _eos_ids(target)
-        self._draft_kv_positions = _budgeted_kv_positions(draft, target, placement)
+        self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
         self._closed = False
+        self._generating = threading.Lock()  # one generate at a time; others wait their turn
+        # an engine dropped without close() still releases the streamed target's files, buffers, threads
+        self._finalizer = weakref.finalize(self, _release_streamed, streamed)
 
     @classmethod
     def from_pretrained(cls, draft, target, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
-                        streamer_options=None, **policy_options) -> "LLMCad":
+                        streamer_options=None, mmap=False, **policy_options) -> "LLMCad":
         """Load a draft/target pair (local HF directories or hub ids).
 
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
@@ -78,7 +85,9 @@ class LLMCad:
         llmcad.spec.policy). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
         ``memory_budget``: None keeps the target resident. ``dtype``: None keeps the checkpoint's.
         ``streamer_options``: WeightStreamer keyword arguments for a streamed target (e.g.
-        ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``).
+        ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``). ``mmap``: map the draft's and a
+        resident target's weight files instead of reading them into memory the engine owns: faster to
+        load, but truncating a mapped file kills the process (SIGBUS) and editing it changes the outputs.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
@@ -87,7 +96,7 @@ class LLMCad:
         if streamer_options and memory_budget is None:
             raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
-        pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, **extra)
+        pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap, **extra)
         return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
                    pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
 
@@ -95,8 +104,7 @@ class LLMCad:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
         EngineClosedError. Safe to call twice; a resident target has nothing to release."""
         self._closed = True
-        if self.streamed is not None:
-            self.streamed.close()
+        self._finalizer()
 
     def __enter__(self) -> "LLMCad":
         return self
@@ -123,10 +131,22 @@ class LLMCad:
         or a callable receiving text deltas of the generated text as tokens are committed.
         ``trace``: a file path; the timeline (IO, target compute, draft, verify/commit lanes) is written
         there as Chrome trace-event JSON (Perfetto, chrome://tracing; ``llmcad trace-plot`` draws it).
+
+        Calls from several threads on one engine run one after the other. With a memory budget, the KV
+        caches stay within what the budget leaves them: generation stops with stop reason
+        "memory_budget" before a round could exceed it.
         """
+        with self._generating:
+            return self._generate(prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, streamer=streamer, trace=trace)
+
+    def _generate(self, prompt, max_new_tokens, *, do_sample, temperature, top_k, top_p, seed, stop, streamer,
+                  trace) -> GenerationResult:
         if self._closed:
             raise EngineClosedError("this LLMCad engine was closed")
+        _check_trace_path(trace)
         ids = self._encode(prompt)
+        self._check_kv_room(len(ids))
         chooser = TargetChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         output = _Output(self.tokenizer, self.eos_token_ids, _check_max_new(max_new_tokens), _stops(stop),
                          _check_streamer(streamer), room=self.context_length - len(ids))
@@ -137,6 +157,8 @@ class LLMCad:
             root = ids[-1]
             while not output.done:
                 root = run.round(root)
+                if not output.done and run.kv_budget_reached():
+                    output.stop("memory_budget")
         output.close()
         stats = run.record.finish(len(output.tokens), run.drafter.steps if run.drafter else 0, output.reason,
                                   run.pipeline_stats())
@@ -150,6 +172,7 @@ class LLMCad:
         elif isinstance(prompt, str):
             if not prompt:
                 raise PromptError("prompt is empty")
+            _check_utf8(prompt)
             ids = list(self.tokenizer(prompt)["input_ids"])
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
             ids = [int(t) for t in prompt]
@@ -166,6 +189,13 @@ class LLMCad:
             raise PromptError(f"prompt has {len(ids)} tokens; the models' context is {self.context_length} "
                               "positions, which leaves no room to generate")
         return ids
+
+    def _check_kv_room(self, prompt_tokens: int) -> None:
+        positions = self._draft_kv_positions
+        if positions is not None and prompt_tokens + self.policy.max_tree_tokens > positions:
+            raise BudgetError(f"the prompt's {prompt_tokens} tokens plus one verification round "
+                              f"({self.policy.max_tree_tokens} positions) need more KV cache than the memory "
+                              f"budget leaves ({positions} positions per model); raise memory_budget")
 
 
 class _Run:
@@ -278,6 +308,15 @@ class _Run:
         """Draft tokens below the next root that the next tree may hold."""
         return min(self.policy.max_depth, self.policy.max_tree_tokens - 1, self._remaining() - 1)
 
+    def kv_budget_reached(self) -> bool:
+        """Whether the next round could push a KV cache past the positions the memory budget left it:
+        while verifying, each model holds the committed prefix plus a whole tree (root included); the
+        draft's provisional tokens are capped to what is left (see _provisional_limit)."""
+        positions = self.engine._draft_kv_positions
+        if positions is None:
+            return False
+        return kv.cache_length(self.verifier.cache) + self.policy.max_tree_tokens > positions
+
     def _span(self, name: str, **args):
         return self.tracer.span("verify", name, **args) if self.tracer is not None else nullcontext()
 
@@ -324,6 +363,9 @@ class _Output:
             return "stop"
         return None
 
+    def stop(self, reason: str) -> None:
+        self.done, self.reason = True, reason
+
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
@@ -346,6 +388,33 @@ class _Output:
         if delta:
             self._sent_text = text
             self.streamer(delta)
+
+
+def _release_streamed(streamed) -> None:
+    if streamed is not None:
+        streamed.close()
+
+
+def _check_utf8(prompt: str) -> None:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"prompt is not valid UTF-8 text (undecodable byte(s) at character {exc.start}; "
+                          "e.g. a command-line argument in another encoding)") from None
+
+
+def _check_trace_path(trace) -> None:
+    """OutputError now, not after the whole generation, when the trace file cannot be written."""
+    if trace is None:
+        return
+    path = Path(trace)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"trace={str(trace)!r}: is a directory, not a file")
+    if not parent.is_dir():
+        raise OutputError(f"trace={str(trace)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise OutputError(f"trace={str(trace)!r}: not writable (permission denied)")
 
 
 def _eos_ids(model) -> set:
@@ -409,10 +478,13 @@ def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):
 
 
 def _budgeted_kv_positions(draft, target, placement):
-    """KV positions the memory budget reserved per cache (placement accounting), None without one."""
-    kv_bytes = (getattr(placement, "accounting", None) or {}).get("kv_caches") if placement is not None else None
+    """KV positions the memory budget leaves each cache: the reservation (placement accounting) plus
+    whatever the budget has to spare; None without a budget."""
+    accounting = (getattr(placement, "accounting", None) or {}) if placement is not None else {}
+    kv_bytes = accounting.get("kv_caches")
     if not kv_bytes:
         return None
+    kv_bytes += max(0, accounting.get("spare", 0))
     from llmcad.streaming.budget import kv_cache_bytes
 
     per_position = kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)

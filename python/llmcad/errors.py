@@ -31,3 +31,7 @@ class StreamerIOError(LLMCadError, OSError):
 
 class EngineClosedError(LLMCadError, RuntimeError):
     """The engine was closed (explicitly or after a fatal fault) and cannot generate."""
+
+
+class OutputError(LLMCadError, OSError):
+    """An output path (trace file, prepared model directory) cannot be written; the message says why."""

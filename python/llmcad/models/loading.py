@@ -5,6 +5,7 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, ll
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from llmcad.errors import ModelLoadError, TokenizerMismatchError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
 
 
 @dataclass
@@ -51,17 +54,24 @@ def resolve_device(device) -> torch.device:
 
 
 def _check_source(source) -> str:
-    """A local directory must exist and hold a config; anything else is tried as a hub id."""
+    """A local directory must exist and hold a config. Only an ``owner/name`` string with no such path
+    here is tried as a hub id; anything else that does not exist is reported at once."""
     text = str(source)
     path = Path(text).expanduser()
-    looks_local = path.is_absolute() or text.startswith((".", "~")) or path.exists() or text.count("/") > 1
-    if looks_local:
-        if not path.is_dir():
-            raise ModelLoadError(f"model directory {text!r} does not exist")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory {text!r} has no config.json (expected Hugging Face layout)")
-        return str(path)
-    return check_hub_id(text)
+    if not path.exists() and _looks_like_hub_id(text):
+        return check_hub_id(text)
+    if not path.is_dir():
+        where = "" if path.exists() else f" (looked in {path.absolute().parent})"
+        raise ModelLoadError(f"model directory {text!r} does not exist{where}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {text!r} has no config.json (expected Hugging Face layout)")
+    return str(path)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` whose owner is not a directory here (``models/x`` with ./models present is a path)."""
+    owner = text.partition("/")[0]
+    return bool(_HUB_ID.fullmatch(text)) and not Path(owner).exists()
 
 
 def check_sources(*sources) -> None:
@@ -101,48 +111,90 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         return False
 
 
-def load_causal_lm(source, *, device="cpu", dtype=None) -> torch.nn.Module:
-    """A decoder-only causal LM in eval mode; ``dtype=None`` keeps the checkpoint's dtype."""
+def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False) -> torch.nn.Module:
+    """A decoder-only causal LM in eval mode; ``dtype=None``: config.json's dtype, else the checkpoint's.
+
+    The weights are read into memory the model owns, so a checkpoint changed or truncated after
+    loading changes nothing. ``mmap=True`` maps the files instead (faster, less memory at load), at a
+    risk: truncating a mapped file kills the process with SIGBUS on the next forward, and editing it in
+    place silently changes the outputs.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from safetensors import SafetensorError
-
     where = _check_source(source)
-    if Path(where).is_dir():
-        check_checkpoint(where)
-        if _is_quantized(where):  # transformers cannot load llmcad's packed linears: build it ourselves
-            from llmcad.streaming.streamed import load_streamed_target
+    local = Path(where).is_dir()
+    config = check_checkpoint(where) if local else None
+    if local and _is_quantized(where):  # transformers cannot load llmcad's packed linears: build it ourselves
+        from llmcad.streaming.streamed import load_streamed_target
 
-            resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device))
-            resident.close()  # every layer is loaded: the weight files are no longer needed
-            return resident.model
+        resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device))
+        resident.close()  # every layer is loaded: the weight files are no longer needed
+        return resident.model
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
+        if local and not mmap and any(Path(where).glob("*.safetensors")):
+            model = _load_owned(where, config, resolve_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
+            if not mmap:
+                _own(model)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(f"cannot load model {str(source)!r}: {_one_line(exc)}") from exc
     _check_decoder_layers(model, source)
     return model.to(resolve_device(device)).eval()
 
 
-def check_checkpoint(directory) -> None:
-    """Fail early, with one clear line, on what transformers reports badly or late: every safetensors
-    header is read (truncated file, corrupt header, missing shard -> WeightFileError naming the file),
-    the architecture must have decoder layers in a ModuleList, and each stored tensor's shape must be
-    the one config.json describes (ModelLoadError naming the tensor). Nothing is loaded (meta device)."""
+def _load_owned(where, config, dtype) -> torch.nn.Module:
+    """from_pretrained on a state dict read tensor by tensor (peak memory: one copy of the weights)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from llmcad.streaming.weights import load_index, read_tensors
+
+    index = load_index(where)
+    state = read_tensors(index, list(index.tensors))
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or "auto")
+    del state
+    if (Path(where) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(where)
+    return model
+
+
+def _own(model) -> None:
+    """Replace every parameter and buffer by a copy in memory the model owns (hub downloads, .bin)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
+
+
+def check_checkpoint(directory):
+    """Fail early, with one clear line, on what transformers reports badly, late or not at all: every
+    safetensors header is read (truncated file, corrupt header, overlapping tensors, missing shard ->
+    WeightFileError naming the file), config.json's sizes must make sense, the architecture must have
+    decoder layers in a ModuleList, every parameter the model needs must be stored (or tied to a
+    stored one) with the shape config.json describes, and the weights must not hold more decoder
+    layers than the config (ModelLoadError naming the tensor or field). Nothing is loaded (meta
+    device). Returns the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmcad.streaming.quantized import quantize_modules, scheme_of
     from llmcad.streaming.weights import checkpoint_files, read_header
 
     directory = Path(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+    check_config(config, directory)
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
-        return  # a legacy PyTorch checkpoint: transformers checks it
+        return config  # a legacy PyTorch checkpoint: transformers checks it
     shapes = {}
     for path in checkpoint_files(directory):
         entries, _ = read_header(path)
         shapes.update((name, (path, tuple(e["shape"]))) for name, e in entries.items())
     try:
-        config = AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as exc:
@@ -151,11 +203,54 @@ def check_checkpoint(directory) -> None:
     if record is not None:
         quantize_modules(model, record, model.dtype)
     _check_decoder_layers(model, directory)
+    _check_tensors(model, shapes, directory)
+    return config
+
+
+def _check_tensors(model, shapes: dict, directory) -> None:
+    """Every parameter stored (or tied to a stored one) with its shape; no layer beyond the config's."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if name not in shapes and tied.get(name) not in shapes:
+            raise ModelLoadError(f"{directory}: the weights have no {name!r}, which config.json's "
+                                 f"{type(model).__name__} needs (incomplete checkpoint, or config and weights "
+                                 "disagree)")
     for name, param in model.state_dict().items():
         path, shape = shapes.get(name, (None, tuple(param.shape)))
         if shape != tuple(param.shape):
             raise ModelLoadError(f"{path}: {name!r} has shape {list(shape)} but config.json describes "
                                  f"{list(param.shape)} (config and weights disagree)")
+    layers = len(model.model.layers)
+    stored = {int(m[1]) for m in map(_LAYER_KEY.match, shapes) if m}
+    if stored and max(stored) >= layers:
+        raise ModelLoadError(f"{directory}: the weights hold {max(stored) + 1} decoder layers, config.json's "
+                             f"num_hidden_layers is {layers} (config and weights disagree)")
+
+
+_POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "max_position_embeddings", "head_dim")
+_OPTIONAL_FIELDS = ("num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim")
+
+
+def check_config(config, source) -> None:
+    """ModelLoadError naming the config.json field whose value cannot describe a model (sizes, head
+    counts and context must be positive integers; heads must divide as attention needs)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = {}
+    for name in _POSITIVE_FIELDS:
+        value = getattr(text, name, None)
+        if value is None and name in _OPTIONAL_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelLoadError(f"{source}/config.json: {name}={value!r}: expected an integer > 0")
+        values[name] = value
+    heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
+    if kv_heads and heads % kv_heads:
+        raise ModelLoadError(f"{source}/config.json: num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={kv_heads}")
+    if "head_dim" not in values and heads and values["hidden_size"] % heads:
+        raise ModelLoadError(f"{source}/config.json: hidden_size={values['hidden_size']} is not a multiple of "
+                             f"num_attention_heads={heads}")
 
 
 def _is_quantized(directory) -> bool:
@@ -223,23 +318,31 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
     if draft_rows > target_rows:
         raise TokenizerMismatchError(
             f"draft vocabulary ({draft_rows} logits) is larger than the target's embedding rows ({target_rows})")
+    draft_inputs = draft_model.get_input_embeddings().weight.shape[0]
+    target_logits = target_model.get_output_embeddings().weight.shape[0]
+    if draft_inputs < target_logits:
+        raise TokenizerMismatchError(
+            f"draft vocabulary ({draft_inputs} embedding rows) does not cover the target's token ids "
+            f"(0..{target_logits - 1}): every token the target emits is fed to the draft next")
 
 
-def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None) -> ModelPair:
+def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
+              mmap=False) -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
-    ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget)."""
+    ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
+    ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm)."""
     target_tokenizer = load_tokenizer(target)
     draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
-    draft_model = load_causal_lm(draft, device=device, dtype=dtype)
+    draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap)
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                          draft_model=draft_model, **extra)
+                                          draft_model=draft_model, mmap=mmap, **extra)
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
     return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed)
 
 
-def _load_target(target, *, device, dtype, memory_budget, draft_model, streamer_options=None):
+def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None):
     """The target model the engine verifies with, and its StreamedTarget (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
@@ -247,7 +350,7 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, streamer_
     returns the streamed target (the same HF model, layers bound to streamed weights).
     """
     if memory_budget is None:
-        return load_causal_lm(target, device=device, dtype=dtype), None
+        return load_causal_lm(target, device=device, dtype=dtype, mmap=mmap), None
     from llmcad.streaming.streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
 
     where = _check_source(target)

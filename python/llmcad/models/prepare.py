@@ -3,16 +3,27 @@
 The output holds ``config.json``, the tokenizer and safetensors weights in one dtype; every decoder
 layer is then a few contiguous byte ranges that :mod:`llmcad.streaming.weights` indexes for streaming.
 
+Nothing is destroyed or left half-made: the model is written into a sibling temporary directory,
+verified, then renamed into place (an existing output is replaced only with ``force``, by a second
+rename). An interrupted run leaves the old output or none; its temporary directory is removed on
+SIGINT/SIGTERM, and swept by the next run after a SIGKILL.
+
 Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from llmcad.errors import ModelLoadError, WeightFileError
+from llmcad.errors import ModelLoadError, OutputError, WeightFileError
 from llmcad.progress import step
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -21,7 +32,10 @@ _CHECKED_TENSORS = 4  # tensors compared value-for-value after writing
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="HF checkpoint directory, a directory holding a GGUF file, or a .gguf file")
-    parser.add_argument("-o", "--out", required=True, help="output directory (created)")
+    parser.add_argument("-o", "--out", required=True, help="output directory (created; an existing non-empty one "
+                        "only with --force)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory (atomically, "
+                        "once the new model is written and verified)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights")
     parser.add_argument("--gguf-file", default=None, help="name of the GGUF file inside SRC")
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
@@ -31,21 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    out = prepare(args.src, args.out, args.dtype, gguf_file=args.gguf_file, quantize=args.quantize,
-                  group_size=args.group_size)
+    with _sigterm_as_exit():
+        out = prepare(args.src, args.out, args.dtype, gguf_file=args.gguf_file, quantize=args.quantize,
+                      group_size=args.group_size, force=args.force)
     print(f"prepared {out}")
     return 0
 
 
 def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, quantize: str | None = None,
-            group_size: int | None = None) -> Path:
+            group_size: int | None = None, force: bool = False) -> Path:
     """Load ``src`` (GGUF via ``gguf_file`` or a checkpoint), write it to ``out`` in ``dtype``, verify.
 
     ``quantize``: "int8" or "int4" (``group_size``) stores the decoder-layer linears packed
     (llmcad.models.quantize); the float tensors and the scales are in ``dtype``.
 
-    Returns the output directory. Raises ModelLoadError when the source cannot be loaded and
-    WeightFileError when the written files do not match the model.
+    Returns the output directory. Raises ModelLoadError when the source cannot be loaded or ``out`` is
+    the source, lies inside it or holds it; WeightFileError when the written files do not match the
+    model; OutputError when ``out`` is not empty (without ``force``) or cannot be written (disk full,
+    permission denied). ``out`` is only ever replaced whole, after the new model was verified.
     """
     src, gguf_file = _resolve_source(Path(src), gguf_file)
     if dtype not in DTYPES:
@@ -54,28 +71,113 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         from llmcad.models.quantize import check_scheme
 
         group_size = check_scheme(quantize, group_size)
-    model, tokenizer = _load(src, gguf_file, dtype)
     out = Path(out)
-    with step(f"prepare: writing {quantize or dtype} weights to {out}"):
-        out.mkdir(parents=True, exist_ok=True)
-        if quantize is not None:
-            from llmcad.models import quantize as quant
+    _check_output(src, out, force)
+    _sweep(out)
+    temp = _sibling(out, "tmp", os.getpid())
+    try:
+        model, tokenizer = _load(src, gguf_file, dtype)
+        with step(f"prepare: writing {quantize or dtype} weights to {out}"):
+            temp.mkdir(parents=True)
+            if quantize is not None:
+                from llmcad.models import quantize as quant
 
-            state, record = quant.quantized_state(model, quantize, group_size, model.dtype)
-            state = quant.drop_tied(model, state)
-            quant.write_checkpoint(out, model, state, record)
+                state, record = quant.quantized_state(model, quantize, group_size, model.dtype)
+                state = quant.drop_tied(model, state)
+                quant.write_checkpoint(temp, model, state, record)
+            else:
+                model.save_pretrained(temp)
+            tokenizer.save_pretrained(temp)
+        if quantize is not None:
+            quant.verify_written(temp, state, record)
         else:
-            model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    if quantize is not None:
-        quant.verify_written(out, state, record)
-    else:
-        verify(out, model, dtype)
+            verify(temp, model, dtype)
+        _swap_into_place(temp, out)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     if quantize is not None and gguf_file:
         types = "/".join(quant.gguf_tensor_types(src / gguf_file)) or "its types"
         print(f"note: {gguf_file} ({types}) was dequantized and requantized to {quantize}: "
               "not bit-exact to the GGUF's own quantization")
     return out
+
+
+_MARK = ".llmcad-"  # temporary siblings: .<name>.llmcad-tmp-<pid> (being written), .<name>.llmcad-old-<pid>
+
+
+def _sibling(out: Path, kind: str, pid: int) -> Path:
+    return out.parent / f".{out.name}{_MARK}{kind}-{pid}"
+
+
+def _check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse an output that would destroy the source or someone's files."""
+    source, target = src.resolve(), out.resolve()
+    if target == source or source in target.parents:
+        raise ModelLoadError(f"--out {out}: is the source directory or lies inside it; choose another output")
+    if target in source.parents:
+        raise ModelLoadError(f"--out {out}: holds the source {src}; replacing it would delete the source")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"--out {out}: directory is not empty; pass --force (force=True) to replace it "
+                          "once the new model is written and verified")
+
+
+def _sweep(out: Path) -> None:
+    """Undo what a run killed outright (SIGKILL, power loss) left next to ``out``: its temporary
+    directory, and an old output moved aside but not yet replaced (put back)."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}{_MARK}*-*"):
+        kind, _, pid = path.name[len(f".{out.name}{_MARK}"):].partition("-")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.rename(path, out)  # killed between the two renames: the old output comes back
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_into_place(temp: Path, out: Path) -> None:
+    """Rename the verified ``temp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
+    if out.is_dir() and any(out.iterdir()):
+        old = _sibling(out, "old", os.getpid())
+        os.rename(out, old)
+        os.rename(temp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, out)  # an empty directory is replaced in one step
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM unwinds like Ctrl-C (cleanups run), then exits with status 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _resolve_source(src: Path, gguf_file):

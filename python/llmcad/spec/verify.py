@@ -80,6 +80,9 @@ class TargetVerifier:
         kv.commit(self.cache, keep, device_keep=device_keep)
 
 
+MIN_TEMPERATURE = 1e-6  # logits / temperature stays finite in float32 for any |logit| below ~3e32
+
+
 def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
     """ValueError naming the first bad sampling parameter."""
     if not isinstance(do_sample, bool):
@@ -87,13 +90,17 @@ def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
             or not np.isfinite(temperature):
         raise ValueError(f"temperature={temperature!r}: expected a finite number > 0")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature={temperature!r}: below {MIN_TEMPERATURE:g} the scaled logits overflow "
+                         "(for greedy decoding, turn sampling off)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k={top_k!r}: expected None or an int >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed={seed!r}: expected None or an int >= 0")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed={seed!r}: expected None or an int in [0, 2**64)")
 
 
 class TargetChooser:

@@ -42,7 +42,7 @@ from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, pla
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
 from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
-from llmcad.streaming.weights import WeightIndex, load_index
+from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, stat_stamp
 
 
 def load_streamed_target(path, *, placement: Placement | None = None, dtype=None, device="cpu",
@@ -318,11 +318,10 @@ class StreamedTarget:
         """A weight file modified in place since indexing makes every later read suspect: close, raise.
         (A file replaced by a new one is harmless: the open descriptors still read the old inode.)"""
         for path, fd, stamp in zip(self.index.files, self._fds, self.index.stamps):
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != stamp[2:]:
+            if not _same_file(os.fstat(fd), stamp):
                 self.close(reason=f"{path} changed on disk")
-                raise WeightFileError(f"{path}: changed on disk after the model was loaded (size or "
-                                      "modification time differ from when it was indexed); load the model again")
+                raise WeightFileError(f"{path}: changed on disk after the model was loaded (size, modification "
+                                      "or status-change time differ from when it was indexed); load the model again")
 
     def _begin_pass(self):
         if self._closed:
@@ -425,15 +424,42 @@ def _open_stamped(path, stamp) -> int:
     """A read-only descriptor on ``path``, checked to be the file that was indexed (``stamp``)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     st = os.fstat(fd)
-    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
+    if not _same_file(st, stamp):
         os.close(fd)
         raise WeightFileError(f"{path}: changed on disk while the model was loading; load it again")
     return fd
 
 
+def _same_file(st, stamp) -> bool:
+    """``st`` (an fstat of the open descriptor) shows the bytes that were indexed as ``stamp``. Once the
+    path points to another file (nlink 0: replaced or removed) the unlink itself moved the ctime."""
+    now = stat_stamp(st)
+    return now == stamp or (st.st_nlink == 0 and now[:4] == stamp[:4])
+
+
 def _checkpoint_dtype(index: WeightIndex):
+    """The compute dtype from_pretrained(dtype="auto") would pick: config.json's dtype, else the first
+    floating tensor's (each tensor is then cast to it, as HF casts a mixed-dtype checkpoint)."""
+    configured = _config_dtype(index.directory)
+    if configured is not None:
+        return configured
     floats = [t.torch_dtype for t in index.layers[0] if t.torch_dtype.is_floating_point]
     return floats[0] if floats else torch.float32
+
+
+def _config_dtype(directory: Path):
+    import json
+
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        name = section.get("dtype") or section.get("torch_dtype")
+        dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return None
 
 
 def _check_placement(index: WeightIndex, placement: Placement) -> None:
@@ -484,22 +510,13 @@ def _load_generation_config(model, path: Path) -> None:
 
 
 def _load_resident(model, index: WeightIndex, resident_layers, dtype, device) -> None:
-    """Load the non-layer tensors and the resident layers; tie what the checkpoint leaves out."""
-    from safetensors import safe_open
-
-    resident = {t.name: t for t in index.non_layer}
-    for i in resident_layers:
-        resident.update((t.name, t) for t in index.layers[i])
-    by_file: dict = {}
-    for t in resident.values():
-        by_file.setdefault(t.file_index, []).append(t)
+    """Load the non-layer tensors and the resident layers into memory the model owns (read, not mapped:
+    a file changed later changes nothing in them); tie what the checkpoint leaves out."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    for fi, entries in by_file.items():
-        with safe_open(index.files[fi], framework="pt") as f:
-            for t in entries:
-                if t.name not in params:
-                    continue  # e.g. rotary inv_freq saved by old checkpoints
-                _set_parameter(model, t.name, f.get_tensor(t.name), params[t.name], device)
+    names = [t.name for t in index.non_layer] + [t.name for i in resident_layers for t in index.layers[i]]
+    # names matching no parameter (e.g. rotary inv_freq saved by old checkpoints) are skipped
+    for name, value in iter_tensors(index, [n for n in names if n in params]):
+        _set_parameter(model, name, value, params[name], device)
     _tie_missing(model, index, params)
 
 

@@ -10,6 +10,7 @@ Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.ben
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class WeightIndex:
     layers: list = field(default_factory=list)
     non_layer: list = field(default_factory=list)
     tied: dict = field(default_factory=dict)  # absent tensor -> the stored tensor it shares (tied head)
-    stamps: list = field(default_factory=list)  # per file (st_dev, st_ino, st_size, st_mtime_ns) when read
+    stamps: list = field(default_factory=list)  # per file: file_stamp() when its header was read
 
     @property
     def num_layers(self) -> int:
@@ -113,9 +114,13 @@ class WeightIndex:
 
 
 def file_stamp(path) -> tuple:
-    """(device, inode, size, modification time ns): what tells a file changed since it was indexed."""
-    st = Path(path).stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """(device, inode, size, modification ns, status change ns): what tells a file changed since it was
+    indexed. The ctime catches an edit in place whose mtime was set back (utime changes the ctime)."""
+    return stat_stamp(Path(path).stat())
+
+
+def stat_stamp(st) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def read_header(path) -> tuple[dict, int]:
@@ -150,7 +155,24 @@ def read_header(path) -> tuple[dict, int]:
     start = 8 + n
     entries = {name: _check_entry(path, name, info, start, size)
                for name, info in header.items() if name != "__metadata__"}
+    _check_layout(path, entries, start, size)
     return entries, start
+
+
+def _check_layout(path, entries: dict, start: int, size: int) -> None:
+    """Tensors must tile the data section without overlapping, as safetensors itself requires (HF and
+    the resident path refuse such a file; streaming must not read one tensor's bytes as another's)."""
+    end = start
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1]["offset"], kv[1]["length"])):
+        if e["offset"] < end:
+            raise WeightFileError(f"{path}: corrupt safetensors header: {name!r} (bytes {e['offset']}.."
+                                  f"{e['offset'] + e['length']}) overlaps the tensor before it (which ends at {end})")
+        if e["offset"] > end:
+            raise WeightFileError(f"{path}: corrupt safetensors header: a gap of {e['offset'] - end} bytes "
+                                  f"before {name!r} (tensors must be contiguous)")
+        end = e["offset"] + e["length"]
+    if end != size:
+        raise WeightFileError(f"{path}: corrupt safetensors file: {size - end} bytes after the last tensor")
 
 
 def _check_entry(path, name, info, start, size) -> dict:
@@ -268,3 +290,47 @@ def _tied(directory: Path, tensors: dict) -> dict:
     if tie and embed and "lm_head.weight" not in tensors:
         return {"lm_head.weight": embed}
     return {}
+
+
+def read_tensor(fd: int, entry: TensorEntry, path) -> "torch.Tensor":
+    """Tensor ``entry`` read from descriptor ``fd`` into memory the caller owns (not a mapping of the
+    file: a file changed or truncated later changes nothing in it). WeightFileError on a short read."""
+    import torch
+
+    raw = torch.empty(entry.length, dtype=torch.uint8)
+    view, done = memoryview(raw.numpy()), 0
+    while done < entry.length:
+        try:
+            n = os.preadv(fd, [view[done:]], entry.offset + done)
+        except OSError as exc:
+            raise WeightFileError(f"{path}: reading {entry.name!r} failed: {exc.strerror}") from None
+        if n == 0:
+            raise WeightFileError(f"{path}: truncated while reading {entry.name!r} (end of file at byte "
+                                  f"{entry.offset + done}, the tensor ends at {entry.offset + entry.length})")
+        done += n
+    return raw.view(entry.torch_dtype).reshape(entry.shape)
+
+
+def read_tensors(index: WeightIndex, names) -> dict:
+    """{name: owned tensor} for ``names`` of ``index`` (see :func:`iter_tensors`)."""
+    return dict(iter_tensors(index, names))
+
+
+def iter_tensors(index: WeightIndex, names):
+    """(name, owned tensor) for ``names`` of ``index``, read file by file, tensor by tensor, so a caller
+    converting each one holds one raw tensor at a time. WeightFileError naming the file when it changed
+    since it was indexed."""
+    by_file: dict = {}
+    for name in names:
+        entry = index.tensors[name]
+        by_file.setdefault(entry.file_index, []).append(entry)
+    for fi, entries in sorted(by_file.items()):
+        path = index.files[fi]
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if index.stamps and stat_stamp(os.fstat(fd)) != index.stamps[fi]:
+                raise WeightFileError(f"{path}: changed on disk while the model was loading; load it again")
+            for entry in sorted(entries, key=lambda e: e.offset):
+                yield entry.name, read_tensor(fd, entry, path)
+        finally:
+            os.close(fd)
