@@ -4,6 +4,11 @@ sampled as tokens are committed must not grow after warm-up.
     PYTHONPATH=python python benchmarks/endurance.py --draft D --target T --memory-budget 2GiB \
         [--tokens 2000] [--warmup 200] [--ignore-eos] [--json]
 
+    PYTHONPATH=python python benchmarks/endurance.py --draft D --target T --memory-budget 2GiB --faults 40
+
+``--faults N`` runs N engines in turn instead, each with one fault (read error, Ctrl-C inside a pass,
+two threads at once, dropped without close()), and reports fds, threads and RSS growth.
+
 Prints the samples' summary: RSS and fds at the end of warm-up and at the end, their growth, and the
 largest growth seen; ``--json`` prints one object. The KV caches grow by design (one position per
 token); ``kv_growth_bytes`` says by how much, so the RSS growth can be judged against it.
@@ -85,6 +90,82 @@ def run(draft, target, *, memory_budget, tokens: int, warmup_fraction: float, ig
         }
 
 
+FAULTS = ("read-error", "interrupt", "two-threads", "dropped")
+
+
+def run_faults(draft, target, *, memory_budget, engines: int = 12, tokens: int = 8, mode: str = "llmcad",
+               prompt: str = PROMPT, bandwidth_cap: float = 4e6) -> dict:
+    """Many engines in turn, each with one fault (FAULTS, round robin): an injected EIO, a
+    KeyboardInterrupt inside a streamed pass, two threads generating at once, and an engine dropped
+    without close(). Each fault must end as documented and the engine must then answer exactly as the
+    first one did. Returns fds, threads and RSS after the first round of faults and at the end."""
+    import errno
+    import gc
+
+    from llmcad import LLMCad
+    from llmcad.errors import StreamerIOError
+
+    options = {"bandwidth_cap": bandwidth_cap}
+    want, outcomes, samples = None, [], []
+    for i in range(engines):
+        fault = FAULTS[i % len(FAULTS)]
+        engine = LLMCad.from_pretrained(draft, target, mode=mode, memory_budget=memory_budget,
+                                        streamer_options=options)
+        got = engine.generate(prompt, tokens).tokens
+        want = got if want is None else want
+        outcomes.append(got == want and _inject(engine, fault, prompt, tokens, errno.EIO, StreamerIOError)
+                        and engine.generate(prompt, tokens).tokens == want)
+        if fault != "dropped":
+            engine.close()
+        del engine  # "dropped": the finalizer releases it
+        gc.collect()
+        if i + 1 == len(FAULTS) or i + 1 == engines:
+            time.sleep(0.2)  # threads of the last engine finish exiting
+            samples.append((rss_bytes(), open_fds(), threads()))
+    warm, last = samples[0], samples[-1]
+    return {"engines": engines, "faults": list(FAULTS), "all_exact": all(outcomes), "outcomes": outcomes,
+            "rss_after_warmup_bytes": warm[0], "rss_end_bytes": last[0], "rss_growth_bytes": last[0] - warm[0],
+            "fds_after_warmup": warm[1], "fds_end": last[1], "fds_growth": last[1] - warm[1],
+            "threads_after_warmup": warm[2], "threads_end": last[2], "threads_growth": last[2] - warm[2]}
+
+
+def _inject(engine, fault, prompt, tokens, eio, io_error) -> bool:
+    """Run one fault on ``engine``; True when it ended as documented."""
+    import threading
+
+    if fault == "read-error":
+        engine.streamed.drop_prefetch()
+        engine.streamed.streamer.inject_fault(1, eio)
+        return _raises(lambda: engine.generate(prompt, tokens), io_error)
+    if fault == "interrupt":
+        layer = engine.target.model.layers[engine.placement.streamed_layers[-1]]
+
+        def interrupt(module, args):
+            handle.remove()
+            raise KeyboardInterrupt
+
+        handle = layer.register_forward_pre_hook(interrupt)
+        return _raises(lambda: engine.generate(prompt, tokens), KeyboardInterrupt)
+    if fault == "two-threads":
+        results = []
+        callers = [threading.Thread(target=lambda: results.append(engine.generate(prompt, tokens).tokens))
+                   for _ in range(2)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(timeout=120)
+        return len(results) == 2 and results[0] == results[1]
+    return True  # "dropped": nothing to inject; the engine is released without close()
+
+
+def _raises(call, kind) -> bool:
+    try:
+        call()
+    except kind:
+        return True
+    return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--draft", required=True)
@@ -95,7 +176,12 @@ def main(argv=None) -> int:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (always generate --tokens)")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--faults", type=int, default=0, metavar="ENGINES", help="run ENGINES engines with faults")
     args = p.parse_args(argv)
+    if args.faults:
+        report = run_faults(args.draft, args.target, memory_budget=args.memory_budget, engines=args.faults)
+        print(json.dumps(report))
+        return 0 if report["all_exact"] else 1
     report = run(args.draft, args.target, memory_budget=args.memory_budget, tokens=args.tokens,
                  warmup_fraction=args.warmup_fraction, ignore_eos=args.ignore_eos, prompt=args.prompt)
     if args.json:

@@ -192,6 +192,26 @@ void bind_tree_cuda(py::module_& m) {
 }
 
 // ---------------------------------------------------------------- streamer
+// Between slices of a blocking wait (GIL released): run Python's signal handlers. True when one
+// raised (e.g. KeyboardInterrupt); the error stays set on this thread for the caller to raise.
+bool python_signal_raised() {
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
+
+// Runs `wait` with the GIL released; a StreamerInterrupted becomes the exception a signal handler
+// raised, or KeyboardInterrupt when interrupt() woke the wait (another thread was interrupted).
+template <typename F>
+auto interruptible(F&& wait) {
+  try {
+    py::gil_scoped_release release;
+    return wait();
+  } catch (const llmcad::StreamerInterrupted& e) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
+    throw py::error_already_set();
+  }
+}
+
 void bind_streamer(py::module_& m) {
   using llmcad::Streamer;
   // StreamerIOError(errno, message): an OSError subclass; llmcad.streamer re-raises llmcad.errors'.
@@ -252,11 +272,7 @@ void bind_streamer(py::module_& m) {
       // Returns (array over the layer's bytes, offsets, lengths, buffer address, device address or 0
       // when not pinned). The array keeps the buffer memory alive; its contents are valid until release().
       .def("acquire", [](Streamer& s, int layer) {
-        llmcad::LayerView v;
-        {
-          py::gil_scoped_release release;
-          v = s.acquire(layer);
-        }
+        llmcad::LayerView v = interruptible([&] { return s.acquire(layer, python_signal_raised); });
         auto* owner = new std::shared_ptr<void>(v.owner);
         py::capsule keep(owner, [](void* p) { delete static_cast<std::shared_ptr<void>*>(p); });
         py::array_t<uint8_t> array({static_cast<py::ssize_t>(v.size)}, {static_cast<py::ssize_t>(1)}, v.data, keep);
@@ -264,7 +280,8 @@ void bind_streamer(py::module_& m) {
                               reinterpret_cast<uintptr_t>(v.device_data));
       })
       .def("release", &Streamer::release)
-      .def("reset", &Streamer::reset, py::call_guard<py::gil_scoped_release>())
+      .def("reset", [](Streamer& s) { interruptible([&] { s.reset(python_signal_raised); }); })
+      .def("interrupt", &Streamer::interrupt)
       .def("close", &Streamer::close, py::call_guard<py::gil_scoped_release>())
       .def("inject_fault", [](Streamer& s, int64_t index, int code) {
         if (index < 0) throw std::invalid_argument("read_index must be >= 0");

@@ -262,6 +262,7 @@ struct Streamer::Impl final : ReadHooks {
   bool loading = false;
   bool closed = false;
   uint64_t generation = 0;  // bumped by reset()
+  bool interrupted = false;  // set by interrupt(), cleared by reset()
   std::atomic<bool> cancel{false};
   std::thread io_thread;
 
@@ -466,7 +467,7 @@ void Streamer::prefetch(int layer) {
   s.cv.notify_all();
 }
 
-LayerView Streamer::acquire(int layer) {
+LayerView Streamer::acquire(int layer, const WaitCheck& check) {
   Impl& s = *impl_;
   std::unique_lock<std::mutex> lock(s.mu);
   s.check_open();
@@ -486,11 +487,21 @@ LayerView Streamer::acquire(int layer) {
                                 " buffers are held; release a layer first");
   uint64_t generation = s.generation;
   auto t0 = Clock::now();
-  s.cv.wait(lock, [&] {
-    return s.closed || s.generation != generation || it->state == Impl::State::kLoaded || it->state == Impl::State::kFailed;
-  });
+  auto woken = [&] {
+    return s.closed || s.generation != generation || s.interrupted ||
+           it->state == Impl::State::kLoaded || it->state == Impl::State::kFailed;
+  };
+  bool stop = false;
+  while (!stop && !s.cv.wait_for(lock, std::chrono::milliseconds(kWaitSliceMs), woken)) {
+    if (!check) continue;
+    lock.unlock();  // the check may block (a binding takes its interpreter lock)
+    stop = check();
+    lock.lock();
+  }
   s.acquire_wait_s += seconds_since(t0);
   if (s.closed) throw std::invalid_argument("the weight streamer was closed while acquire() waited");
+  if (stop || s.interrupted)
+    throw StreamerInterrupted("acquire(" + std::to_string(layer) + ") interrupted while its layer was being read");
   if (s.generation != generation) throw std::invalid_argument("the weight streamer was reset while acquire() waited");
   if (it->state == Impl::State::kFailed) {
     StreamerIOError error(it->code, it->error);
@@ -525,17 +536,32 @@ void Streamer::release(int layer) {
   s.cv.notify_all();
 }
 
-void Streamer::reset() {
+void Streamer::reset(const WaitCheck& check) {
   Impl& s = *impl_;
   std::unique_lock<std::mutex> lock(s.mu);
   s.check_open();
   s.cancel = true;
-  s.cv.wait(lock, [&] { return !s.loading; });
+  bool stop = false;
+  while (!s.cv.wait_for(lock, std::chrono::milliseconds(kWaitSliceMs), [&] { return !s.loading; })) {
+    if (!check || stop) continue;  // reads check `cancel` often: finishing the reset is quick
+    lock.unlock();
+    stop = check();
+    lock.lock();
+  }
   s.requests.clear();
   s.free_slots.clear();
   for (int i = s.opt.num_buffers - 1; i >= 0; --i) s.free_slots.push_back(i);
   s.cancel = false;
+  s.interrupted = false;
   ++s.generation;
+  s.cv.notify_all();
+  if (stop) throw StreamerInterrupted("reset() interrupted (the reset completed)");
+}
+
+void Streamer::interrupt() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.interrupted = true;
   s.cv.notify_all();
 }
 

@@ -55,3 +55,17 @@ def test_long_streamed_generation_leaks_nothing(long_context_pair):
     assert report["threads_end"] <= report["threads_after_warmup"], report
     assert report["threads_max"] <= report["threads_after_warmup"] + 1, report  # the verification worker
     assert report["rss_growth_bytes"] <= report["kv_growth_bytes"] + SLACK_BYTES, report
+
+
+def test_many_engines_with_faults_leak_nothing(tiny_pair_dirs):
+    """Engines in turn, each with one fault (EIO, Ctrl-C inside a pass, two threads, dropped without
+    close()): every one ends as documented and answers exactly afterwards; nothing accumulates."""
+    dirs = tiny_pair_dirs("llama")
+    with pytest.raises(BudgetError) as err:
+        LLMCad.from_pretrained(dirs["shared"], dirs["target"], memory_budget=1)
+    budget = int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(err.value)).group(1))
+    report = endurance.run_faults(dirs["shared"], dirs["target"], memory_budget=budget, engines=12)
+    assert report["all_exact"], report
+    assert report["fds_growth"] <= 0, report
+    assert report["threads_growth"] <= 0, report
+    assert report["rss_growth_bytes"] <= SLACK_BYTES, report

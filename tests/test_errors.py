@@ -66,6 +66,35 @@ def _shape_mismatch(d):
     (d / "config.json").write_text(json.dumps(config))
 
 
+def _edit_config(**changes):
+    def edit(d):
+        config = json.loads((d / "config.json").read_text())
+        config.update(changes)
+        (d / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _overlapping(d):
+    """Two same-sized tensors point at the same bytes (header length unchanged: padded with spaces)."""
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    a, b = header["model.layers.0.input_layernorm.weight"], header["model.layers.0.post_attention_layernorm.weight"]
+    b["data_offsets"] = list(a["data_offsets"])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    f.write_bytes(data[:8] + text.ljust(n) + data[8 + n:])
+
+
+def _missing_tensor(d):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def _save_sharded_without_a_shard(root, tiny_models, tokenizer):
     path = root / "missing-shard"
     tiny_models("llama", "target").save_pretrained(path, max_shard_size="100KB")
@@ -108,6 +137,18 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
         "missing-shard": (shard_dir, WeightFileError, re.escape(shard) + r": shard listed in .* is missing"),
         "shape-mismatch": (_variant(root, pair["target"], "shape", _shape_mismatch), ModelLoadError,
                            r"'model\.layers\.0\.mlp\.\w+_proj\.weight'.*shape \[\d+, \d+\]"),
+        "overlapping-tensors": (_variant(root, pair["target"], "overlap", _overlapping), WeightFileError,
+                                r"overlap/model.safetensors: corrupt safetensors header: "
+                                r"'model\.layers\.0\.\w+\.weight' .* overlaps the tensor before it"),
+        "missing-tensor": (_variant(root, pair["target"], "missing-tensor", _missing_tensor), ModelLoadError,
+                           r"missing-tensor: the weights have no 'model\.layers\.1\.mlp\.up_proj\.weight'"),
+        "config-more-layers": (_variant(root, pair["target"], "more-layers", _edit_config(num_hidden_layers=6)),
+                               ModelLoadError, r"more-layers: the weights have no 'model\.layers\.4\."),
+        "config-fewer-layers": (_variant(root, pair["target"], "fewer-layers", _edit_config(num_hidden_layers=2)),
+                                ModelLoadError, r"fewer-layers: the weights hold 4 decoder layers, config\.json's "
+                                r"num_hidden_layers is 2"),
+        "zero-heads": (_variant(root, pair["target"], "zero-heads", _edit_config(num_attention_heads=0)),
+                       ModelLoadError, r"zero-heads/config\.json: num_attention_heads=0: expected an integer > 0"),
         "encoder-only": (_save_other_architecture(root, "bert", bert, tiny_tokenizer), ModelLoadError,
                          r"not a decoder-only causal LM whose layers are a ModuleList"),
         "no-decoder-layer-list": (_save_other_architecture(root, "gpt2", gpt2, tiny_tokenizer), ModelLoadError,
@@ -116,7 +157,8 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
 
 
 MODEL_CASES = ["missing-directory", "no-weights", "truncated", "corrupt-header", "missing-shard",
-               "shape-mismatch", "encoder-only", "no-decoder-layer-list"]
+               "shape-mismatch", "encoder-only", "no-decoder-layer-list", "overlapping-tensors", "missing-tensor",
+               "config-more-layers", "config-fewer-layers", "zero-heads"]
 
 
 def run_cli(capfd, *argv) -> str:
@@ -145,7 +187,7 @@ def test_bad_target_directory_api(pair, broken, case, budget):
 
 
 @pytest.mark.parametrize("case", ["missing-directory", "truncated", "corrupt-header", "shape-mismatch",
-                                  "encoder-only"])
+                                  "encoder-only", "overlapping-tensors", "missing-tensor", "zero-heads"])
 def test_bad_draft_directory_api(pair, broken, case):
     path, kind, pattern = broken[case]
     with pytest.raises(kind, match=pattern):
@@ -255,12 +297,90 @@ def test_cuda_without_a_gpu(pair, capfd):
     ({"top_p": 0.0}, ["--top-p", "0"], r"top_p=0\.0: expected None or a number in \(0, 1\]"),
     ({"top_p": 1.5}, ["--top-p", "1.5"], r"top_p=1\.5: expected None or a number in \(0, 1\]"),
     ({"top_k": 0}, ["--top-k", "0"], r"top_k=0: expected None or an int >= 1"),
+    ({"temperature": 1e-45}, ["--temperature", "1e-45"], r"temperature=1e-45: below 1e-06 the scaled logits overflow"),
+    ({"seed": 2 ** 70}, ["--seed", str(2 ** 70)], r"seed=\d+: expected None or an int in \[0, 2\*\*64\)"),
 ])
 def test_bad_sampling_parameters(engine, pair, capfd, options, flags, pattern):
     with pytest.raises(ValueError, match=pattern):
         engine.generate(PROMPT, NEW_TOKENS, do_sample=True, **options)
     err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], *flags))
     assert re.search(pattern, err), err
+
+
+def test_non_utf8_prompt(engine, pair, capfd):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (argv is decoded with surrogateescape)."""
+    bad = b"def \xff\xfe(a):".decode("utf-8", "surrogateescape")
+    with pytest.raises(PromptError, match=r"prompt is not valid UTF-8 text \(undecodable byte\(s\) at character 4"):
+        engine.generate(bad, NEW_TOKENS)
+    assert "prompt is not valid UTF-8" in run_cli(capfd, *generate_argv(pair["shared"], pair["target"], prompt=bad))
+
+
+def test_non_utf8_prompt_from_a_real_command_line(pair):
+    argv = [os.fsencode(a) for a in generate_argv(pair["shared"], pair["target"], prompt="x")]
+    argv[argv.index(b"x")] = b"def \xff(a):"
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"llmcad.cli", *argv], capture_output=True,
+                          env=_cli_env(), timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.count("\n") == 1 and "prompt is not valid UTF-8" in err, err
+
+
+def test_missing_relative_path_is_reported_at_once(pair, tmp_path, monkeypatch, capfd):
+    """Not tried as a hub id (which waits for the network): a name with no owner/ part, or one whose
+    first part is a directory here, is a local path."""
+    import time
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("no-such-model", "models/no-such-model", "./x/y/z"):
+        t0 = time.monotonic()
+        with pytest.raises(ModelLoadError, match=rf"model directory '{re.escape(name)}' does not exist \(looked in "):
+            LLMCad.from_pretrained(pair["shared"], name)
+        assert time.monotonic() - t0 < 5
+        assert "does not exist" in run_cli(capfd, *generate_argv(pair["shared"], name))
+
+
+def test_unwritable_trace_is_refused_before_generating(engine, pair, tmp_path, capfd):
+    from llmcad.errors import OutputError
+
+    calls = []
+    for trace, pattern in [(tmp_path / "absent" / "t.json", r"directory '.*absent' does not exist"),
+                           (tmp_path, r"is a directory, not a file")]:
+        with pytest.raises(OutputError, match=pattern):
+            engine.generate(PROMPT, NEW_TOKENS, trace=trace, streamer=calls.append)
+        err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], "--trace", trace))
+        assert re.search(pattern, err), err
+    assert calls == []  # nothing was generated
+
+
+def test_draft_vocabulary_smaller_than_the_target_ids(pair, tiny_tokenizer, tmp_path, capfd):
+    """Same tokenizer, but the draft embeds fewer ids than the target can emit: refused at load, not an
+    IndexError in the middle of a generation."""
+    draft = pair_models.save(pair_models.random_model("llama", seed=5, vocab_size=280, layers=2), tiny_tokenizer,
+                             tmp_path / "small-vocab")
+    pattern = r"draft vocabulary \(280 embedding rows\) does not cover the target's token ids \(0\.\.299\)"
+    for budget in (None, "1GiB"):
+        with pytest.raises(TokenizerMismatchError, match=pattern):
+            LLMCad.from_pretrained(draft, pair["target"], memory_budget=budget)
+    assert re.search(pattern, run_cli(capfd, *generate_argv(draft, pair["target"])))
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.parametrize("stdout", ["closed-pipe", "closed"])
+def test_closed_or_broken_stdout_exits_quietly(pair, stdout):
+    """`llmcad generate ... | head -c0` (the reader is gone) and `>&-` (no stdout): exit 0, nothing on
+    stderr, as `head` expects."""
+    argv = [sys.executable, "-m", "llmcad.cli", *generate_argv(pair["shared"], pair["target"])]
+    if stdout == "closed-pipe":
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env())
+        proc.stdout.close()  # before anything is written: every write gets EPIPE
+        _, err = proc.communicate(timeout=120)
+    else:
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=_cli_env(), preexec_fn=lambda: os.close(1))
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err.decode() == "", err.decode()
 
 
 def test_unparsable_number_on_the_command_line_is_one_line(pair, capfd):

@@ -85,3 +85,133 @@ def test_gguf_import_matches_transformers(tmp_path):
     with torch.no_grad():
         assert torch.equal(ref(input_ids=ids).logits, got(input_ids=ids).logits)
     assert (out / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------- nothing destroyed, nothing stranded
+def _siblings(out):
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.llmcad-*"))
+
+
+def test_refuses_the_source_or_a_directory_inside_or_around_it(source, tmp_path, capfd):
+    from llmcad import cli
+
+    before = {p.name: p.stat().st_mtime_ns for p in source.iterdir()}
+    for out, pattern in [(source, "is the source directory or lies inside it"),
+                         (source / "sub", "is the source directory or lies inside it"),
+                         (source.parent, "holds the source")]:
+        with pytest.raises(ModelLoadError, match=pattern):
+            prepare(source, out, "float32", force=True)
+        capfd.readouterr()
+        assert cli.main(["prepare", str(source), "-o", str(out), "--force"]) == 2
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and pattern in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before
+    assert not (source / "sub").exists()
+
+
+def test_non_empty_output_needs_force_then_is_replaced_whole(source, tmp_path, capfd):
+    from llmcad import cli
+    from llmcad.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("{}")  # a stale sharded checkpoint's index
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"directory is not empty; pass --force"):
+        prepare(source, out, "float32")
+    capfd.readouterr()
+    assert cli.main(["prepare", str(source), "-o", str(out)]) == 2
+    assert "directory is not empty" in capfd.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    prepare(source, out, "float32", force=True)
+    assert not (out / "notes.txt").exists() and not (out / "model.safetensors.index.json").exists()
+    assert load_index(out).num_layers == 3 and _siblings(out) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_index(prepare(source, empty, "float32")).num_layers == 3  # an empty directory is fine
+
+
+def test_failure_while_writing_leaves_the_old_output_and_no_temporary(source, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    out = prepare(source, tmp_path / "out", "float32")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, out, "bfloat16", force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _siblings(out) == []
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, tmp_path / "new", "bfloat16")
+    assert not (tmp_path / "new").exists() and _siblings(tmp_path / "new") == []
+
+
+@pytest.mark.parametrize("code,strerror", [(28, "No space left on device"), (13, "Permission denied")])
+def test_disk_full_or_permission_denied_is_one_line(source, tmp_path, monkeypatch, capfd, code, strerror):
+    from transformers import PreTrainedModel
+
+    from llmcad import cli
+
+    def failing(self, directory, *args, **kwargs):
+        raise OSError(code, strerror, str(directory))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing)
+    capfd.readouterr()
+    assert cli.main(["prepare", str(source), "-o", str(tmp_path / "out")]) == 2
+    lines = capfd.readouterr().err.replace("\r", "\n").splitlines()  # tqdm's progress lines first
+    assert lines[-1] == f"llmcad: error: cannot write {tmp_path / 'out'}: {strerror}"
+    assert sum("error" in line for line in lines) == 1
+    assert not (tmp_path / "out").exists() and _siblings(tmp_path / "out") == []
+
+
+def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, tmp_path):
+    """SIGTERM while the weights are being written: exit 143, no temporary left; a leftover of a killed
+    run (its pid gone) is removed by the next run, and an old output it had moved aside comes back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import llmcad
+
+    out = tmp_path / "out"
+    slow = ("import sys, time\n"
+            "from transformers import PreTrainedModel\n"
+            "save = PreTrainedModel.save_pretrained\n"
+            "def slow(self, d, *a, **k):\n"
+            "    save(self, d, *a, **k); print('written', flush=True); time.sleep(60)\n"
+            "PreTrainedModel.save_pretrained = slow\n"
+            "from llmcad.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    python_dir = Path(llmcad.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", slow, "prepare", str(source), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"written"
+        assert _siblings(out) == [f".out.llmcad-tmp-{proc.pid}"]
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=30) == 143 and time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _siblings(out) == [] and not out.exists()
+    # what SIGKILL would leave: a temporary, and an old output moved aside (pids that no longer exist)
+    dead = proc.pid
+    (tmp_path / f".out.llmcad-tmp-{dead}").mkdir()
+    (tmp_path / f".out.llmcad-tmp-{dead}" / "model.safetensors").write_bytes(b"x" * 1000)
+    old = prepare(source, tmp_path / f".out.llmcad-old-{dead}", "float32")
+    prepare(source, tmp_path / "other", "float32")  # a run for another output leaves these alone
+    assert len(_siblings(out)) == 2
+    with pytest.raises(Exception):
+        prepare(source, out, "int8")  # refused before anything is written
+    assert _siblings(out) == [f".out.llmcad-old-{dead}", f".out.llmcad-tmp-{dead}"]
+    prepare(source, out, "float32", force=True)
+    assert _siblings(out) == [] and load_index(out).num_layers == 3 and not old.exists()

@@ -241,6 +241,45 @@ TEST(Streamer, DestructionWithLayersHeldAndQueuedDoesNotHang) {
   }  // ~Streamer with a held layer and queued reads
 }
 
+// Storage at 1 kB/s: a layer takes minutes, yet a wait asked to stop ends within a few slices.
+TEST(Streamer, BlockingWaitsWakeToCheckAndCanBeInterrupted) {
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  TempFile file(200001);
+  for (StreamerBackend backend : backends()) {
+    StreamerOptions o = options(file.path, backend, false, 2);
+    o.bandwidth_cap = 1e3;
+    Streamer s(o);
+    int id = s.add_layer(kLayers[1]);
+    int calls = 0;
+    auto t0 = Clock::now();
+    EXPECT_THROW(s.acquire(id, [&] { return ++calls == 3; }), llmcad::StreamerInterrupted);
+    EXPECT_EQ(calls, 3);
+    EXPECT_LT(seconds(t0), 1.0);
+    // another thread's interrupt() wakes a plain acquire, and holds until reset()
+    std::thread other([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      s.interrupt();
+    });
+    t0 = Clock::now();
+    EXPECT_THROW(s.acquire(id), llmcad::StreamerInterrupted);
+    other.join();
+    EXPECT_LT(seconds(t0), 1.0);
+    EXPECT_THROW(s.acquire(id), llmcad::StreamerInterrupted);
+    // reset() cancels the slow read at once (it completes even if its check asks to stop) and
+    // clears the interrupt: a wait then runs until its own check asks to stop
+    t0 = Clock::now();
+    try {
+      s.reset([] { return true; });
+    } catch (const llmcad::StreamerInterrupted&) {
+    }
+    EXPECT_LT(seconds(t0), 1.0);
+    calls = 0;
+    EXPECT_THROW(s.acquire(id, [&] { return ++calls == 2; }), llmcad::StreamerInterrupted);
+    EXPECT_EQ(calls, 2);
+  }
+}
+
 #ifdef LLMCAD_WITH_URING
 TEST(Streamer, RefusedIoUringFallsBackToPreadUnlessAskedFor) {
   TempFile file(50000);

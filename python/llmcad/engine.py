@@ -230,8 +230,22 @@ class _Run:
         if self.tracer is not None and self.streams:
             stack.enter_context(io_lane(self.tracer, self.controller))
         if self.pipelined:
+            stack.push(self._reset_ring_after_error)  # runs once the worker has been joined
             self.worker = stack.enter_context(VerifyWorker(self.verifier, self.drafter, self.gate,
                                                            self.controller.next_layer_ready, self.tracer))
+            stack.push(self._stop_worker_on_error)  # runs first: the worker may wait for a slow read
+
+    def _stop_worker_on_error(self, exc_type, exc, tb) -> bool:
+        """Ctrl-C (or any error) on this thread: the worker's layer wait raises too, so joining it
+        cannot wait for storage."""
+        if exc_type is not None:
+            self.controller.interrupt()
+        return False
+
+    def _reset_ring_after_error(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.controller.drop_prefetch()  # clears the interrupt (the worker is gone)
+        return False
 
     def round(self, root: int) -> int:
         """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""

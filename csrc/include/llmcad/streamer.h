@@ -26,6 +26,7 @@
 // naming the file, the offset and the errno text; the streamer stays usable afterwards.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -57,6 +58,17 @@ struct StreamerOptions {
 };
 
 // A failed read or open. code() is the errno (EIO for an unexpected end of file).
+// A blocking wait abandoned: its WaitCheck asked to stop, or interrupt() was called.
+class StreamerInterrupted : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Called every kWaitSliceMs while acquire() or reset() blocks, without the streamer's lock held (a
+// binding uses it to run signal handlers, e.g. Ctrl-C). Returning true abandons the wait.
+using WaitCheck = std::function<bool()>;
+constexpr int kWaitSliceMs = 50;
+
 class StreamerIOError : public std::runtime_error {
  public:
   StreamerIOError(int code, const std::string& message) : std::runtime_error(message), code_(code) {}
@@ -116,9 +128,16 @@ class Streamer {
 
   int add_layer(const std::vector<ByteRange>& ranges);  // returns the layer id (0, 1, ...)
   void prefetch(int layer);
-  LayerView acquire(int layer);  // blocks; StreamerIOError if the read failed
+  // Blocks; StreamerIOError if the read failed. StreamerInterrupted when `check` returns true or
+  // interrupt() was called: the request stays queued (acquire it again, or reset()).
+  LayerView acquire(int layer, const WaitCheck& check = {});
   void release(int layer);
-  void reset();
+  // Waits for a read in flight to cancel. When `check` returns true meanwhile, the reset still
+  // completes (its wait is one cancelled read), then throws StreamerInterrupted.
+  void reset(const WaitCheck& check = {});
+  // Makes acquire() throw StreamerInterrupted, on any thread, blocked now or called later, until the
+  // next reset(): how one thread stops another that waits for a layer (e.g. after Ctrl-C).
+  void interrupt();
   void close();
 
   // Fails the k-th read from now (0 = the next read issued) with errno `code`. Test hook.

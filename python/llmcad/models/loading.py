@@ -65,6 +65,7 @@ def _check_source(source) -> str:
         raise ModelLoadError(f"model directory {text!r} does not exist{where}")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory {text!r} has no config.json (expected Hugging Face layout)")
+    check_config(path)
     return str(path)
 
 
@@ -183,11 +184,11 @@ def check_checkpoint(directory):
     from llmcad.streaming.weights import checkpoint_files, read_header
 
     directory = Path(directory)
+    check_config(directory)
     try:
         config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
         raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
-    check_config(config, directory)
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
         return config  # a legacy PyTorch checkpoint: transformers checks it
     shapes = {}
@@ -229,27 +230,36 @@ def _check_tensors(model, shapes: dict, directory) -> None:
 
 _POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "max_position_embeddings", "head_dim")
-_OPTIONAL_FIELDS = ("num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim")
 
 
-def check_config(config, source) -> None:
+def check_config(directory) -> None:
     """ModelLoadError naming the config.json field whose value cannot describe a model (sizes, head
-    counts and context must be positive integers; heads must divide as attention needs)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts and context must be positive integers; heads must divide as attention needs). Checked on the
+    file itself: some config classes divide by the head count as they are built."""
+    import json
+
+    source = Path(directory) / "config.json"
+    try:
+        raw = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{source}: cannot read config ({_one_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{source}: not a JSON object")
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     values = {}
     for name in _POSITIVE_FIELDS:
-        value = getattr(text, name, None)
-        if value is None and name in _OPTIONAL_FIELDS:
-            continue
+        value = text.get(name)
+        if value is None:
+            continue  # absent, or named otherwise by this architecture: transformers checks it
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ModelLoadError(f"{source}/config.json: {name}={value!r}: expected an integer > 0")
+            raise ModelLoadError(f"{source}: {name}={value!r}: expected an integer > 0")
         values[name] = value
     heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
     if kv_heads and heads % kv_heads:
-        raise ModelLoadError(f"{source}/config.json: num_attention_heads={heads} is not a multiple of "
+        raise ModelLoadError(f"{source}: num_attention_heads={heads} is not a multiple of "
                              f"num_key_value_heads={kv_heads}")
-    if "head_dim" not in values and heads and values["hidden_size"] % heads:
-        raise ModelLoadError(f"{source}/config.json: hidden_size={values['hidden_size']} is not a multiple of "
+    if "head_dim" not in values and heads and values.get("hidden_size", 0) % heads:
+        raise ModelLoadError(f"{source}: hidden_size={values['hidden_size']} is not a multiple of "
                              f"num_attention_heads={heads}")
 
 

@@ -204,9 +204,15 @@ class StreamedTarget:
 
     def drop_prefetch(self) -> None:
         """Forget the reads queued for the next pass, so it starts cold (benchmarks)."""
-        if self._streamer is not None and not self._in_pass:
+        if self._streamer is not None and not self._in_pass and not self._closed:
             self._streamer.reset()
             self._queued = 0
+
+    def interrupt(self) -> None:
+        """Make a layer wait on another thread (the pipeline's worker) raise KeyboardInterrupt, now or
+        at its next acquire, until the ring is reset (drop_prefetch, or the failed pass's own reset)."""
+        if self._streamer is not None and not self._closed:
+            self._streamer.interrupt()
 
     def close(self, reason: str | None = None) -> None:
         """Stop the streamer; later forwards raise EngineClosedError. Idempotent, never blocks on IO."""

@@ -184,7 +184,10 @@ class WeightStreamer:
 
     @_translate_io_errors
     def acquire(self, layer_id: int) -> LayerView:
-        """Blocks (GIL released) until ``layer_id`` is loaded; it must be next in prefetch order."""
+        """Blocks (GIL released) until ``layer_id`` is loaded; it must be next in prefetch order. The wait
+        wakes every 50 ms to run signal handlers, so Ctrl-C raises KeyboardInterrupt here at any storage
+        speed (the request stays queued: acquire again or reset()); :meth:`interrupt` from another
+        thread raises KeyboardInterrupt too."""
         try:
             array, offsets, lengths, ptr, device_ptr = self._impl.acquire(int(layer_id))
         finally:
@@ -196,8 +199,14 @@ class WeightStreamer:
         self._impl.release(int(layer_id))
 
     def reset(self) -> None:
-        """Drops every queued, loaded and held layer (waits for a read in flight)."""
+        """Drops every queued, loaded and held layer (waits for a read in flight to cancel; a signal
+        handler's exception is raised once the reset is complete)."""
         self._impl.reset()
+
+    def interrupt(self) -> None:
+        """Makes acquire() raise KeyboardInterrupt on any thread, blocked now or called later, until the
+        next reset() (how the main thread stops a worker waiting for a layer)."""
+        self._impl.interrupt()
 
     def inject_fault(self, read_index: int, errno: int = _errno.EIO) -> None:
         """Test hook: fails the ``read_index``-th read from now (0 = the next) with ``errno``."""
