@@ -372,7 +372,7 @@ def _cli_env() -> dict:
 def test_closed_or_broken_stdout_exits_quietly(pair, stdout):
     """`llmcad generate ... | head -c0` (the reader is gone) and `>&-` (no stdout): exit 0, nothing on
     stderr, as `head` expects."""
-    argv = [sys.executable, "-m", "llmcad.cli", *generate_argv(pair["shared"], pair["target"])]
+    argv = [sys.executable, "-m", "llmcad.cli", *generate_argv(pair["shared"], pair["target"], "--quiet")]
     if stdout == "closed-pipe":
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env())
         proc.stdout.close()  # before anything is written: every write gets EPIPE

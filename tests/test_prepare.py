@@ -197,7 +197,7 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
         assert _siblings(out) == [f".out.llmcad-tmp-{proc.pid}"]
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
-        assert proc.wait(timeout=30) == 143 and time.monotonic() - t0 < 10
+        assert proc.wait(timeout=60) == 143 and time.monotonic() - t0 < 30  # interpreter teardown, loaded CI
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -232,7 +232,8 @@ class _Run:
         if self.pipelined:
             stack.push(self._reset_ring_after_error)  # runs once the worker has been joined
             self.worker = stack.enter_context(VerifyWorker(self.verifier, self.drafter, self.gate,
-                                                           self.controller.next_layer_ready, self.tracer))
+                                                           self.controller.next_layer_ready, self.tracer,
+                                                           abort=self.controller.interrupt))
             stack.push(self._stop_worker_on_error)  # runs first: the worker may wait for a slow read
 
     def _stop_worker_on_error(self, exc_type, exc, tb) -> bool:

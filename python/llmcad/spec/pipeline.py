@@ -216,9 +216,10 @@ class _ComputeSpan:
 class VerifyWorker:
     """The verification thread (one per generate call) and provisional drafting beside it."""
 
-    def __init__(self, verifier, drafter, gate: ComputeGate, layer_ready, tracer=None):
+    def __init__(self, verifier, drafter, gate: ComputeGate, layer_ready, tracer=None, abort=None):
         self.verifier, self.drafter, self.gate, self.tracer = verifier, drafter, gate, tracer
         self.layer_ready = layer_ready  # () -> bool: the target's awaited layer has been read
+        self.abort = abort  # () -> None: makes the verification's layer wait raise (Ctrl-C while drafting)
         self.threaded_passes = 0  # verifications run on the worker (the others ran inline)
         self._pool = None
 
@@ -249,6 +250,10 @@ class VerifyWorker:
                 nodes = self._draft_best_first(tree, max_provisional, policy, max_depth)
             else:
                 nodes = self._draft(tree, max_provisional)
+        except BaseException:
+            if self.abort is not None:
+                self.abort()  # the verification may be waiting for a slow read: do not wait for it
+            raise
         finally:
             self.gate.draft_stops()
             wait_futures([future])  # never leave a pass running (or the gate held) behind us
