@@ -22,6 +22,7 @@ import torch
 
 import llmcad
 import pair_models
+from child_cli import LLMCAD_WITH_SIGINT
 from llmcad import LLMCad
 from llmcad.errors import BudgetError
 
@@ -287,6 +288,7 @@ def test_generate_from_two_threads_on_one_engine(pair, want, mode):
 CTRL_C = """
     import os, signal, sys, threading, time
     from llmcad import LLMCad
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the suite runs with SIGINT ignored
     draft, target, budget, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     eng = LLMCad.from_pretrained(draft, target, memory_budget=budget, mode=mode.replace("-while-drafting", ""),
                                  streamer_options={"bandwidth_cap": 1e3})  # 1 kB/s: a layer takes minutes
@@ -327,7 +329,7 @@ def test_ctrl_c_while_waiting_on_slow_storage_api(pair, mode):
 @pytest.mark.parametrize("mode", ["target-only", "llmcad"])
 def test_ctrl_c_while_waiting_on_slow_storage_cli(pair, mode):
     weights = os.path.realpath(pair["target"] / "model.safetensors")
-    argv = [sys.executable, "-m", "llmcad.cli", "generate", "--draft", str(pair["draft"]), "--target",
+    argv = [*LLMCAD_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "10", "--mode", mode,
             "--memory-budget", str(streaming_budget(*pair.values())), "--bandwidth-cap", "1000"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
