@@ -192,10 +192,9 @@ class LLMCad:
 
     def _check_kv_room(self, prompt_tokens: int) -> None:
         positions = self._draft_kv_positions
-        if positions is not None and prompt_tokens + self.policy.max_tree_tokens > positions:
-            raise BudgetError(f"the prompt's {prompt_tokens} tokens plus one verification round "
-                              f"({self.policy.max_tree_tokens} positions) need more KV cache than the memory "
-                              f"budget leaves ({positions} positions per model); raise memory_budget")
+        if positions is not None and prompt_tokens + 1 > positions:
+            raise BudgetError(f"the prompt's {prompt_tokens} tokens leave no room to generate in the KV cache "
+                              f"the memory budget leaves ({positions} positions per model); raise memory_budget")
 
 
 class _Run:
@@ -254,7 +253,7 @@ class _Run:
         with self.record.timed("draft"):
             tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room()) if self.drafter
                     else DraftTree.rooted(root))
-        n, created = min(len(tree), policy.max_tree_tokens), len(tree)
+        n, created = min(len(tree), policy.max_tree_tokens, self._target_kv_room()), len(tree)
         pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
         with self.record.timed("target"):
             logits, provisional = self._verify(tree, n)
@@ -324,13 +323,18 @@ class _Run:
         return min(self.policy.max_depth, self.policy.max_tree_tokens - 1, self._remaining() - 1)
 
     def kv_budget_reached(self) -> bool:
-        """Whether the next round could push a KV cache past the positions the memory budget left it:
-        while verifying, each model holds the committed prefix plus a whole tree (root included); the
-        draft's provisional tokens are capped to what is left (see _provisional_limit)."""
+        """Whether the KV positions the memory budget left are used up: the draft's trees and provisional
+        tokens are cut to its room (_kv_room, _provisional_limit), the target verifies at most its own
+        (_target_kv_room); once not even the root fits, the next pass would run past the budget."""
+        return self._target_kv_room() < 1
+
+    def _target_kv_room(self) -> int:
+        """Tree nodes the target may verify within the memory budget's KV positions (any prefix of a
+        tree is a tree: parents come first); unbounded without a budget."""
         positions = self.engine._draft_kv_positions
         if positions is None:
-            return False
-        return kv.cache_length(self.verifier.cache) + self.policy.max_tree_tokens > positions
+            return 1 << 30
+        return positions - kv.cache_length(self.verifier.cache) - len(self.verifier.pending)
 
     def _span(self, name: str, **args):
         return self.tracer.span("verify", name, **args) if self.tracer is not None else nullcontext()
