@@ -67,7 +67,8 @@ def open_files(path) -> int:
     """Descriptors and mappings of this process on ``path``."""
     path = os.path.realpath(path)
     fds = sum(1 for fd in os.listdir("/proc/self/fd") if _link(f"/proc/self/fd/{fd}") == path)
-    maps = sum(1 for line in open("/proc/self/maps") if line.rstrip().endswith(path))
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if line.rstrip().endswith(path))
     return fds + maps
 
 
@@ -332,7 +333,11 @@ def test_ctrl_c_while_waiting_on_slow_storage_cli(pair, mode):
     argv = [*LLMCAD_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "10", "--mode", mode,
             "--memory-budget", str(streaming_budget(*pair.values())), "--bandwidth-cap", "1000"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV) as proc:
+        _interrupt_when_loaded(proc, weights)
+
+
+def _interrupt_when_loaded(proc, weights) -> None:
     try:
         deadline = time.monotonic() + 60
         while not _holds(proc.pid, weights):  # the streamed target is loaded: its reads begin

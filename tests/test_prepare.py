@@ -191,7 +191,7 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
     python_dir = Path(llmcad.__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", slow, "prepare", str(source), "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     try:
         assert proc.stdout.readline().strip() == b"written"
         assert _siblings(out) == [f".out.llmcad-tmp-{proc.pid}"]
@@ -202,6 +202,7 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
     assert _siblings(out) == [] and not out.exists()
     # what SIGKILL would leave: a temporary, and an old output moved aside (pids that no longer exist)
     dead = proc.pid
