@@ -1,7 +1,27 @@
 """`llmcad` in a child process that takes Ctrl-C as a terminal user's would: SIGINT raises
 KeyboardInterrupt even when the suite was started with SIGINT ignored (under nohup or `&`), a
 disposition the child would otherwise inherit."""
+import signal
 import sys
+import time
 
 LLMCAD_WITH_SIGINT = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, "
                       "signal.default_int_handler); from llmcad.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def interrupt_and_expect_clean_exit(proc, wait_s: float, ready=lambda: None) -> None:
+    """Call ``ready()`` (it waits until the child is where the test wants it), send SIGINT, and
+    assert the child exits with 130 within 10 s and no traceback. The child is killed if it is
+    still running when this returns or raises."""
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=wait_s)
+        assert time.monotonic() - t0 < 10  # mostly the interpreter's own teardown of torch
+        err = proc.stderr.read().decode()
+        assert rc == 130 and "Traceback" not in err, (rc, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

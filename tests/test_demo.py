@@ -57,15 +57,22 @@ def test_demo_needs_both_model_directories(tiny_pair, capsys):
     assert "both --draft and --target" in capsys.readouterr().err
 
 
-def test_fetch_uses_the_prepared_cache_without_network(tmp_path, monkeypatch):
+def _store_pair(home, monkeypatch) -> None:
+    """A prepared pair as the demo stores it under LLMCAD_HOME (empty files: nothing loads them)."""
     import llmcad.models.fetch as fetch
 
     for model in (fetch.DRAFT, fetch.TARGET):
-        d = tmp_path / f"{model.name}-bfloat16"
+        d = home / f"{model.name}-bfloat16"
         d.mkdir()
         (d / "config.json").write_text("{}")
         (d / "model.safetensors").write_bytes(b"")
-    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path))
+    monkeypatch.setenv("LLMCAD_HOME", str(home))
+
+
+def test_fetch_uses_the_prepared_cache_without_network(tmp_path, monkeypatch):
+    import llmcad.models.fetch as fetch
+
+    _store_pair(tmp_path, monkeypatch)
     monkeypatch.setattr(fetch, "_from_hub", lambda model: pytest.fail("the cache must be used first"))
     assert fetch.ensure_real_pair() == (tmp_path / f"{fetch.DRAFT.name}-bfloat16",
                                         tmp_path / f"{fetch.TARGET.name}-bfloat16")
@@ -132,12 +139,7 @@ def test_first_run_import_runs_in_a_child_process(tmp_path, monkeypatch):
     """The child prints the prepared pair's directories; a stored pair is used as it is."""
     import llmcad.models.fetch as fetch
 
-    for model in (fetch.DRAFT, fetch.TARGET):
-        d = tmp_path / f"{model.name}-bfloat16"
-        d.mkdir()
-        (d / "config.json").write_text("{}")
-        (d / "model.safetensors").write_bytes(b"")
-    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path))
+    _store_pair(tmp_path, monkeypatch)
     assert fetch.ensure_real_pair_in_child() == (tmp_path / f"{fetch.DRAFT.name}-bfloat16",
                                                  tmp_path / f"{fetch.TARGET.name}-bfloat16")
     (tmp_path / "a-file").write_text("")

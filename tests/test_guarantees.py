@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import torch
 
 import llmcad
 import pair_models
-from child_cli import LLMCAD_WITH_SIGINT
+from child_cli import LLMCAD_WITH_SIGINT, interrupt_and_expect_clean_exit
 from llmcad import LLMCad
 from llmcad.errors import BudgetError
 
@@ -338,22 +337,14 @@ def test_ctrl_c_while_waiting_on_slow_storage_cli(pair, mode):
 
 
 def _interrupt_when_loaded(proc, weights) -> None:
-    try:
+    def loaded():  # the streamed target is loaded: its reads begin
         deadline = time.monotonic() + 60
-        while not _holds(proc.pid, weights):  # the streamed target is loaded: its reads begin
+        while not _holds(proc.pid, weights):
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.05)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=30)
-        assert time.monotonic() - t0 < 10  # mostly the interpreter's own teardown of torch
-        err = proc.stderr.read().decode()
-        assert rc == 130 and "Traceback" not in err, (rc, err)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    interrupt_and_expect_clean_exit(proc, 30, ready=loaded)
 
 
 def _holds(pid: int, path: str) -> bool:
