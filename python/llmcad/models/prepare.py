@@ -237,13 +237,7 @@ def verify(out: Path, model, dtype: str | None = None) -> None:
     state = model.state_dict()
     expected = {k: v for k, v in state.items() if k in index.tensors or not _is_tied(model, k)}
     for name, tensor in tqdm(expected.items(), desc="prepare: verifying", unit="tensor", leave=False):
-        entry = index.tensors.get(name)
-        if entry is None:
-            raise WeightFileError(f"{out}: tensor {name!r} missing from the written checkpoint")
-        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.torch_dtype:
-            raise WeightFileError(
-                f"{index.files[entry.file_index]}: {name!r} written as {list(entry.shape)} {entry.dtype}, "
-                f"model has {list(tensor.shape)} {tensor.dtype}")
+        entry = index.check_holds(name, tensor)
         if dtype is not None and str(entry.torch_dtype) != f"torch.{dtype}":
             raise WeightFileError(
                 f"{index.files[entry.file_index]}: {name!r} written as {entry.dtype}, not {dtype} "

@@ -196,12 +196,7 @@ def verify_written(out: Path, state: dict, record: dict) -> None:
 
     index = load_index(out)
     for name, tensor in state.items():
-        entry = index.tensors.get(name)
-        if entry is None:
-            raise WeightFileError(f"{out}: tensor {name!r} missing from the written checkpoint")
-        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.torch_dtype:
-            raise WeightFileError(f"{index.files[entry.file_index]}: {name!r} written as {list(entry.shape)} "
-                                  f"{entry.dtype}, expected {list(tensor.shape)} {tensor.dtype}")
+        index.check_holds(name, tensor)
     with safe_open(index.files[0], framework="pt") as f:
         for name, tensor in state.items():
             if not f.get_tensor(name).equal(tensor):

@@ -95,6 +95,17 @@ class WeightIndex:
     def total_bytes(self) -> int:
         return sum(t.length for t in self.tensors.values())
 
+    def check_holds(self, name: str, tensor) -> TensorEntry:
+        """The entry of ``name``, which must be indexed with ``tensor``'s shape and dtype (checking a
+        written checkpoint against the model it was written from); WeightFileError otherwise."""
+        entry = self.tensors.get(name)
+        if entry is None:
+            raise WeightFileError(f"{self.directory}: tensor {name!r} missing from the written checkpoint")
+        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.torch_dtype:
+            raise WeightFileError(f"{self.files[entry.file_index]}: {name!r} written as {list(entry.shape)} "
+                                  f"{entry.dtype}, expected {list(tensor.shape)} {tensor.dtype}")
+        return entry
+
     def local_name(self, entry: TensorEntry, layer: int) -> str:
         """Name of a layer tensor relative to its layer module, e.g. ``self_attn.q_proj.weight``."""
         return entry.name[len(f"{self.layer_prefix}{layer}."):]
