@@ -15,6 +15,7 @@ from llmcad.bench import e2e as bench_e2e
 from llmcad.bench import report as bench_report
 
 from llmcad.bench import pagecache
+from llmcad.bench import quant_rows as bench_quant_rows
 from llmcad.bench.tiny_pair import PROMPTS, build_tiny_pair
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -171,6 +172,116 @@ def test_rows_are_data():
     assert rows[3].options == {"mode": "llmcad", "alpha_rule": "paper", "prefetch": False}
 
 
+def test_quantized_rows_named_in_rows_are_exactly_the_rows_run():
+    args = _parse(["--chain-k", "3,5", "--quantize", "int8,int4", "--rows",
+                   "target-only,chain,llmcad,hf-assisted-offload,target-only-int8,target-only-int4,llmcad-int4,"
+                   "chain-int8"])
+    rows = bench_e2e.select_rows(args, [3, 5], ["int8", "int4"])
+    assert [(r.name, r.options.get("chain_length")) for r in rows] == [
+        ("target-only", None), ("chain", 3), ("chain", 5), ("llmcad", None), ("hf-assisted-offload", None),
+        ("target-only-int8", None), ("chain-int8", 3), ("chain-int8", 5), ("target-only-int4", None),
+        ("llmcad-int4", None)]
+    assert [r.options.get("quantize") for r in rows[5:]] == ["int8"] * 3 + ["int4"] * 2
+    assert bench_quant_rows.schemes_used(rows) == ["int8", "int4"]
+    only_int4 = bench_e2e.select_rows(_parse(["--rows", "llmcad,llmcad-int4"]), [3], ["int8", "int4"])
+    assert [r.name for r in only_int4] == ["llmcad", "llmcad-int4"]
+    assert bench_quant_rows.schemes_used(only_int4) == ["int4"]  # int8 is not prepared
+
+
+def test_quantize_without_quantized_names_copies_every_llmcad_row():
+    rows = bench_e2e.select_rows(_parse(["--rows", "target-only,llmcad,hf-offload",
+                                         "--row-option", "llmcad.prefetch=false",
+                                         "--row-option", "llmcad-int4.alpha_rule=\"paper\""]), [3], ["int4"])
+    assert [r.name for r in rows] == ["target-only", "llmcad", "hf-offload", "target-only-int4", "llmcad-int4"]
+    assert rows[4].options == {"mode": "llmcad", "quantize": "int4", "prefetch": False, "alpha_rule": "paper"}
+    assert [r.name for r in bench_e2e.select_rows(_parse([]), [3], ["int8"])] == \
+        MAIN_NAMES + ["target-only-int8", "chain-int8", "tree-int8", "llmcad-paper-int8", "llmcad-int8"]
+
+
+def _fake_row(plan, row, setting, work, index):
+    """A row record whose speed depends on the chain length (k=3 fastest), one token a prompt."""
+    seconds = {2: 3.0, 3: 1.0, 4: 2.0}.get(row.options.get("chain_length"), 1.0)
+    n = len(plan["prompt_ids"])
+    return {"name": row.name, "setting": setting[0], "options": row.options, "error": None, "generated": n,
+            "seconds": seconds * n, "passes": n, "bytes_read": 0, "tokens": [[7]] * n}
+
+
+def _fake_plan(tune):
+    rows = [bench_e2e.Row("target-only", "engine", {"mode": "target-only"})] + [
+        bench_e2e.Row("chain", "engine", {"mode": "chain", "chain_length": k}) for k in (2, 3, 4)] + [
+        bench_e2e.Row("hf-offload", "hf", {}, cappable=False)]
+    return {"rows": rows, "settings": [("native", None), ("cap300", 3e8)], "prompt_ids": [[1], [2], [3], [4]],
+            "chain_tune_prompts": tune, "max_new_tokens": 4, "max_new_tokens_baseline": 4}
+
+
+def test_chain_tuned_on_the_first_prompts_then_fastest_runs_all(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(bench_e2e, "spawn_row", lambda plan, row, setting, work, index: calls.append(
+        (row.name, row.options.get("chain_length"), setting[0], len(plan["prompt_ids"]), index)) or
+        _fake_row(plan, row, setting, work, index))
+    plan = _fake_plan(tune=1)
+    results = bench_e2e.run_jobs(plan, tmp_path)
+    assert calls == [("target-only", None, "native", 4, 0), ("chain", 2, "native", 1, 1), ("chain", 3, "native", 1, 2),
+                     ("chain", 4, "native", 1, 3), ("chain", 3, "native", 4, 4), ("hf-offload", None, "native", 4, 5),
+                     ("target-only", None, "cap300", 4, 6), ("chain", 2, "cap300", 1, 7),
+                     ("chain", 3, "cap300", 1, 8), ("chain", 4, "cap300", 1, 9), ("chain", 3, "cap300", 4, 10)]
+    rows, sweep = bench_e2e.collect_rows(plan, results, {})
+    assert [(r["name"], r["setting"], r["generated_tokens"]) for r in rows] == [
+        ("target-only", "native", 4), ("chain", "native", 4), ("hf-offload", "native", 4),
+        ("target-only", "cap300", 4), ("chain", "cap300", 4)]
+    assert rows[1]["options"]["chain_length"] == 3 and rows[1]["tokens"] == [[7]] * 4
+    assert sweep["native"] == [{"row": "chain", "chain_length": k, "tokens_per_s": 1 / s, "error": None, "prompts": 1}
+                               for k, s in ((2, 3.0), (3, 1.0), (4, 2.0))]
+    report = {"commands": ["c"], "machine": {}, "rows": rows, "chain_sweep": sweep, "workloads": {}}
+    text = bench_report.markdown(report)
+    assert "- chain k tuned on the first prompt (chain, native): k=2: 0.33 tok/s, k=3: 1.00 tok/s, k=4: 0.50 tok/s; " \
+           "the fastest, k=3, then ran all 4 prompts as the chain row" in text
+
+
+def test_chain_tuning_on_all_prompts_is_the_sweep_itself(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(bench_e2e, "spawn_row", lambda plan, row, setting, work, index: calls.append(
+        len(plan["prompt_ids"])) or _fake_row(plan, row, setting, work, index))
+    for tune in (None, 4, 9):
+        calls.clear()
+        plan = _fake_plan(tune)
+        rows, sweep = bench_e2e.collect_rows(plan, bench_e2e.run_jobs(plan, tmp_path), {})
+        assert calls == [4] * 9  # 5 rows natively, 4 capped: no tuning run, no rerun
+        assert [s["prompts"] for s in sweep["cap300"]] == [4, 4, 4]
+        assert rows[1]["options"]["chain_length"] == 3
+        assert "- chain length sweep (chain, native): k=2: 0.33 tok/s" in bench_report.markdown(
+            {"commands": ["c"], "machine": {}, "rows": rows, "chain_sweep": sweep, "workloads": {}})
+
+
+def test_chain_tuning_with_every_length_failing_reports_the_chain_row_failed(monkeypatch, tmp_path):
+    def failing(plan, row, setting, work, index):
+        record = _fake_row(plan, row, setting, work, index)
+        return dict(record, error="boom") if row.name == "chain" else record
+
+    monkeypatch.setattr(bench_e2e, "spawn_row", failing)
+    plan = dict(_fake_plan(tune=2), settings=[("native", None)])
+    rows, _ = bench_e2e.collect_rows(plan, bench_e2e.run_jobs(plan, tmp_path), {})
+    chain = next(r for r in rows if r["name"] == "chain")
+    assert chain["error"] == "every chain length failed while tuning"
+
+
+def test_chain_tuned_in_a_tiny_run(tiny_pair, tmp_path):
+    draft, target = tiny_pair
+    argv = ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(tmp_path),
+            "--rows", "target-only,chain", "--chain-k", "2,3", "--chain-tune-prompts", "1", "--max-new-tokens", "6",
+            "--warmup-tokens", "2", "--in-process"]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["target-only", "chain"]
+    sweep = report["chain_sweep"]["native"]
+    assert [(s["row"], s["chain_length"], s["prompts"]) for s in sweep] == [("chain", 2, 1), ("chain", 3, 1)]
+    best = max(sweep, key=lambda s: s["tokens_per_s"])["chain_length"]
+    assert rows["chain"]["options"]["chain_length"] == best
+    assert rows["chain"]["tokens"] == rows["target-only"]["tokens"] and len(rows["chain"]["tokens"]) == len(PROMPTS)
+    assert "chain k tuned on the first prompt (chain, native)" in (tmp_path / "e2e.md").read_text()
+
+
 def test_agreement_with_a_shorter_baseline_counts_its_positions_only():
     rows = [{"name": "target-only", "setting": "s", "tokens_per_s": 1.0},
             {"name": "llmcad", "setting": "s", "tokens_per_s": 4.0}]
@@ -192,6 +303,11 @@ def test_humaneval_prompts_come_from_the_package():
     (["--chain-k", "0,4"], "positive integers"),
     (["--rows", "llmcad,bogus"], "unknown row(s) bogus"),
     (["--row-option", "nope"], "ROW.KEY=VALUE"),
+    (["--rows", "llmcad,llmcad-int4", "--quantize", "int8"], "llmcad-int4 need --quantize int4"),
+    (["--rows", "target-only-int8"], "need --quantize int8 (--quantize gives: nothing)"),
+    (["--rows", "hf-offload-int8", "--quantize", "int8"], "unknown row(s) hf-offload-int8"),
+    (["--quantize", "int3"], "unknown scheme(s) int3"),
+    (["--chain-tune-prompts", "0"], "--chain-tune-prompts 0: expected at least 1 prompt"),
 ])
 def test_bad_flags_fail_with_a_message(argv, message, tiny_pair, tmp_path, capsys):
     draft, target = tiny_pair
@@ -255,11 +371,21 @@ def test_append_replaces_rows_of_the_same_setting_only():
     assert merged["bandwidth"]["floor_bps"] == {"native": 1, "cap300": 3}
 
 
+def test_append_replaces_the_sweep_of_the_same_row_and_setting_only():
+    old = {"native": [{"chain_length": 4, "v": 1}, {"chain_length": 6, "v": 1}],
+           "cap300": [{"row": "chain", "chain_length": 4, "v": 1}]}
+    new = {"native": [{"row": "chain-int4", "chain_length": 4, "v": 2}],
+           "cap300": [{"row": "chain", "chain_length": 6, "v": 2}]}
+    merged = bench_e2e.merge_sweeps(old, new)
+    assert [(s.get("row"), s["v"]) for s in merged["native"]] == [(None, 1), (None, 1), ("chain-int4", 2)]
+    assert merged["cap300"] == new["cap300"]
+
+
 def test_quantized_rows_run_on_prepared_targets(tiny_pair, tmp_path):
     draft, target = tiny_pair
     argv = ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(tmp_path),
-            "--rows", "target-only,llmcad", "--quantize", "int8,int4", "--max-new-tokens", "6",
-            "--warmup-tokens", "2", "--in-process"]
+            "--rows", "llmcad-int4,target-only,llmcad,target-only-int8,llmcad-int8,target-only-int4",
+            "--quantize", "int8,int4", "--max-new-tokens", "6", "--warmup-tokens", "2", "--in-process"]
     assert cli.main(argv) == 0
     report = json.loads((tmp_path / "e2e.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}

@@ -8,6 +8,8 @@ offload under the same budget) and ``hf-assisted-offload`` (the same with ``assi
 ``--cap RATE`` adds a setting with the streamer's bandwidth capped (llmcad rows only: the peers cannot
 be capped); both settings go into the one report. ``--max-new-tokens-baseline`` lets target-only, whose
 cost per token is one pass, generate fewer tokens (its tokens/s is a per-token rate either way).
+``--chain-tune-prompts N`` runs the chain lengths on the first N prompts only, then the fastest on all.
+``--quantize`` adds ``<row>-int8`` / ``<row>-int4`` copies of the llmcad rows (:mod:`llmcad.bench.quant_rows`).
 
 A row is data: (name, runner, options); for the engine, options are ``LLMCad.from_pretrained``
 keyword arguments (``mode`` and policy options); each row runs in :mod:`llmcad.bench.rows`.
@@ -71,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in every row (default: "
                    "torch's; --tiny: 1, since tiny matmuls only lose to thread overhead)")
     p.add_argument("--chain-k", default=None, help="chain lengths to try, e.g. 4,6,8 (default; --tiny: 2,4)")
+    p.add_argument("--chain-tune-prompts", type=int, default=None, metavar="N",
+                   help="run the chain lengths on the first N prompts only, then the fastest on all prompts as the "
+                   "chain row (default: every length on all prompts)")
     p.add_argument("--cap", default=None, metavar="RATE", help="add a setting with the streamer capped at RATE, "
                    "e.g. 300MB/s (llmcad rows only)")
     p.add_argument("--only-cap", action="store_true", help="run the capped setting only")
@@ -78,8 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per prompt for the target-only row (default: --max-new-tokens)")
     p.add_argument("--quantize", default=None, metavar="SCHEMES",
                    help="add <row>-int8 / <row>-int4 rows (llmcad rows on the target prepared with --quantize), "
-                   "e.g. int8,int4")
-    p.add_argument("--rows", default=None, help="run only these rows (comma-separated names)")
+                   "e.g. int8,int4: a copy of every llmcad row, or only those --rows names")
+    p.add_argument("--rows", default=None, help="run only these rows (comma-separated names, e.g. "
+                   "target-only,llmcad,llmcad-int4); naming no <row>-int8/-int4 keeps every --quantize copy "
+                   "of the rows named")
     p.add_argument("--row-option", action="append", default=[], metavar="ROW.KEY=VALUE",
                    help="set an engine option of a row, VALUE as JSON (e.g. tree+fallback.prefetch=false)")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up generation per row")
@@ -138,13 +145,14 @@ def make_plan(args) -> dict:
         raise ValueError("--only-cap needs --cap RATE")
     max_new = args.max_new_tokens or (12 if args.tiny else 128)
     chain_k = parse_ints(args.chain_k or ("2,4" if args.tiny else "4,6,8"), "--chain-k")
-    rows = select_rows(args, chain_k)
-    schemes = quant_rows.parse_schemes(getattr(args, "quantize", None))
-    rows += quant_rows.quantized_rows(rows, schemes)
+    if args.chain_tune_prompts is not None and args.chain_tune_prompts < 1:
+        raise ValueError(f"--chain-tune-prompts {args.chain_tune_prompts}: expected at least 1 prompt")
+    rows = select_rows(args, chain_k, quant_rows.parse_schemes(args.quantize))
+    schemes = quant_rows.schemes_used(rows)
     quantized = quant_rows.prepare_targets(target, schemes, Path(args.out)) if schemes else {}
     return {"command": command_line(), "draft": str(draft), "target": str(target), "prompt_ids": ids,
             "quantized_targets": quantized, "prompt_labels": labels, "memory_budget": str(budget), "settings": settings,
-            "rows": rows, "max_new_tokens": max_new, "dtype": args.dtype,
+            "rows": rows, "max_new_tokens": max_new, "chain_tune_prompts": args.chain_tune_prompts, "dtype": args.dtype,
             "device": args.device, "seed": args.seed, "warmup_tokens": min(args.warmup_tokens, max_new),
             "evict_interval_s": args.evict_interval_ms / 1e3, "row_timeout": args.row_timeout,
             "in_process": args.in_process, "copy_target": args.copy_target,
@@ -212,24 +220,37 @@ def tiny_budget(draft, target) -> int:
     return draft_bytes + index.non_layer_bytes() + int(4.5 * largest) + kv + (64 << 10)
 
 
-def select_rows(args, chain_k: list) -> list:
-    """The rows to run, chain expanded into one variant per length, with ``--row-option`` applied."""
-    rows = MAIN_ROWS
+def select_rows(args, chain_k: list, schemes: list = ()) -> list:
+    """The rows to run, chain expanded into one variant per length, with ``--row-option`` applied.
+
+    Quantized rows: ``--rows`` naming any ``<row>-<scheme>`` runs exactly the rows named; naming none
+    (or no ``--rows``) adds a copy of every chosen llmcad row per ``--quantize`` scheme.
+    """
+    engine_names = {r.name for r in MAIN_ROWS if r.runner == "engine"}
+    rows = list(MAIN_ROWS) + quant_rows.quantized_rows(MAIN_ROWS, schemes)
     if args.rows:
         wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
+        quant_rows.check_names(wanted, engine_names, schemes)
         unknown = sorted(set(wanted) - {r.name for r in rows})
         if unknown:
-            raise ValueError(f"--rows: unknown row(s) {', '.join(unknown)}; rows: {', '.join(r.name for r in rows)}")
-        rows = [r for r in rows if r.name in wanted]
-    extra = parse_row_options(args.row_option, {r.name for r in rows})
+            raise ValueError(f"--rows: unknown row(s) {', '.join(unknown)}; rows: "
+                             f"{', '.join(r.name for r in MAIN_ROWS)}, and <llmcad row>-int8 / -int4 with --quantize")
+        names_quantized = any(quant_rows.split_name(n, engine_names) for n in wanted)
+        rows = [r for r in rows if r.name in wanted or not names_quantized and base_name(r) in wanted]
+    extra = parse_row_options(args.row_option, {r.name for r in rows} | {base_name(r) for r in rows})
     out = []
     for row in rows:
-        options = {**row.options, **extra.get(row.name, {})}
+        options = {**row.options, **extra.get(base_name(row), {}), **extra.get(row.name, {})}
         if row.options.get("mode") == "chain" and "chain_length" not in options:
             out.extend(Row(row.name, row.runner, {**options, "chain_length": k}, row.cappable) for k in chain_k)
         else:
             out.append(Row(row.name, row.runner, options, row.cappable))
     return out
+
+
+def base_name(row: Row) -> str:
+    """The main row a row copies: ``llmcad`` for ``llmcad-int4``; a main row's own name."""
+    return row.name.removesuffix(f"-{row.options['quantize']}") if row.options.get("quantize") else row.name
 
 
 def parse_row_options(items: list, names: set) -> dict:
@@ -303,16 +324,11 @@ def measure(plan: dict, out: Path) -> dict:
     """Run every (row, setting) in a child; returns the report's rows, workloads and bandwidth."""
     from llmcad.streaming.weights import checkpoint_files
 
-    jobs = [(row, setting) for setting in plan["settings"] for row in plan["rows"]
-            if setting[1] is None or row.cappable]
-    results = []
     with tempfile.TemporaryDirectory(prefix="llmcad-e2e-", dir=out) as work:
         target = private_copy(plan["target"], Path(work) / "target") if plan["copy_target"] else plan["target"]
         target_files = checkpoint_files(target)
         raw_before = raw_bandwidth(target_files)
-        for i, (row, setting) in enumerate(jobs):
-            print(f"[{i + 1}/{len(jobs)}] {row.name} {_variant(row)}({setting[0]})", file=sys.stderr, flush=True)
-            results.append(spawn_row(dict(plan, target=str(target)), row, setting, Path(work), i))
+        results = run_jobs(dict(plan, target=str(target)), Path(work))
         raw_after = raw_bandwidth(target_files)
     raw_bps = max((b for b in (raw_before, raw_after) if b), default=None)
     floor_bps = {name: (min(raw_bps, cap) if cap else raw_bps) for name, cap in plan["settings"]} if raw_bps else {}
@@ -327,20 +343,78 @@ def measure(plan: dict, out: Path) -> dict:
             "target_file_bytes": sum(Path(f).stat().st_size for f in checkpoint_files(plan["target"]))}
 
 
+def row_groups(plan: dict) -> list:
+    """(setting, the row's variants) per row and setting, in run order; capped settings skip uncappable rows."""
+    names = dict.fromkeys(r.name for r in plan["rows"])
+    groups = [(setting, [r for r in plan["rows"] if r.name == name]) for setting in plan["settings"] for name in names]
+    return [(setting, group) for setting, group in groups if setting[1] is None or group[0].cappable]
+
+
+def tune_prompts(plan: dict) -> int | None:
+    """Prompts a chain sweep runs when fewer than all (then the fastest length runs all prompts again)."""
+    n = plan.get("chain_tune_prompts")
+    return n if n is not None and n < len(plan["prompt_ids"]) else None
+
+
+def run_jobs(plan: dict, work: Path) -> list:
+    """Raw records of every (row, setting). A chain sweep on the first ``tune_prompts`` prompts adds its
+    records marked ``tuning`` (the number of prompts), then the fastest length's record on all prompts."""
+    tune, groups = tune_prompts(plan), row_groups(plan)
+    total = sum(len(group) + (tune is not None and len(group) > 1) for _, group in groups)
+    results: list = []
+
+    def run(row: Row, setting: tuple, job_plan: dict, note: str = "") -> dict:
+        index = len(results)
+        print(f"[{index + 1}/{total}] {row.name} {_variant(row)}({setting[0]}){note}", file=sys.stderr, flush=True)
+        results.append(spawn_row(job_plan, row, setting, work, index))
+        return results[-1]
+
+    for setting, group in groups:
+        if tune is None or len(group) == 1:
+            for row in group:
+                run(row, setting, plan)
+            continue
+        subset = dict(plan, prompt_ids=plan["prompt_ids"][:tune])
+        tuning = [run(row, setting, subset, f" tuning on the first {tune} prompts") for row in group]
+        for record in tuning:
+            record["tuning"] = tune
+        best = fastest(tuning)
+        if best is None:
+            results.append({"name": group[0].name, "setting": setting[0], "options": group[0].options,
+                            "error": "every chain length failed while tuning"})
+        else:
+            run(group[best], setting, plan, " (the fastest length, on all prompts)")
+    return results
+
+
+def fastest(records: list) -> int | None:
+    """Index of the record with the most tokens/s (as :func:`best_variant` picks); None when all failed."""
+    from llmcad.bench.report import best_variant, summarize
+
+    summaries = [summarize(r, None) for r in records]
+    best = best_variant(summaries)
+    return None if best.get("error") or not best.get("tokens_per_s") else summaries.index(best)
+
+
 def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict]:
-    """One summarized row per (name, setting) (the fastest chain length), compared with target-only."""
+    """One summarized row per (name, setting) (the fastest chain length), compared with target-only;
+    and per setting the chain sweeps (``row``, ``chain_length``, ``tokens_per_s``, ``prompts`` run)."""
     from llmcad.bench.report import best_variant, compare, summarize
 
     rows, tokens, sweep = [], {}, {}
     for setting, _ in plan["settings"]:
         for name in dict.fromkeys(r.name for r in plan["rows"]):
-            variants = [r for r in results if r["name"] == name and r["setting"] == setting]
+            records = [r for r in results if r["name"] == name and r["setting"] == setting]
+            variants = [r for r in records if not r.get("tuning")]
             if not variants:
                 continue
             summaries = [summarize(v, floor_bps.get(setting)) for v in variants]
-            if len(variants) > 1:
-                sweep[setting] = [{"chain_length": s["options"].get("chain_length"), "tokens_per_s": s["tokens_per_s"],
-                                   "error": s.get("error")} for s in summaries]
+            swept = [r for r in records if r.get("tuning")] or variants
+            if len(swept) > 1:
+                sweep.setdefault(setting, []).extend(
+                    {"row": name, "chain_length": s["options"].get("chain_length"), "tokens_per_s": s["tokens_per_s"],
+                     "error": s.get("error"), "prompts": r.get("tuning") or len(plan["prompt_ids"])}
+                    for r, s in zip(swept, (summarize(r, floor_bps.get(setting)) for r in swept)))
             best = best_variant(summaries)
             tokens[(name, setting)] = variants[summaries.index(best)].get("tokens", [])
             rows.append(best)
@@ -442,10 +516,20 @@ def merge_reports(old: dict, new: dict) -> dict:
     merged["rows"] = [r for r in old.get("rows", []) if (r["name"], r["setting"]) not in keys] + new["rows"]
     merged["commands"] = old.get("commands", [old.get("command", "")]) + new["commands"]
     merged["workloads"] = {**old.get("workloads", {}), **new["workloads"]}
-    merged["chain_sweep"] = {**old.get("chain_sweep", {}), **new["chain_sweep"]}
+    merged["chain_sweep"] = merge_sweeps(old.get("chain_sweep", {}), new["chain_sweep"])
     bw = dict(new["bandwidth"])
     bw["floor_bps"] = {**old.get("bandwidth", {}).get("floor_bps", {}), **bw["floor_bps"]}
     merged["bandwidth"] = bw
+    return merged
+
+
+def merge_sweeps(old: dict, new: dict) -> dict:
+    """Per setting, ``new``'s sweep of a row replaces ``old``'s sweep of it (entries without ``row`` are chain's)."""
+    merged = {}
+    for setting in dict.fromkeys([*old, *new]):
+        fresh = new.get(setting, [])
+        rows = {s.get("row", "chain") for s in fresh}
+        merged[setting] = [s for s in old.get(setting, []) if s.get("row", "chain") not in rows] + fresh
     return merged
 
 

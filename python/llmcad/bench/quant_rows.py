@@ -1,8 +1,9 @@
 """Quantized rows of ``llmcad bench e2e --quantize int8,int4``: ``<row>-int8`` / ``<row>-int4``.
 
-Each llmcad (engine) row gets a copy per scheme whose options carry ``quantize``; the run prepares the
-target once per scheme (``llmcad prepare --quantize``, kept under ``--out`` and reused while its source
-and scheme match), and the row process swaps that directory in for the target (:func:`resolve_job`).
+Each llmcad (engine) row has a copy per scheme whose options carry ``quantize`` (``--rows`` may name
+them); the run prepares the target once per scheme a row uses (``llmcad prepare --quantize``, kept
+under ``--out`` and reused while its source and scheme match), and the row process swaps that
+directory in for the target (:func:`resolve_job`).
 Nothing outside llmcad.bench imports this module.
 """
 from __future__ import annotations
@@ -20,12 +21,32 @@ def parse_schemes(text: str | None) -> list:
     return schemes
 
 
+def split_name(name: str, engine_names) -> tuple[str, str] | None:
+    """(engine row, scheme) of a quantized row name such as ``llmcad-int4``; None for any other name."""
+    base, sep, scheme = name.rpartition("-")
+    return (base, scheme) if sep and scheme in SCHEMES and base in engine_names else None
+
+
+def check_names(wanted: list, engine_names, schemes: list) -> None:
+    """A quantized name in ``--rows`` needs its scheme in ``--quantize``."""
+    missing = [n for n in wanted if (split := split_name(n, engine_names)) and split[1] not in schemes]
+    if missing:
+        needed = ",".join(dict.fromkeys(split_name(n, engine_names)[1] for n in missing))
+        raise ValueError(f"--rows: row(s) {', '.join(missing)} need --quantize {needed} (--quantize gives: "
+                         f"{','.join(schemes) or 'nothing'})")
+
+
 def quantized_rows(rows: list, schemes: list) -> list:
     """The engine rows again, once per scheme, named ``<row>-<scheme>`` with ``quantize`` in the options."""
     from dataclasses import replace
 
     return [replace(row, name=f"{row.name}-{scheme}", options={**row.options, "quantize": scheme})
             for scheme in schemes for row in rows if row.runner == "engine"]
+
+
+def schemes_used(rows: list) -> list:
+    """The schemes the rows run, in order of appearance."""
+    return list(dict.fromkeys(r.options["quantize"] for r in rows if r.options.get("quantize")))
 
 
 def prepare_targets(target, schemes: list, out: Path) -> dict:

@@ -198,8 +198,26 @@ def _notes(report: dict) -> list:
             out.append(f"- time of {r['name']} ({r['setting']}): draft {split['draft']:.1f} s, target "
                        f"{split['target']:.1f} s, other {split['other']:.1f} s, draft steps {r.get('draft_steps')}")
     for setting, sweep in report.get("chain_sweep", {}).items():
-        shown = ", ".join(f"k={s['chain_length']}: {_cell(s['tokens_per_s'], '{:.2f}')} tok/s" for s in sweep)
-        out.append(f"- chain length sweep ({setting}): {shown}; the fastest is the chain row")
+        out += _sweep_lines(setting, sweep, report)
+    return out
+
+
+def _sweep_lines(setting: str, sweep: list, report: dict) -> list:
+    """One line per swept chain row: each length's tok/s and the prompts the sweep ran."""
+    out = []
+    for name in dict.fromkeys(s.get("row", "chain") for s in sweep):
+        entries = [s for s in sweep if s.get("row", "chain") == name]
+        shown = ", ".join(f"k={s['chain_length']}: {_cell(s['tokens_per_s'], '{:.2f}')} tok/s" for s in entries)
+        prompts = entries[0].get("prompts")
+        row = next((r for r in report["rows"] if r["name"] == name and r["setting"] == setting), None)
+        total = len(row["tokens"]) if row and row.get("tokens") else None
+        if prompts is not None and total is not None and prompts < total:
+            k = (row.get("options") or {}).get("chain_length")
+            first = f"first {prompts} prompts" if prompts > 1 else "first prompt"
+            out.append(f"- chain k tuned on the {first} ({name}, {setting}): {shown}; the fastest, "
+                       f"k={k}, then ran all {total} prompts as the {name} row")
+        else:
+            out.append(f"- chain length sweep ({name}, {setting}): {shown}; the fastest is the {name} row")
     return out
 
 
