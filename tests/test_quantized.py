@@ -112,6 +112,35 @@ def test_cpu_int4_layout_equals_torchs_conversion_op(rows):
     assert torch.equal(_convert_by_op(quant.pack_nibbles(q)), whole.reshape(rows, 48))
 
 
+def test_cpu_int4_layout_at_awkward_sizes_and_reused_scratch():
+    """Shapes growing and shrinking (the scratch buffer is reused), K not a power of two, tails of 16 and
+    48 rows: each result equals torch's op, and an earlier result is not overwritten by a later call."""
+    # the op wants N % 16 == 0
+    shapes = [(1040, 80), (64, 32), (208, 448), (48, 64), (112, 96), (1136, 160), (16, 32), (128, 4480)]
+    results = []
+    for i, (rows, k) in enumerate(shapes):
+        q = torch.randint(0, 16, (rows, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).view(torch.uint8)
+        got = cpu_int4_layout(quant.pack_nibbles(q))
+        assert torch.equal(got, want.reshape(rows, k // 2)), (rows, k)
+        results.append((got, got.clone()))
+    assert all(torch.equal(got, kept) for got, kept in results)
+
+
+def test_cpu_int4_layout_from_concurrent_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def convert(seed: int) -> bool:
+        q = torch.randint(0, 16, (64 * (seed + 1), 96), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))
+        want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).view(torch.uint8)
+        return all(torch.equal(cpu_int4_layout(quant.pack_nibbles(q)), want.reshape(q.shape[0], 48))
+                   for _ in range(20))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(convert, range(8)))
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="torch's x86 block widths (AVX2: 32, AVX-512: 64)")
 def test_this_cpu_uses_the_vectorized_rearrangement():
     assert _cpu_block_rows() in (32, 64)

@@ -20,6 +20,7 @@ Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.ben
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -124,21 +125,38 @@ def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
     full = n - n % block if block else 0
     out = torch.empty_like(qweight)
     if full:
-        out[:full] = _rearrange_blocks(qweight[:full], block)
+        _rearrange_blocks(qweight[:full], block, out[:full])
     if full < n:
         out[full:] = _convert_by_op(qweight[full:])
     return out
 
 
-def _rearrange_blocks(qweight: torch.Tensor, block: int) -> torch.Tensor:
-    """Rows in blocks of ``block``: out[b, m, 0|1, j] = (row j | row j + block/2 << 4) at column 2m | 2m+1."""
+def _rearrange_blocks(qweight: torch.Tensor, block: int, out: torch.Tensor) -> None:
+    """Rows in blocks of ``block`` into ``out`` (uint8 [N, K/2], contiguous):
+    out[b, m, 0|1, j] = (row j | row j + block/2 << 4) at column 2m | 2m+1.
+
+    The nibbles are combined on contiguous slabs into a reused scratch buffer (five in-place passes, no
+    temporaries), then one transposing copy writes ``out``: fresh temporaries cost more than the ops."""
     n, half = qweight.shape
     blocks = qweight.view(n // block, 2, block // 2, half)
     low, high = blocks[:, 0], blocks[:, 1]  # the rows that go to the low / high nibble
-    out = torch.empty((n // block, half, 2, block // 2), dtype=torch.uint8)
-    out[:, :, 0, :] = ((low >> 4) | (high & 0xF0)).transpose(1, 2)  # even columns (stored high nibbles)
-    out[:, :, 1, :] = ((low & 0x0F) | (high << 4)).transpose(1, 2)  # odd columns (stored low nibbles)
-    return out.view(n, half)
+    nibbles = _scratch(qweight.numel()).view(n // block, 2, block // 2, half)
+    even, odd = nibbles[:, 0], nibbles[:, 1]  # even columns (stored high nibbles) / odd (stored low nibbles)
+    torch.bitwise_right_shift(low, 4, out=odd)  # odd is scratch space until its own turn
+    torch.bitwise_and(high, 0xF0, out=even).add_(odd)  # disjoint bits: + is |
+    torch.bitwise_and(low, 0x0F, out=odd).add_(high, alpha=16)  # uint8 wraps: 16 * high is high << 4
+    out.view(n // block, half, 2, block // 2).copy_(nibbles.permute(0, 3, 1, 2))
+
+
+_SCRATCH = threading.local()  # per thread: the draft's and the target's forwards may run concurrently
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A uint8 buffer of ``numel`` bytes, this thread's, kept for the next call (the largest matrix seen)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.uint8)
+    return buf[:numel]
 
 
 def _convert_by_op(qweight: torch.Tensor) -> torch.Tensor:
@@ -163,7 +181,9 @@ def _cpu_block_rows() -> int | None:
     want = _convert_by_op(packed)
     for block in (64, 32):
         full = codes.shape[0] - codes.shape[0] % block
-        if torch.equal(_rearrange_blocks(packed[:full], block), want[:full]):
+        got = torch.empty_like(packed[:full])
+        _rearrange_blocks(packed[:full], block, got)
+        if torch.equal(got, want[:full]):
             return block
     return None
 
