@@ -174,10 +174,15 @@ class SimulatedDraftDrafter(TreeDrafter):
         return self.dist.expand(len(nodes), -1)
 
 
-def calibrated_policy(pass_fixed_s, pass_per_token_s, **options):
+def calibrated_policy(pass_fixed_s, pass_per_token_s, io_s=None, **options):
+    """A policy that has timed passes of ``pass_fixed_s + pass_per_token_s * n`` compute (with ``io_s``:
+    passes lasting max(reads, compute), the target blocked on reads for the rest), draft forwards, and
+    a calibrated draft."""
     policy = make_policy("llmcad", **options)
     for n in (8, 16, 32, 64) * 10:  # enough passes for the prior to fade
-        policy.observe_pass(n, pass_fixed_s + pass_per_token_s * n)
+        compute = pass_fixed_s + pass_per_token_s * n
+        seconds = compute if io_s is None else max(io_s, compute)
+        policy.observe_pass(n, seconds, io_wait_s=seconds - compute)
     for rows in (1, 4, 16, 1, 4, 16):
         policy.observe_draft(rows, 0.05 + 0.002 * rows)
     rng = np.random.default_rng(0)
@@ -245,3 +250,50 @@ def test_rows_follow_the_draft_cost():
     assert policy.rows(values) == len(values)
     policy.draft_cost = LinearCost(0.0, 0.1)
     assert policy.rows(values) == 1
+
+
+def io_bound_policy(io_s, compute_fixed_s, per_token_s):
+    return calibrated_policy(compute_fixed_s, per_token_s, io_s=io_s)
+
+
+def test_io_bound_passes_make_tree_tokens_free_until_compute_catches_up():
+    """Passes bound by their reads: the model is max(reads, compute); the auto size is the tokens whose
+    compute fits in the reads; draft-step waits count as neither."""
+    policy = io_bound_policy(8.0, 0.5, 0.02)
+    assert policy.io_bound_s == pytest.approx(8.0)
+    assert policy.max_tree_tokens == pytest.approx((8.0 - 0.5) / 0.02, abs=2)
+    assert policy.pass_seconds(10) == pytest.approx(8.0)
+    assert policy.pass_seconds(500) == pytest.approx(0.5 + 0.02 * 500, rel=0.01)
+    compute_only = calibrated_policy(0.5, 0.02)  # the same compute, never waiting on reads
+    assert compute_only.io_bound_s is None
+    assert compute_only.pass_seconds(10) == pytest.approx(0.7, rel=0.01)
+    policy.observe_pass(20, 9.0, io_wait_s=0.0, draft_wait_s=8.1)  # blocked on a draft step, not on reads
+    assert policy.io_bound_s == pytest.approx(8.0)
+    assert policy.target_cost(20) == pytest.approx(0.5 + 0.02 * 20, abs=0.05)
+
+
+def test_cost_rule_keeps_drafting_while_passes_wait_on_reads():
+    """The same 70 s pass for a small tree: IO-bound, more tree tokens cost nothing while their compute
+    fits in the reads, so a low-value expansion still pays; compute-bound, every token adds 1 s and the
+    same expansion does not. Valuable nodes pay in both."""
+    io_bound = calibrated_policy(0.5, 1.0, io_s=70.0, max_tree_tokens=64)
+    compute_bound = calibrated_policy(70.0, 1.0, max_tree_tokens=64)
+    low, high = [0.05] * 4, [0.9] * 4
+    state = dict(floor=0.0, tree_value=3.0, tree_tokens=10, draft_s=0.5)
+    assert io_bound.keep_drafting(low, **state)
+    assert not compute_bound.keep_drafting(low, **state)
+    assert io_bound.keep_drafting(high, **state) and compute_bound.keep_drafting(high, **state)
+
+
+def test_learned_costs_and_calibration_outlive_a_generation():
+    """reset() (each generate) keeps what the pair accepts and what the machine costs; forget() does not."""
+    policy = io_bound_policy(8.0, 0.5, 0.02)
+    accepted = policy.calibration(0.95)
+    policy.observe_draft(4, 0.3)
+    policy.reset()
+    assert policy.io_bound_s == pytest.approx(8.0)
+    assert policy.calibration(0.95) == accepted
+    assert policy.report()["mean_tree_tokens"] == 0.0  # the sizes are the generation's own
+    policy.forget()
+    assert policy.io_bound_s is None
+    assert policy.calibration(0.95) == pytest.approx(0.95)

@@ -255,9 +255,13 @@ class _Run:
                     else DraftTree.rooted(root))
         n, created = min(len(tree), policy.max_tree_tokens, self._target_kv_room()), len(tree)
         pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
+        gate_wait0 = self.gate.target_wait_s if self.gate is not None else 0.0
         with self.record.timed("target"):
             logits, provisional = self._verify(tree, n)
-        policy.observe_pass(n, time.perf_counter() - t0, pending)
+        # seconds the target sat blocked: on reads (IO-bound passes) and on draft steps
+        io_wait = self.gate.pass_io_wait_s if self.gate is not None else 0.0
+        draft_wait = self.gate.target_wait_s - gate_wait0 if self.gate is not None else 0.0
+        policy.observe_pass(n, time.perf_counter() - t0, pending, io_wait_s=io_wait, draft_wait_s=draft_wait)
         verified = tree.head(n)
         # node u chooses the token at absolute position committed + depth(u): the key of its sampling noise
         committed = self.prompt_length + len(output.tokens)
@@ -340,7 +344,7 @@ class _Run:
         return self.tracer.span("verify", name, **args) if self.tracer is not None else nullcontext()
 
     def pipeline_stats(self) -> dict:
-        return {**self.policy.report(),"pipeline": self.pipelined, "prefetch": self.engine.prefetch,
+        return {**self.policy.report(), "pipeline": self.pipelined, "prefetch": self.engine.prefetch,
                 "max_provisional_tokens": self.engine.max_provisional_tokens,
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
                 "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0}

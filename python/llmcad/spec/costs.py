@@ -83,3 +83,8 @@ class LinearCost:
     def __call__(self, rows: int) -> float:
         fixed, per_row = self.coefficients()
         return fixed + per_row * rows
+
+
+def ema(old, sample, weight: float = 0.3):
+    """Exponential moving average: ``sample`` when there is no ``old`` value yet."""
+    return sample if old is None else (1 - weight) * old + weight * sample

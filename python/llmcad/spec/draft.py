@@ -28,7 +28,7 @@ import torch
 
 from llmcad.spec import kv
 from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
-from llmcad.spec.pipeline import ema
+from llmcad.spec.costs import ema
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
 TOP_CHILDREN = 4  # best-first: tokens examined per expanded node

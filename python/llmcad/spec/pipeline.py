@@ -40,6 +40,8 @@ from concurrent.futures import wait as wait_futures
 
 import torch
 
+from llmcad.spec.costs import ema
+
 DEFAULT_MAX_PROVISIONAL_TOKENS = None  # None: bounded by the IO waits (best-first) or 8 (main path)
 MAIN_PATH_PROVISIONAL_TOKENS = 8
 
@@ -67,6 +69,7 @@ class ComputeGate:
         self._io_wait_since = 0.0  # when the current IO wait began (perf_counter)
         self._io_waits = 0  # IO waits handed to the draft so far (tells one wait from the next)
         self.io_wait_ema_s = None  # typical IO wait of the target (exponential moving average)
+        self.pass_io_wait_s = 0.0  # this verification's IO waits, seconds (the target blocked on reads)
         self.verifications = 0
 
     # ---- main thread, around one verification ----
@@ -74,6 +77,7 @@ class ComputeGate:
         with self._cond:
             self._verifying = self._target_computing = True
             self._io_waiting = self._draft_computing = self._draft_stopped = False
+            self.pass_io_wait_s = 0.0
             self.verifications += 1
 
     def draft_turn(self) -> bool:
@@ -136,6 +140,7 @@ class ComputeGate:
         with self._cond:
             if self._io_waiting:
                 self.io_wait_ema_s = ema(self.io_wait_ema_s, t0 - self._io_wait_since)
+                self.pass_io_wait_s += t0 - self._io_wait_since
             if self.lockstep:
                 self._cond.wait_for(lambda: self._draft_stopped)
             self._io_waiting = False
@@ -308,11 +313,6 @@ class VerifyWorker:
             finally:
                 self.gate.draft_step_done()
         return list(range(start, len(tree)))
-
-
-def ema(old, sample, weight: float = 0.3):
-    """Exponential moving average: ``sample`` when there is no ``old`` value yet."""
-    return sample if old is None else (1 - weight) * old + weight * sample
 
 
 def main_path(tree) -> list:

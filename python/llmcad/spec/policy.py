@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from llmcad.spec.costs import AcceptanceCalibration, LinearCost
+from llmcad.spec.costs import AcceptanceCalibration, LinearCost, ema
 
 
 class Policy:
@@ -32,8 +32,10 @@ class Policy:
     def observe(self, tree, accepted) -> None:
         """Update after a verification (``accepted``: node ids, root first)."""
 
-    def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0) -> None:
-        """A target pass over ``tree_tokens`` nodes (and ``pending`` prompt tokens) took ``seconds``."""
+    def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0, io_wait_s: float = 0.0,
+                     draft_wait_s: float = 0.0) -> None:
+        """A target pass over ``tree_tokens`` nodes (and ``pending`` prompt tokens) took ``seconds``, of
+        which it sat ``io_wait_s`` blocked on weight reads and ``draft_wait_s`` on a draft step."""
 
     def observe_draft(self, rows: int, seconds: float) -> None:
         """A draft forward of ``rows`` tree nodes took ``seconds``."""
@@ -83,10 +85,13 @@ class LLMCadPolicy(Policy):
     The next expansion (the ``rows`` most valuable unexpanded nodes, in one draft forward) is made
     while its expected gain in accepted tokens per second it costs (draft forward + the target compute
     its new nodes add) beats the expected tokens per second of the round so far; both costs are
-    measured while generating (:class:`LinearCost`). This is the paper's "verify when the tree's
+    measured while generating: a pass lasts max(its compute, its reads), compute linear in the tree's
+    tokens (:class:`LinearCost`), the reads measured on passes that waited for them; while a pass is
+    IO-bound, more tree tokens cost it nothing. This is the paper's "verify when the tree's
     confidence drops below alpha", with alpha set by the hardware. ``max_tree_tokens`` /
     ``max_depth`` None: sized to the device, the tree grows while the target's pass stays IO-bound
-    (its per-token compute, times the tree size, fits in the pass's fixed cost).
+    (its compute fits in the reads' time; with no read waits seen, while the tokens' compute fits in
+    the pass's fixed cost).
     ``branch_threshold``: None: a node's children are its top tokens whose path value clears the
     current bar; a number: the argmax plus tokens above it (the paper's rule).
 
@@ -98,6 +103,7 @@ class LLMCadPolicy(Policy):
 
     name = "llmcad"
     INITIAL_TREE_TOKENS = 64  # before two target passes have been timed
+    IO_BOUND_SHARE = 0.05  # a pass that waited on reads this share of its time was bound by them
     AUTO_TREE_TOKENS = (16, 512)  # bounds of the device-sized tree
     MAX_ROWS = 64  # bound on the rows of one draft forward
 
@@ -121,16 +127,23 @@ class LLMCadPolicy(Policy):
                                                                                 branch_threshold)
         self.initial_alpha = None if alpha is None else _fraction("alpha", alpha)
         self.calibration = AcceptanceCalibration()
-        self.reset()
+        self.forget()
 
     def reset(self) -> None:
+        """A new generation: the paper's alpha restarts; what the pair accepts and what the machine's
+        passes and draft forwards cost carry over (they describe the hardware, not the text)."""
         self.alpha = self.initial_alpha
-        self.calibration.reset()
-        # priors: a 1-row draft forward 50 ms + 2 ms a row; a target pass 1 s + 20 ms a token
-        self.draft_cost = LinearCost(0.05, 0.002)
-        self.target_cost = LinearCost(1.0, 0.02, prior_rows=64)
-        self.child_mass = 0.8  # calibrated acceptance summed over an expanded node's children (average)
         self.sizes = {"verified_tree_tokens": [], "draft_rows": []}
+
+    def forget(self) -> None:
+        """Back to the priors: calibration and costs unlearned."""
+        self.calibration.reset()
+        # priors: a 1-row draft forward 50 ms + 2 ms a row; a target pass's compute 1 s + 20 ms a token
+        self.draft_cost = LinearCost(0.05, 0.002)
+        self.target_cost = LinearCost(1.0, 0.02, prior_rows=64)  # compute (with no read waits: the pass)
+        self.io_bound_s = None  # length of a pass bound by its reads (moving average); None: none seen
+        self.child_mass = 0.8  # calibrated acceptance summed over an expanded node's children (average)
+        self.reset()
 
     # ---- sizes
     @property
@@ -141,7 +154,14 @@ class LLMCadPolicy(Policy):
             return self.INITIAL_TREE_TOKENS
         fixed, per_token = self.target_cost.coefficients()
         low, high = self.AUTO_TREE_TOKENS
-        return high if per_token <= 0 else int(min(high, max(low, fixed / per_token)))
+        # tokens whose compute fits in the reads' time (or, never IO-bound, in the fixed cost)
+        room = fixed if self.io_bound_s is None else self.io_bound_s - fixed
+        return high if per_token <= 0 else int(min(high, max(low, room / per_token)))
+
+    def pass_seconds(self, tokens: int) -> float:
+        """Expected seconds of a target pass over ``tokens`` tree tokens: max(compute, reads)."""
+        compute = self.target_cost(tokens)
+        return compute if self.io_bound_s is None else max(compute, self.io_bound_s)
 
     @property
     def max_depth(self) -> int:
@@ -177,10 +197,10 @@ class LLMCadPolicy(Policy):
         gain = max(0.0, children - floor * len(values)) if floor > 0 else children
         if gain <= 0:
             return False
-        room = max(0, self.max_tree_tokens - tree_tokens)
-        _, per_token = self.target_cost.coefficients()
-        cost = self.draft_cost(len(values)) + per_token * min(room, 2 * len(values))
-        round_rate = (1.0 + tree_value) / (draft_s + self.target_cost(min(tree_tokens, self.max_tree_tokens)))
+        now = min(tree_tokens, self.max_tree_tokens)
+        grown = min(self.max_tree_tokens, tree_tokens + 2 * len(values))  # about two children a node
+        cost = self.draft_cost(len(values)) + self.pass_seconds(grown) - self.pass_seconds(now)
+        round_rate = (1.0 + tree_value) / (draft_s + self.pass_seconds(now))
         return gain / cost > round_rate
 
     def observe_expansion(self, mass: float) -> None:
@@ -191,8 +211,11 @@ class LLMCadPolicy(Policy):
         self.draft_cost.observe(rows, seconds)
         self.sizes["draft_rows"].append(rows)
 
-    def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0) -> None:
-        self.target_cost.observe(tree_tokens + pending, seconds)
+    def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0, io_wait_s: float = 0.0,
+                     draft_wait_s: float = 0.0) -> None:
+        self.target_cost.observe(tree_tokens + pending, seconds - io_wait_s - draft_wait_s)
+        if io_wait_s > self.IO_BOUND_SHARE * seconds:
+            self.io_bound_s = ema(self.io_bound_s, seconds - draft_wait_s)
         self.sizes["verified_tree_tokens"].append(tree_tokens)
 
     def observe(self, tree, accepted) -> None:
@@ -215,7 +238,7 @@ class LLMCadPolicy(Policy):
                 "mean_tree_tokens": sum(trees) / len(trees) if trees else 0.0,
                 "mean_draft_rows": sum(rows) / len(rows) if rows else 0.0,
                 "draft_forwards": len(rows),
-                "target_pass_model_s": {"fixed": fixed, "per_token": per_token}}
+                "target_pass_model_s": {"fixed": fixed, "per_token": per_token, "io_bound": self.io_bound_s}}
 
     def describe(self) -> dict:
         return {"mode": self.name, "alpha_rule": self.alpha_rule, "max_tree_tokens": self.fixed_tree_tokens,
