@@ -255,12 +255,11 @@ class _Run:
                     else DraftTree.rooted(root))
         n, created = min(len(tree), policy.max_tree_tokens, self._target_kv_room()), len(tree)
         pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
-        gate_wait0 = self.gate.target_wait_s if self.gate is not None else 0.0
         with self.record.timed("target"):
             logits, provisional = self._verify(tree, n)
         # seconds the target sat blocked: on reads (IO-bound passes) and on draft steps
-        io_wait = self.gate.pass_io_wait_s if self.gate is not None else 0.0
-        draft_wait = self.gate.target_wait_s - gate_wait0 if self.gate is not None else 0.0
+        gate = self.gate
+        io_wait, draft_wait = (gate.pass_io_wait_s, gate.pass_draft_wait_s) if gate is not None else (0.0, 0.0)
         policy.observe_pass(n, time.perf_counter() - t0, pending, io_wait_s=io_wait, draft_wait_s=draft_wait)
         verified = tree.head(n)
         # node u chooses the token at absolute position committed + depth(u): the key of its sampling noise

@@ -70,6 +70,7 @@ class ComputeGate:
         self._io_waits = 0  # IO waits handed to the draft so far (tells one wait from the next)
         self.io_wait_ema_s = None  # typical IO wait of the target (exponential moving average)
         self.pass_io_wait_s = 0.0  # this verification's IO waits, seconds (the target blocked on reads)
+        self.pass_draft_wait_s = 0.0  # this verification's waits for a draft step in flight, seconds
         self.verifications = 0
 
     # ---- main thread, around one verification ----
@@ -77,7 +78,7 @@ class ComputeGate:
         with self._cond:
             self._verifying = self._target_computing = True
             self._io_waiting = self._draft_computing = self._draft_stopped = False
-            self.pass_io_wait_s = 0.0
+            self.pass_io_wait_s = self.pass_draft_wait_s = 0.0
             self.verifications += 1
 
     def draft_turn(self) -> bool:
@@ -147,7 +148,9 @@ class ComputeGate:
             self._cond.notify_all()
             self._cond.wait_for(lambda: not self._draft_computing)
             self._target_computing = True
-        self.target_wait_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.target_wait_s += waited
+        self.pass_draft_wait_s += waited
 
 
 def install_target_hooks(target, streamed=None, gate: ComputeGate | None = None, tracer=None) -> list:
