@@ -409,12 +409,14 @@ def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict
             if not variants:
                 continue
             summaries = [summarize(v, floor_bps.get(setting)) for v in variants]
-            swept = [r for r in records if r.get("tuning")] or variants
+            tuning = [r for r in records if r.get("tuning")]
+            swept = tuning or variants
+            swept_summaries = [summarize(r, floor_bps.get(setting)) for r in tuning] or summaries
             if len(swept) > 1:
                 sweep.setdefault(setting, []).extend(
                     {"row": name, "chain_length": s["options"].get("chain_length"), "tokens_per_s": s["tokens_per_s"],
                      "error": s.get("error"), "prompts": r.get("tuning") or len(plan["prompt_ids"])}
-                    for r, s in zip(swept, (summarize(r, floor_bps.get(setting)) for r in swept)))
+                    for r, s in zip(swept, swept_summaries))
             best = best_variant(summaries)
             tokens[(name, setting)] = variants[summaries.index(best)].get("tokens", [])
             rows.append(best)
