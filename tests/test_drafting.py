@@ -252,14 +252,10 @@ def test_rows_follow_the_draft_cost():
     assert policy.rows(values) == 1
 
 
-def io_bound_policy(io_s, compute_fixed_s, per_token_s):
-    return calibrated_policy(compute_fixed_s, per_token_s, io_s=io_s)
-
-
 def test_io_bound_passes_make_tree_tokens_free_until_compute_catches_up():
     """Passes bound by their reads: the model is max(reads, compute); the auto size is the tokens whose
     compute fits in the reads; draft-step waits count as neither."""
-    policy = io_bound_policy(8.0, 0.5, 0.02)
+    policy = calibrated_policy(0.5, 0.02, io_s=8.0)
     assert policy.io_bound_s == pytest.approx(8.0)
     assert policy.max_tree_tokens == pytest.approx((8.0 - 0.5) / 0.02, abs=2)
     assert policy.pass_seconds(10) == pytest.approx(8.0)
@@ -287,7 +283,7 @@ def test_cost_rule_keeps_drafting_while_passes_wait_on_reads():
 
 def test_learned_costs_and_calibration_outlive_a_generation():
     """reset() (each generate) keeps what the pair accepts and what the machine costs; forget() does not."""
-    policy = io_bound_policy(8.0, 0.5, 0.02)
+    policy = calibrated_policy(0.5, 0.02, io_s=8.0)
     accepted = policy.calibration(0.95)
     policy.observe_draft(4, 0.3)
     policy.reset()
