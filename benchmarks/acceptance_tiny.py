@@ -35,7 +35,7 @@ def measure(families, max_new_tokens: int) -> list:
     from transformers.utils import logging
 
     from llmcad import LLMCad
-    from llmcad.spec.policy import make_policy
+    from llmcad.speculative.policy import make_policy
     from llmcad.models.loading import load_causal_lm
 
     logging.set_verbosity_error()

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmcad.spec import tree
-from llmcad.spec.forward import cache_kwargs
+from llmcad.speculative import tree
+from llmcad.speculative.forward import cache_kwargs
 
 SEED = 0
 
@@ -337,7 +337,7 @@ def bench_e2e(new_tokens=24, repeats=2):
     from llmcad import LLMCad
     from llmcad.bench import tiny_pair
     from llmcad.streaming.budget import plan_placement
-    from llmcad.spec.policy import make_policy
+    from llmcad.speculative.policy import make_policy
     from llmcad.models.loading import load_causal_lm, load_tokenizer
     from llmcad.streaming.streamed import load_streamed_target
     from llmcad.streaming.weights import load_index

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from llmcad.streaming.budget import kv_cache_bytes, module_bytes, parse_size, plan_placement, streamer_memory_bytes
 from llmcad.errors import BudgetError
-from llmcad.spec.forward import cache_kwargs
+from llmcad.speculative.forward import cache_kwargs
 from llmcad.streaming.weights import load_index
 from tiny_models import build_tiny, load_resident
 

@@ -9,7 +9,7 @@ import pair_models
 from llmcad import LLMCad
 from llmcad.errors import PromptError
 from llmcad.models.chat import chat_prompt_ids, end_of_turn_ids
-from llmcad.spec.policy import make_policy
+from llmcad.speculative.policy import make_policy
 
 MESSAGES = [{"role": "system", "content": "You write Python."},
             {"role": "user", "content": "def add(a, b):"}]

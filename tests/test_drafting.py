@@ -8,11 +8,11 @@ import torch
 from transformers import DynamicCache
 
 import tree_reference as ref
-from llmcad.spec import kv
-from llmcad.spec.costs import AcceptanceCalibration, LinearCost
-from llmcad.spec.draft import DraftTree, TreeDrafter, rows_mask
-from llmcad.spec.pipeline import bonus_subtree
-from llmcad.spec.policy import LLMCadPolicy, make_policy
+from llmcad.speculative import kv
+from llmcad.speculative.costs import AcceptanceCalibration, LinearCost
+from llmcad.speculative.draft import DraftTree, TreeDrafter, rows_mask
+from llmcad.speculative.pipeline import bonus_subtree
+from llmcad.speculative.policy import LLMCadPolicy, make_policy
 
 PROMPT = "def add(a, b):"
 
@@ -205,7 +205,7 @@ def grow_simulated(policy, dist, monkeypatch):
         return original(tree, nodes, pol, name)
 
     drafter._run_rows = timed
-    monkeypatch.setattr("llmcad.spec.draft.time.perf_counter", fake_clock)
+    monkeypatch.setattr("llmcad.speculative.draft.time.perf_counter", fake_clock)
     tree = drafter.grow(0, policy, depth_cap=200)
     return tree, drafter.steps
 

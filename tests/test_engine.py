@@ -11,12 +11,12 @@ from transformers import DynamicCache
 
 import pair_models
 from llmcad import LLMCad
-from llmcad.spec import tree
-from llmcad.spec.draft import DraftTree, TreeDrafter
+from llmcad.speculative import tree
+from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.engine import GenerationResult
-from llmcad.spec.policy import LLMCadPolicy, TreePolicy, make_policy
-from llmcad.spec.forward import cache_kwargs, forward_with_mask, pending_tree_inputs
-from llmcad.spec import kv
+from llmcad.speculative.policy import LLMCadPolicy, TreePolicy, make_policy
+from llmcad.speculative.forward import cache_kwargs, forward_with_mask, pending_tree_inputs
+from llmcad.speculative import kv
 
 PROMPTS = ["def add(a, b):", "The quick brown"]
 NEW_TOKENS = 16

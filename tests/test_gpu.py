@@ -10,14 +10,14 @@ from transformers import DynamicCache
 
 import llmcad
 from llmcad import LLMCad
-from llmcad.spec import kv
-from llmcad.spec import tree
+from llmcad.speculative import kv
+from llmcad.speculative import tree
 from llmcad.streaming.budget import plan_placement
-from llmcad.spec.policy import make_policy
-from llmcad.spec.forward import cache_kwargs, pending_tree_inputs
+from llmcad.speculative.policy import make_policy
+from llmcad.speculative.forward import cache_kwargs, pending_tree_inputs
 from llmcad.models.loading import load_causal_lm
 from llmcad.streaming.streamed import load_streamed_target
-from llmcad.spec.verify import TargetChooser, TargetVerifier
+from llmcad.speculative.verify import TargetChooser, TargetVerifier
 from llmcad.streaming.weights import load_index
 from transfer_spy import TransferSpy
 

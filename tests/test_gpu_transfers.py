@@ -14,19 +14,19 @@ import torch
 
 import llmcad
 from llmcad import LLMCad
-from llmcad.spec.policy import make_policy
+from llmcad.speculative.policy import make_policy
 from transfer_spy import TransferSpy
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 12
-DRAFT_COPIES = 2  # per draft row (node run): top-k probabilities and tokens (llmcad.spec.draft)
+DRAFT_COPIES = 2  # per draft row (node run): top-k probabilities and tokens (llmcad.speculative.draft)
 ACCEPT_COPIES = 1  # per verification: the accept record
 SMALL_COPY = 16  # elements: a draft row's top-k (the tiny models' vocabularies are far larger)
 
 
 def _run_counted(draft, target, tokenizer, mode, device, monkeypatch, **generate):
     """Generate under the spy; returns (result, spy, draft rows run)."""
-    from llmcad.spec import draft as draft_module
+    from llmcad.speculative import draft as draft_module
 
     engine = LLMCad(draft, target, tokenizer, make_policy(mode))
     engine.generate(PROMPT, 2, **generate)  # warm-up: lazy initialisations are not a round's
@@ -45,7 +45,7 @@ def _run_counted(draft, target, tokenizer, mode, device, monkeypatch, **generate
 
 
 def _check_budget(spy, stats, draft_rows) -> None:
-    draft_side = {k: n for k, n in spy.calls.items() if "spec/draft.py" in k[1]}
+    draft_side = {k: n for k, n in spy.calls.items() if "speculative/draft.py" in k[1]}
     target_side = {k: n for k, n in spy.calls.items() if k not in draft_side}
     assert sum(target_side.values()) <= ACCEPT_COPIES * stats["target_passes"], _describe(spy)
     assert sum(draft_side.values()) <= DRAFT_COPIES * draft_rows, _describe(spy)
@@ -106,7 +106,7 @@ def test_kv_commit_decides_on_the_host():
     slots kept are the ones asked for; bad host indices are refused before any device work."""
     from transformers import DynamicCache
 
-    from llmcad.spec import kv
+    from llmcad.speculative import kv
 
     source = torch.nn.Linear(4, 4)
     with torch.no_grad(), TransferSpy("cpu", sources=(source,)) as spy:

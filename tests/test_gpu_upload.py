@@ -318,8 +318,8 @@ def test_copy_path_drafts_during_every_host_read(tiny_pair_dirs, tiny_models, ti
     sees the host read of every streamed layer (not only the first of a pass), the draft drafts
     provisionally during them, and the output is the target's own greedy output."""
     from llmcad import LLMCad
-    from llmcad.spec import pipeline
-    from llmcad.spec.policy import make_policy
+    from llmcad.speculative import pipeline
+    from llmcad.speculative.policy import make_policy
 
     monkeypatch.setattr(streamed, "resolve_gpu_path", lambda gpu_path, device: gpu_path)
     monkeypatch.setattr(gpu_upload, "CudaOps", FakeOps)

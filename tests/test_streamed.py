@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from llmcad.spec import tree
-from llmcad.spec.forward import cache_kwargs
+from llmcad.speculative import tree
+from llmcad.speculative.forward import cache_kwargs
 from llmcad.streaming.budget import kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import BudgetError, EngineClosedError, ModelLoadError
 from llmcad.streaming.streamed import decoder_layers, load_streamed_target
@@ -313,7 +313,7 @@ def test_config_disagreeing_with_weights_is_a_load_error(tmp_path):
 
 def test_bench_pass_runs_on_a_tiny_model(checkpoints):
     """Smoke test of `llmcad bench pass` (its timings are not asserted: benchmarks are not timed tests)."""
-    from llmcad.bench.pass_bench import measure
+    from llmcad.bench.pass_measure import measure
 
     result = measure(checkpoints["qwen2"], tree_nodes=5, prefix_len=3, repeats=1)
     assert result["streamed_layers"] == NUM_LAYERS and result["resident_layers"] == 0

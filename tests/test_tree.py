@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcad.spec import tree
+from llmcad.speculative import tree
 import tree_reference as ref
 
 SIZES = [1, 2, 7, 63, 64, 65, 257]

@@ -9,7 +9,7 @@ import torch
 
 import llmcad
 from llmcad._build import _ext
-from llmcad.spec import tree
+from llmcad.speculative import tree
 import tree_reference as ref
 
 HAS_GPU = torch.cuda.is_available() and llmcad.build_info()["cuda_available"] and llmcad.build_info()["cuda_compiled"]

@@ -86,7 +86,7 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    t = p.add_argument_group("policy (defaults: see llmcad.spec.policy)")
+    t = p.add_argument_group("policy (defaults: see llmcad.speculative.policy)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
                    "(llmcad, tree)")
     t.add_argument("--max-depth", type=int, default=None, help="draft tokens per branch (llmcad, tree)")
@@ -141,7 +141,7 @@ def check_model_arguments(args) -> None:
     from llmcad.models.loading import check_sources, resolve_device, resolve_dtype
 
     check_sources(args.draft, args.target)
-    from llmcad.spec.policy import make_policy
+    from llmcad.speculative.policy import make_policy
     from llmcad.streaming.budget import parse_size
 
     make_policy(args.mode, **policy_options(args))

@@ -93,7 +93,7 @@ def _quantized(target, scheme: str):
     from pathlib import Path
 
     from llmcad.models.fetch import cache_dir
-    from llmcad.models.quantize import quantized_copy
+    from llmcad.models.prepare import quantized_copy
 
     dest = cache_dir() / "quantized" / f"{Path(target).resolve().name}-{scheme}"
     print(f"llmcad demo: {scheme} target in {dest}", file=sys.stderr)

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from llmcad.spec import kv
-from llmcad.spec.draft import DraftTree, TreeDrafter
+from llmcad.speculative import kv
+from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
-from llmcad.spec.policy import POLICIES, Policy, make_policy
+from llmcad.speculative.policy import POLICIES, Policy, make_policy
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
-from llmcad.spec.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
+from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
                                   VerifyWorker, bonus_subtree, install_target_hooks, main_path, reconcile)
 from llmcad.stats import StatsRecorder
 from llmcad.trace import Tracer, io_lane
-from llmcad.spec.verify import TargetChooser, TargetVerifier, validate_sampling
+from llmcad.speculative.verify import TargetChooser, TargetVerifier, validate_sampling
 
 
 @dataclass
@@ -45,7 +45,7 @@ class LLMCad:
     are streamed (None: resident); ``placement`` defaults to its placement.
 
     ``pipeline``: verify on a worker thread while the draft drafts provisionally during the target's
-    IO waits (llmcad.spec.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
+    IO waits (llmcad.speculative.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
     waits on IO otherwise) and a drafting mode. ``prefetch``: read the next pass's first layers while
     the draft drafts (False: a pass's reads start when it begins). ``max_provisional_tokens``: bound
     on provisional tokens per verification (0: none).
@@ -82,7 +82,7 @@ class LLMCad:
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
         (fixed-length chain) or "target-only" (one token a pass). ``policy_options``: that mode's
         parameters (max_tree_tokens, max_depth, branch_threshold, alpha, chain_length; see
-        llmcad.spec.policy). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
+        llmcad.speculative.policy). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
         ``memory_budget``: None keeps the target resident. ``dtype``: None keeps the checkpoint's.
         ``streamer_options``: WeightStreamer keyword arguments for a streamed target (e.g.
         ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``). ``mmap``: map the draft's and a
@@ -285,7 +285,7 @@ class _Run:
         return bonus
 
     def _seed(self, tree, accepted, bonus: int, provisional: list, n: int) -> list:
-        """Nodes of this round's tree that start the next one (see llmcad.spec.pipeline)."""
+        """Nodes of this round's tree that start the next one (see llmcad.speculative.pipeline)."""
         if self.policy.best_first:
             return bonus_subtree(tree, accepted, bonus, self._remaining() - 1)
         return reconcile(tree, accepted, bonus, provisional, self._max_seed_depth())

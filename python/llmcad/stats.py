@@ -27,7 +27,7 @@ class StatsRecorder:
         self.accepted_hist = Counter()  # draft tokens accepted per pass -> passes
         self.target_passes = 0
         self.trace = []  # one dict per target pass
-        # pipeline (llmcad.spec.pipeline): provisional tokens drafted during verifications, how many seeded
+        # pipeline (llmcad.speculative.pipeline): provisional tokens drafted during verifications, how many seeded
         # the next tree, how many were dropped (a mismatch, or beyond the next tree's limits)
         self.provisional = {"provisional_drafted": 0, "provisional_reused": 0, "provisional_dropped": 0}
 

@@ -1,7 +1,7 @@
 """``llmcad bench pass --variant NAME=DIR [--cap RATE]``: one streamed pass of several targets, one run.
 
 Typically the bf16 target (``--target``) against its ``prepare --quantize int8`` / ``int4`` copies. Each
-target is measured (see :mod:`llmcad.bench.pass_bench`) natively and, with ``--cap``, with the streamer
+target is measured (see :mod:`llmcad.bench.pass_measure`) natively and, with ``--cap``, with the streamer
 capped; every figure also appears as a ratio against ``--target`` in the same setting. The breakdown
 adds ``layout_s``: converting the streamed int4 weights to the CPU kernel's layout, which a streamed
 pass pays on top of the resident ``compute_s``; ``bound`` says which side dominates the pass.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmcad.bench.pass_bench import measure
+from llmcad.bench.pass_measure import measure
 from llmcad.streaming.weights import load_index
 
 

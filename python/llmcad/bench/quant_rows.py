@@ -51,7 +51,7 @@ def schemes_used(rows: list) -> list:
 
 def prepare_targets(target, schemes: list, out: Path) -> dict:
     """scheme -> directory of the target prepared with that scheme (reused when already there)."""
-    from llmcad.models.quantize import quantized_copy
+    from llmcad.models.prepare import quantized_copy
 
     return {scheme: str(quantized_copy(target, scheme, Path(out) / f"quantized-target-{scheme}"))
             for scheme in schemes}

@@ -130,7 +130,7 @@ def _assemble_engine(job: dict, mode: str, options: dict, streamer_options: dict
     """The engine built from its parts (models, budget, streamed) as ``from_pretrained`` builds it, with
     ``streamer_options`` passed on: a stop-gap while ``from_pretrained`` takes no streamer options."""
     from llmcad.engine import LLMCad
-    from llmcad.spec.policy import make_policy
+    from llmcad.speculative.policy import make_policy
     from llmcad.models.loading import check_tokenizers, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from llmcad.streaming.streamed import load_budgeted_target
 

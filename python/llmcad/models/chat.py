@@ -3,7 +3,7 @@
 ``chat_prompt_ids(tokenizer, messages)`` is the one place llmcad turns a conversation into a prompt
 (``LLMCad.generate``, ``llmcad generate --chat``, ``llmcad chat`` and the demo all call it).
 
-Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculative, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

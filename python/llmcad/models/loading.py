@@ -1,6 +1,6 @@
 """Loading a draft/target pair of Hugging Face causal LMs and checking that their tokenizers agree.
 
-Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculative, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

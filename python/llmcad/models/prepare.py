@@ -8,11 +8,12 @@ verified, then renamed into place (an existing output is replaced only with ``fo
 rename). An interrupted run leaves the old output or none; its temporary directory is removed on
 SIGINT/SIGTERM, and swept by the next run after a SIGKILL.
 
-Part of llmcad.models: may use llmcad.streaming; must not import llmcad.spec, llmcad.bench or the engine.
+Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculative, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -255,3 +256,27 @@ def _is_tied(model, key: str) -> bool:
     """True when ``key`` is a tied alias that save_pretrained legitimately drops."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     return key in tied
+
+
+def quantized_copy(target, scheme: str, dest) -> Path:
+    """``dest`` holding ``target`` prepared with ``scheme`` (prepared now unless it already is).
+
+    The float dtype is the target's; the int4 group size is the largest of 128, 64, 32 that divides every
+    linear's in_features (tiny models have fewer than 128). A stamp file records source and scheme.
+    """
+    from llmcad.models.quantize import CONFIG_KEY
+    from llmcad.streaming.weights import load_index
+
+    layer = load_index(target).layers[0]
+    dtype = str(next(t.torch_dtype for t in layer if t.torch_dtype.is_floating_point)).replace("torch.", "")
+    inputs = {t.shape[1] for t in layer if len(t.shape) == 2}
+    group = next((g for g in (128, 64, 32) if all(k % g == 0 for k in inputs)), 32) if scheme == "int4" else None
+    dest = Path(dest)
+    stamp = dest / "llmcad-source.json"
+    source = {"source": str(Path(target).resolve()), "scheme": scheme, "group_size": group}
+    config = dest / "config.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == source and config.is_file()
+            and CONFIG_KEY in json.loads(config.read_text())):
+        prepare(target, dest, dtype, quantize=scheme, group_size=group)
+        stamp.write_text(json.dumps(source))
+    return dest

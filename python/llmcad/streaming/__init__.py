@@ -2,5 +2,5 @@
 placement under a memory budget (``budget``), the C++ weight streamer (``streamer``), the
 layer-streamed target (``streamed``) and the GPU upload ring (``gpu_upload``).
 
-Must not import ``llmcad.spec``, ``llmcad.models`` or ``llmcad.bench``.
+Must not import ``llmcad.speculative``, ``llmcad.models`` or ``llmcad.bench``.
 """

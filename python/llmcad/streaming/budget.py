@@ -5,7 +5,7 @@ resident tensors (non-layer tensors plus the first k layers), the streamer's buf
 for a converted layer (when the compute dtype differs from the file's), and both KV caches.
 Spare budget pins target layers resident from the first one on, so they are never re-read.
 
-Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

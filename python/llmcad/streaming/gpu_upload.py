@@ -17,7 +17,7 @@ Two paths, picked by ``gpu_path`` (see :func:`resolve_gpu_path`):
 The stream/event calls go through a small ``ops`` object (:class:`CudaOps`), so the bookkeeping is
 unit-tested on the CPU with stub streams and events (tests/test_gpu_upload.py).
 
-Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Kernels (torch built-ins only):
 Resident layers are converted to the kernel's layout once (:func:`pack_resident`); streamed layers are
 converted inside each forward, from the bytes the streamer bound.
 
-Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

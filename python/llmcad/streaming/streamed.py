@@ -23,7 +23,7 @@ its methods. Hook order per streamed layer is fixed in one place, its bind pre-h
 watchers' ``before``, the acquire, the parameter binding, the watchers' ``after``, then the layer's
 own compute (see :meth:`StreamedTarget.watch_acquire`).
 
-Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

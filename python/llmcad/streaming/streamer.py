@@ -19,7 +19,7 @@ with its start and end time; ``loads_since(seq)`` returns them as :class:`LoadRe
 Views: ``LayerView.array`` and the tensors from ``LayerView.tensor`` share the buffer memory (no
 copy). They are valid until ``release()``; after that the buffer is reused for another layer.
 
-Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

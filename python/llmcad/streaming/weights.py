@@ -5,7 +5,7 @@ sharded with ``model.safetensors.index.json``. Every header is checked against i
 load time, so a truncated file, a corrupt header or a missing shard fails here with a
 :class:`~llmcad.errors.WeightFileError` naming the file, not later in the middle of a pass.
 
-Part of llmcad.streaming: must not import llmcad.spec, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

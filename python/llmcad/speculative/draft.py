@@ -17,7 +17,7 @@ Paced growth (``tree`` and ``chain`` modes, the paper's rule): one node a step.
 - pacer: with M nodes in the tree, the next leaf to extend is the one with the largest deficit
   ``C_i * M - T_i`` (C_i: product of draft probabilities from the root, T_i: its depth).
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmcad.spec import kv
-from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
-from llmcad.spec.costs import ema
+from llmcad.speculative import kv
+from llmcad.speculative.forward import forward_with_mask, pending_tree_inputs
+from llmcad.speculative.costs import ema
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
 TOP_CHILDREN = 4  # best-first: tokens examined per expanded node
@@ -227,7 +227,7 @@ class TreeDrafter:
         """Keep prefix + the accepted nodes the draft has run; queue the rest (at most the last) as pending.
 
         ``seed``: node ids of a subtree below the last accepted node, root first, every node after its
-        parent (its root is the next tree's root; see llmcad.spec.pipeline) whose tokens and KV start the
+        parent (its root is the next tree's root; see llmcad.speculative.pipeline) whose tokens and KV start the
         next tree, with the branches provisional main-path steps would have opened, up to ``max_nodes``.
         """
         ran = [tree.slot[a] for a in accepted if tree.slot[a] >= 0]

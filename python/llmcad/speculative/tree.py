@@ -7,7 +7,7 @@ C++ kernels plan on the CPU. For a CUDA device, :class:`DeviceTree` uploads a va
 once (no host sync) and runs the CUDA kernels on the current torch stream; nothing comes back to the
 host except the acceptance walk's few ids, in one small copy.
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Online models the ``llmcad`` policy decides with: how often the target accepts a draft token given
 the draft's probability for it, and what a draft forward and a target pass cost on this machine.
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One forward of a Hugging Face causal LM over cached keys + new tokens, with an explicit additive
 4D mask and explicit position ids (the way both the draft and the target are called).
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 import torch
 
-from llmcad.spec import tree
+from llmcad.speculative import tree
 
 _CACHE_KWARG = {}  # model class -> "cache" (transformers >= 5.24) or "past_key_values"
 
@@ -64,7 +64,7 @@ def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device
     Pending tokens are committed tokens the model has not cached yet (the prompt, in the first round):
     each sees the cache, the pending tokens up to itself, and no tree node. Tree rows are the tree's
     mask with prefix ``cache_len + num_pending``. Returns (mask [1,1,p+n,C+p+n], positions [p+n]).
-    ``parents``: host data, or a :class:`llmcad.spec.tree.DeviceTree` already uploaded to ``device``.
+    ``parents``: host data, or a :class:`llmcad.speculative.tree.DeviceTree` already uploaded to ``device``.
     """
     prefix = cache_len + num_pending
     if torch.device(device).type == "cuda":  # the CUDA kernels build the plan on the device (current stream)

@@ -5,13 +5,13 @@ included), ``max_depth`` (draft tokens on a branch), ``drafts`` (False: the draf
 ``should_verify(tree)`` (asked before each draft step; limits are enforced by the drafter) and
 ``observe(tree, accepted)`` (called after each verification).
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
 import math
 
-from llmcad.spec.costs import AcceptanceCalibration, LinearCost, ema
+from llmcad.speculative.costs import AcceptanceCalibration, LinearCost, ema
 
 
 class Policy:
@@ -27,7 +27,7 @@ class Policy:
     def should_verify(self, tree) -> bool:
         return False
 
-    best_first = False  # True: llmcad.spec.draft grows the tree best-first, batched (the cost rule)
+    best_first = False  # True: llmcad.speculative.draft grows the tree best-first, batched (the cost rule)
 
     def observe(self, tree, accepted) -> None:
         """Update after a verification (``accepted``: node ids, root first)."""
@@ -80,7 +80,7 @@ class TreePolicy(Policy):
 class LLMCadPolicy(Policy):
     """LLMCad: grow a tree, verify it once it is no longer worth growing.
 
-    ``alpha_rule="cost"`` (default): best-first growth (see llmcad.spec.draft), every node valued by
+    ``alpha_rule="cost"`` (default): best-first growth (see llmcad.speculative.draft), every node valued by
     the calibrated probability that the target accepts its whole path (:class:`AcceptanceCalibration`).
     The next expansion (the ``rows`` most valuable unexpanded nodes, in one draft forward) is made
     while its expected gain in accepted tokens per second it costs (draft forward + the target compute

@@ -4,7 +4,7 @@ transformers 5.x has no API to keep chosen positions (``crop`` only drops a tail
 gathers each layer's keys/values along the sequence dimension into contiguous slots. Every decision
 (bounds, crop or gather) is made on host indices, so a commit on a CUDA cache never waits for the device.
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def commit(cache, keep, device_keep=None) -> None:
             continue
         device = layer.keys.device
         if device not in on_device:
-            from llmcad.spec.tree import host_to_device
+            from llmcad.speculative.tree import host_to_device
 
             on_device[device] = host_to_device(keep, device)
         index = on_device[device]

@@ -4,17 +4,17 @@
 The target is any transformers causal LM called through its normal forward, so a layer-streamed
 target (same HF model, layers bound to streamed weights) drops in by replacing ``target``.
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from llmcad.spec import kv
+from llmcad.speculative import kv
 
-from llmcad.spec import tree
-from llmcad.spec.forward import forward_with_mask, pending_tree_inputs
+from llmcad.speculative import tree
+from llmcad.speculative.forward import forward_with_mask, pending_tree_inputs
 
 
 class TargetVerifier:
@@ -56,7 +56,7 @@ class TargetVerifier:
 
     def accept(self, parents, tokens, choice):
         """The acceptance walk over the verified tree: ``(accepted node ids, bonus)`` as
-        :func:`llmcad.spec.tree.accept`. With ``choice`` on a CUDA device the walk runs there (current
+        :func:`llmcad.speculative.tree.accept`. With ``choice`` on a CUDA device the walk runs there (current
         stream) on the parents uploaded for the pass, and only the accepted ids and the bonus come back,
         in one small copy; the device record is kept for :meth:`commit`."""
         self._accept_record = None

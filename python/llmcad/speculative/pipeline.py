@@ -29,7 +29,7 @@ cores, because the gate makes draft and target compute strictly one after the ot
 at most one intra-op team runs, so the two never oversubscribe the cores, and each gets all of them
 when it computes. The streamer's IO threads sleep in reads, not on the cores.
 
-Part of llmcad.spec: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
+Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from concurrent.futures import wait as wait_futures
 
 import torch
 
-from llmcad.spec.costs import ema
+from llmcad.speculative.costs import ema
 
 DEFAULT_MAX_PROVISIONAL_TOKENS = None  # None: bounded by the IO waits (best-first) or 8 (main path)
 MAIN_PATH_PROVISIONAL_TOKENS = 8
