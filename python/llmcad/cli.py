@@ -18,6 +18,7 @@ from llmcad.errors import LLMCadError
 EXTERNAL = {
     "prepare": ("llmcad.models.prepare", "import GGUF or another checkpoint into a streamable safetensors directory"),
     "demo": ("llmcad.demo", "run the default real pair on a default prompt"),
+    "models": ("llmcad.models.catalog", "list the prepared models in the cache (llmcad models rm NAME removes one)"),
     "chat": ("llmcad.chat", "talk with a chat model: keeps the conversation, streams each reply"),
     "trace-plot": ("llmcad.bench.trace_plot", "plot a trace written by `generate --trace`"),
     "serve": ("llmcad.serve.command", "an OpenAI-compatible HTTP server (needs pip install \"llmcad[serve]\")"),
@@ -75,11 +76,12 @@ def version_text() -> str:
             f"io_uring {'compiled' if info['io_uring_compiled'] else 'not compiled'})")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
-                        budget_default: str = "keep the target resident") -> None:
+def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep the target resident") -> None:
     """The draft/target pair, where and how the target runs, and the verification policy."""
-    p.add_argument("--draft", required=required, help="draft model: local HF directory or hub id")
-    p.add_argument("--target", required=required, help="target model: local HF directory or hub id")
+    p.add_argument("--draft", default=None, help="draft model: a directory, a name `llmcad models` lists, or a hub "
+                   "id (default: the demo pair, fetched once as `llmcad demo` does)")
+    p.add_argument("--target", default=None, help="target model: a directory, a name `llmcad models` lists, or a "
+                   "hub id (default: the demo pair's)")
     p.add_argument("--mode", choices=MODES, default="llmcad")
     p.add_argument("--memory-budget", default=None, help="bound on all model memory, e.g. 2GiB (default: "
                    f"{budget_default})")
@@ -137,9 +139,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_model_arguments(args) -> None:
     """What can be checked without loading a model: both sources (directories exist, a hub id is
-    reachable), policy options, memory budget, device, dtype."""
+    reachable), policy options, memory budget, device, dtype. Names from the model cache become their
+    directories; with neither --draft nor --target, the demo pair (fetched and prepared on first use)."""
     from llmcad.models.loading import check_sources, resolve_device, resolve_dtype
 
+    resolve_model_arguments(args)
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
     from llmcad.streaming.budget import parse_size
@@ -149,6 +153,20 @@ def check_model_arguments(args) -> None:
         parse_size(args.memory_budget)
     resolve_device(args.device)
     resolve_dtype(args.dtype)
+
+
+def resolve_model_arguments(args) -> None:
+    """``args.draft``/``args.target`` as loadable sources: cache names resolved, the demo pair when
+    neither is given (UsageError when only one is)."""
+    from llmcad.models import catalog
+
+    if (args.draft is None) != (args.target is None):
+        raise UsageError("give both --draft and --target, or neither (to use the demo pair)")
+    if args.draft is None:
+        from llmcad.models.fetch import demo_pair
+
+        args.draft, args.target = (str(p) for p in demo_pair("bfloat16"))
+    args.draft, args.target = catalog.resolve(args.draft), catalog.resolve(args.target)
 
 
 def check_sampling_arguments(args) -> None:

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmcad.models.fetch import MANUAL_HELP
+    from llmcad.models.fetch import MANUAL_HELP, demo_pair  # noqa: F401 (MANUAL_HELP: load errors' hint)
 
     if (args.draft is None) != (args.target is None):
         return _fail("give both --draft and --target, or neither (to use the default real pair)")
@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(_one_line(exc))
     try:
-        draft, target = (args.draft, args.target) if args.draft else _fetch_pair()
+        draft, target = (args.draft, args.target) if args.draft else demo_pair()
     except (LLMCadError, OSError) as exc:
-        return _fail(f"could not get the real pair: {_one_line(exc)}", hint=MANUAL_HELP)
+        return _fail(_one_line(exc))
     from llmcad.cli import quiet_transformers
 
     if args.quantize != "none":
@@ -123,18 +123,6 @@ def _prompt(tokenizer, args):
         return [{"role": "user", "content": text}], f"> {text}\n\n"
     text = args.prompt or DEFAULT_PROMPT
     return text, text
-
-
-def _fetch_pair():
-    """The prepared real pair; the first time, fetched and imported in a child process (a few minutes)."""
-    from llmcad.models.fetch import ensure_real_pair_in_child, prepared_pair
-
-    pair = prepared_pair("bfloat16")
-    if pair is None:
-        print("llmcad demo: first run: fetching the real pair and importing it to bfloat16, once (a few minutes; "
-              "in a child process, so the stats below are the generation's own)", file=sys.stderr)
-        pair = ensure_real_pair_in_child("bfloat16")
-    return pair
 
 
 def stats_table(stats: dict, placement, mode: str) -> str:

@@ -10,6 +10,7 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculat
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 import shutil
@@ -79,6 +80,8 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     prepare(source, partial, dtype)
+    (partial / "llmcad-source.json").write_text(json.dumps({"source": f"{model.hub_id} (demo pair)",
+                                                            "dtype": dtype}))
     partial.rename(out)
     return out
 
@@ -202,11 +205,25 @@ def prepared_pair(dtype: str = "bfloat16"):
     return ensure_real_pair(dtype)
 
 
+def demo_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
+    """The prepared demo pair; the first time, fetched and imported in a child process (a few minutes),
+    so the caller's peak memory is not the one-time import's. ModelLoadError (with how to get the
+    models by hand) when that fails."""
+    pair = prepared_pair(dtype)
+    if pair is None:
+        print("llmcad: first run: fetching the demo pair and importing it to bfloat16, once (a few minutes, "
+              f"in a child process; cached in {cache_dir()})", file=sys.stderr)
+        try:
+            pair = ensure_real_pair_in_child(dtype)
+        except (LLMCadError, OSError) as exc:
+            raise ModelLoadError(f"could not get the demo pair: {' '.join(str(exc).split())}; {MANUAL_HELP}") \
+                from None
+    return pair
+
+
 def ensure_real_pair_in_child(dtype: str = "bfloat16") -> tuple[Path, Path]:
     """:func:`ensure_real_pair` in a child Python process (its progress on our stderr), so the caller's
     peak memory is not the one-time import's. ModelLoadError when the child fails."""
-    import json
-
     package_root = str(Path(__file__).resolve().parents[2])  # llmcad importable as the caller imports it
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, "-m", "llmcad.models.fetch", "--dtype", dtype], stdout=subprocess.PIPE,
@@ -221,7 +238,6 @@ def ensure_real_pair_in_child(dtype: str = "bfloat16") -> tuple[Path, Path]:
 def main(argv=None) -> int:
     """``python -m llmcad.models.fetch``: fetch and prepare the real pair; prints [draft, target] as JSON."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m llmcad.models.fetch", description=main.__doc__)
     parser.add_argument("--dtype", default="bfloat16")

@@ -93,6 +93,7 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
             quant.verify_written(temp, state, record)
         else:
             verify(temp, model, dtype)
+        _write_stamp(temp, src / gguf_file if gguf_file else src, dtype, quantize, group_size)
         _swap_into_place(temp, out)
     except OSError as exc:
         if isinstance(exc, OutputError):
@@ -256,6 +257,14 @@ def _is_tied(model, key: str) -> bool:
     """True when ``key`` is a tied alias that save_pretrained legitimately drops."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     return key in tied
+
+
+def _write_stamp(directory: Path, source, dtype: str, quantize, group_size) -> None:
+    """Where the model came from and how it was written (``llmcad models`` shows it)."""
+    record = {"source": str(Path(source).resolve()), "dtype": dtype}
+    if quantize is not None:
+        record.update(scheme=quantize, group_size=group_size)
+    (directory / "llmcad-source.json").write_text(json.dumps(record))
 
 
 def quantized_copy(target, scheme: str, dest) -> Path:

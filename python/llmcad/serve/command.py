@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve a draft/target pair over an OpenAI-compatible HTTP API (/v1/completions, "
                      "/v1/chat/completions, /v1/models, /health), one generation at a time. With no "
                      "--draft/--target it serves the demo pair, as `llmcad demo` runs it.")
-    add_model_arguments(p, required=False, budget_default=f"{DEFAULT_BUDGET} for the demo pair, else keep the "
+    add_model_arguments(p, budget_default=f"{DEFAULT_BUDGET} for the demo pair, else keep the "
                         "target resident; 'none' keeps it resident")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
@@ -34,8 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _require_extra()
-    if (args.draft is None) != (args.target is None):
-        raise ValueError("give both --draft and --target, or neither (to serve the demo pair)")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue {args.max_queue}: expected an int >= 0")
     _use_demo_pair_unless_given(args)
@@ -65,16 +63,8 @@ def _use_demo_pair_unless_given(args) -> None:
     """Without --draft/--target: the demo pair (fetched and prepared on first use) and its memory budget."""
     from llmcad.demo import DEFAULT_BUDGET
 
-    if args.draft is None:
-        from llmcad.models.fetch import MANUAL_HELP, ensure_real_pair
-
-        try:
-            args.draft, args.target = (str(p) for p in ensure_real_pair("bfloat16"))
-        except (LLMCadError, OSError) as exc:
-            raise ModelLoadError(f"could not get the demo pair: {' '.join(str(exc).split())}; {MANUAL_HELP}") \
-                from None
-        if args.memory_budget is None:
-            args.memory_budget = DEFAULT_BUDGET
+    if args.draft is None and args.target is None and args.memory_budget is None:
+        args.memory_budget = DEFAULT_BUDGET
     if str(args.memory_budget).lower() == "none":
         args.memory_budget = None
 
