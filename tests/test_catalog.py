@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from llmcad import cli
+from llmcad.errors import ModelLoadError
 from llmcad.models import catalog, fetch
 
 PROMPT = "def add(a, b):"
@@ -77,3 +78,15 @@ def test_models_rm_removes_one_and_names_the_choices_otherwise(cache, capsys):
     err = capsys.readouterr().err
     assert "no model called 'nothing-here'" in err and "qwen2.5-coder-0.5b-instruct-bfloat16" in err
     assert (cache / "notes").is_dir()
+
+
+def test_the_api_takes_names_and_defaults_to_the_demo_pair(cache):
+    from llmcad import LLMCad
+
+    with LLMCad.from_pretrained(mode="chain", chain_length=2) as engine:
+        by_default = engine.generate(PROMPT, 4).tokens
+    with LLMCad.from_pretrained("qwen2.5-coder-0.5b-instruct-bfloat16", "qwen2.5-coder-1.5b-instruct-bfloat16",
+                                mode="chain", chain_length=2) as engine:
+        assert engine.generate(PROMPT, 4).tokens == by_default
+    with pytest.raises(ModelLoadError, match="give both draft and target"):
+        LLMCad.from_pretrained("mytarget")

@@ -157,16 +157,12 @@ def check_model_arguments(args) -> None:
 
 def resolve_model_arguments(args) -> None:
     """``args.draft``/``args.target`` as loadable sources: cache names resolved, the demo pair when
-    neither is given (UsageError when only one is)."""
-    from llmcad.models import catalog
+    neither is given."""
+    from llmcad.models.catalog import resolve_pair
 
     if (args.draft is None) != (args.target is None):
         raise UsageError("give both --draft and --target, or neither (to use the demo pair)")
-    if args.draft is None:
-        from llmcad.models.fetch import demo_pair
-
-        args.draft, args.target = (str(p) for p in demo_pair("bfloat16"))
-    args.draft, args.target = catalog.resolve(args.draft), catalog.resolve(args.target)
+    args.draft, args.target = resolve_pair(args.draft, args.target)
 
 
 def check_sampling_arguments(args) -> None:

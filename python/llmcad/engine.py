@@ -16,6 +16,7 @@ from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
 from llmcad.speculative.policy import POLICIES, Policy, make_policy
+from llmcad.models.catalog import resolve_pair
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
@@ -74,10 +75,11 @@ class LLMCad:
         self._finalizer = weakref.finalize(self, _release_streamed, streamed)
 
     @classmethod
-    def from_pretrained(cls, draft, target, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
+    def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
                         streamer_options=None, mmap=False, **policy_options) -> "LLMCad":
-        """Load a draft/target pair (local HF directories or hub ids).
+        """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
+        with neither, the demo pair (fetched and prepared on first use).
 
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
         (fixed-length chain) or "target-only" (one token a pass). ``policy_options``: that mode's
@@ -90,6 +92,7 @@ class LLMCad:
         load, but truncating a mapped file kills the process (SIGBUS) and editing it changes the outputs.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
+        draft, target = resolve_pair(draft, target)
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
         resolve_device(device)
         resolve_dtype(dtype)

@@ -64,6 +64,18 @@ def resolve(source) -> str:
     return text
 
 
+def resolve_pair(draft, target) -> tuple:
+    """(draft, target) as loadable sources; with neither given, the demo pair (fetched and prepared on
+    first use). ModelLoadError when only one is given."""
+    if (draft is None) != (target is None):
+        raise ModelLoadError("give both draft and target, or neither (to use the demo pair)")
+    if draft is None:
+        from llmcad.models.fetch import demo_pair
+
+        draft, target = demo_pair("bfloat16")
+    return resolve(draft), resolve(target)
+
+
 def remove(name: str, root: Path | None = None) -> CachedModel:
     """Delete the cached model or GGUF called ``name``; ModelLoadError naming the choices if none is."""
     model = find(name, root)
