@@ -1,5 +1,5 @@
 """The CLI a new user meets first: --version, every --help, the timing summary after generate,
---chat and `llmcad chat` through the chat template, and input checked before any model loads."""
+the chat template by default (--raw for text) and `llmcad chat`, and input checked before any model loads."""
 from __future__ import annotations
 
 import io
@@ -79,7 +79,17 @@ def test_generate_chat_uses_the_template(chat_dirs, capsys):
     tokenizer = load_tokenizer(chat_dirs["target"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
     ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
-    assert cli.main(_args(chat_dirs, "--chat", "--system", "Be brief.", "--json")) == 0
+    assert cli.main(_args(chat_dirs, "--system", "Be brief.", "--json")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["prompt_tokens"] == len(ids)
+    assert out["tokens"] == _greedy(chat_dirs["target"], ids, 8)
+
+
+def test_generate_raw_sends_the_text(chat_dirs, capsys):
+    from llmcad.models.loading import load_tokenizer
+
+    ids = list(load_tokenizer(chat_dirs["target"])(PROMPT)["input_ids"])
+    assert cli.main(_args(chat_dirs, "--raw", "--json")) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["prompt_tokens"] == len(ids)
     assert out["tokens"] == _greedy(chat_dirs["target"], ids, 8)
@@ -89,8 +99,8 @@ def test_chat_without_a_template_fails_before_loading(tiny_pair_dirs, monkeypatc
     from llmcad.engine import LLMCad
 
     monkeypatch.setattr(LLMCad, "from_pretrained", lambda *a, **k: pytest.fail("models loaded before the check"))
-    assert cli.main(_args(tiny_pair_dirs("qwen2"), "--chat")) == 2
-    assert "no chat template" in capsys.readouterr().err
+    assert cli.main(_args(tiny_pair_dirs("qwen2"), "--system", "Be brief.")) == 2
+    assert "needs a chat template" in capsys.readouterr().err
     assert cli.main(["chat", "--draft", str(tiny_pair_dirs("qwen2")["shared"]),
                      "--target", str(tiny_pair_dirs("qwen2")["target"])]) == 2
     assert "no chat template" in capsys.readouterr().err
@@ -102,7 +112,7 @@ def test_chat_without_a_template_fails_before_loading(tiny_pair_dirs, monkeypatc
     (["--top-p", "3"], "top_p"),
     (["--memory-budget", "lots"], "memory_budget"),
     (["--stop", ""], "stop"),
-    (["--system", "x"], "--system needs --chat"),
+    (["--system", "x", "--raw"], "--system needs the chat template"),
 ])
 def test_input_is_checked_before_loading(tiny_pair_dirs, monkeypatch, capsys, extra, needle):
     from llmcad.engine import LLMCad

@@ -127,9 +127,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--chat", action="store_true", help="send --prompt as a user message through the target's "
-                   "chat template (for chat/instruct models)")
-    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    p.add_argument("--raw", action="store_true", help="send --prompt as raw text (default: as a user message "
+                   "through the target's chat template when its tokenizer has one)")
+    p.add_argument("--system", default=None, help="a system message before the prompt (chat template only)")
     add_sampling_arguments(p)
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "tokens", "stats"}')
     p.add_argument("--quiet", action="store_true", help="no timing summary on stderr after the text")
@@ -196,22 +196,24 @@ def open_engine(args):
 
 
 def generate_prompt(args):
-    """The prompt generate gets: the text, or with --chat the ids of the chat-templated conversation
-    (the target's tokenizer only; a model without a template fails here, before any model loads)."""
+    """The prompt generate gets: the ids of the conversation through the target's chat template when its
+    tokenizer has one (the default), else or with --raw the text itself."""
     from llmcad.errors import PromptError
+    from llmcad.models.chat import chat_prompt_ids, has_chat_template
+    from llmcad.models.loading import load_tokenizer
 
     if not args.prompt:
         raise PromptError("prompt is empty (--prompt)")
-    if args.system is not None and not args.chat:
-        raise UsageError("--system needs --chat")
-    if not args.chat:
+    if args.system is not None and args.raw:
+        raise UsageError("--system needs the chat template (drop --raw)")
+    tokenizer = None if args.raw else load_tokenizer(args.target)
+    if tokenizer is None or not has_chat_template(tokenizer):
+        if args.system is not None:
+            raise PromptError(f"{args.target}: --system needs a chat template, and the tokenizer has none")
         return args.prompt
-    from llmcad.models.chat import chat_prompt_ids
-    from llmcad.models.loading import load_tokenizer
-
     messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
         [{"role": "user", "content": args.prompt}]
-    return chat_prompt_ids(load_tokenizer(args.target), messages)
+    return chat_prompt_ids(tokenizer, messages)
 
 
 def run_generate(args) -> int:
