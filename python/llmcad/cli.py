@@ -158,7 +158,7 @@ def check_model_arguments(args) -> None:
 def resolve_model_arguments(args) -> None:
     """``args.draft``/``args.target`` as loadable sources: cache names resolved, the demo pair when
     neither is given."""
-    from llmcad.models.catalog import resolve_pair
+    from llmcad.models.fetch import resolve_pair
 
     if (args.draft is None) != (args.target is None):
         raise UsageError("give both --draft and --target, or neither (to use the demo pair)")

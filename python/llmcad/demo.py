@@ -92,7 +92,7 @@ def _quantized(target, scheme: str):
     """The target prepared with ``scheme``, cached under $LLMCAD_HOME/quantized (made on first use)."""
     from pathlib import Path
 
-    from llmcad.models.fetch import cache_dir
+    from llmcad.models.catalog import cache_dir
     from llmcad.models.prepare import quantized_copy
 
     dest = cache_dir() / "quantized" / f"{Path(target).resolve().name}-{scheme}"

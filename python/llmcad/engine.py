@@ -16,7 +16,7 @@ from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
 from llmcad.speculative.policy import POLICIES, Policy, make_policy
-from llmcad.models.catalog import resolve_pair
+from llmcad.models.fetch import resolve_pair
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,

@@ -1,8 +1,9 @@
 """The model cache by name: ``llmcad models`` lists what is prepared there, ``llmcad models rm NAME``
 removes one, and a model argument may be a name from that list as well as a path or a hub id.
 
-The cache is ``$LLMCAD_HOME`` or ``~/.cache/llmcad`` (:func:`llmcad.models.fetch.cache_dir`): the demo
-pair as ``<name>-<dtype>/``, quantized copies under ``quantized/``, joined GGUF sources under ``gguf/``.
+The cache is ``$LLMCAD_HOME`` or ``~/.cache/llmcad`` (:func:`cache_dir`): the demo pair as
+``<name>-<dtype>/`` (see :mod:`llmcad.models.fetch`), quantized copies under ``quantized/``, joined
+GGUF sources under ``gguf/``.
 
 Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculative, llmcad.bench or the engine.
 """
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmcad.errors import ModelLoadError
-from llmcad.models.fetch import cache_dir
 
 STAMP = "llmcad-source.json"  # written by prepare: where a prepared model came from
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMCAD_HOME", Path.home() / ".cache" / "llmcad"))
 
 
 @dataclass(frozen=True)
@@ -62,18 +67,6 @@ def resolve(source) -> str:
     if model is not None and model.kind == "model":
         return str(model.path)
     return text
-
-
-def resolve_pair(draft, target) -> tuple:
-    """(draft, target) as loadable sources; with neither given, the demo pair (fetched and prepared on
-    first use). ModelLoadError when only one is given."""
-    if (draft is None) != (target is None):
-        raise ModelLoadError("give both draft and target, or neither (to use the demo pair)")
-    if draft is None:
-        from llmcad.models.fetch import demo_pair
-
-        draft, target = demo_pair("bfloat16")
-    return resolve(draft), resolve(target)
 
 
 def remove(name: str, root: Path | None = None) -> CachedModel:

