@@ -2,9 +2,10 @@
 docs/*.md, in page order, in a fresh folder whose model cache holds a tiny chat pair under the demo
 pair's names (so `llmcad ...` with no paths, and the names `llmcad models` lists, work offline).
 
-Blocks fenced ``text`` or ``console`` are output or recorded runs of the real pair, and are not run.
-``pip``/``apt-get`` lines are the installs `.ci/run` itself performs; a ``llmcad serve`` line runs in
-the background (its own block) until the page ends, on a free port in place of the page's 8000.
+Blocks fenced ``text`` or ``console`` are output, recorded runs of the real pair, or commands for
+hardware this test does not have (a GPU), and are not run. ``pip``/``apt-get``/``cmake``/``ctest``
+lines are what `.ci/run` itself runs; a ``llmcad serve`` line runs in the background (its own block)
+until the page ends, on a free port in place of the page's 8000.
 """
 from __future__ import annotations
 
@@ -27,23 +28,27 @@ from llmcad.models import fetch
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 BLOCK = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
-INSTALL = re.compile(r"^\s*(pip|python3? -m pip|apt-get) ")
+CI_ONLY = re.compile(r"^\s*(pip|python3? -m pip|apt-get|cmake|ctest) ")  # .ci/run runs these itself
+RUNNABLE = ("sh", "bash", "python")
 RUN_TIMEOUT_S = 600
 
 
 def blocks(page: Path) -> list:
     """(language, code) of the page's runnable blocks, in order."""
-    return [(lang, code) for lang, code in BLOCK.findall(page.read_text()) if lang in ("sh", "python")]
+    return [(lang, code) for lang, code in BLOCK.findall(page.read_text()) if lang in RUNNABLE]
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory, tiny_pair_dirs):
-    """A model cache whose demo pair is the tiny qwen2 pair with a chat template."""
+def demo_cache(tmp_path_factory):
+    """A model cache whose demo pair is a tiny qwen2 pair with a chat template (hidden 128, so the
+    default int4 group of 128 divides its linears)."""
+    from llmcad.bench.tiny_pair import truncated_copy
+
     home = tmp_path_factory.mktemp("docs-home")
     tokenizer = pair_models.build_tokenizer(chat_template=pair_models.CHAT_TEMPLATE)
-    dirs = tiny_pair_dirs("qwen2")
-    for model, kind in ((fetch.DRAFT, "shared"), (fetch.TARGET, "target")):
-        pair_models.copy_with_tokenizer(dirs[kind], home / f"{model.name}-bfloat16", tokenizer)
+    target = pair_models.random_model("qwen2", seed=7, hidden=128, layers=4)
+    pair_models.save(truncated_copy(target, 2), tokenizer, home / f"{fetch.DRAFT.name}-bfloat16")
+    pair_models.save(target, tokenizer, home / f"{fetch.TARGET.name}-bfloat16")
     return home
 
 
@@ -89,8 +94,8 @@ def test_page_examples_run(page, demo_cache, tmp_path):
                 assert len(code.strip().splitlines()) == 1, f"{where}: `llmcad serve` stands alone in its block"
                 servers.append(_start_server(code.strip(), work, env, port, where))
             else:
-                script = "\n".join(": install by .ci/run" if INSTALL.match(line) else line
-                                   for line in code.splitlines())
+                script = "\n".join(": run by .ci/run" if CI_ONLY.match(line) else line
+                                   for line in code.replace("\\\n", " ").splitlines())
                 _run(["bash", "-euo", "pipefail", "-c", script], work, env, where, code)
     finally:
         for server in servers:
