@@ -13,8 +13,9 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 @dataclass(frozen=True)
 class Limits:
-    """``api_key``: None = no key asked. ``allowed_hosts``: the Host header names served (no port; "*":
-    any); None = the loopback names when the server is bound to loopback, any name otherwise."""
+    """``api_key``: None = no key asked. ``allowed_hosts``: Host header names served besides the loopback
+    names (no port; "*": any); None = the loopback names only when the server is bound to loopback, any
+    name otherwise."""
 
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -36,7 +37,7 @@ class Limits:
         if self.allowed_hosts is None:
             return frozenset(LOOPBACK_NAMES) if is_loopback(bind_host) else None
         names = {h.strip().lower().strip("[]") for h in self.allowed_hosts if h.strip()}
-        return None if "*" in names else frozenset(names)
+        return None if "*" in names else frozenset(names | set(LOOPBACK_NAMES))
 
 
 def is_loopback(host: str) -> bool:

@@ -69,13 +69,13 @@ def _steps(component) -> list:
     return [component]
 
 
-def check_text_length(frontend: Frontend, text: str, param: str) -> None:
+def check_text_length(frontend: Frontend, text: str, param: str, what: str = "prompt") -> None:
     """400 ``context_length_exceeded`` for a text that certainly has more tokens than the context."""
     bound = frontend.chars_per_token
     if bound is not None and len(text) > frontend.context_length * bound:
         least = -(-len(text) // bound)
-        raise bad_request(f"This model's maximum context length is {frontend.context_length} tokens. However, "
-                          f"your {param} has {len(text)} characters, which make at least {least} tokens. Please "
+        raise bad_request(f"This model's maximum context length is {frontend.context_length} tokens. However, the "
+                          f"{what} is {len(text)} characters long, which makes at least {least} tokens. Please "
                           "reduce the length.", param, code="context_length_exceeded")
 
 
@@ -108,7 +108,7 @@ def chat_ids(frontend: Frontend, messages: list) -> list:
     except Exception:  # noqa: BLE001 - chat_prompt_ids below reports what the template refuses
         text = None
     if isinstance(text, str):
-        check_text_length(frontend, text, "messages")
+        check_text_length(frontend, text, "messages", "conversation in the chat template")
     try:
         return chat_prompt_ids(frontend.tokenizer, messages)
     except PromptError as exc:
