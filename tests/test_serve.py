@@ -792,12 +792,16 @@ def test_slow_clients_are_timed_out_and_connections_are_capped(guarded_server):
                     answer += chunk
         return answer, time.monotonic() - t0
 
-    cases = [(b"", head), (b"", head), (head[:10], head[10:]), (head, b"{" + b" " * 59)]  # 3 slow heads, a slow body
+    too_large = head.replace(b"Content-Length: 60", b"Content-Length: 100000")
+    cases = [(b"", head), (b"", head), (head[:10], head[10:]), (head, b"{" + b" " * 59),  # slow heads, a slow body
+             (too_large, b" " * 60)]  # answered 413 at once, then closed at the deadline without another answer
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(lambda case: trickle(*case), cases))
-    for answer, seconds in answers:
+    for answer, seconds in answers[:-1]:
         assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer, answer
         assert 1.5 < seconds < 6, seconds
+    answer, seconds = answers[-1]
+    assert answer.startswith(b"HTTP/1.1 413 ") and answer.count(b"HTTP/1.1") == 1 and seconds < 6, answer
     held = [connect(guarded_server) for _ in range(GUARDED.max_connections)]
     try:
         with connect(guarded_server) as extra:
@@ -810,7 +814,8 @@ def test_slow_clients_are_timed_out_and_connections_are_capped(guarded_server):
     while httpx.get(guarded_server.url + "/health", timeout=10).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert guarded_server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    r = guarded_server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
 
 def test_listening_beyond_loopback_warns(pair, monkeypatch, capsys):
@@ -929,7 +934,8 @@ def test_prompts_over_the_kv_budget_are_refused_before_the_stream_begins(long_co
         for stream in (True, False):
             with pytest.raises(openai.BadRequestError) as err:
                 client.completions.create(model=MODEL, prompt=[5] * positions, max_tokens=1, stream=stream)
-            assert err.value.body["code"] == "context_length_exceeded" and "--memory-budget" in err.value.body["message"]
+            assert err.value.body["code"] == "context_length_exceeded"
+            assert "--memory-budget" in err.value.body["message"]
         got = client.completions.create(model=MODEL, prompt=[5] * 8, max_tokens=2, temperature=0, stream=True)
         assert stream_text(got, chat=False)[1][-1].choices[0].finish_reason
 

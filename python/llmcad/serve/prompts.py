@@ -17,6 +17,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
 COMPOSITION_MAX = 4
 _TEXT_KEEPING_NORMALIZERS = {"NFC": COMPOSITION_MAX, "NFKC": COMPOSITION_MAX, "NFD": 1, "NFKD": 1, "Lowercase": 1,
                              "Prepend": 1}
+_TEXT_DROPPING_SPLITS = ("Whitespace", "WhitespaceSplit")  # pre-tokenizers that drop the whitespace
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ def chars_per_token(tokenizer) -> int | None:
         return None
     normalizers = [step["type"] for step in _steps(spec.get("normalizer"))]
     pre = _steps(spec.get("pre_tokenizer"))
+    drops = [step for step in pre if step.get("behavior") == "Removed" or step["type"] in _TEXT_DROPPING_SPLITS]
     if spec.get("model", {}).get("type") != "BPE" or not vocab or "ByteLevel" not in [step["type"] for step in pre] \
-            or any(step.get("behavior") == "Removed" or step["type"] in ("Whitespace", "WhitespaceSplit") for step in pre) \
-            or any(step not in _TEXT_KEEPING_NORMALIZERS for step in normalizers):
+            or drops or any(step not in _TEXT_KEEPING_NORMALIZERS for step in normalizers):
         return None
     slack = max([_TEXT_KEEPING_NORMALIZERS[step] for step in normalizers], default=1)
     return max(len(entry) for entry in vocab) * slack

@@ -63,12 +63,14 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline = None
         if self.transport.is_closing() or self.conn.their_state not in _AWAITED:
             return
-        started = self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started
-        partial = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
-        if partial and not started:
+        if self.conn.their_state is h11.IDLE:  # waiting for a head: is part of one in?
+            answer = bool(self.conn.trailing_data[0])
+        else:  # a body: unless the app has answered already (413 for one, its rest then read and dropped)
+            answer = self.cycle is None or not self.cycle.response_started
+        if answer:
             self._answer_and_close(408, "Request Timeout", f"the request was not received within "
                                    f"{self.read_timeout_s:g} s (llmcad serve --read-timeout)", "request_timeout")
-        else:  # an idle connection, or one whose response has begun: closed without a word
+        else:  # an idle connection, or one already answered: closed without a word
             self.transport.close()
 
     def _answer_and_close(self, status: int, reason: str, message: str, code: str) -> None:
