@@ -44,30 +44,31 @@ def chars_per_token(tokenizer) -> int | None:
     """An upper bound on the characters of text one token stands for: the longest vocabulary entry (a
     byte-level entry has one character per byte, and a byte is at most one character), times what the
     normalizer may compose. None unless the tokenizer is a byte-level BPE whose normalizer and
-    pre-tokenizer drop no text (another could map a long text to fewer tokens than any bound allows)."""
-    try:
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
-        vocab = tokenizer.get_vocab()
-    except (AttributeError, TypeError, ValueError):
+    pre-tokenizer drop no text, and which fuses no unknown characters (another could map a long text
+    to fewer tokens than any bound allows)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE" or getattr(backend.model, "fuse_unk", True):
         return None
-    normalizers = [step["type"] for step in _steps(spec.get("normalizer"))]
-    pre = _steps(spec.get("pre_tokenizer"))
+    normalizers = [step["type"] for step in _steps(backend.normalizer)]
+    pre = _steps(backend.pre_tokenizer)
     drops = [step for step in pre if step.get("behavior") == "Removed" or step["type"] in _TEXT_DROPPING_SPLITS]
-    if spec.get("model", {}).get("type") != "BPE" or not vocab or "ByteLevel" not in [step["type"] for step in pre] \
-            or drops or any(step not in _TEXT_KEEPING_NORMALIZERS for step in normalizers):
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if not vocab or "ByteLevel" not in [step["type"] for step in pre] or drops \
+            or any(step not in _TEXT_KEEPING_NORMALIZERS for step in normalizers):
         return None
     slack = max([_TEXT_KEEPING_NORMALIZERS[step] for step in normalizers], default=1)
     return max(len(entry) for entry in vocab) * slack
 
 
 def _steps(component) -> list:
-    """The steps of a tokenizer.json component (a normalizer, a pre-tokenizer), a Sequence flattened."""
-    if not component:
-        return []
-    if component.get("type") == "Sequence":
-        inner = component.get("normalizers") or component.get("pretokenizers") or []
-        return [step for c in inner for step in _steps(c)]
-    return [component]
+    """The steps of a normalizer or pre-tokenizer (as tokenizer.json writes them), a Sequence flattened."""
+    return _flat(json.loads(component.__getstate__())) if component is not None else []
+
+
+def _flat(step: dict) -> list:
+    if step.get("type") == "Sequence":
+        return [s for inner in step.get("normalizers") or step.get("pretokenizers") or [] for s in _flat(inner)]
+    return [step]
 
 
 def check_text_length(frontend: Frontend, text: str, param: str, what: str = "prompt") -> None:
