@@ -847,7 +847,9 @@ def test_listening_beyond_loopback_warns(pair, monkeypatch, capsys):
     assert made[-1].api_key == "from-the-environment" and made[-1].max_body_bytes == 1 << 20
     assert main(argv + ["--api-key", "given"]) == 0 and made[-1].api_key == "given"
     capsys.readouterr()
-    assert main(argv + ["--max-body-size", "lots"]) == 2 and "--max-body-size" in capsys.readouterr().err
+    for bad, flag in ((["--max-body-size", "lots"], "--max-body-size"), (["--read-timeout", "inf"], "--read-timeout"),
+                      (["--max-connections", "0"], "--max-connections"), (["--api-key", " "], "--api-key")):
+        assert main(argv + bad) == 2 and flag in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- checks before queueing, off the event loop

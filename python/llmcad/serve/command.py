@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -93,10 +94,10 @@ def _limits(args):
     hosts = tuple(args.allowed_hosts.split(",")) if args.allowed_hosts is not None else None
     if hosts is not None and not any(h.strip() for h in hosts):
         raise ValueError(f"--allowed-hosts {args.allowed_hosts!r}: expected comma-separated host names, or '*'")
-    if not args.read_timeout > 0 or args.max_connections < 1:
-        bad = f"--read-timeout {args.read_timeout:g}" if not args.read_timeout > 0 else \
-            f"--max-connections {args.max_connections}"
-        raise ValueError(f"{bad}: expected a number > 0")
+    if not (args.read_timeout > 0 and math.isfinite(args.read_timeout)):
+        raise ValueError(f"--read-timeout {args.read_timeout:g}: expected a finite number of seconds > 0")
+    if args.max_connections < 1:
+        raise ValueError(f"--max-connections {args.max_connections}: expected an int >= 1")
     return Limits(api_key=key, max_body_bytes=parse_size(args.max_body_size, "--max-body-size"),
                   allowed_hosts=hosts, read_timeout_s=args.read_timeout, max_connections=args.max_connections)
 

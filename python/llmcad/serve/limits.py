@@ -3,6 +3,7 @@ client has to send a request, and the connections held at once. Imports nothing 
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a request body (JSON); more is answered 413
@@ -29,8 +30,8 @@ class Limits:
         checks = [("max body size", self.max_body_bytes), ("read timeout", self.read_timeout_s),
                   ("max connections", self.max_connections)]
         for what, value in checks:
-            if not value > 0:
-                raise ValueError(f"{what} {value!r}: expected a number > 0")
+            if isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{what} {value!r}: expected a finite number > 0")
 
     def host_names(self, bind_host: str) -> frozenset | None:
         """The Host names served for a server bound to ``bind_host``; None = any."""

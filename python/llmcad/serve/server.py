@@ -65,7 +65,8 @@ def make_server(worker: GenerationWorker, model_name: str, host: str = "127.0.0.
     """A server for ``worker``'s engine under ``limits``; it exits by itself if loading the models fails."""
     config = uvicorn.Config(create_app(worker, model_name, limits, host), host=host, port=port,
                             log_level=log_level, lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                            http=guarded_protocol(limits.read_timeout_s, limits.max_connections))
+                            http=guarded_protocol(limits.read_timeout_s, limits.max_connections),
+                            ws="none")  # no websocket routes: an upgrade request is served as plain HTTP
     server = Server(config, worker)
     worker.on_load_error = lambda exc: setattr(server, "should_exit", True)
     return server
