@@ -40,9 +40,11 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
     from llmcad.serve import limits
 
     p.add_argument("--api-key", default=None, help="requests must send 'Authorization: Bearer KEY' (GET /health "
-                   f"excepted); default: the environment variable {API_KEY_ENV}, else no key")
+                   f"excepted); default: the environment variable {API_KEY_ENV} (which, unlike an argument, other "
+                   "users cannot read in the process list), else no key")
     p.add_argument("--allowed-hosts", default=None, metavar="NAMES", help="comma-separated Host names served "
-                   "('*': any); default: localhost, 127.0.0.1 and ::1 when listening on loopback, any otherwise")
+                   "besides localhost, 127.0.0.1 and ::1 ('*': any); default: only those when listening on "
+                   "loopback, any otherwise")
     p.add_argument("--max-body-size", default=f"{limits.DEFAULT_MAX_BODY_BYTES >> 20}MiB", metavar="SIZE",
                    help="largest request body; larger ones get 413 (default %(default)s)")
     p.add_argument("--read-timeout", type=float, default=limits.DEFAULT_READ_TIMEOUT_S, metavar="S",
