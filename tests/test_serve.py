@@ -7,12 +7,18 @@ here must leave no thread behind.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
+import http.client
 import json
 import os
 import queue
 import re
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +36,7 @@ from child_cli import LLMCAD_WITH_SIGINT
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, ModelLoadError
 from llmcad.models.chat import chat_prompt_ids
+from llmcad.serve.limits import Limits
 from llmcad.serve.server import make_server
 from llmcad.serve.textstream import TextStream, cut_at_stop, held_back
 from llmcad.serve.worker import GenerationWorker
@@ -83,24 +90,27 @@ def streaming_budget(pair):
 
 
 class Running:
-    """A server on a thread: its worker, base URL and clients."""
+    """A server on a thread: its worker, base URL and clients (which send the server's API key)."""
 
-    def __init__(self, server, worker, thread):
-        self.server, self.worker, self.thread = server, worker, thread
+    def __init__(self, server, worker, thread, api_key=None):
+        self.server, self.worker, self.thread, self.api_key = server, worker, thread, api_key
         self.url = f"http://127.0.0.1:{server.port}"
         self.clients = []  # closed when the server stops (an open connection is a ResourceWarning)
 
-    def client(self, timeout=CLIENT_TIMEOUT_S) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+    def client(self, timeout=CLIENT_TIMEOUT_S, api_key=None) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or self.api_key or "unused", max_retries=0,
+                               timeout=timeout)
         self.clients.append(client)
         return client
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
 
-    def post(self, path: str, content, **kw) -> httpx.Response:
+    def post(self, path: str, content, headers=None, **kw) -> httpx.Response:
         body = content if isinstance(content, (bytes, str)) else json.dumps(content)
-        return httpx.post(self.url + path, content=body, headers={"content-type": "application/json"},
+        auth = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.post(self.url + path, content=body, headers={"content-type": "application/json", **auth,
+                                                                  **(headers or {})},
                           timeout=CLIENT_TIMEOUT_S, **kw)
 
     def wait_idle(self, timeout=30) -> dict:
@@ -115,11 +125,11 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_server(load, max_queue=4, wait_ready=True):
+def running_server(load, max_queue=4, wait_ready=True, limits=Limits()):
     """Start a server (port 0: a free one) on a thread; on exit, stop it as a signal would and check its
     thread ended."""
     worker = GenerationWorker(load, max_queue)
-    server = make_server(worker, MODEL, port=0, log_level="warning")
+    server = make_server(worker, MODEL, port=0, log_level="warning", limits=limits)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -128,7 +138,7 @@ def running_server(load, max_queue=4, wait_ready=True):
     assert server.started, "the server did not start"
     if wait_ready:
         assert worker.ready.wait(60) and worker.state == "ready", worker.load_error
-    running = Running(server, worker, thread)
+    running = Running(server, worker, thread, limits.api_key)
     try:
         yield running
     finally:
@@ -155,6 +165,89 @@ def slow_server(pair, streaming_budget):
 
     with running_server(load, max_queue=2) as running:
         yield running
+
+
+API_KEY = "sk-llmcad-test-key"
+GUARDED = Limits(api_key=API_KEY, max_body_bytes=64 << 10, allowed_hosts=("llmcad.test",), read_timeout_s=2.0,
+                 max_connections=6)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(pair):
+    """Resident target behind an API key, a 64 KiB body limit, one more Host name, a 2 s read deadline
+    and 6 connections at most."""
+    with running_server(lambda: LLMCad.from_pretrained(pair["draft"], pair["target"]), limits=GUARDED) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def long_context_pair(pair, tmp_path_factory):
+    """The pair with a 4096-position context: under the least memory budget their KV caches hold fewer
+    positions than that (the budget reserves 2048 by default), as the real pair's do."""
+    root = tmp_path_factory.mktemp("long-context")
+    out = {}
+    for kind in ("draft", "target"):
+        out[kind] = Path(shutil.copytree(pair[kind], root / kind))
+        config = json.loads((out[kind] / "config.json").read_text())
+        (out[kind] / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return out
+
+
+def least_budget(pair) -> int:
+    """The least memory budget of ``pair`` (every target layer streamed)."""
+    with pytest.raises(BudgetError) as err:
+        LLMCad.from_pretrained(pair["draft"], pair["target"], memory_budget=1)
+    return int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(err.value)).group(1))
+
+
+def raw_response(sock) -> tuple:
+    """(status, JSON body) of the response the server sends on ``sock``."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, json.loads(response.read() or b"null")
+
+
+def connect(running) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", running.server.port), timeout=10)
+
+
+class BlockingTokenizer:
+    """Wraps a tokenizer: each call that tokenizes (a text, or a chat template with tokenize=True) is
+    counted and waits for ``release`` after setting ``entered``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def _enter(self):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(60)
+
+    def __call__(self, *args, **kwargs):
+        self._enter()
+        return self.tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, *args, tokenize=True, **kwargs):
+        if tokenize:
+            self._enter()
+        return self.tokenizer.apply_chat_template(*args, tokenize=tokenize, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@contextlib.contextmanager
+def blocking_tokenizer(running):
+    """The server's request-checking tokenizer replaced by a BlockingTokenizer while inside."""
+    frontend = running.worker.frontend
+    blocking = BlockingTokenizer(frontend.tokenizer)
+    running.worker.frontend = dataclasses.replace(frontend, tokenizer=blocking)
+    try:
+        yield blocking
+    finally:
+        blocking.release.set()
+        running.worker.frontend = frontend
 
 
 def chat_ids(engine, messages=MESSAGES) -> list:
@@ -574,6 +667,304 @@ def test_stopping_mid_stream_ends_the_stream_and_closes_the_engine(pair, streami
     assert threads_settle(threads) == set()
 
 
+# ---------------------------------------------------------------- who may use the server, and how much
+def test_the_api_key_is_asked_as_bearer_auth_except_by_health(guarded_server, reference):
+    url = guarded_server.url
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    before = guarded_server.wait_idle()["requests"]
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY},
+                    {"authorization": f"Basic {API_KEY}"}, {"authorization": f"Bearer {API_KEY}x"}):
+        for r in (httpx.get(url + "/v1/models", headers=headers, timeout=10),
+                  httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2},
+                             headers=headers, timeout=10)):
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+            assert "Authorization: Bearer" in error["message"] and API_KEY not in error["message"]
+    assert guarded_server.health()["requests"] == before  # nothing was generated
+    with pytest.raises(openai.AuthenticationError):
+        guarded_server.client(api_key="wrong").models.list()
+    client = guarded_server.client()  # the openai client sends Authorization: Bearer KEY
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0)
+    assert got.choices[0].text == reference.generate(PROMPT, N).text
+    assert httpx.get(url + "/v1/models", headers={"authorization": f"bearer {API_KEY}"}, timeout=10).status_code == 200
+
+
+def test_requests_naming_another_host_are_refused(server, guarded_server):
+    """A web page can make its own name resolve to 127.0.0.1 (DNS rebinding); its requests then name it."""
+    for running in (server, guarded_server):
+        before = running.wait_idle()["requests"]
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io", "localhost.evil.example", "llmcad.tes"):
+            r = running.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2},
+                             headers={"host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", (host, r.text)
+            assert "--allowed-hosts" in r.json()["error"]["message"]
+        assert running.health()["requests"] == before
+        port = running.server.port
+        auth = {"authorization": f"Bearer {API_KEY}"}
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", "LocalHost"):
+            assert httpx.get(running.url + "/v1/models", headers={"host": host, **auth}, timeout=10).status_code == 200
+    # --allowed-hosts adds names to the loopback ones
+    assert httpx.get(server.url + "/v1/models", headers={"host": "llmcad.test"}, timeout=10).status_code == 400
+    assert httpx.get(guarded_server.url + "/v1/models", headers={"host": "LLMCAD.test:80", **auth},
+                     timeout=10).status_code == 200
+
+
+def test_allowed_host_names():
+    from llmcad.serve.limits import host_name, is_loopback
+
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    for bind in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert is_loopback(bind) and Limits().host_names(bind) == loopback
+    for bind in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
+        assert not is_loopback(bind) and Limits().host_names(bind) is None
+    assert Limits(allowed_hosts=("My.Host", " [fe80::1] ")).host_names("0.0.0.0") == loopback | {"my.host", "fe80::1"}
+    assert Limits(allowed_hosts=("*",)).host_names("127.0.0.1") is None
+    assert [host_name(h) for h in ("[::1]:8000", "Localhost:80", "::1", "a.b")] == ["::1", "localhost", "::1", "a.b"]
+
+
+def test_only_json_bodies_are_taken(server, reference):
+    """A web page may POST text/plain (or a form) to any address without a CORS preflight; such a body
+    must not be taken for JSON."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": N, "temperature": 0})
+    before = server.wait_idle()["requests"]
+    for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=10)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (content_type, r.text)
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+    assert server.health()["requests"] == before
+    r = httpx.post(server.url + "/v1/completions", content=body,
+                   headers={"content-type": "Application/JSON; charset=utf-8"}, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference.generate(PROMPT, N).text
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(guarded_server):
+    """Three parallel requests announcing 300 MiB get 413 at once, without sending a byte of it; a chunked
+    body (no Content-Length) gets 413 once it passes the limit; memory stays flat."""
+    rss = psutil.Process().memory_info().rss
+
+    def announce(size: int) -> tuple:
+        with connect(guarded_server) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode())
+            return raw_response(sock)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(announce, [300 << 20] * 3))
+    for status, body in answers:
+        assert status == 413 and body["error"]["code"] == "request_too_large", body
+        assert "65536 bytes" in body["error"]["message"] and "--max-body-size" in body["error"]["message"]
+
+    def chunks():  # 1 MiB of JSON whitespace, 16 times the limit
+        for _ in range(64):
+            yield b" " * (16 << 10)
+
+    r = httpx.post(guarded_server.url + "/v1/completions", content=chunks(), timeout=CLIENT_TIMEOUT_S,
+                   headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert psutil.Process().memory_info().rss - rss < 32 << 20
+    padded = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2}) + " " * (60 << 10)
+    assert guarded_server.post("/v1/completions", padded).status_code == 200  # within the limit
+
+
+def test_slow_clients_are_timed_out_and_connections_are_capped(guarded_server):
+    """Clients that trickle a request's head or body get 408 once the read deadline (2 s) passes; past
+    the connection cap (6), a new connection gets 503 at once; the server then serves as before."""
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 60\r\n\r\n").encode()
+
+    def trickle(fast: bytes, slow: bytes) -> tuple:
+        """Send ``fast``, then ``slow`` a byte every 0.1 s until the server answers; (answer, seconds)."""
+        t0 = time.monotonic()
+        with connect(guarded_server) as sock:
+            sock.sendall(fast)
+            for byte in slow:
+                if select.select([sock], [], [], 0.1)[0]:
+                    break  # the server answered, or closed
+                sock.sendall(bytes([byte]))
+            sock.settimeout(10)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(4096):
+                    answer += chunk
+        return answer, time.monotonic() - t0
+
+    too_large = head.replace(b"Content-Length: 60", b"Content-Length: 100000")
+    cases = [(b"", head), (b"", head), (head[:10], head[10:]), (head, b"{" + b" " * 59),  # slow heads, a slow body
+             (too_large, b" " * 60)]  # answered 413 at once, then closed at the deadline without another answer
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda case: trickle(*case), cases))
+    for answer, seconds in answers[:-1]:
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer, answer
+        assert 1.5 < seconds < 6, seconds
+    answer, seconds = answers[-1]
+    assert answer.startswith(b"HTTP/1.1 413 ") and answer.count(b"HTTP/1.1") == 1 and seconds < 6, answer
+    held = [connect(guarded_server) for _ in range(GUARDED.max_connections)]
+    try:
+        with connect(guarded_server) as extra:
+            status, body = raw_response(extra)
+        assert status == 503 and body["error"]["code"] == "too_many_connections"
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(guarded_server.url + "/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    r = guarded_server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_listening_beyond_loopback_warns(pair, monkeypatch, capsys):
+    from llmcad.cli import main
+    from llmcad.serve import command, server
+
+    assert all(command.bind_warning(host, None) is None for host in ("127.0.0.1", "localhost", "::1"))
+    loud, quiet = command.bind_warning("0.0.0.0", None), command.bind_warning("0.0.0.0", "key")
+    assert "NO API KEY" in loud and "--api-key" in loud and command.API_KEY_ENV in loud
+    assert quiet.startswith("warning:") and "NO API KEY" not in quiet
+    made = []
+
+    class NotServing:
+        def run(self):
+            pass
+
+    def make(worker, name, host, port, log_level, limits):
+        made.append(limits)
+        return NotServing()
+
+    monkeypatch.setattr(server, "make_server", make)
+    argv = ["serve", "--draft", str(pair["draft"]), "--target", str(pair["target"]), "--host", "0.0.0.0"]
+    monkeypatch.delenv(command.API_KEY_ENV, raising=False)
+    assert main(argv) == 0 and "NO API KEY" in capsys.readouterr().err and made[-1].api_key is None
+    monkeypatch.setenv(command.API_KEY_ENV, "from-the-environment")
+    assert main(argv + ["--max-body-size", "1MiB"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0" in err and "NO API KEY" not in err
+    assert made[-1].api_key == "from-the-environment" and made[-1].max_body_bytes == 1 << 20
+    assert main(argv + ["--api-key", "given"]) == 0 and made[-1].api_key == "given"
+    capsys.readouterr()
+    for bad, flag in ((["--max-body-size", "lots"], "--max-body-size"), (["--read-timeout", "inf"], "--read-timeout"),
+                      (["--max-connections", "0"], "--max-connections"), (["--api-key", " "], "--api-key")):
+        assert main(argv + bad) == 2 and flag in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checks before queueing, off the event loop
+def test_a_prompt_being_tokenized_does_not_stall_other_clients(server, reference):
+    """While one request's prompt is tokenized (held here), the server answers others."""
+    for chat in (False, True):
+        with blocking_tokenizer(server) as tokenizer:
+            done = {}
+            body = {"model": MODEL, "max_tokens": N, "temperature": 0,
+                    **({"messages": MESSAGES} if chat else {"prompt": PROMPT})}
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            thread = threading.Thread(target=lambda: done.update(r=server.post(path, body)))
+            thread.start()
+            assert tokenizer.entered.wait(30)
+            assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+            tokenizer.release.set()
+            thread.join(60)
+        assert done["r"].status_code == 200, done["r"].text
+        result = done["r"].json()["choices"][0]
+        assert (result["message"]["content"] if chat else result["text"]) == reference.generate(
+            MESSAGES if chat else PROMPT, N).text
+
+
+def test_a_text_certainly_too_long_is_refused_before_it_is_tokenized(server, reference):
+    frontend = server.worker.frontend
+    assert frontend.chars_per_token == max(map(len, reference.tokenizer.get_vocab()))  # byte-level, no normalizer
+    text = "x" * (frontend.context_length * frontend.chars_per_token + 1)
+    with blocking_tokenizer(server) as tokenizer:
+        tokenizer.release.set()  # tokenizing goes through; it is counted
+        r = server.post("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1})
+        c = server.post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}]})
+        assert tokenizer.calls == 0
+    for response, param in ((r, "prompt"), (c, "messages")):
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == param
+        assert "characters long" in error["message"]
+    assert f"the prompt is {len(text)} characters long" in r.json()["error"]["message"]
+    # just under the bound, it is tokenized (and refused by its token count)
+    with blocking_tokenizer(server) as tokenizer:
+        tokenizer.release.set()
+        r = server.post("/v1/completions", {"model": MODEL, "prompt": text[:-1], "max_tokens": 1})
+        assert tokenizer.calls == 1 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_characters_per_token_bound_holds(reference):
+    from tokenizers import normalizers
+
+    from llmcad.serve.prompts import chars_per_token
+
+    tokenizer = reference.tokenizer
+    bound = chars_per_token(tokenizer)
+    vocab = tokenizer.get_vocab()
+    longest = sorted(vocab, key=len)[-20:]
+    texts = ["".join(tokenizer.convert_tokens_to_string([t]) for t in longest) * 5, "é" * 300, "\U0001F600" * 50,
+             " " * 1000, PROMPT * 20]
+    for text in texts:
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) * bound >= len(text)
+    stripping, composing = (pair_models.build_tokenizer() for _ in range(2))
+    stripping.backend_tokenizer.normalizer = normalizers.Strip()  # deletes text: no bound
+    composing.backend_tokenizer.normalizer = normalizers.NFC()
+    assert chars_per_token(stripping) is None
+    assert chars_per_token(composing) == 4 * max(map(len, composing.get_vocab()))
+
+
+def test_streamed_requests_are_refused_before_the_stream_begins(server):
+    """What generate would refuse is answered 400 up front, streamed or not, not 200 and an error event."""
+    client = server.client()
+    for stream in (True, False):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=1e-9, stream=stream)
+        assert "temperature" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=N, temperature=1e-9,
+                                           stream=stream)
+
+
+def test_prompts_over_the_kv_budget_are_refused_before_the_stream_begins(long_context_pair):
+    pair = long_context_pair
+    budget = least_budget(pair)
+    with running_server(lambda: LLMCad.from_pretrained(pair["draft"], pair["target"], memory_budget=budget)) as running:
+        positions = running.worker.engine.kv_positions
+        assert positions < running.worker.engine.context_length - 2  # the KV room is the tighter bound
+        client = running.client()
+        for stream in (True, False):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.completions.create(model=MODEL, prompt=[5] * positions, max_tokens=1, stream=stream)
+            assert err.value.body["code"] == "context_length_exceeded"
+            assert "--memory-budget" in err.value.body["message"]
+        got = client.completions.create(model=MODEL, prompt=[5] * 8, max_tokens=2, temperature=0, stream=True)
+        assert stream_text(got, chat=False)[1][-1].choices[0].finish_reason
+
+
+def test_a_weight_file_changed_on_disk_fails_health_and_requests_with_503(pair, streaming_budget, tmp_path):
+    """A streamed target refuses to read a weight file changed since it was loaded; the server then says
+    so: 503 for every request, and /health 503 with the reason."""
+    target = Path(shutil.copytree(pair["target"], tmp_path / "target"))
+
+    def load():
+        return LLMCad.from_pretrained(pair["draft"], target, memory_budget=streaming_budget)
+
+    with running_server(load) as running:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+        assert running.post("/v1/completions", body).status_code == 200
+        weights = target / "model.safetensors"
+        stamp = weights.stat()
+        os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+        for request in (body, body, {**body, "stream": True}):
+            r = running.post("/v1/completions", request)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed", r.text
+            assert "changed on disk" in r.json()["error"]["message"]
+        health = httpx.get(running.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "changed on disk" in health.json()["error"]
+
+
 # ---------------------------------------------------------------- command line
 def _cli_env():
     python_dir = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test
@@ -615,15 +1006,16 @@ def test_cli_exits_2_when_the_models_cannot_load(pair, tmp_path, capsys):
     assert "llmcad: error:" in err and "model.safetensors" in err.splitlines()[-1], err
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
-                         ids=["sigterm", "sigint"])
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGHUP, 0), (signal.SIGINT, 130)],
+                         ids=["sigterm", "sighup", "sigint"])
 def test_cli_serves_then_stops_cleanly_on_a_signal(pair, reference, streaming_budget, sig, status):
-    """`llmcad serve` in its own process: it answers, and a signal in the middle of a streamed generation
-    ends the stream and the process within seconds, without a traceback."""
+    """`llmcad serve` in its own process, its API key from the environment: it answers, and a signal in
+    the middle of a streamed generation ends the stream (an error event) and the process within seconds,
+    without a traceback: SIGTERM and SIGHUP (a closed terminal) with status 0, Ctrl-C with 130."""
     argv = [*LLMCAD_WITH_SIGINT, "serve", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--port", "0", "--model-name", MODEL, "--memory-budget", str(streaming_budget),
             "--bandwidth-cap", str(SLOW_IO["bandwidth_cap"])]
-    proc = subprocess.Popen(argv, env=_cli_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env={**_cli_env(), "LLMCAD_API_KEY": API_KEY}, stderr=subprocess.PIPE, text=True)
     lines = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
     reader.start()
@@ -637,14 +1029,15 @@ def test_cli_serves_then_stops_cleanly_on_a_signal(pair, reference, streaming_bu
         while httpx.get(url + "/health", timeout=10).status_code != 200:  # 503 while the models load
             assert time.monotonic() < deadline and proc.poll() is None, "".join(log)
             time.sleep(0.05)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=CLIENT_TIMEOUT_S)
         got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0)
         assert got.choices[0].text == reference.generate(PROMPT, N).text
         chunks = iter(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0,
                                                 stream=True))
         next(chunks)
         proc.send_signal(sig)
-        with contextlib.suppress(openai.APIError):
+        with pytest.raises(openai.APIError, match="shutting down"):
             list(chunks)
         assert proc.wait(timeout=30) == status
     finally:
@@ -655,3 +1048,4 @@ def test_cli_serves_then_stops_cleanly_on_a_signal(pair, reference, streaming_bu
     proc.stderr.close()  # the pipe's reader is done (an open pipe would be a ResourceWarning)
     log += [lines.get_nowait() for _ in range(lines.qsize())]
     assert not any("Traceback" in line for line in log), "".join(log)
+    assert any(f"{signal.Signals(sig).name}: stopping" in line for line in log), "".join(log)

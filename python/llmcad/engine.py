@@ -120,6 +120,12 @@ class LLMCad:
         lengths = [_context(m) for m in (self.draft, self.target)]
         return min(n for n in lengths if n) if any(lengths) else 1 << 62
 
+    @property
+    def kv_positions(self) -> int | None:
+        """Positions each KV cache may hold under the memory budget (None: no budget, no bound); a prompt
+        of this many tokens or more leaves no room to generate (BudgetError)."""
+        return self._draft_kv_positions
+
     def generate(self, prompt, max_new_tokens=128, *, do_sample=False, temperature=1.0, top_k=None,
                  top_p=None, seed=None, stop=None, streamer=None, trace=None) -> GenerationResult:
         """Generate up to ``max_new_tokens`` tokens after ``prompt``: a str (tokenized with the target's

@@ -38,3 +38,35 @@ def model_not_found(name: str, served: str) -> APIError:
 def internal(exc: BaseException) -> APIError:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return APIError(500, f"generation failed ({type(exc).__name__}): {text}", type="server_error")
+
+
+def no_api_key() -> APIError:
+    return APIError(401, "You didn't provide an API key. This server needs one in an Authorization header "
+                    "using Bearer auth (Authorization: Bearer YOUR_KEY).", code="invalid_api_key")
+
+
+def wrong_api_key() -> APIError:
+    return APIError(401, "Incorrect API key provided (expected Authorization: Bearer YOUR_KEY with the key the "
+                    "server was started with).", code="invalid_api_key")
+
+
+def bad_host(name: str, served: list) -> APIError:
+    return APIError(400, f"Host {name!r} is not served here (served: {', '.join(served)}); a request naming "
+                    "another host may come from a web page (DNS rebinding). Start the server with "
+                    "--allowed-hosts to serve other names.", code="invalid_host")
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                    "(llmcad serve --max-body-size)", code="request_too_large")
+
+
+def not_json(content_type: str | None) -> APIError:
+    got = f"got {content_type!r}" if content_type else "none given"
+    return APIError(415, f"the request body must be JSON with the header Content-Type: application/json ({got})",
+                    code="unsupported_media_type")
+
+
+def engine_failed(reason: str) -> APIError:
+    return APIError(503, f"the engine cannot generate any more: {reason}; restart the server",
+                    type="server_error", code="engine_failed")

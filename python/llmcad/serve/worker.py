@@ -1,6 +1,8 @@
 """One generation at a time: a worker thread that loads the engine, then runs jobs from a bounded FIFO
 queue. A job is cancelled at the next pass boundary: the engine calls the job's streamer after every
-pass, and the streamer raises :class:`Cancelled` there, which unwinds ``generate`` cleanly."""
+pass, and the streamer raises :class:`Cancelled` there, which unwinds ``generate`` cleanly. An engine
+that can no longer generate (its weight files changed on disk, it was closed) fails the worker: it takes
+no more jobs, and /health says why."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from llmcad.errors import PromptError
+from llmcad.errors import EngineClosedError, PromptError, WeightFileError
 from llmcad.serve import errors
 from llmcad.serve.prompts import Frontend
 from llmcad.serve.schemas import Params
@@ -119,13 +121,17 @@ class JobQueue:
 
 class GenerationWorker:
     """The thread that owns the engine. ``load_engine()`` runs on it first; ``state`` is "loading",
-    "ready", "failed" (``load_error`` says why) or "stopped". ``on_load_error(exc)`` is called on failure."""
+    "ready", "failed" (loading failed: ``load_error``; or the engine broke while serving; ``failure``
+    says why in one line) or "stopped". ``on_load_error(exc)`` is called when loading fails."""
+
+    FATAL = (EngineClosedError, WeightFileError)  # the engine cannot generate any more
 
     def __init__(self, load_engine, max_queue: int, on_load_error=None):
         if max_queue < 0:
             raise ValueError(f"max_queue={max_queue}: expected an int >= 0")
         self.queue = JobQueue(max_queue)
         self.state, self.load_error, self.engine = "loading", None, None
+        self.failure: str | None = None
         self.counts = collections.Counter()  # finished, cancelled, failed
         self.running: Job | None = None
         self.frontend: Frontend | None = None  # what the event loop needs to check requests, once loaded
@@ -141,8 +147,16 @@ class GenerationWorker:
 
     def submit(self, job: Job) -> None:
         if self.state != "ready":
-            raise errors.shutting_down() if self.state == "stopped" else errors.not_ready(self.state)
+            raise self.refusal()
         self.queue.put(job)
+
+    def refusal(self) -> errors.APIError:
+        """The 503 a request gets when the worker is not ready."""
+        if self.state == "stopped":
+            return errors.shutting_down()
+        if self.state == "failed" and self.load_error is None and self.failure is not None:
+            return errors.engine_failed(self.failure)
+        return errors.not_ready(self.state)
 
     def withdraw(self, job: Job) -> None:
         """The request is gone: drop the job if it still waits, else stop it at the next pass boundary."""
@@ -176,11 +190,11 @@ class GenerationWorker:
                 engine.close()
                 raise
         except BaseException as exc:  # noqa: BLE001 - reported to the server, which exits
-            self.load_error = exc
+            self.load_error, self.failure = exc, _one_line(exc)
             with self._lock:
                 self.state = "failed" if self.state == "loading" else self.state
             self.ready.set()
-            log.error("could not load the models: %s", " ".join(str(exc).split()))
+            log.error("could not load the models: %s", self.failure)
             if self.on_load_error is not None:
                 self.on_load_error(exc)
             return
@@ -218,6 +232,10 @@ class GenerationWorker:
             self.counts["cancelled"] += 1
             job.post("error", job.cancel_error or errors.shutting_down())
             return
+        except self.FATAL as exc:
+            self.counts["failed"] += 1
+            job.post("error", self._fail(exc))
+            return
         except (PromptError, ValueError) as exc:  # checked before queueing; kept as a 400 all the same
             self.counts["failed"] += 1
             job.post("error", errors.bad_request(" ".join(str(exc).split())))
@@ -232,6 +250,17 @@ class GenerationWorker:
             job.post("text", tail)
         self.counts["finished"] += 1
         job.post("done", _outcome(text, result, job.prompt_tokens))
+
+    def _fail(self, exc: BaseException) -> errors.APIError:
+        """The engine is broken: refuse new jobs, fail the waiting ones; returns the jobs' error."""
+        with self._lock:
+            self.failure = _one_line(exc)
+            self.state = "failed"
+            error = errors.engine_failed(self.failure)
+            for job in self.queue.close():
+                job.post("error", error)
+        log.error("the engine cannot generate any more: %s", self.failure)
+        return error
 
 
 class _JobStreamer:
@@ -253,6 +282,10 @@ class _JobStreamer:
 
     def end(self) -> None:
         pass
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _outcome(text: TextStream, result, prompt_tokens: int) -> Outcome:
