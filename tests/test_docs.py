@@ -78,8 +78,8 @@ def test_page_examples_run(page, demo_cache, tmp_path):
     shutil.copytree(demo_cache, home)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "LLMCAD_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "LLMCAD_API_KEY": ""}
+    env = {**os.environ, "LLMCAD_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("LLMCAD_API_KEY", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__import__("llmcad").__file__).parents[1]),
                                                     env.get("PYTHONPATH")) if p)
     port = _free_port()
