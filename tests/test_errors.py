@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -147,6 +148,12 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
         "config-fewer-layers": (_variant(root, pair["target"], "fewer-layers", _edit_config(num_hidden_layers=2)),
                                 ModelLoadError, r"fewer-layers: the weights hold 4 decoder layers, config\.json's "
                                 r"num_hidden_layers is 2"),
+        "config-million-layers": (_variant(root, pair["target"], "million-layers",
+                                           _edit_config(num_hidden_layers=10**6)), ModelLoadError,
+                                  r"million-layers: the weights have no 'model\.layers\.4\.\*' tensors: config\.json's "
+                                  r"num_hidden_layers is 1000000, the weights hold 4 decoder layers"),
+        "config-huge-size": (_variant(root, pair["target"], "huge-size", _edit_config(intermediate_size=2**40)),
+                             ModelLoadError, r"huge-size/config\.json: intermediate_size=1099511627776: too large"),
         "zero-heads": (_variant(root, pair["target"], "zero-heads", _edit_config(num_attention_heads=0)),
                        ModelLoadError, r"zero-heads/config\.json: num_attention_heads=0: expected an integer > 0"),
         "encoder-only": (_save_other_architecture(root, "bert", bert, tiny_tokenizer), ModelLoadError,
@@ -158,7 +165,7 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
 
 MODEL_CASES = ["missing-directory", "no-weights", "truncated", "corrupt-header", "missing-shard",
                "shape-mismatch", "encoder-only", "no-decoder-layer-list", "overlapping-tensors", "missing-tensor",
-               "config-more-layers", "config-fewer-layers", "zero-heads"]
+               "config-more-layers", "config-fewer-layers", "config-million-layers", "config-huge-size", "zero-heads"]
 
 
 def run_cli(capfd, *argv) -> str:
@@ -479,3 +486,63 @@ def test_unexpected_exception_is_still_one_line(monkeypatch, capfd):
     monkeypatch.setattr(cli, "run_generate", broken_generate)
     err = run_cli(capfd, "generate", "--draft", "d", "--target", "t", "--prompt", "p")
     assert "internal error (RuntimeError): something internal" in err
+
+
+def test_weight_file_swapped_before_the_streamer_opens_it(pair, streaming, tmp_path, monkeypatch):
+    """The file is validated and indexed, then replaced (same size, other bytes) before the C++ streamer
+    opens it by path: loading must fail naming the file, never read weights of neither model."""
+    from llmcad.streaming import streamer as streamer_module
+
+    budget, _, _ = streaming
+    target = tmp_path / "target"
+    shutil.copytree(pair["target"], target)
+    weights = target / "model.safetensors"
+
+    class SwappingStreamer(WeightStreamer):
+        def __init__(self, paths, **kwargs):
+            data = bytearray(weights.read_bytes())
+            data[-64:] = bytes(64)  # the last tensor's tail zeroed: a plausible, wrong file
+            other = target / "other.tmp"
+            other.write_bytes(bytes(data))
+            os.replace(other, weights)
+            super().__init__(paths, **kwargs)
+
+    monkeypatch.setattr(streamer_module, "WeightStreamer", SwappingStreamer)
+    with pytest.raises(WeightFileError, match=re.escape(f"{weights}: replaced on disk while the model was loading")):
+        LLMCad.from_pretrained(pair["shared"], target, memory_budget=budget)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fifo_weight_file_is_refused_without_blocking(pair, tmp_path, budget):
+    target = tmp_path / "target"
+    shutil.copytree(pair["target"], target)
+    (target / "model.safetensors").unlink()
+    os.mkfifo(target / "model.safetensors")
+    outcome = []
+    thread = threading.Thread(daemon=True, target=lambda: outcome.append(_raised(
+        lambda: LLMCad.from_pretrained(pair["shared"], target, memory_budget=budget))))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "loading blocked on a FIFO"
+    assert isinstance(outcome[0], WeightFileError) and "model.safetensors: is a FIFO" in str(outcome[0])
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        return exc
+    return None
+
+
+def test_streamer_refuses_a_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "w.bin"
+    os.mkfifo(fifo)
+    outcome = []
+    thread = threading.Thread(daemon=True, target=lambda: outcome.append(_raised(
+        lambda: WeightStreamer([fifo], buffer_bytes=1 << 14))))
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the streamer blocked opening a FIFO"
+    assert isinstance(outcome[0], StreamerIOError)
+    assert f"cannot open weight file '{fifo}': not a regular file" in str(outcome[0])

@@ -195,6 +195,7 @@ def check_checkpoint(directory):
     for path in checkpoint_files(directory):
         entries, _ = read_header(path)
         shapes.update((name, (path, tuple(e["shape"]))) for name, e in entries.items())
+    _check_layer_count(config, shapes, directory)  # before building: a huge count would build for minutes
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -208,8 +209,26 @@ def check_checkpoint(directory):
     return config
 
 
+def _check_layer_count(config, shapes: dict, directory) -> None:
+    """config.json's num_hidden_layers must be the number of decoder layers the weights hold."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    found = [m for m in map(_LAYER_KEY.match, shapes) if m]
+    if not isinstance(layers, int) or not found:
+        return  # named otherwise, or no layer tensors: the tensor check below names what is missing
+    stored = 1 + max(int(m[1]) for m in found)
+    if stored > layers:
+        raise ModelLoadError(f"{directory}: the weights hold {stored} decoder layers, config.json's "
+                             f"num_hidden_layers is {layers} (config and weights disagree)")
+    if stored < layers:
+        prefix = found[0].group(0)[: found[0].start(1)]
+        raise ModelLoadError(f"{directory}: the weights have no '{prefix}{stored}.*' tensors: config.json's "
+                             f"num_hidden_layers is {layers}, the weights hold {stored} decoder layers "
+                             "(incomplete checkpoint, or config and weights disagree)")
+
+
 def _check_tensors(model, shapes: dict, directory) -> None:
-    """Every parameter stored (or tied to a stored one) with its shape; no layer beyond the config's."""
+    """Every parameter stored (or tied to a stored one) with its shape."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         if name not in shapes and tied.get(name) not in shapes:
@@ -221,13 +240,9 @@ def _check_tensors(model, shapes: dict, directory) -> None:
         if shape != tuple(param.shape):
             raise ModelLoadError(f"{path}: {name!r} has shape {list(shape)} but config.json describes "
                                  f"{list(param.shape)} (config and weights disagree)")
-    layers = len(model.model.layers)
-    stored = {int(m[1]) for m in map(_LAYER_KEY.match, shapes) if m}
-    if stored and max(stored) >= layers:
-        raise ModelLoadError(f"{directory}: the weights hold {max(stored) + 1} decoder layers, config.json's "
-                             f"num_hidden_layers is {layers} (config and weights disagree)")
 
 
+_MAX_SIZE = 2**31 - 1  # sizes index tensors with int32 in many kernels: anything larger describes no model
 _POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "max_position_embeddings", "head_dim")
 
@@ -253,6 +268,8 @@ def check_config(directory) -> None:
             continue  # absent, or named otherwise by this architecture: transformers checks it
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelLoadError(f"{source}: {name}={value!r}: expected an integer > 0")
+        if value > _MAX_SIZE:
+            raise ModelLoadError(f"{source}: {name}={value}: too large to describe a model (at most {_MAX_SIZE})")
         values[name] = value
     heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
     if kv_heads and heads % kv_heads:

@@ -42,7 +42,7 @@ from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, pla
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
 from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
-from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, stat_stamp
+from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, open_weight_file, stat_stamp
 
 
 def load_streamed_target(path, *, placement: Placement | None = None, dtype=None, device="cpu",
@@ -255,6 +255,7 @@ class StreamedTarget:
         self._streamer = WeightStreamer([str(f) for f in self.index.files], buffer_bytes=p.buffer_bytes,
                                         num_buffers=p.num_buffers, **self._options)
         self._ring_bytes = self._streamer.memory_bytes
+        self._check_streamer_files()
         self._sid = {}  # decoder layer index -> streamer layer id
         slot_bytes = 0
         for i in self._streamed:
@@ -267,6 +268,15 @@ class StreamedTarget:
                                     release=lambda i: self._streamer.release(self._sid[i]),
                                     host_buffers=p.num_buffers, slot_bytes=slot_bytes,
                                     read_ready=self._streamer.next_ready)
+
+    def _check_streamer_files(self):
+        """The streamer opens its files by path: each must be the file that was indexed and validated
+        (a file replaced in between would be read with no error, as weights of neither model)."""
+        for path, st, stamp in zip(self.index.files, self._streamer.file_stats(), self.index.stamps):
+            if not _same_file(st, stamp):
+                self._streamer.close()
+                raise WeightFileError(f"{path}: replaced on disk while the model was loading (the file the "
+                                      "streamer opened is not the one indexed); load it again")
 
     def _queue_next_pass(self):
         """Prefetch every streamed layer of the next pass, in order; the ring bounds the reads."""
@@ -428,7 +438,7 @@ def _layer_bindings(layer, index: WeightIndex, i: int) -> list:
 
 def _open_stamped(path, stamp) -> int:
     """A read-only descriptor on ``path``, checked to be the file that was indexed (``stamp``)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_weight_file(path)
     st = os.fstat(fd)
     if not _same_file(st, stamp):
         os.close(fd)
