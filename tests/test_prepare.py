@@ -131,6 +131,52 @@ def test_non_empty_output_needs_force_then_is_replaced_whole(source, tmp_path, c
     assert load_index(prepare(source, empty, "float32")).num_layers == 3  # an empty directory is fine
 
 
+def _during_verify(monkeypatch, action):
+    """Run ``action()`` while prepare verifies what it wrote (after its output checks, before the swap)."""
+    from llmcad.models import prepare as prepare_module
+
+    real = prepare_module.verify
+
+    def verify_then_act(*args, **kwargs):
+        real(*args, **kwargs)
+        action()
+
+    monkeypatch.setattr(prepare_module, "verify", verify_then_act)
+
+
+def test_output_that_appears_while_preparing_is_never_replaced(source, tmp_path, monkeypatch):
+    from llmcad.errors import OutputError
+
+    out = tmp_path / "out"
+
+    def someone_writes():
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _during_verify(monkeypatch, someone_writes)
+    with pytest.raises(OutputError, match=r"a non-empty directory appeared there while prepare ran; left it as it is"):
+        prepare(source, out, "float32")
+    assert (out / "notes.txt").read_text() == "mine" and _siblings(out) == []
+
+
+def test_force_replaces_only_the_directory_it_checked(source, tmp_path, monkeypatch):
+    from llmcad.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("checked")
+
+    def someone_swaps():
+        out.rename(tmp_path / "moved")
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _during_verify(monkeypatch, someone_swaps)
+    with pytest.raises(OutputError, match=r"was replaced by another directory while prepare ran; left it as it is"):
+        prepare(source, out, "float32", force=True)
+    assert (out / "notes.txt").read_text() == "mine" and _siblings(out) == []
+
+
 def test_failure_while_writing_leaves_the_old_output_and_no_temporary(source, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
