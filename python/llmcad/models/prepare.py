@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import sys
 import threading
 from contextlib import contextmanager
@@ -75,7 +76,9 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         group_size = check_scheme(quantize, group_size)
     out = Path(out)
     _sweep(out)  # first: an old output a killed run had moved aside comes back, and is checked as any
-    checked = _check_output(src, out, force)
+    checked = _check_output(src / gguf_file if gguf_file else src, out, force)  # a GGUF source is the file
+    if gguf_file:
+        check_gguf(src / gguf_file)
     temp = _sibling(out, "tmp", os.getpid())
     try:
         model, tokenizer = _load(src, gguf_file, dtype)
@@ -120,7 +123,8 @@ def _check_output(src: Path, out: Path, force: bool):
     (device, inode) of the non-empty directory ``force`` allows to replace, else None."""
     source, target = src.resolve(), out.resolve()
     if target == source or source in target.parents:
-        raise ModelLoadError(f"--out {out}: is the source directory or lies inside it; choose another output")
+        raise ModelLoadError(f"--out {out}: is the source {'directory ' if source.is_dir() else ''}or lies inside "
+                             "it; choose another output")
     if target in source.parents:
         raise ModelLoadError(f"--out {out}: holds the source {src}; replacing it would delete the source")
     if out.exists() and not out.is_dir():
@@ -221,6 +225,28 @@ def _resolve_source(src: Path, gguf_file):
     if gguf_file is not None and not (src / gguf_file).is_file():
         raise ModelLoadError(f"{src / gguf_file}: GGUF file not found")
     return src, gguf_file
+
+
+def check_gguf(path: Path) -> None:
+    """ModelLoadError naming ``path`` when its GGUF header, metadata or tensor table cannot be parsed or
+    its tensors run past its end (truncated, corrupt, not GGUF): checked with the reader transformers
+    loads it with, before transformers fails with that reader's words (``unpack_from requires...``)."""
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # an older transformers parses with the gguf package: it reports its own errors
+        return
+    size = path.stat().st_size
+    try:
+        header = GgufHeader.from_file(str(path))
+        for tensor in header.tensors:
+            end = header.data_start + tensor.offset + tensor.nbytes
+            if end > size:
+                raise ValueError(f"tensor {tensor.name!r} ends at byte {end}, the file has {size} (truncated)")
+    except struct.error:
+        raise ModelLoadError(f"{path}: not a valid GGUF file (truncated or corrupt: its header or metadata runs "
+                             f"past the end of the file, {size} bytes)") from None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as exc:
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({' '.join(str(exc).split())[:300]})") from None
 
 
 def _load(src: Path, gguf_file, dtype: str):
