@@ -112,8 +112,9 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         return False
 
 
-def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False) -> torch.nn.Module:
+def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False, trust_remote_code=False) -> torch.nn.Module:
     """A decoder-only causal LM in eval mode; ``dtype=None``: config.json's dtype, else the checkpoint's.
+    ``trust_remote_code``: run Python code the model directory ships (auto_map); never without it.
 
     The weights are read into memory the model owns, so a checkpoint changed or truncated after
     loading changes nothing. ``mmap=True`` maps the files instead (faster, less memory at load), at a
@@ -125,24 +126,27 @@ def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False) -> torch.nn.
 
     where = _check_source(source)
     local = Path(where).is_dir()
-    config = check_checkpoint(where) if local else None
+    config = check_checkpoint(where, trust_remote_code=trust_remote_code) if local else None
     if local and _is_quantized(where):  # transformers cannot load llmcad's packed linears: build it ourselves
         from llmcad.streaming.streamed import load_streamed_target
 
-        resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device))
+        resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device),
+                                        trust_remote_code=trust_remote_code)
         resident.close()  # every layer is loaded: the weight files are no longer needed
         return resident.model
     try:
-        if local and not mmap and any(Path(where).glob("*.safetensors")):
+        if local and not mmap and any(Path(where).glob("*.safetensors")) \
+                and type(config) in AutoModelForCausalLM._model_mapping:
             model = _load_owned(where, config, resolve_dtype(dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto",
+                                                         trust_remote_code=trust_remote_code)
             if not mmap:
                 _own(model)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"cannot load model {str(source)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load model {str(source)!r}", exc) from exc
     _check_decoder_layers(model, source)
     return model.to(resolve_device(device)).eval()
 
@@ -170,14 +174,14 @@ def _own(model) -> None:
             t.data = t.data.clone()
 
 
-def check_checkpoint(directory):
+def check_checkpoint(directory, *, trust_remote_code=False):
     """Fail early, with one clear line, on what transformers reports badly, late or not at all: every
     safetensors header is read (truncated file, corrupt header, overlapping tensors, missing shard ->
     WeightFileError naming the file), config.json's sizes must make sense, the architecture must have
     decoder layers in a ModuleList, every parameter the model needs must be stored (or tied to a
     stored one) with the shape config.json describes, and the weights must not hold more decoder
     layers than the config (ModelLoadError naming the tensor or field). Nothing is loaded (meta
-    device). Returns the config."""
+    device). Returns the config. ``trust_remote_code``: as for :func:`load_causal_lm`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmcad.streaming.quantized import quantize_modules, scheme_of
@@ -186,9 +190,9 @@ def check_checkpoint(directory):
     directory = Path(directory)
     check_config(directory)
     try:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
-        raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load model {str(directory)!r}", exc) from exc
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
         return config  # a legacy PyTorch checkpoint: transformers checks it
     shapes = {}
@@ -198,9 +202,9 @@ def check_checkpoint(directory):
     _check_layer_count(config, shapes, directory)  # before building: a huge count would build for minutes
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load model {str(directory)!r}", exc) from exc
     record = scheme_of(config)
     if record is not None:
         quantize_modules(model, record, model.dtype)
@@ -292,20 +296,31 @@ def _is_quantized(directory) -> bool:
         return False
 
 
-def load_tokenizer(source):
+def load_tokenizer(source, *, trust_remote_code=False):
+    """The tokenizer of ``source``; ``trust_remote_code``: as for :func:`load_causal_lm`."""
     from transformers import AutoTokenizer
 
     where = _check_source(source)
     try:
-        return AutoTokenizer.from_pretrained(where)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load the tokenizer of {str(source)!r}", exc) from exc
 
 
 def _check_decoder_layers(model, source) -> None:
     from llmcad.streaming.streamed import decoder_layers
 
     decoder_layers(model, source)
+
+
+def _load_error(what: str, exc: BaseException) -> ModelLoadError:
+    """ModelLoadError for a failed load; transformers' refusal to run a model's own code gets llmcad's
+    words (its own advice names a Python argument and a hub page)."""
+    if "trust_remote_code" in str(exc):
+        return ModelLoadError(f"{what}: the model directory asks to run its own Python code (auto_map in its "
+                              "config); llmcad runs no model code unless you opt in with --trust-remote-code "
+                              "(trust_remote_code=True), after reading that code")
+    return ModelLoadError(f"{what}: {_one_line(exc)}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -354,22 +369,25 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
 
 
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
-              mmap=False) -> ModelPair:
+              mmap=False, trust_remote_code=False) -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
-    ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm)."""
-    target_tokenizer = load_tokenizer(target)
-    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
-    draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap)
+    ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm).
+    ``trust_remote_code``: run Python code a model directory ships; never without it (default False)."""
+    trust = {"trust_remote_code": bool(trust_remote_code)}
+    target_tokenizer = load_tokenizer(target, **trust)
+    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft, **trust)
+    draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                          draft_model=draft_model, mmap=mmap, **extra)
+                                          draft_model=draft_model, mmap=mmap, **extra, **trust)
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
     return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed)
 
 
-def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None):
+def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None,
+                 trust_remote_code=False):
     """The target model the engine verifies with, and its StreamedTarget (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
@@ -377,12 +395,12 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=Fals
     returns the streamed target (the same HF model, layers bound to streamed weights).
     """
     if memory_budget is None:
-        return load_causal_lm(target, device=device, dtype=dtype, mmap=mmap), None
+        return load_causal_lm(target, device=device, dtype=dtype, mmap=mmap, trust_remote_code=trust_remote_code), None
     from llmcad.streaming.streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
 
     where = _check_source(target)
-    check_checkpoint(where)  # the same early, one-line errors as the resident path
+    check_checkpoint(where, trust_remote_code=trust_remote_code)  # the same early, one-line errors as resident
     streamed = load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
                                     dtype=resolve_dtype(dtype), device=resolve_device(device),
-                                    streamer_options=streamer_options)
+                                    streamer_options=streamer_options, trust_remote_code=trust_remote_code)
     return streamed.model, streamed

@@ -46,13 +46,15 @@ from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, open
 
 
 def load_streamed_target(path, *, placement: Placement | None = None, dtype=None, device="cpu",
-                         streamer_options: dict | None = None, attn_implementation: str | None = None):
+                         streamer_options: dict | None = None, attn_implementation: str | None = None,
+                         trust_remote_code: bool = False):
     """Build the streamed target of checkpoint directory ``path``.
 
     ``placement``: from :func:`llmcad.streaming.budget.plan_placement` (None: every layer resident).
     ``dtype``: compute dtype (None: the checkpoint's). ``streamer_options``: extra WeightStreamer
     keyword arguments (backend, direct, ...), plus ``gpu_path`` for a CUDA ``device``: "auto" (default:
     zero-copy on an integrated GPU, else copy), "copy" or "zero-copy" (see llmcad.streaming.gpu_upload).
+    ``trust_remote_code``: run Python code the directory ships (auto_map); never without it.
     Returns the :class:`StreamedTarget`; its ``model`` is the HF model (eval mode) to call.
     """
     path = Path(path)
@@ -61,7 +63,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     _check_placement(index, placement)
     device = torch.device(device)
     dtype = dtype or _checkpoint_dtype(index)
-    model = _build_on_meta(path, dtype, device, attn_implementation)
+    model = _build_on_meta(path, dtype, device, attn_implementation, trust_remote_code)
     layers = decoder_layers(model)
     if len(layers) != index.num_layers:
         raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
@@ -74,7 +76,8 @@ DEFAULT_KV_TOKENS = 2048  # cache positions budgeted per model when the caller d
 
 
 def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device="cpu",
-                         kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None):
+                         kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None,
+                         trust_remote_code: bool = False):
     """Plan the target's placement under ``memory_budget`` next to ``draft_model``, then load it.
 
     The budget covers the draft's weights (as loaded), the target's resident tensors and ring, and
@@ -85,7 +88,7 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
     from transformers import AutoConfig
 
     index = load_index(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     dtype = dtype or _checkpoint_dtype(index)
     if kv_tokens is None:
         kv_tokens = min(DEFAULT_KV_TOKENS, getattr(config, "max_position_embeddings", None) or DEFAULT_KV_TOKENS)
@@ -95,7 +98,7 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
                                kv_bytes=kv, num_buffers=num_buffers,
                                device_slots=DEVICE_SLOTS if gpu_path == "copy" else 0)
     return load_streamed_target(path, placement=placement, dtype=dtype, device=device,
-                                streamer_options=streamer_options)
+                                streamer_options=streamer_options, trust_remote_code=trust_remote_code)
 
 
 def decoder_layers(model, source=None) -> torch.nn.ModuleList:
@@ -484,17 +487,17 @@ def _check_placement(index: WeightIndex, placement: Placement) -> None:
         raise ValueError(f"placement covers layers {layers}, the checkpoint has 0..{index.num_layers - 1}")
 
 
-def _build_on_meta(path: Path, dtype, device, attn_implementation):
+def _build_on_meta(path: Path, dtype, device, attn_implementation, trust_remote_code=False):
     """The model with every parameter on meta and its non-persistent buffers computed on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read config: {exc}") from exc
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     record = scheme_of(config)
     if record is not None:  # a quantized checkpoint: its linears are stored packed
         quantize_modules(model, record, dtype)
