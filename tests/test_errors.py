@@ -75,6 +75,25 @@ def _edit_config(**changes):
     return edit
 
 
+def _generation_eos(value):
+    def edit(d):
+        config = json.loads((d / "generation_config.json").read_text())
+        config["eos_token_id"] = value
+        (d / "generation_config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _deep_metadata(d):
+    """A header whose __metadata__ nests 100k lists (json's recursion limit), same tensors."""
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    text = json.dumps(header)[:-1].encode() + b',"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
 def _overlapping(d):
     """Two same-sized tensors point at the same bytes (header length unchanged: padded with spaces)."""
     f = d / "model.safetensors"
@@ -154,6 +173,14 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
                                   r"num_hidden_layers is 1000000, the weights hold 4 decoder layers"),
         "config-huge-size": (_variant(root, pair["target"], "huge-size", _edit_config(intermediate_size=2**40)),
                              ModelLoadError, r"huge-size/config\.json: intermediate_size=1099511627776: too large"),
+        "eos-text": (_variant(root, pair["target"], "eos-text", _generation_eos("abc")), ModelLoadError,
+                     r"eos-text/generation_config\.json: eos_token_id='abc' is not a token id or a list of them"),
+        "eos-float": (_variant(root, pair["target"], "eos-float", _generation_eos(1.5)), ModelLoadError,
+                      r"eos-float/generation_config\.json: eos_token_id=1\.5 is not a token id"),
+        "eos-nested": (_variant(root, pair["target"], "eos-nested", _generation_eos([[1]])), ModelLoadError,
+                       r"eos-nested/generation_config\.json: eos_token_id=\[\[1\]\] is not a token id"),
+        "deep-metadata": (_variant(root, pair["target"], "deep-metadata", _deep_metadata), WeightFileError,
+                          r"deep-metadata/model\.safetensors: corrupt safetensors header \(JSON nested too deeply"),
         "zero-heads": (_variant(root, pair["target"], "zero-heads", _edit_config(num_attention_heads=0)),
                        ModelLoadError, r"zero-heads/config\.json: num_attention_heads=0: expected an integer > 0"),
         "encoder-only": (_save_other_architecture(root, "bert", bert, tiny_tokenizer), ModelLoadError,
@@ -165,7 +192,8 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
 
 MODEL_CASES = ["missing-directory", "no-weights", "truncated", "corrupt-header", "missing-shard",
                "shape-mismatch", "encoder-only", "no-decoder-layer-list", "overlapping-tensors", "missing-tensor",
-               "config-more-layers", "config-fewer-layers", "config-million-layers", "config-huge-size", "zero-heads"]
+               "config-more-layers", "config-fewer-layers", "config-million-layers", "config-huge-size", "eos-text", "eos-float", "eos-nested",
+               "deep-metadata", "zero-heads"]
 
 
 def run_cli(capfd, *argv) -> str:
@@ -546,3 +574,24 @@ def test_streamer_refuses_a_fifo_without_blocking(tmp_path):
     assert not thread.is_alive(), "the streamer blocked opening a FIFO"
     assert isinstance(outcome[0], StreamerIOError)
     assert f"cannot open weight file '{fifo}': not a regular file" in str(outcome[0])
+
+
+def test_pickle_checkpoint_holding_objects_is_one_clear_line(pair, tmp_path, capfd):
+    """torch.load(weights_only=True) refuses it: one line naming the file, no escape codes, no advice to
+    load it unsafely."""
+    import fractions
+
+    from safetensors.torch import load_file
+
+    target = tmp_path / "pickled"
+    shutil.copytree(pair["target"], target)
+    state = load_file(target / "model.safetensors")
+    state["extra"] = fractions.Fraction(1, 3)
+    torch.save(state, target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    pattern = (rf"{re.escape(str(target / 'pytorch_model.bin'))}: a pickle checkpoint holding a fractions\.Fraction "
+               r"object, which llmcad does not load")
+    with pytest.raises(ModelLoadError, match=pattern):
+        LLMCad.from_pretrained(pair["shared"], target)
+    err = run_cli(capfd, *generate_argv(pair["shared"], target))
+    assert re.search(pattern, err) and "\x1b" not in err and "weights_only" not in err and "internal error" not in err

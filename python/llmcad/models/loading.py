@@ -5,6 +5,7 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculat
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,8 @@ def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False, trust_remote
                 _own(model)
     except ModelLoadError:
         raise
+    except pickle.UnpicklingError as exc:
+        raise _pickle_refused(where, exc) from None
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise _load_error(f"cannot load model {str(source)!r}", exc) from exc
     _check_decoder_layers(model, source)
@@ -184,11 +187,13 @@ def check_checkpoint(directory, *, trust_remote_code=False):
     device). Returns the config. ``trust_remote_code``: as for :func:`load_causal_lm`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmcad.models.eos import check_stored_end_ids
     from llmcad.streaming.quantized import quantize_modules, scheme_of
     from llmcad.streaming.weights import checkpoint_files, read_header
 
     directory = Path(directory)
     check_config(directory)
+    check_stored_end_ids(directory)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
@@ -321,6 +326,17 @@ def _load_error(what: str, exc: BaseException) -> ModelLoadError:
                               "config); llmcad runs no model code unless you opt in with --trust-remote-code "
                               "(trust_remote_code=True), after reading that code")
     return ModelLoadError(f"{what}: {_one_line(exc)}")
+
+
+def _pickle_refused(where, exc) -> ModelLoadError:
+    """A pickle checkpoint (.bin) that torch.load(weights_only=True) refused: it holds more than tensors,
+    and loading it anyway could run code, which llmcad never does."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    holds = f"a {found[1]} object" if found else "objects other than tensors"
+    files = ", ".join(str(p) for p in sorted(Path(where).glob("*.bin"))[:3]) if Path(where).is_dir() else str(where)
+    return ModelLoadError(f"{files}: a pickle checkpoint holding {holds}, which llmcad does not load (a pickle "
+                          "is read only as plain tensors, never by running its code); use a safetensors "
+                          "checkpoint of this model")
 
 
 def _one_line(exc: BaseException) -> str:
