@@ -46,11 +46,35 @@ def test_mismatched_vocabulary(llama, tmp_path):
         LLMCad.from_pretrained(draft, llama["target"])
 
 
+def test_identical_tokenizer_files_read_as_different_classes_say_so(tmp_path):
+    """Byte-identical tokenizer files in two families' directories: transformers picks the tokenizer class
+    from each config.json's model_type, and a class may add its own special tokens. The error says that
+    the files are identical and names the classes, instead of blaming the models."""
+    from transformers import GemmaConfig, LlamaConfig
+
+    from llmcad.models.loading import check_tokenizers, load_tokenizer
+
+    tokenizer = pair_models.build_tokenizer()
+    dirs = []
+    for name, config in (("llama", LlamaConfig(vocab_size=300)), ("gemma", GemmaConfig(vocab_size=300))):
+        path = tmp_path / name
+        tokenizer.save_pretrained(path)
+        config_file = json.loads((path / "tokenizer_config.json").read_text())
+        config_file = {k: v for k, v in config_file.items() if not k.endswith("_token") and k != "tokenizer_class"}
+        (path / "tokenizer_config.json").write_text(json.dumps(config_file))  # the class's defaults then apply
+        config.save_pretrained(path)
+        dirs.append(path)
+    assert (dirs[0] / "tokenizer.json").read_bytes() == (dirs[1] / "tokenizer.json").read_bytes()
+    with pytest.raises(TokenizerMismatchError, match=r"the tokenizer files are byte-identical: the difference comes "
+                       r"from the tokenizer classes transformers picks .*draft \w+, target GemmaTokenizer"):
+        check_tokenizers(load_tokenizer(dirs[0]), load_tokenizer(dirs[1]), None, None)
+
+
 def test_mismatched_special_tokens(llama, tmp_path):
     tok = pair_models.build_tokenizer()
     tok.eos_token = "<pad>"
     draft = pair_models.copy_with_tokenizer(llama["shared"], tmp_path / "draft", tok)
-    with pytest.raises(TokenizerMismatchError, match="special-token ids differ.*eos_token"):
+    with pytest.raises(TokenizerMismatchError, match=r"different special tokens \(.*eos_token: draft '<pad>' \(id 3\)"):
         LLMCad.from_pretrained(draft, llama["target"])
 
 

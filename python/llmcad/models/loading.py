@@ -356,21 +356,25 @@ def special_token_ids(tokenizer) -> dict:
 
 
 def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model) -> None:
-    """TokenizerMismatchError naming what differs: vocabulary, special-token ids, or a draft whose
-    vocabulary is larger than the target's embedding rows."""
+    """TokenizerMismatchError naming what differs between the two tokenizers as loaded: vocabulary,
+    special tokens (each with its text and id on both sides, and where the difference comes from), or a
+    draft whose vocabulary is larger than the target's embedding rows."""
     draft_vocab, target_vocab = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
     if draft_vocab != target_vocab:
         only_d = sorted(set(draft_vocab.items()) - set(target_vocab.items()))[:3]
         only_t = sorted(set(target_vocab.items()) - set(draft_vocab.items()))[:3]
         raise TokenizerMismatchError(
             f"draft and target vocabularies differ (draft has {len(draft_vocab)} tokens, target "
-            f"{len(target_vocab)}; e.g. draft-only {only_d}, target-only {only_t})")
+            f"{len(target_vocab)}; e.g. draft-only {only_d}, target-only {only_t})"
+            f"{_tokenizer_origin(draft_tokenizer, target_tokenizer)}")
     draft_special, target_special = special_token_ids(draft_tokenizer), special_token_ids(target_tokenizer)
     if draft_special != target_special:
-        diff = {k: (draft_special.get(k), target_special.get(k))
-                for k in sorted(set(draft_special) | set(target_special))
-                if draft_special.get(k) != target_special.get(k)}
-        raise TokenizerMismatchError(f"draft and target special-token ids differ (name: (draft, target)): {diff}")
+        diff = "; ".join(f"{name}: draft {_special_text(draft_tokenizer, name, draft_special)}, target "
+                         f"{_special_text(target_tokenizer, name, target_special)}"
+                         for name in sorted(set(draft_special) | set(target_special))
+                         if draft_special.get(name) != target_special.get(name))
+        raise TokenizerMismatchError(f"draft and target tokenizers define different special tokens ({diff})"
+                                     f"{_tokenizer_origin(draft_tokenizer, target_tokenizer)}")
     draft_rows = draft_model.get_output_embeddings().weight.shape[0]
     target_rows = target_model.get_input_embeddings().weight.shape[0]
     if draft_rows > target_rows:
@@ -382,6 +386,33 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
         raise TokenizerMismatchError(
             f"draft vocabulary ({draft_inputs} embedding rows) does not cover the target's token ids "
             f"(0..{target_logits - 1}): every token the target emits is fed to the draft next")
+
+
+def _special_text(tokenizer, name: str, ids: dict) -> str:
+    """``'</s>' (id 2)`` for special token ``name`` (bos_token... or the token text), ``none`` if undefined."""
+    if name not in ids:
+        return "none"
+    text = getattr(tokenizer, name, None) if name.endswith("_token") else name
+    return f"{str(text)!r} (id {ids[name]})"
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _tokenizer_origin(draft_tokenizer, target_tokenizer) -> str:
+    """Where the tokenizers come from: their classes, and whether their files are byte-identical (then
+    the difference is the class transformers picked from each config.json's model_type)."""
+    classes = f"draft {type(draft_tokenizer).__name__}, target {type(target_tokenizer).__name__}"
+    dirs = [Path(str(getattr(t, "name_or_path", ""))) for t in (draft_tokenizer, target_tokenizer)]
+    if not all(d.is_dir() for d in dirs):
+        return f" ({classes})"
+    pairs = [(dirs[0] / name, dirs[1] / name) for name in _TOKENIZER_FILES]
+    same = all(a.is_file() == b.is_file() and (not a.is_file() or a.read_bytes() == b.read_bytes()) for a, b in pairs)
+    if not same:
+        return f" ({classes}; their tokenizer files differ)"
+    return (f"; the tokenizer files are byte-identical: the difference comes from the tokenizer classes transformers "
+            f"picks from each config.json's model_type ({classes}), which add their own default special tokens")
 
 
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
