@@ -266,3 +266,11 @@ def test_non_integer_or_huge_shape_is_one_clear_error(single, tmp_path, shape):
     _write_raw_header(path, text)
     with pytest.raises(WeightFileError, match=re.escape(f"{path}: corrupt safetensors header")):
         read_header(path)
+
+
+def test_fifo_shard_index_is_refused_without_blocking(sharded):
+    index_path = sharded / "model.safetensors.index.json"
+    index_path.unlink()
+    os.mkfifo(index_path)
+    exc = _in_thread(lambda: load_index(sharded))
+    assert isinstance(exc, WeightFileError) and f"{index_path}: not a regular file" in str(exc)

@@ -254,6 +254,8 @@ def checkpoint_files(directory) -> list[Path]:
     ``..`` or a link out of it is refused."""
     directory = Path(directory)
     index_path = directory / SHARD_INDEX
+    if index_path.exists() and not index_path.is_file():
+        raise WeightFileError(f"{index_path}: not a regular file (a FIFO, device or directory)")
     if index_path.exists():
         files = [_shard_path(directory, index_path, name) for name in _weight_map_files(index_path)]
         for f in files:
