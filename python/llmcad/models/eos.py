@@ -65,12 +65,9 @@ def end_of_generation_ids(model, tokenizer, gguf_path=None) -> list:
 
 def check_stored_end_ids(directory) -> None:
     """ModelLoadError naming the file when config.json's or generation_config.json's ``eos_token_id`` is
-    not a token id or a list of them (``"abc"``, ``1.5``, ``[[1]]``, negative, past the vocabulary):
-    generation would stop on the wrong token, or never."""
+    not a token id or a list of them (``"abc"``, ``1.5``, ``[[1]]``): it would fail later with no file
+    named, or be truncated to another id silently."""
     directory = Path(directory)
-    config = _json_object(directory / "config.json") or {}
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    vocab = text.get("vocab_size") if type(text.get("vocab_size")) is int else None
     for name in ("config.json", "generation_config.json"):
         raw = _json_object(directory / name)
         if raw is None:
@@ -79,10 +76,9 @@ def check_stored_end_ids(directory) -> None:
         for section in sections:
             value = section.get("eos_token_id")
             ids = value if isinstance(value, list) else [value] if value is not None else []
-            if any(type(i) is not int or i < 0 or (vocab is not None and i >= vocab) for i in ids):
-                what = f"token ids of a vocabulary of {vocab}" if vocab else "token ids (integers >= 0)"
+            if any(type(i) is not int for i in ids):
                 raise ModelLoadError(f"{directory / name}: eos_token_id={value!r:.80} is not a token id or a list "
-                                     f"of them (expected {what})")
+                                     "of them (expected an integer or a list of integers)")
 
 
 def _json_object(path: Path):
