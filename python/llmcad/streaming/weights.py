@@ -269,7 +269,8 @@ def checkpoint_files(directory) -> list[Path]:
             raise WeightFileError(f"{directory}: no safetensors weights (expected {SINGLE_FILE} or {SHARD_INDEX})")
     for f in files:
         if not _inside(directory, f):
-            raise WeightFileError(f"{f}: links to {f.resolve()}, outside the model directory; refusing to read it")
+            raise WeightFileError(f"{f}: links to {f.resolve()}, outside the model directory; refusing to read it "
+                                  "(copy the file into the directory instead)")
     return files
 
 
