@@ -300,6 +300,13 @@ void bind_streamer(py::module_& m) {
       .def("num_layers", &Streamer::num_layers)
       .def("layer_bytes", &Streamer::layer_bytes)
       .def("layout_bytes", &Streamer::layout_bytes)
+      // [(dev, ino, size, mtime_ns, ctime_ns, nlink)] of the descriptors the streamer reads
+      .def("file_identities", [](const Streamer& s) {
+        std::vector<std::tuple<uint64_t, uint64_t, uint64_t, int64_t, int64_t, uint64_t>> out;
+        for (const llmcad::FileIdentity& f : s.file_identities())
+          out.emplace_back(f.dev, f.ino, f.size, f.mtime_ns, f.ctime_ns, f.nlink);
+        return out;
+      })
       .def("stats", [](const Streamer& s) {
         llmcad::StreamerStats st = s.stats();
         py::dict d;

@@ -164,13 +164,29 @@ struct File {
   bool direct = false;
 };
 
+constexpr int kNotRegular = ENODEV;  // open_file's error for a FIFO, device, socket or directory
+
+// A descriptor on a regular file, or -errno (-kNotRegular: something else). Opened O_NONBLOCK so a FIFO
+// in place of a weight file cannot block the open; the flag is cleared once the file is known to be
+// regular (io_uring would otherwise answer EAGAIN rather than wait for a buffered read).
 int open_file(const std::string& path, bool direct) {
-  int flags = O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0);
+  int flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | (direct ? O_DIRECT : 0);
   int fd;
   do {
     fd = ::open(path.c_str(), flags);
   } while (fd < 0 && errno == EINTR);
-  return fd < 0 ? -errno : fd;
+  if (fd < 0) return -errno;
+  struct stat st;
+  int code = ::fstat(fd, &st) != 0 ? errno : !S_ISREG(st.st_mode) ? kNotRegular
+           : ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 ? errno : 0;
+  if (code == 0) return fd;
+  ::close(fd);
+  return -code;
+}
+
+std::string open_error(const std::string& what, const std::string& path, int code) {
+  if (code == kNotRegular) return what + " '" + path + "': not a regular file (a FIFO, device or directory)";
+  return what + " '" + path + "': " + errno_text(code);
 }
 
 // ---------------------------------------------------------------- bandwidth cap
@@ -306,20 +322,19 @@ struct Streamer::Impl final : ReadHooks {
         f.direct = false;
         fd = open_file(path, false);
       }
-      if (fd < 0) throw StreamerIOError(-fd, "cannot open weight file '" + path + "': " + errno_text(-fd));
+      if (fd < 0) throw StreamerIOError(-fd, open_error("cannot open weight file", path, -fd));
       f.fd = fd;
       files.push_back(f);
     }
   }
 
-  // O_DIRECT read refused at the first read: reopen buffered and record a warning.
+  // O_DIRECT read refused at the first read: clear O_DIRECT on the same descriptor (never reopen by
+  // path: the path may name another file by now) and record a warning.
   bool fall_back_to_buffered(int file) {
     File& f = files[file];
-    int fd = open_file(f.path, false);
-    if (fd < 0) return false;
+    int flags = ::fcntl(f.fd, F_GETFL);
+    if (flags < 0 || ::fcntl(f.fd, F_SETFL, flags & ~O_DIRECT) != 0) return false;
     std::lock_guard<std::mutex> lock(mu);
-    ::close(f.fd);
-    f.fd = fd;
     f.direct = false;
     warnings.push_back("O_DIRECT read refused for '" + f.path + "' (" + errno_text(EINVAL) + "); using buffered reads");
     return true;
@@ -632,6 +647,22 @@ uint64_t Streamer::layout_bytes(int layer) const {
   return impl_->layers[layer].layout_bytes;
 }
 
+std::vector<FileIdentity> Streamer::file_identities() const {
+  const Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.check_open();
+  std::vector<FileIdentity> out;
+  for (const File& f : s.files) {
+    struct stat st;
+    if (::fstat(f.fd, &st) != 0) throw StreamerIOError(errno, "fstat of '" + f.path + "' failed: " + errno_text(errno));
+    out.push_back({static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<uint64_t>(st.st_size),
+                   static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
+                   static_cast<int64_t>(st.st_ctim.tv_sec) * 1000000000 + st.st_ctim.tv_nsec,
+                   static_cast<uint64_t>(st.st_nlink)});
+  }
+  return out;
+}
+
 StreamerStats Streamer::stats() const {
   const Impl& s = *impl_;
   std::lock_guard<std::mutex> lock(s.mu);
@@ -675,7 +706,7 @@ uint64_t streamer_memory_bytes(uint64_t buffer_bytes, int num_buffers, size_t nu
 
 void evict_from_page_cache(const std::string& path) {
   int fd = open_file(path, false);
-  if (fd < 0) throw StreamerIOError(-fd, "cannot open '" + path + "': " + errno_text(-fd));
+  if (fd < 0) throw StreamerIOError(-fd, open_error("cannot open", path, -fd));
   ::fdatasync(fd);  // dirty pages (a file just written) cannot be dropped
   int e = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
   ::close(fd);
@@ -686,7 +717,7 @@ double raw_direct_read_bytes_per_s(const std::string& path, uint64_t block_bytes
   if (block_bytes == 0 || block_bytes % kStreamerAlign != 0)
     throw std::invalid_argument("block_bytes must be a positive multiple of 4096");
   int fd = open_file(path, true);
-  if (fd < 0) throw StreamerIOError(-fd, "cannot open '" + path + "' with O_DIRECT: " + errno_text(-fd));
+  if (fd < 0) throw StreamerIOError(-fd, open_error("cannot open (O_DIRECT)", path, -fd));
   void* buf = nullptr;
   if (posix_memalign(&buf, kStreamerAlign, block_bytes) != 0) {
     ::close(fd);

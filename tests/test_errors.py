@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,25 @@ def _edit_config(**changes):
         config.update(changes)
         (d / "config.json").write_text(json.dumps(config))
     return edit
+
+
+def _generation_eos(value):
+    def edit(d):
+        config = json.loads((d / "generation_config.json").read_text())
+        config["eos_token_id"] = value
+        (d / "generation_config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _deep_metadata(d):
+    """A header whose __metadata__ nests 100k lists (json's recursion limit), same tensors."""
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    text = json.dumps(header)[:-1].encode() + b',"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
 
 
 def _overlapping(d):
@@ -147,6 +167,20 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
         "config-fewer-layers": (_variant(root, pair["target"], "fewer-layers", _edit_config(num_hidden_layers=2)),
                                 ModelLoadError, r"fewer-layers: the weights hold 4 decoder layers, config\.json's "
                                 r"num_hidden_layers is 2"),
+        "config-million-layers": (_variant(root, pair["target"], "million-layers",
+                                           _edit_config(num_hidden_layers=10**6)), ModelLoadError,
+                                  r"million-layers: the weights have no 'model\.layers\.4\.\*' tensors: config\.json's "
+                                  r"num_hidden_layers is 1000000, the weights hold 4 decoder layers"),
+        "config-huge-size": (_variant(root, pair["target"], "huge-size", _edit_config(intermediate_size=2**40)),
+                             ModelLoadError, r"huge-size/config\.json: intermediate_size=1099511627776: too large"),
+        "eos-text": (_variant(root, pair["target"], "eos-text", _generation_eos("abc")), ModelLoadError,
+                     r"eos-text/generation_config\.json: eos_token_id='abc' is not a token id or a list of them"),
+        "eos-float": (_variant(root, pair["target"], "eos-float", _generation_eos(1.5)), ModelLoadError,
+                      r"eos-float/generation_config\.json: eos_token_id=1\.5 is not a token id"),
+        "eos-nested": (_variant(root, pair["target"], "eos-nested", _generation_eos([[1]])), ModelLoadError,
+                       r"eos-nested/generation_config\.json: eos_token_id=\[\[1\]\] is not a token id"),
+        "deep-metadata": (_variant(root, pair["target"], "deep-metadata", _deep_metadata), WeightFileError,
+                          r"deep-metadata/model\.safetensors: corrupt safetensors header \(JSON nested too deeply"),
         "zero-heads": (_variant(root, pair["target"], "zero-heads", _edit_config(num_attention_heads=0)),
                        ModelLoadError, r"zero-heads/config\.json: num_attention_heads=0: expected an integer > 0"),
         "encoder-only": (_save_other_architecture(root, "bert", bert, tiny_tokenizer), ModelLoadError,
@@ -158,7 +192,8 @@ def broken(pair, tiny_models, tiny_tokenizer, tmp_path_factory):
 
 MODEL_CASES = ["missing-directory", "no-weights", "truncated", "corrupt-header", "missing-shard",
                "shape-mismatch", "encoder-only", "no-decoder-layer-list", "overlapping-tensors", "missing-tensor",
-               "config-more-layers", "config-fewer-layers", "zero-heads"]
+               "config-more-layers", "config-fewer-layers", "config-million-layers", "config-huge-size", "eos-text", "eos-float", "eos-nested",
+               "deep-metadata", "zero-heads"]
 
 
 def run_cli(capfd, *argv) -> str:
@@ -213,7 +248,8 @@ def mismatched_drafts(pair, tmp_path_factory):
         "vocab": (pair_models.copy_with_tokenizer(pair["shared"], root / "vocab", pair_models.build_tokenizer(vocab_size=280)),
                   r"draft and target vocabularies differ \(draft has 280 tokens, target 300"),
         "special": (pair_models.copy_with_tokenizer(pair["shared"], root / "special", special),
-                    r"special-token ids differ .*'eos_token': \(3, 1\)"),
+                    r"tokenizers define different special tokens \(.*eos_token: draft '<pad>' \(id 3\), target "
+                    r"'</s>' \(id 1\)\).*their tokenizer files differ"),
     }
 
 
@@ -479,3 +515,84 @@ def test_unexpected_exception_is_still_one_line(monkeypatch, capfd):
     monkeypatch.setattr(cli, "run_generate", broken_generate)
     err = run_cli(capfd, "generate", "--draft", "d", "--target", "t", "--prompt", "p")
     assert "internal error (RuntimeError): something internal" in err
+
+
+def test_weight_file_swapped_before_the_streamer_opens_it(pair, streaming, tmp_path, monkeypatch):
+    """The file is validated and indexed, then replaced (same size, other bytes) before the C++ streamer
+    opens it by path: loading must fail naming the file, never read weights of neither model."""
+    from llmcad.streaming import streamer as streamer_module
+
+    budget, _, _ = streaming
+    target = tmp_path / "target"
+    shutil.copytree(pair["target"], target)
+    weights = target / "model.safetensors"
+
+    class SwappingStreamer(WeightStreamer):
+        def __init__(self, paths, **kwargs):
+            data = bytearray(weights.read_bytes())
+            data[-64:] = bytes(64)  # the last tensor's tail zeroed: a plausible, wrong file
+            other = target / "other.tmp"
+            other.write_bytes(bytes(data))
+            os.replace(other, weights)
+            super().__init__(paths, **kwargs)
+
+    monkeypatch.setattr(streamer_module, "WeightStreamer", SwappingStreamer)
+    with pytest.raises(WeightFileError, match=re.escape(f"{weights}: replaced on disk while the model was loading")):
+        LLMCad.from_pretrained(pair["shared"], target, memory_budget=budget)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fifo_weight_file_is_refused_without_blocking(pair, tmp_path, budget):
+    target = tmp_path / "target"
+    shutil.copytree(pair["target"], target)
+    (target / "model.safetensors").unlink()
+    os.mkfifo(target / "model.safetensors")
+    outcome = []
+    thread = threading.Thread(daemon=True, target=lambda: outcome.append(_raised(
+        lambda: LLMCad.from_pretrained(pair["shared"], target, memory_budget=budget))))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "loading blocked on a FIFO"
+    assert isinstance(outcome[0], WeightFileError) and "model.safetensors: is a FIFO" in str(outcome[0])
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        return exc
+    return None
+
+
+def test_streamer_refuses_a_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "w.bin"
+    os.mkfifo(fifo)
+    outcome = []
+    thread = threading.Thread(daemon=True, target=lambda: outcome.append(_raised(
+        lambda: WeightStreamer([fifo], buffer_bytes=1 << 14))))
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the streamer blocked opening a FIFO"
+    assert isinstance(outcome[0], StreamerIOError)
+    assert f"cannot open weight file '{fifo}': not a regular file" in str(outcome[0])
+
+
+def test_pickle_checkpoint_holding_objects_is_one_clear_line(pair, tmp_path, capfd):
+    """torch.load(weights_only=True) refuses it: one line naming the file, no escape codes, no advice to
+    load it unsafely."""
+    import fractions
+
+    from safetensors.torch import load_file
+
+    target = tmp_path / "pickled"
+    shutil.copytree(pair["target"], target)
+    state = load_file(target / "model.safetensors")
+    state["extra"] = fractions.Fraction(1, 3)
+    torch.save(state, target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    pattern = (rf"{re.escape(str(target / 'pytorch_model.bin'))}: a pickle checkpoint holding a fractions\.Fraction "
+               r"object, which llmcad does not load")
+    with pytest.raises(ModelLoadError, match=pattern):
+        LLMCad.from_pretrained(pair["shared"], target)
+    err = run_cli(capfd, *generate_argv(pair["shared"], target))
+    assert re.search(pattern, err) and "\x1b" not in err and "weights_only" not in err and "internal error" not in err

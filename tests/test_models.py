@@ -46,11 +46,35 @@ def test_mismatched_vocabulary(llama, tmp_path):
         LLMCad.from_pretrained(draft, llama["target"])
 
 
+def test_identical_tokenizer_files_read_as_different_classes_say_so(tmp_path):
+    """Byte-identical tokenizer files in two families' directories: transformers picks the tokenizer class
+    from each config.json's model_type, and a class may add its own special tokens. The error says that
+    the files are identical and names the classes, instead of blaming the models."""
+    from transformers import GemmaConfig, LlamaConfig
+
+    from llmcad.models.loading import check_tokenizers, load_tokenizer
+
+    tokenizer = pair_models.build_tokenizer()
+    dirs = []
+    for name, config in (("llama", LlamaConfig(vocab_size=300)), ("gemma", GemmaConfig(vocab_size=300))):
+        path = tmp_path / name
+        tokenizer.save_pretrained(path)
+        config_file = json.loads((path / "tokenizer_config.json").read_text())
+        config_file = {k: v for k, v in config_file.items() if not k.endswith("_token") and k != "tokenizer_class"}
+        (path / "tokenizer_config.json").write_text(json.dumps(config_file))  # the class's defaults then apply
+        config.save_pretrained(path)
+        dirs.append(path)
+    assert (dirs[0] / "tokenizer.json").read_bytes() == (dirs[1] / "tokenizer.json").read_bytes()
+    with pytest.raises(TokenizerMismatchError, match=r"the tokenizer files are byte-identical: the difference comes "
+                       r"from the tokenizer classes transformers picks .*draft \w+, target GemmaTokenizer"):
+        check_tokenizers(load_tokenizer(dirs[0]), load_tokenizer(dirs[1]), None, None)
+
+
 def test_mismatched_special_tokens(llama, tmp_path):
     tok = pair_models.build_tokenizer()
     tok.eos_token = "<pad>"
     draft = pair_models.copy_with_tokenizer(llama["shared"], tmp_path / "draft", tok)
-    with pytest.raises(TokenizerMismatchError, match="special-token ids differ.*eos_token"):
+    with pytest.raises(TokenizerMismatchError, match=r"different special tokens \(.*eos_token: draft '<pad>' \(id 3\)"):
         LLMCad.from_pretrained(draft, llama["target"])
 
 
@@ -130,3 +154,70 @@ def test_generation_config_eos_list(llama, tmp_path):
     cfg["eos_token_id"] = [pair_models.EOS_ID, 7]
     (target / "generation_config.json").write_text(json.dumps(cfg))
     assert LLMCad.from_pretrained(llama["shared"], target).eos_token_ids == {pair_models.EOS_ID, 7}
+
+
+# ---------------------------------------------------------------- a model directory's own code
+_CUSTOM_CODE = '''
+import pathlib
+pathlib.Path(MARKER).write_text("yes")
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "llmcad-custom"
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+'''
+
+
+@pytest.fixture()
+def custom_code_dir(llama, tmp_path):
+    """The tiny target as a model whose config names classes in the directory's own custom.py (auto_map),
+    as hub repositories with custom code do; running custom.py (transformers runs a copy in its modules
+    cache) leaves a file CODE_RAN in the directory."""
+    path = tmp_path / "custom"
+    shutil.copytree(llama["target"], path)
+    (path / "custom.py").write_text(_CUSTOM_CODE.replace("MARKER", repr(str(path / "CODE_RAN"))))
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="llmcad-custom", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    pair_models.build_tokenizer(chat_template=pair_models.CHAT_TEMPLATE).save_pretrained(path)  # for `llmcad chat`
+    return path
+
+
+@pytest.mark.parametrize("budget", [None, "1GiB"])
+def test_model_code_never_runs_nor_asks_without_opt_in(llama, custom_code_dir, monkeypatch, budget):
+    def no_prompt(*args):
+        raise AssertionError(f"asked on stdin: {args}")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    for draft, target in ((llama["shared"], custom_code_dir), (custom_code_dir, llama["target"])):
+        with pytest.raises(ModelLoadError, match=r"asks to run its own Python code .* --trust-remote-code"):
+            LLMCad.from_pretrained(draft, target, memory_budget=budget)
+    assert not (custom_code_dir / "CODE_RAN").exists()
+
+
+def test_model_code_runs_with_trust_remote_code(llama, custom_code_dir):
+    engine = LLMCad.from_pretrained(llama["shared"], custom_code_dir, trust_remote_code=True)
+    assert (custom_code_dir / "CODE_RAN").exists() and type(engine.target).__name__ == "CustomForCausalLM"
+    reference = LLMCad.from_pretrained(llama["shared"], llama["target"], mode="target-only")
+    assert engine.generate("def add", 6).tokens == reference.generate("def add", 6).tokens
+
+
+def test_chat_input_never_answers_a_prompt_to_run_model_code(custom_code_dir):
+    """`llmcad chat`: the user's first message ("y") must not answer transformers' question."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import llmcad
+
+    env = {"PYTHONPATH": str(Path(llmcad.__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "llmcad.cli", "chat", "--draft", str(custom_code_dir), "--target",
+                           str(custom_code_dir)], input="y\ny\n", capture_output=True, text=True, env=env, timeout=120)
+    assert not (custom_code_dir / "CODE_RAN").exists(), proc.stderr
+    assert proc.returncode == 2 and "--trust-remote-code" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -1,5 +1,7 @@
 """llmcad.models.prepare: import a checkpoint into a streamable safetensors directory in a chosen dtype."""
 import argparse
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +133,52 @@ def test_non_empty_output_needs_force_then_is_replaced_whole(source, tmp_path, c
     assert load_index(prepare(source, empty, "float32")).num_layers == 3  # an empty directory is fine
 
 
+def _during_verify(monkeypatch, action):
+    """Run ``action()`` while prepare verifies what it wrote (after its output checks, before the swap)."""
+    from llmcad.models import prepare as prepare_module
+
+    real = prepare_module.verify
+
+    def verify_then_act(*args, **kwargs):
+        real(*args, **kwargs)
+        action()
+
+    monkeypatch.setattr(prepare_module, "verify", verify_then_act)
+
+
+def test_output_that_appears_while_preparing_is_never_replaced(source, tmp_path, monkeypatch):
+    from llmcad.errors import OutputError
+
+    out = tmp_path / "out"
+
+    def someone_writes():
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _during_verify(monkeypatch, someone_writes)
+    with pytest.raises(OutputError, match=r"a non-empty directory appeared there while prepare ran; left it as it is"):
+        prepare(source, out, "float32")
+    assert (out / "notes.txt").read_text() == "mine" and _siblings(out) == []
+
+
+def test_force_replaces_only_the_directory_it_checked(source, tmp_path, monkeypatch):
+    from llmcad.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("checked")
+
+    def someone_swaps():
+        out.rename(tmp_path / "moved")
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _during_verify(monkeypatch, someone_swaps)
+    with pytest.raises(OutputError, match=r"was replaced by another directory while prepare ran; left it as it is"):
+        prepare(source, out, "float32", force=True)
+    assert (out / "notes.txt").read_text() == "mine" and _siblings(out) == []
+
+
 def test_failure_while_writing_leaves_the_old_output_and_no_temporary(source, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
@@ -216,3 +264,31 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
     assert _siblings(out) == [f".out.llmcad-old-{dead}", f".out.llmcad-tmp-{dead}"]
     prepare(source, out, "float32", force=True)
     assert _siblings(out) == [] and load_index(out).num_layers == 3 and not old.exists()
+
+
+def test_gguf_file_source_is_the_file_not_its_directory(tmp_path, monkeypatch):
+    """README's ``llmcad prepare model.gguf -o models/target`` where the GGUF lies: the output is beside
+    the source file, not inside it (this one is not a valid GGUF: the error is about the file)."""
+    monkeypatch.chdir(tmp_path)
+    Path("model.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1))
+    with pytest.raises(ModelLoadError, match=r"model\.gguf: not a valid GGUF file \(truncated or corrupt"):
+        prepare("model.gguf", "models/target")
+    with pytest.raises(ModelLoadError, match=r"holds the source"):
+        prepare("model.gguf", ".", force=True)  # replacing the GGUF's own directory would delete it
+    with pytest.raises(ModelLoadError, match=r"--out model\.gguf: is the source or lies inside it"):
+        prepare("model.gguf", "model.gguf", force=True)
+
+
+@pytest.mark.parametrize("data", [b"", b"GGUF", b"XXXX" + bytes(40), b"GGUF" + struct.pack("<IQQ", 99, 0, 0),
+                                  b"GGUF" + struct.pack("<IQQ", 3, 2**60, 2**60)],
+                         ids=["empty", "magic-only", "not-gguf", "version-99", "huge-counts"])
+def test_malformed_gguf_is_one_line_naming_the_file(tmp_path, capfd, data):
+    from llmcad import cli
+
+    gguf = tmp_path / "bad.gguf"
+    gguf.write_bytes(data)
+    capfd.readouterr()
+    assert cli.main(["prepare", str(gguf), "-o", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith(f"llmcad: error: {gguf}: not a valid GGUF file (") and err.count("\n") == 1, err
+    assert "internal error" not in err and "unpack_from" not in err

@@ -324,7 +324,7 @@ def test_bench_pass_runs_on_a_tiny_model(checkpoints):
 KV_TOKENS = 64  # prompt + 16 new tokens + a tree: the cache positions these tests budget for
 
 
-def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False):
+def _budgeted_load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, trust_remote_code=False):
     """What llmcad.models.loading._load_target does with a budget (the wiring handed to the engine)."""
     from llmcad.models.loading import load_causal_lm, resolve_dtype
     from llmcad.streaming.streamed import load_budgeted_target

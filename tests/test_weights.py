@@ -1,6 +1,10 @@
 """llmcad.streaming.weights: safetensors header index, per-layer byte ranges, and load-time file errors."""
 import json
+import os
+import re
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +167,110 @@ def test_no_weights_or_no_directory(tmp_path):
         load_index(tmp_path / "absent")
     with pytest.raises(WeightFileError, match="no safetensors"):
         load_index(tmp_path)
+
+
+def _in_thread(fn, timeout_s=20.0):
+    """fn()'s exception (None when it returned), or fail when it is still blocked after ``timeout_s``."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), "blocked: opening a FIFO as a weight file waits for a writer forever"
+    return outcome.get("exc")
+
+
+def test_fifo_as_the_weight_file_is_refused_without_blocking(tmp_path):
+    path = build_tiny("qwen2", tmp_path / "m", num_layers=2) / "model.safetensors"
+    path.unlink()
+    os.mkfifo(path)
+    exc = _in_thread(lambda: load_index(path.parent))
+    assert isinstance(exc, WeightFileError) and re.search(r"model\.safetensors: is a FIFO, not a safetensors", str(exc))
+
+
+def test_fifo_shard_is_refused_without_blocking(sharded):
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    os.mkfifo(shard)
+    exc = _in_thread(lambda: load_index(sharded))
+    assert isinstance(exc, WeightFileError) and f"{shard}: is a FIFO" in str(exc)
+
+
+def _point_shard(directory, to):
+    """Rewrite the shard index so the tensors of the first shard are listed as being in file ``to``."""
+    index_path = directory / "model.safetensors.index.json"
+    data = json.loads(index_path.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    data["weight_map"] = {k: (str(to) if v == first else v) for k, v in data["weight_map"].items()}
+    index_path.write_text(json.dumps(data))
+    return directory / first
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot"])
+def test_shard_index_naming_a_file_outside_the_directory_is_refused(sharded, tmp_path, where):
+    outside = tmp_path / "outside.safetensors"
+    first = _point_shard(sharded, outside if where == "absolute" else "../outside.safetensors")
+    shutil.copy(first, outside)  # a valid shard: the old index read it without a word
+    with pytest.raises(WeightFileError, match=r"weight_map names .*outside\.safetensors.*not a file inside the model"):
+        load_index(sharded)
+
+
+def test_shard_linking_out_of_the_directory_is_refused(sharded, tmp_path):
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    with pytest.raises(WeightFileError, match=r"links to .*outside\.safetensors, outside the model directory"):
+        load_index(sharded)
+
+
+def test_hub_cache_snapshot_links_into_its_blobs(single, tmp_path):
+    """A Hugging Face cache snapshot's files are links to ``../../blobs/<hash>``: still inside the model."""
+    snapshot = tmp_path / "models--o--m" / "snapshots" / "abc123"
+    blobs = tmp_path / "models--o--m" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in single.iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    assert load_index(snapshot).num_layers == 3
+
+
+def _write_raw_header(path, header: bytes):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+
+
+def test_deeply_nested_metadata_is_one_clear_error(single, tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(single / "model.safetensors", path)
+    _write_raw_header(path, b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(WeightFileError, match=re.escape(f"{path}: corrupt safetensors header (JSON nested too deeply")):
+        read_header(path)
+
+
+@pytest.mark.parametrize("shape", ["[1e999]", "[1.5, 2]", '["3"]', "[true]", "[1e30]"])
+def test_non_integer_or_huge_shape_is_one_clear_error(single, tmp_path, shape):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(single / "model.safetensors", path)
+    text = f'{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,4]}}}}'.encode()
+    _write_raw_header(path, text)
+    with pytest.raises(WeightFileError, match=re.escape(f"{path}: corrupt safetensors header")):
+        read_header(path)
+
+
+def test_fifo_shard_index_is_refused_without_blocking(sharded):
+    index_path = sharded / "model.safetensors.index.json"
+    index_path.unlink()
+    os.mkfifo(index_path)
+    exc = _in_thread(lambda: load_index(sharded))
+    assert isinstance(exc, WeightFileError) and f"{index_path}: not a regular file" in str(exc)

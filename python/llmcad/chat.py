@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llmcad.cli import (check_model_arguments, check_sampling_arguments, open_engine, quiet_transformers,
-                            sampling_options)
+                            sampling_options, trusts_remote_code)
     from llmcad.errors import PromptError
     from llmcad.models.chat import has_chat_template
     from llmcad.models.loading import load_tokenizer
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_arguments(args)
     quiet_transformers()
     check_sampling_arguments(args)
-    if not has_chat_template(load_tokenizer(args.target)):
+    if not has_chat_template(load_tokenizer(args.target, trust_remote_code=trusts_remote_code(args))):
         raise PromptError(f"{args.target}: the tokenizer has no chat template, so `llmcad chat` cannot format a "
                           "conversation for it; use `llmcad generate --prompt` for a base model")
     opening = [{"role": "system", "content": args.system}] if args.system else []

@@ -88,6 +88,8 @@ def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep 
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code a model directory ships "
+                   "(auto_map in its config); without it such a model is refused. Read that code first")
     t = p.add_argument_group("policy (defaults: see llmcad.speculative.policy)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
                    "(llmcad, tree)")
@@ -192,7 +194,12 @@ def open_engine(args):
         options["streamer_options"] = {"bandwidth_cap": args.bandwidth_cap}
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
-                                  prefetch=args.prefetch, **options)
+                                  prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args), **options)
+
+
+def trusts_remote_code(args) -> bool:
+    """--trust-remote-code given (False for a command without the flag)."""
+    return bool(getattr(args, "trust_remote_code", False))
 
 
 def generate_prompt(args):
@@ -206,7 +213,7 @@ def generate_prompt(args):
         raise PromptError("prompt is empty (--prompt)")
     if args.system is not None and args.raw:
         raise UsageError("--system needs the chat template (drop --raw)")
-    tokenizer = None if args.raw else load_tokenizer(args.target)
+    tokenizer = None if args.raw else load_tokenizer(args.target, trust_remote_code=trusts_remote_code(args))
     if tokenizer is None or not has_chat_template(tokenizer):
         if args.system is not None:
             raise PromptError(f"{args.target}: --system needs a chat template, and the tokenizer has none")

@@ -77,7 +77,7 @@ class LLMCad:
     @classmethod
     def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
-                        streamer_options=None, mmap=False, **policy_options) -> "LLMCad":
+                        streamer_options=None, mmap=False, trust_remote_code=False, **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
         with neither, the demo pair (fetched and prepared on first use).
 
@@ -90,6 +90,8 @@ class LLMCad:
         ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``). ``mmap``: map the draft's and a
         resident target's weight files instead of reading them into memory the engine owns: faster to
         load, but truncating a mapped file kills the process (SIGBUS) and editing it changes the outputs.
+        ``trust_remote_code``: run Python code a model directory ships (``auto_map``); without it (the
+        default) such a model is refused, never run and never asked about on stdin.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         draft, target = resolve_pair(draft, target)
@@ -99,7 +101,8 @@ class LLMCad:
         if streamer_options and memory_budget is None:
             raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
-        pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap, **extra)
+        pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap,
+                         trust_remote_code=trust_remote_code, **extra)
         return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
                    pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
 

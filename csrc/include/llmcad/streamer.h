@@ -105,6 +105,13 @@ struct StreamerStats {
   std::vector<std::string> warnings;  // e.g. O_DIRECT refused for a file (buffered reads instead)
 };
 
+// What fstat says of a file the streamer reads (the descriptor it opened, not the path now).
+struct FileIdentity {
+  uint64_t dev = 0, ino = 0, size = 0;
+  int64_t mtime_ns = 0, ctime_ns = 0;
+  uint64_t nlink = 0;
+};
+
 // One finished layer load, successful or failed (a load cancelled by reset() or close() is not
 // recorded). Times are steady_clock seconds (see streamer_clock_s()).
 struct LoadRecord {
@@ -154,6 +161,8 @@ class Streamer {
   uint64_t layer_bytes(int layer) const;   // payload: sum of range lengths
   uint64_t layout_bytes(int layer) const;  // buffer bytes the layer occupies (aligned extents)
   StreamerStats stats() const;
+  // fstat of each open file, in path order: the caller checks these are the files it validated.
+  std::vector<FileIdentity> file_identities() const;
 
   struct Impl;
 

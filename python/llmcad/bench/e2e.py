@@ -215,7 +215,7 @@ def tiny_budget(draft, target) -> int:
     largest = max(index.layer_bytes(i) for i in range(index.num_layers))
     kv = 0
     for path in (draft, target):
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         kv += kv_cache_bytes(config, min(2048, config.max_position_embeddings), dtype)
     return draft_bytes + index.non_layer_bytes() + int(4.5 * largest) + kv + (64 << 10)
 

@@ -46,7 +46,7 @@ class HFOffloadPeer:
         self.draft = load_causal_lm(draft, device=device, dtype=dtype) if draft is not None else None
         draft_bytes = module_bytes(self.draft) if self.draft is not None else 0
         # the same reservation llmcad's budget makes: KV caches of kv_tokens positions per model
-        kv_bytes = _kv_bytes(AutoConfig.from_pretrained(target), kv_tokens, dtype)
+        kv_bytes = _kv_bytes(AutoConfig.from_pretrained(target, trust_remote_code=False), kv_tokens, dtype)
         if self.draft is not None:
             kv_bytes += _kv_bytes(self.draft.config, kv_tokens, self.draft.dtype)
         target_bytes = budget - draft_bytes - kv_bytes
@@ -60,7 +60,7 @@ class HFOffloadPeer:
         try:
             self.target = AutoModelForCausalLM.from_pretrained(
                 target, dtype=resolve_dtype(dtype) or "auto", device_map="auto", max_memory=max_memory,
-                offload_folder=str(self.offload_folder)).eval()
+                offload_folder=str(self.offload_folder), trust_remote_code=False).eval()
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load {target} with disk offload: {' '.join(str(exc).split())}") from exc
         self.budget_bytes, self.target_budget_bytes, self.kv_bytes = budget, target_bytes, kv_bytes

@@ -30,13 +30,29 @@ def check_messages(messages) -> list:
     return list(messages)
 
 
+def check_no_control_tokens(tokenizer, messages) -> None:
+    """PromptError naming the first special token (``<|im_start|>``, ``</s>``...) written in a message's
+    role or content: the template's output is tokenized whole, so such text would become the real
+    control token and let a message forge roles or turns."""
+    specials = sorted((t for t in special_tokens(tokenizer) if t), key=len, reverse=True)
+    for i, message in enumerate(messages):
+        for field in ("role", "content"):
+            found = next((t for t in specials if t in message[field]), None)
+            if found is not None:
+                raise PromptError(f"message {i} ({message['role']!r:.40}) has {found!r} in its {field}: a special "
+                                  "token of this tokenizer, which message text may not hold (it would act as a "
+                                  "control token, e.g. to forge a role); remove it")
+
+
 def chat_prompt_ids(tokenizer, messages) -> list:
     """The ids of ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``: the
-    conversation in the model's template, ending with the prompt that opens the assistant's turn."""
+    conversation in the model's template, ending with the prompt that opens the assistant's turn.
+    Messages holding the tokenizer's special-token strings are refused (PromptError naming the token)."""
     messages = check_messages(messages)
     if not has_chat_template(tokenizer):
         raise PromptError("this model's tokenizer has no chat template, so it cannot take messages; "
                           "pass the prompt as text or token ids")
+    check_no_control_tokens(tokenizer, messages)
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmcad.errors import ModelLoadError
 from llmcad.models.chat import end_of_turn_ids, special_tokens
 
 # special tokens that end a generation wherever a vocabulary defines them (llama.cpp's list of
@@ -60,6 +61,37 @@ def end_of_generation_ids(model, tokenizer, gguf_path=None) -> list:
         ids += gguf_end_ids(gguf_path)
     ids += tokenizer_end_ids(tokenizer)
     return list(dict.fromkeys(ids))
+
+
+def check_stored_end_ids(directory) -> None:
+    """ModelLoadError naming the file when config.json's or generation_config.json's ``eos_token_id`` is
+    not a token id or a list of them (``"abc"``, ``1.5``, ``[[1]]``): it would fail later with no file
+    named, or be truncated to another id silently."""
+    directory = Path(directory)
+    for name in ("config.json", "generation_config.json"):
+        raw = _json_object(directory / name)
+        if raw is None:
+            continue
+        sections = [raw] + ([raw["text_config"]] if isinstance(raw.get("text_config"), dict) else [])
+        for section in sections:
+            value = section.get("eos_token_id")
+            ids = value if isinstance(value, list) else [value] if value is not None else []
+            if any(type(i) is not int for i in ids):
+                raise ModelLoadError(f"{directory / name}: eos_token_id={value!r:.80} is not a token id or a list "
+                                     "of them (expected an integer or a list of integers)")
+
+
+def _json_object(path: Path):
+    """The JSON object in ``path``; None when absent; ModelLoadError naming it when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return raw
 
 
 def stored_end_ids(directory) -> list:

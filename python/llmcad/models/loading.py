@@ -5,6 +5,7 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculat
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,9 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         return False
 
 
-def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False) -> torch.nn.Module:
+def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False, trust_remote_code=False) -> torch.nn.Module:
     """A decoder-only causal LM in eval mode; ``dtype=None``: config.json's dtype, else the checkpoint's.
+    ``trust_remote_code``: run Python code the model directory ships (auto_map); never without it.
 
     The weights are read into memory the model owns, so a checkpoint changed or truncated after
     loading changes nothing. ``mmap=True`` maps the files instead (faster, less memory at load), at a
@@ -125,24 +127,29 @@ def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False) -> torch.nn.
 
     where = _check_source(source)
     local = Path(where).is_dir()
-    config = check_checkpoint(where) if local else None
+    config = check_checkpoint(where, trust_remote_code=trust_remote_code) if local else None
     if local and _is_quantized(where):  # transformers cannot load llmcad's packed linears: build it ourselves
         from llmcad.streaming.streamed import load_streamed_target
 
-        resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device))
+        resident = load_streamed_target(where, dtype=resolve_dtype(dtype), device=resolve_device(device),
+                                        trust_remote_code=trust_remote_code)
         resident.close()  # every layer is loaded: the weight files are no longer needed
         return resident.model
     try:
-        if local and not mmap and any(Path(where).glob("*.safetensors")):
+        if local and not mmap and any(Path(where).glob("*.safetensors")) \
+                and type(config) in AutoModelForCausalLM._model_mapping:
             model = _load_owned(where, config, resolve_dtype(dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto")
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto",
+                                                         trust_remote_code=trust_remote_code)
             if not mmap:
                 _own(model)
     except ModelLoadError:
         raise
+    except pickle.UnpicklingError as exc:
+        raise _pickle_refused(where, exc) from None
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"cannot load model {str(source)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load model {str(source)!r}", exc) from exc
     _check_decoder_layers(model, source)
     return model.to(resolve_device(device)).eval()
 
@@ -170,36 +177,39 @@ def _own(model) -> None:
             t.data = t.data.clone()
 
 
-def check_checkpoint(directory):
+def check_checkpoint(directory, *, trust_remote_code=False):
     """Fail early, with one clear line, on what transformers reports badly, late or not at all: every
     safetensors header is read (truncated file, corrupt header, overlapping tensors, missing shard ->
     WeightFileError naming the file), config.json's sizes must make sense, the architecture must have
     decoder layers in a ModuleList, every parameter the model needs must be stored (or tied to a
     stored one) with the shape config.json describes, and the weights must not hold more decoder
     layers than the config (ModelLoadError naming the tensor or field). Nothing is loaded (meta
-    device). Returns the config."""
+    device). Returns the config. ``trust_remote_code``: as for :func:`load_causal_lm`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmcad.models.eos import check_stored_end_ids
     from llmcad.streaming.quantized import quantize_modules, scheme_of
     from llmcad.streaming.weights import checkpoint_files, read_header
 
     directory = Path(directory)
     check_config(directory)
+    check_stored_end_ids(directory)
     try:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
-        raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load model {str(directory)!r}", exc) from exc
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
         return config  # a legacy PyTorch checkpoint: transformers checks it
     shapes = {}
     for path in checkpoint_files(directory):
         entries, _ = read_header(path)
         shapes.update((name, (path, tuple(e["shape"]))) for name, e in entries.items())
+    _check_layer_count(config, shapes, directory)  # before building: a huge count would build for minutes
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {str(directory)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load model {str(directory)!r}", exc) from exc
     record = scheme_of(config)
     if record is not None:
         quantize_modules(model, record, model.dtype)
@@ -208,8 +218,26 @@ def check_checkpoint(directory):
     return config
 
 
+def _check_layer_count(config, shapes: dict, directory) -> None:
+    """config.json's num_hidden_layers must be the number of decoder layers the weights hold."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    found = [m for m in map(_LAYER_KEY.match, shapes) if m]
+    if not isinstance(layers, int) or not found:
+        return  # named otherwise, or no layer tensors: the tensor check below names what is missing
+    stored = 1 + max(int(m[1]) for m in found)
+    if stored > layers:
+        raise ModelLoadError(f"{directory}: the weights hold {stored} decoder layers, config.json's "
+                             f"num_hidden_layers is {layers} (config and weights disagree)")
+    if stored < layers:
+        prefix = found[0].group(0)[: found[0].start(1)]
+        raise ModelLoadError(f"{directory}: the weights have no '{prefix}{stored}.*' tensors: config.json's "
+                             f"num_hidden_layers is {layers}, the weights hold {stored} decoder layers "
+                             "(incomplete checkpoint, or config and weights disagree)")
+
+
 def _check_tensors(model, shapes: dict, directory) -> None:
-    """Every parameter stored (or tied to a stored one) with its shape; no layer beyond the config's."""
+    """Every parameter stored (or tied to a stored one) with its shape."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         if name not in shapes and tied.get(name) not in shapes:
@@ -221,13 +249,9 @@ def _check_tensors(model, shapes: dict, directory) -> None:
         if shape != tuple(param.shape):
             raise ModelLoadError(f"{path}: {name!r} has shape {list(shape)} but config.json describes "
                                  f"{list(param.shape)} (config and weights disagree)")
-    layers = len(model.model.layers)
-    stored = {int(m[1]) for m in map(_LAYER_KEY.match, shapes) if m}
-    if stored and max(stored) >= layers:
-        raise ModelLoadError(f"{directory}: the weights hold {max(stored) + 1} decoder layers, config.json's "
-                             f"num_hidden_layers is {layers} (config and weights disagree)")
 
 
+_MAX_SIZE = 2**31 - 1  # sizes index tensors with int32 in many kernels: anything larger describes no model
 _POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "max_position_embeddings", "head_dim")
 
@@ -253,6 +277,8 @@ def check_config(directory) -> None:
             continue  # absent, or named otherwise by this architecture: transformers checks it
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelLoadError(f"{source}: {name}={value!r}: expected an integer > 0")
+        if value > _MAX_SIZE:
+            raise ModelLoadError(f"{source}: {name}={value}: too large to describe a model (at most {_MAX_SIZE})")
         values[name] = value
     heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
     if kv_heads and heads % kv_heads:
@@ -275,20 +301,42 @@ def _is_quantized(directory) -> bool:
         return False
 
 
-def load_tokenizer(source):
+def load_tokenizer(source, *, trust_remote_code=False):
+    """The tokenizer of ``source``; ``trust_remote_code``: as for :func:`load_causal_lm`."""
     from transformers import AutoTokenizer
 
     where = _check_source(source)
     try:
-        return AutoTokenizer.from_pretrained(where)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r}: {_one_line(exc)}") from exc
+        raise _load_error(f"cannot load the tokenizer of {str(source)!r}", exc) from exc
 
 
 def _check_decoder_layers(model, source) -> None:
     from llmcad.streaming.streamed import decoder_layers
 
     decoder_layers(model, source)
+
+
+def _load_error(what: str, exc: BaseException) -> ModelLoadError:
+    """ModelLoadError for a failed load; transformers' refusal to run a model's own code gets llmcad's
+    words (its own advice names a Python argument and a hub page)."""
+    if "trust_remote_code" in str(exc):
+        return ModelLoadError(f"{what}: the model directory asks to run its own Python code (auto_map in its "
+                              "config); llmcad runs no model code unless you opt in with --trust-remote-code "
+                              "(trust_remote_code=True), after reading that code")
+    return ModelLoadError(f"{what}: {_one_line(exc)}")
+
+
+def _pickle_refused(where, exc) -> ModelLoadError:
+    """A pickle checkpoint (.bin) that torch.load(weights_only=True) refused: it holds more than tensors,
+    and loading it anyway could run code, which llmcad never does."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    holds = f"a {found[1]} object" if found else "objects other than tensors"
+    files = ", ".join(str(p) for p in sorted(Path(where).glob("*.bin"))[:3]) if Path(where).is_dir() else str(where)
+    return ModelLoadError(f"{files}: a pickle checkpoint holding {holds}, which llmcad does not load (a pickle "
+                          "is read only as plain tensors, never by running its code); use a safetensors "
+                          "checkpoint of this model")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -308,21 +356,25 @@ def special_token_ids(tokenizer) -> dict:
 
 
 def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model) -> None:
-    """TokenizerMismatchError naming what differs: vocabulary, special-token ids, or a draft whose
-    vocabulary is larger than the target's embedding rows."""
+    """TokenizerMismatchError naming what differs between the two tokenizers as loaded: vocabulary,
+    special tokens (each with its text and id on both sides, and where the difference comes from), or a
+    draft whose vocabulary is larger than the target's embedding rows."""
     draft_vocab, target_vocab = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
     if draft_vocab != target_vocab:
         only_d = sorted(set(draft_vocab.items()) - set(target_vocab.items()))[:3]
         only_t = sorted(set(target_vocab.items()) - set(draft_vocab.items()))[:3]
         raise TokenizerMismatchError(
             f"draft and target vocabularies differ (draft has {len(draft_vocab)} tokens, target "
-            f"{len(target_vocab)}; e.g. draft-only {only_d}, target-only {only_t})")
+            f"{len(target_vocab)}; e.g. draft-only {only_d}, target-only {only_t})"
+            f"{_tokenizer_origin(draft_tokenizer, target_tokenizer)}")
     draft_special, target_special = special_token_ids(draft_tokenizer), special_token_ids(target_tokenizer)
     if draft_special != target_special:
-        diff = {k: (draft_special.get(k), target_special.get(k))
-                for k in sorted(set(draft_special) | set(target_special))
-                if draft_special.get(k) != target_special.get(k)}
-        raise TokenizerMismatchError(f"draft and target special-token ids differ (name: (draft, target)): {diff}")
+        diff = "; ".join(f"{name}: draft {_special_text(draft_tokenizer, name, draft_special)}, target "
+                         f"{_special_text(target_tokenizer, name, target_special)}"
+                         for name in sorted(set(draft_special) | set(target_special))
+                         if draft_special.get(name) != target_special.get(name))
+        raise TokenizerMismatchError(f"draft and target tokenizers define different special tokens ({diff})"
+                                     f"{_tokenizer_origin(draft_tokenizer, target_tokenizer)}")
     draft_rows = draft_model.get_output_embeddings().weight.shape[0]
     target_rows = target_model.get_input_embeddings().weight.shape[0]
     if draft_rows > target_rows:
@@ -336,23 +388,53 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
             f"(0..{target_logits - 1}): every token the target emits is fed to the draft next")
 
 
+def _special_text(tokenizer, name: str, ids: dict) -> str:
+    """``'</s>' (id 2)`` for special token ``name`` (bos_token... or the token text), ``none`` if undefined."""
+    if name not in ids:
+        return "none"
+    text = getattr(tokenizer, name, None) if name.endswith("_token") else name
+    return f"{str(text)!r} (id {ids[name]})"
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _tokenizer_origin(draft_tokenizer, target_tokenizer) -> str:
+    """Where the tokenizers come from: their classes, and whether their files are byte-identical (then
+    the difference is the class transformers picked from each config.json's model_type)."""
+    classes = f"draft {type(draft_tokenizer).__name__}, target {type(target_tokenizer).__name__}"
+    dirs = [Path(str(getattr(t, "name_or_path", ""))) for t in (draft_tokenizer, target_tokenizer)]
+    if not all(d.is_dir() for d in dirs):
+        return f" ({classes})"
+    pairs = [(dirs[0] / name, dirs[1] / name) for name in _TOKENIZER_FILES]
+    same = all(a.is_file() == b.is_file() and (not a.is_file() or a.read_bytes() == b.read_bytes()) for a, b in pairs)
+    if not same:
+        return f" ({classes}; their tokenizer files differ)"
+    return (f"; the tokenizer files are byte-identical: the difference comes from the tokenizer classes transformers "
+            f"picks from each config.json's model_type ({classes}), which add their own default special tokens")
+
+
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
-              mmap=False) -> ModelPair:
+              mmap=False, trust_remote_code=False) -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
-    ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm)."""
-    target_tokenizer = load_tokenizer(target)
-    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
-    draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap)
+    ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm).
+    ``trust_remote_code``: run Python code a model directory ships; never without it (default False)."""
+    trust = {"trust_remote_code": bool(trust_remote_code)}
+    target_tokenizer = load_tokenizer(target, **trust)
+    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft, **trust)
+    draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                          draft_model=draft_model, mmap=mmap, **extra)
+                                          draft_model=draft_model, mmap=mmap, **extra, **trust)
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
     return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed)
 
 
-def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None):
+def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None,
+                 trust_remote_code=False):
     """The target model the engine verifies with, and its StreamedTarget (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
@@ -360,12 +442,12 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=Fals
     returns the streamed target (the same HF model, layers bound to streamed weights).
     """
     if memory_budget is None:
-        return load_causal_lm(target, device=device, dtype=dtype, mmap=mmap), None
+        return load_causal_lm(target, device=device, dtype=dtype, mmap=mmap, trust_remote_code=trust_remote_code), None
     from llmcad.streaming.streamed import load_budgeted_target  # lazy: streaming machinery only with a budget
 
     where = _check_source(target)
-    check_checkpoint(where)  # the same early, one-line errors as the resident path
+    check_checkpoint(where, trust_remote_code=trust_remote_code)  # the same early, one-line errors as resident
     streamed = load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
                                     dtype=resolve_dtype(dtype), device=resolve_device(device),
-                                    streamer_options=streamer_options)
+                                    streamer_options=streamer_options, trust_remote_code=trust_remote_code)
     return streamed.model, streamed

@@ -13,10 +13,12 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculat
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
 import signal
+import struct
 import sys
 import threading
 from contextlib import contextmanager
@@ -76,8 +78,10 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
 
         group_size = check_scheme(quantize, group_size)
     out = Path(out)
-    _check_output(src, out, force)
-    _sweep(out)
+    _sweep(out)  # first: an old output a killed run had moved aside comes back, and is checked as any
+    checked = _check_output(src / gguf_file if gguf_file else src, out, force)  # a GGUF source is the file
+    if gguf_file:
+        check_gguf(src / gguf_file)
     temp = _sibling(out, "tmp", os.getpid())
     try:
         model, tokenizer = _load(src, gguf_file, dtype)
@@ -97,7 +101,7 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         else:
             verify(temp, model, dtype)
         _write_stamp(temp, src / gguf_file if gguf_file else src, dtype, quantize, group_size)
-        _swap_into_place(temp, out)
+        _swap_into_place(temp, out, checked)
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise
@@ -118,18 +122,24 @@ def _sibling(out: Path, kind: str, pid: int) -> Path:
     return out.parent / f".{out.name}{_MARK}{kind}-{pid}"
 
 
-def _check_output(src: Path, out: Path, force: bool) -> None:
-    """Refuse an output that would destroy the source or someone's files."""
+def _check_output(src: Path, out: Path, force: bool):
+    """Refuse an output that would destroy the source or someone's files. Returns the identity
+    (device, inode) of the non-empty directory ``force`` allows to replace, else None."""
     source, target = src.resolve(), out.resolve()
     if target == source or source in target.parents:
-        raise ModelLoadError(f"--out {out}: is the source directory or lies inside it; choose another output")
+        raise ModelLoadError(f"--out {out}: is the source {'directory ' if source.is_dir() else ''}or lies inside "
+                             "it; choose another output")
     if target in source.parents:
         raise ModelLoadError(f"--out {out}: holds the source {src}; replacing it would delete the source")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out}: directory is not empty; pass --force (force=True) to replace it "
-                          "once the new model is written and verified")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputError(f"--out {out}: directory is not empty; pass --force (force=True) to replace it "
+                              "once the new model is written and verified")
+        st = out.stat()
+        return st.st_dev, st.st_ino
+    return None
 
 
 def _sweep(out: Path) -> None:
@@ -157,15 +167,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _swap_into_place(temp: Path, out: Path) -> None:
-    """Rename the verified ``temp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
-    if out.is_dir() and any(out.iterdir()):
+def _swap_into_place(temp: Path, out: Path, checked) -> None:
+    """Rename the verified ``temp`` to ``out``. Only an absent or empty ``out`` is replaced (rename
+    itself refuses a non-empty directory, atomically), or, with ``force``, the very directory that was
+    checked (``checked``: its device and inode), which is moved aside first, then removed. A directory
+    that appeared or was swapped in while prepare ran is never touched."""
+    old = None
+    if checked is not None and out.is_dir():
         old = _sibling(out, "old", os.getpid())
         os.rename(out, old)
+        st = old.stat()
+        if (st.st_dev, st.st_ino) != checked:
+            raise OutputError(f"--out {out}: was replaced by another directory while prepare ran; left it as it "
+                              f"is{_put_back(old, out)} (--force replaces only the directory it checked)")
+    try:
         os.rename(temp, out)
+    except OSError as exc:
+        kept = _put_back(old, out) if old is not None else ""
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise OutputError(f"--out {out}: a non-empty directory appeared there while prepare ran; left it as "
+                              f"it is{kept}") from None
+        if exc.errno == errno.ENOTDIR:
+            raise OutputError(f"--out {out}: a file appeared there while prepare ran; left it as it is{kept}") from None
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, out)  # an empty directory is replaced in one step
+
+
+def _put_back(old: Path, out: Path) -> str:
+    """Rename a moved-aside output back to ``out``; "" when done, else where it stays (something took
+    its place meanwhile; the next run's sweep restores it once ``out`` is gone)."""
+    try:
+        os.rename(old, out)
+        return ""
+    except OSError:
+        return f" (the directory that was there is now {old})"
 
 
 @contextmanager
@@ -193,6 +229,28 @@ def _resolve_source(src: Path, gguf_file):
     if gguf_file is not None and not (src / gguf_file).is_file():
         raise ModelLoadError(f"{src / gguf_file}: GGUF file not found")
     return src, gguf_file
+
+
+def check_gguf(path: Path) -> None:
+    """ModelLoadError naming ``path`` when its GGUF header, metadata or tensor table cannot be parsed or
+    its tensors run past its end (truncated, corrupt, not GGUF): checked with the reader transformers
+    loads it with, before transformers fails with that reader's words (``unpack_from requires...``)."""
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # an older transformers parses with the gguf package: it reports its own errors
+        return
+    size = path.stat().st_size
+    try:
+        header = GgufHeader.from_file(str(path))
+        for tensor in header.tensors:
+            end = header.data_start + tensor.offset + tensor.nbytes
+            if end > size:
+                raise ValueError(f"tensor {tensor.name!r} ends at byte {end}, the file has {size} (truncated)")
+    except struct.error:
+        raise ModelLoadError(f"{path}: not a valid GGUF file (truncated or corrupt: its header or metadata runs "
+                             f"past the end of the file, {size} bytes)") from None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as exc:
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({' '.join(str(exc).split())[:300]})") from None
 
 
 def _load(src: Path, gguf_file, dtype: str):

@@ -42,17 +42,19 @@ from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, pla
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
 from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
-from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, stat_stamp
+from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, open_weight_file, stat_stamp
 
 
 def load_streamed_target(path, *, placement: Placement | None = None, dtype=None, device="cpu",
-                         streamer_options: dict | None = None, attn_implementation: str | None = None):
+                         streamer_options: dict | None = None, attn_implementation: str | None = None,
+                         trust_remote_code: bool = False):
     """Build the streamed target of checkpoint directory ``path``.
 
     ``placement``: from :func:`llmcad.streaming.budget.plan_placement` (None: every layer resident).
     ``dtype``: compute dtype (None: the checkpoint's). ``streamer_options``: extra WeightStreamer
     keyword arguments (backend, direct, ...), plus ``gpu_path`` for a CUDA ``device``: "auto" (default:
     zero-copy on an integrated GPU, else copy), "copy" or "zero-copy" (see llmcad.streaming.gpu_upload).
+    ``trust_remote_code``: run Python code the directory ships (auto_map); never without it.
     Returns the :class:`StreamedTarget`; its ``model`` is the HF model (eval mode) to call.
     """
     path = Path(path)
@@ -61,7 +63,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     _check_placement(index, placement)
     device = torch.device(device)
     dtype = dtype or _checkpoint_dtype(index)
-    model = _build_on_meta(path, dtype, device, attn_implementation)
+    model = _build_on_meta(path, dtype, device, attn_implementation, trust_remote_code)
     layers = decoder_layers(model)
     if len(layers) != index.num_layers:
         raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
@@ -74,7 +76,8 @@ DEFAULT_KV_TOKENS = 2048  # cache positions budgeted per model when the caller d
 
 
 def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device="cpu",
-                         kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None):
+                         kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None,
+                         trust_remote_code: bool = False):
     """Plan the target's placement under ``memory_budget`` next to ``draft_model``, then load it.
 
     The budget covers the draft's weights (as loaded), the target's resident tensors and ring, and
@@ -85,7 +88,7 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
     from transformers import AutoConfig
 
     index = load_index(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     dtype = dtype or _checkpoint_dtype(index)
     if kv_tokens is None:
         kv_tokens = min(DEFAULT_KV_TOKENS, getattr(config, "max_position_embeddings", None) or DEFAULT_KV_TOKENS)
@@ -95,7 +98,7 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
                                kv_bytes=kv, num_buffers=num_buffers,
                                device_slots=DEVICE_SLOTS if gpu_path == "copy" else 0)
     return load_streamed_target(path, placement=placement, dtype=dtype, device=device,
-                                streamer_options=streamer_options)
+                                streamer_options=streamer_options, trust_remote_code=trust_remote_code)
 
 
 def decoder_layers(model, source=None) -> torch.nn.ModuleList:
@@ -255,6 +258,7 @@ class StreamedTarget:
         self._streamer = WeightStreamer([str(f) for f in self.index.files], buffer_bytes=p.buffer_bytes,
                                         num_buffers=p.num_buffers, **self._options)
         self._ring_bytes = self._streamer.memory_bytes
+        self._check_streamer_files()
         self._sid = {}  # decoder layer index -> streamer layer id
         slot_bytes = 0
         for i in self._streamed:
@@ -267,6 +271,15 @@ class StreamedTarget:
                                     release=lambda i: self._streamer.release(self._sid[i]),
                                     host_buffers=p.num_buffers, slot_bytes=slot_bytes,
                                     read_ready=self._streamer.next_ready)
+
+    def _check_streamer_files(self):
+        """The streamer opens its files by path: each must be the file that was indexed and validated
+        (a file replaced in between would be read with no error, as weights of neither model)."""
+        for path, st, stamp in zip(self.index.files, self._streamer.file_stats(), self.index.stamps):
+            if not _same_file(st, stamp):
+                self._streamer.close()
+                raise WeightFileError(f"{path}: replaced on disk while the model was loading (the file the "
+                                      "streamer opened is not the one indexed); load it again")
 
     def _queue_next_pass(self):
         """Prefetch every streamed layer of the next pass, in order; the ring bounds the reads."""
@@ -428,7 +441,7 @@ def _layer_bindings(layer, index: WeightIndex, i: int) -> list:
 
 def _open_stamped(path, stamp) -> int:
     """A read-only descriptor on ``path``, checked to be the file that was indexed (``stamp``)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_weight_file(path)
     st = os.fstat(fd)
     if not _same_file(st, stamp):
         os.close(fd)
@@ -474,17 +487,17 @@ def _check_placement(index: WeightIndex, placement: Placement) -> None:
         raise ValueError(f"placement covers layers {layers}, the checkpoint has 0..{index.num_layers - 1}")
 
 
-def _build_on_meta(path: Path, dtype, device, attn_implementation):
+def _build_on_meta(path: Path, dtype, device, attn_implementation, trust_remote_code=False):
     """The model with every parameter on meta and its non-persistent buffers computed on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read config: {exc}") from exc
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     record = scheme_of(config)
     if record is not None:  # a quantized checkpoint: its linears are stored packed
         quantize_modules(model, record, dtype)

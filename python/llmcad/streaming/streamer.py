@@ -29,6 +29,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -244,6 +245,12 @@ class WeightStreamer:
         """backend, direct, pinned, registered (io_uring fixed buffers), num_buffers, buffer_bytes, memory_bytes, bytes_read, reads,
         layers_loaded, errors, acquire_wait_s, io_busy_s, warnings."""
         return dict(self._impl.stats())
+
+    def file_stats(self) -> list:
+        """fstat of each file as the streamer opened it (not of the path now), in ``paths`` order:
+        objects with ``st_dev``, ``st_ino``, ``st_size``, ``st_mtime_ns``, ``st_ctime_ns``, ``st_nlink``."""
+        keys = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns", "st_nlink")
+        return [SimpleNamespace(**dict(zip(keys, values))) for values in self._impl.file_identities()]
 
     @property
     def backend(self) -> str:

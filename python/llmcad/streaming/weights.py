@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,40 +135,76 @@ def stat_stamp(st) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def open_weight_file(path) -> int:
+    """A read-only descriptor on ``path``, which must be a regular file: opened without blocking (a FIFO
+    in a weight file's place would block an ordinary open forever), then checked with fstat.
+    WeightFileError naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise WeightFileError(f"{path}: weight file not found") from None
+    except OSError as exc:
+        raise WeightFileError(f"{path}: cannot open weight file: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise WeightFileError(f"{path}: is {kind}, not a safetensors file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def read_header(path) -> tuple[dict, int]:
     """Parse one safetensors file's header. Returns (entries by name, data start offset).
 
     Each entry is ``{"dtype", "shape", "offset", "length"}`` with the offset absolute in the file.
-    Raises WeightFileError naming the file when it is missing, truncated or corrupt.
+    Raises WeightFileError naming the file when it is missing, not a regular file, truncated or corrupt.
     """
-    path = Path(path)
+    fd = open_weight_file(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise WeightFileError(
-                    f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
-                    f"file has {size})")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise WeightFileError(f"{path}: weight file not found") from None
-    except IsADirectoryError:
-        raise WeightFileError(f"{path}: is a directory, not a safetensors file") from None
+        return read_header_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def read_header_fd(fd: int, path) -> tuple[dict, int]:
+    """:func:`read_header` of the file open as ``fd`` (``path`` names it in errors)."""
+    path = Path(path)
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise WeightFileError(
+            f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, file has {size})")
+    raw = os.pread(fd, n, 8)
+    header = _parse_header_json(path, raw)
+    start = 8 + n
+    entries = {name: _check_entry(path, name, info, start, size)
+               for name, info in header.items() if name != "__metadata__"}
+    _check_metadata(path, header.get("__metadata__"))
+    _check_layout(path, entries, start, size)
+    return entries, start
+
+
+def _parse_header_json(path, raw: bytes) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise WeightFileError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightFileError(f"{path}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise WeightFileError(f"{path}: corrupt safetensors header (not a JSON object)")
-    start = 8 + n
-    entries = {name: _check_entry(path, name, info, start, size)
-               for name, info in header.items() if name != "__metadata__"}
-    _check_layout(path, entries, start, size)
-    return entries, start
+    return header
+
+
+def _check_metadata(path, metadata) -> None:
+    """``__metadata__``, where present, is a flat str -> str map (as safetensors itself requires)."""
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(v, str) for v in metadata.values())):
+        raise WeightFileError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
 
 
 def _check_layout(path, entries: dict, start: int, size: int) -> None:
@@ -190,10 +227,11 @@ def _check_entry(path, name, info, start, size) -> dict:
     """Validate one header entry against the dtype table and the file size."""
     try:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        shape = tuple(int(d) for d in shape)
-        begin, end = int(begin), int(end)
+        if not all(type(v) is int for v in (*shape, begin, end)):  # 1.5, 1e999 (inf), "3", true
+            raise TypeError
+        shape = tuple(shape)
     except (KeyError, TypeError, ValueError):
-        raise WeightFileError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        raise WeightFileError(f"{path}: corrupt safetensors header entry for {name!r}: {str(info)[:200]}") from None
     if dtype not in ITEMSIZE or any(d < 0 for d in shape) or not 0 <= begin <= end:
         raise WeightFileError(f"{path}: corrupt safetensors header entry for {name!r}: {info}")
     numel = 1
@@ -211,27 +249,59 @@ def _check_entry(path, name, info, start, size) -> dict:
 
 
 def checkpoint_files(directory) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in shard order (or [the single file])."""
+    """The safetensors files of a checkpoint directory, in shard order (or [the single file]). Each
+    must lie inside the directory (see :func:`_inside`): a shard index naming an absolute path, a
+    ``..`` or a link out of it is refused."""
     directory = Path(directory)
     index_path = directory / SHARD_INDEX
+    if index_path.exists() and not index_path.is_file():
+        raise WeightFileError(f"{index_path}: not a regular file (a FIFO, device or directory)")
     if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise WeightFileError(f"{index_path}: corrupt shard index ({exc})") from None
-        files = [directory / name for name in names]
+        files = [_shard_path(directory, index_path, name) for name in _weight_map_files(index_path)]
         for f in files:
             if not f.exists():
                 raise WeightFileError(f"{f}: shard listed in {index_path.name} is missing")
-        return files
-    single = directory / SINGLE_FILE
-    if single.exists():
-        return [single]
-    found = sorted(directory.glob("*.safetensors"))
-    if not found:
-        raise WeightFileError(f"{directory}: no safetensors weights (expected {SINGLE_FILE} or {SHARD_INDEX})")
-    return found
+    elif (directory / SINGLE_FILE).exists():
+        files = [directory / SINGLE_FILE]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise WeightFileError(f"{directory}: no safetensors weights (expected {SINGLE_FILE} or {SHARD_INDEX})")
+    for f in files:
+        if not _inside(directory, f):
+            raise WeightFileError(f"{f}: links to {f.resolve()}, outside the model directory; refusing to read it "
+                                  "(copy the file into the directory instead)")
+    return files
+
+
+def _weight_map_files(index_path: Path) -> list:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError) as exc:
+        raise WeightFileError(f"{index_path}: corrupt shard index ({type(exc).__name__}: {exc})") from None
+    if not all(isinstance(n, str) for n in names):
+        raise WeightFileError(f"{index_path}: corrupt shard index (weight_map values must be file names)")
+    return names
+
+
+def _shard_path(directory: Path, index_path: Path, name: str) -> Path:
+    """``directory / name`` for a plain relative name; WeightFileError for an absolute path or ``..``."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts or "\x00" in name:
+        raise WeightFileError(f"{index_path}: weight_map names {name!r}, not a file inside the model directory; "
+                              "refusing to read it")
+    return directory / relative
+
+
+def _inside(directory: Path, path: Path) -> bool:
+    """Whether ``path`` resolves inside ``directory``, or, for a Hugging Face hub cache snapshot
+    (``<repo>/snapshots/<revision>/``, whose files link to ``<repo>/blobs/``), inside its blobs."""
+    root, target = directory.resolve(), path.resolve()
+    if root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and (root.parent.parent / "blobs") in target.parents
 
 
 def load_index(directory) -> WeightIndex:
@@ -242,8 +312,12 @@ def load_index(directory) -> WeightIndex:
     files = checkpoint_files(directory)
     tensors, stamps = {}, []
     for fi, path in enumerate(files):
-        stamps.append(file_stamp(path))
-        entries, _ = read_header(path)
+        fd = open_weight_file(path)
+        try:  # the stamp is of the file whose header is read (a file swapped between them shows later)
+            stamps.append(stat_stamp(os.fstat(fd)))
+            entries, _ = read_header_fd(fd, path)
+        finally:
+            os.close(fd)
         for name, e in entries.items():
             if name in tensors:
                 raise WeightFileError(f"{path}: tensor {name!r} also appears in {files[tensors[name].file_index]}")
@@ -337,7 +411,7 @@ def iter_tensors(index: WeightIndex, names):
         by_file.setdefault(entry.file_index, []).append(entry)
     for fi, entries in sorted(by_file.items()):
         path = index.files[fi]
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_weight_file(path)
         try:
             if index.stamps and stat_stamp(os.fstat(fd)) != index.stamps[fi]:
                 raise WeightFileError(f"{path}: changed on disk while the model was loading; load it again")
