@@ -132,7 +132,7 @@ def test_non_empty_output_needs_force_then_is_replaced_whole(source, tmp_path, c
 
 
 def test_failure_while_writing_leaves_the_old_output_and_no_temporary(source, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase
 
     out = prepare(source, tmp_path / "out", "float32")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -140,7 +140,7 @@ def test_failure_while_writing_leaves_the_old_output_and_no_temporary(source, tm
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(source, out, "bfloat16", force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _siblings(out) == []
@@ -151,14 +151,14 @@ def test_failure_while_writing_leaves_the_old_output_and_no_temporary(source, tm
 
 @pytest.mark.parametrize("code,strerror", [(28, "No space left on device"), (13, "Permission denied")])
 def test_disk_full_or_permission_denied_is_one_line(source, tmp_path, monkeypatch, capfd, code, strerror):
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase
 
     from llmcad import cli
 
     def failing(self, directory, *args, **kwargs):
         raise OSError(code, strerror, str(directory))
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", failing)
     capfd.readouterr()
     assert cli.main(["prepare", str(source), "-o", str(tmp_path / "out")]) == 2
     lines = capfd.readouterr().err.replace("\r", "\n").splitlines()  # tqdm's progress lines first
@@ -181,11 +181,11 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
 
     out = tmp_path / "out"
     slow = ("import sys, time\n"
-            "from transformers import PreTrainedModel\n"
-            "save = PreTrainedModel.save_pretrained\n"
+            "from transformers import PreTrainedTokenizerBase\n"
+            "save = PreTrainedTokenizerBase.save_pretrained\n"
             "def slow(self, d, *a, **k):\n"
             "    save(self, d, *a, **k); print('written', flush=True); time.sleep(60)\n"
-            "PreTrainedModel.save_pretrained = slow\n"
+            "PreTrainedTokenizerBase.save_pretrained = slow\n"
             "from llmcad.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     python_dir = Path(llmcad.__file__).resolve().parents[1]
@@ -216,3 +216,101 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
     assert _siblings(out) == [f".out.llmcad-old-{dead}", f".out.llmcad-tmp-{dead}"]
     prepare(source, out, "float32", force=True)
     assert _siblings(out) == [] and load_index(out).num_layers == 3 and not old.exists()
+
+
+def _written_by_old_loader(gguf, out, dtype=torch.bfloat16):
+    """What prepare wrote before converting tensor by tensor: transformers' whole-model GGUF load, saved."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = dtype
+    model.save_pretrained(out)
+    return model
+
+
+def _convert(gguf, out, dtype=torch.bfloat16, **kw):
+    from llmcad.models import convert
+    from llmcad.models.prepare import _save_config
+
+    source = convert.gguf_source(gguf, dtype, **kw)
+    out.mkdir()
+    digests = convert.write_source(source, out)
+    _save_config(source.model, out, None)
+    convert.verify_digests(out, digests)
+    return source
+
+
+def test_gguf_converted_tensor_by_tensor_equals_the_whole_model_load(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", num_layers=3)
+    _written_by_old_loader(gguf, tmp_path / "old")
+    _convert(gguf, tmp_path / "new")
+    old, new = load_file(tmp_path / "old" / "model.safetensors"), load_file(tmp_path / "new" / "model.safetensors")
+    assert sorted(old) == sorted(new) and "lm_head.weight" in new
+    for name in old:
+        assert old[name].dtype == new[name].dtype == torch.bfloat16 and torch.equal(old[name], new[name]), name
+    for name in ("config.json", "generation_config.json"):
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("old", "new"))
+        assert a == b, name
+    index = load_index(tmp_path / "new")
+    assert all(len(index.layer_ranges(i).ranges) == 1 for i in range(3))
+
+
+def test_tie_embeddings_stores_the_output_once_and_ties_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "m.gguf")
+    ref = _written_by_old_loader(gguf, tmp_path / "old")
+    source = _convert(gguf, tmp_path / "new", tie_embeddings=True)
+    assert "output" in source.note
+    written = load_file(tmp_path / "new" / "model.safetensors")
+    assert "lm_head.weight" not in written
+    assert torch.equal(written["model.embed_tokens.weight"], ref.lm_head.weight)
+    model = load_resident(tmp_path / "new", dtype=torch.bfloat16)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
+    assert load_index(tmp_path / "new").tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    with pytest.raises(ModelLoadError, match="no separate output"):
+        from llmcad.models import convert
+
+        convert.gguf_source(write_tiny_gguf(tmp_path / "t.gguf", tied=True), torch.bfloat16, tie_embeddings=True)
+
+
+_PEAK_CHILD = """
+import sys, torch
+from pathlib import Path
+from llmcad.models import convert
+source = convert.gguf_source(Path(sys.argv[1]), torch.bfloat16)
+Path(sys.argv[2]).mkdir()
+convert.write_source(source, Path(sys.argv[2]))
+print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
+"""
+
+
+def test_conversion_peak_memory_does_not_grow_with_the_model(tmp_path):
+    """Peak RSS (VmHWM, kB) of a child converting a GGUF: a model 250 MB larger in float32 raises it by
+    far less (one slice of rows at a time, the mapped file's pages dropped after each tensor)."""
+    import subprocess
+    import sys
+
+    from tiny_gguf import write_tiny_gguf
+
+    small = write_tiny_gguf(tmp_path / "small.gguf", num_layers=2, vocab=96, hidden=64)
+    large = write_tiny_gguf(tmp_path / "large.gguf", num_layers=2, vocab=32768, hidden=1024, ffn=256)
+    grown_fp32 = 2 * 32768 * 1024 * 4 // 1024  # kB: embedding and output in float32
+    peaks = []
+    for gguf in (small, large):
+        out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(gguf), str(tmp_path / gguf.stem)],
+                             capture_output=True, text=True, timeout=600, check=True)
+        peaks.append(int(out.stdout.split()[-1]))
+    assert peaks[1] - peaks[0] < grown_fp32 // 4, (peaks, grown_fp32)
