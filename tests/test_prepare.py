@@ -315,3 +315,20 @@ def test_conversion_peak_memory_does_not_grow_with_the_model(tmp_path):
         peaks.append(int(out.stdout.split()[-1]))
         gguf.unlink()
     assert peaks[1] - peaks[0] < grown_fp32 // 10, (peaks, grown_fp32)
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+def test_quantized_tensor_by_tensor_equals_the_whole_model_quantization(source, tmp_path, scheme, group):
+    from safetensors.torch import load_file
+
+    from llmcad.models import quantize as quant
+
+    out = prepare(source, tmp_path / "out", "bfloat16", quantize=scheme, group_size=group)
+    model = load_resident(source, dtype=torch.bfloat16)
+    state, record = quant.quantized_state(model, scheme, group, model.dtype)
+    written = load_file(out / "model.safetensors")
+    want = quant.drop_tied(model, state)
+    assert sorted(written) == sorted(want)
+    for name, tensor in want.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+    quant.verify_written(out, want, record)
