@@ -244,14 +244,15 @@ def _convert(gguf, out, dtype=torch.bfloat16, **kw):
     return source
 
 
-def test_gguf_converted_tensor_by_tensor_equals_the_whole_model_load(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_gguf_converted_tensor_by_tensor_equals_the_whole_model_load(tmp_path, arch):
     import json
 
     from safetensors.torch import load_file
 
     from tiny_gguf import write_tiny_gguf
 
-    gguf = write_tiny_gguf(tmp_path / "m.gguf", num_layers=3)
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", num_layers=3, arch=arch)
     _written_by_old_loader(gguf, tmp_path / "old")
     _convert(gguf, tmp_path / "new")
     old, new = load_file(tmp_path / "old" / "model.safetensors"), load_file(tmp_path / "new" / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 GGUF files (Q8_0 matrices, F32 norms) for tests of the GGUF import."""
+"""Tiny random Qwen2 or Llama GGUF files (Q8_0 matrices, F32 norms) for tests of the GGUF import."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +7,14 @@ import numpy as np
 
 
 def write_tiny_gguf(path: Path, *, num_layers: int = 2, vocab: int = 96, hidden: int = 64, ffn: int = 128,
-                    heads: int = 4, kv_heads: int = 2, seed: int = 0, tied: bool = False) -> Path:
-    """A qwen2 GGUF at ``path`` with a separate output tensor unless ``tied``."""
+                    heads: int = 4, kv_heads: int = 2, seed: int = 0, tied: bool = False, arch: str = "qwen2") -> Path:
+    """A GGUF of ``arch`` ("qwen2": attention biases; "llama": q/k rows permuted as llama.cpp stores
+    them) at ``path``, with a separate output tensor unless ``tied``."""
     import gguf
 
     rng = np.random.default_rng(seed)
     head_dim = hidden // heads
-    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
     writer.add_block_count(num_layers)
@@ -38,11 +39,14 @@ def write_tiny_gguf(path: Path, *, num_layers: int = 2, vocab: int = 96, hidden:
     for i in range(num_layers):
         vector(f"blk.{i}.attn_norm.weight", hidden)
         matrix(f"blk.{i}.attn_q.weight", hidden, hidden)
-        vector(f"blk.{i}.attn_q.bias", hidden, 0.0)
+        if arch == "qwen2":
+            vector(f"blk.{i}.attn_q.bias", hidden, 0.0)
         matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
-        vector(f"blk.{i}.attn_k.bias", kv_heads * head_dim, 0.0)
+        if arch == "qwen2":
+            vector(f"blk.{i}.attn_k.bias", kv_heads * head_dim, 0.0)
         matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
-        vector(f"blk.{i}.attn_v.bias", kv_heads * head_dim, 0.0)
+        if arch == "qwen2":
+            vector(f"blk.{i}.attn_v.bias", kv_heads * head_dim, 0.0)
         matrix(f"blk.{i}.attn_output.weight", hidden, hidden)
         vector(f"blk.{i}.ffn_norm.weight", hidden)
         matrix(f"blk.{i}.ffn_gate.weight", ffn, hidden)

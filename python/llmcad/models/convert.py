@@ -80,8 +80,8 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
     from gguf import GGUFReader, dequantize
     from transformers import AutoConfig
     from transformers.integrations.gguf import is_gguf_arch_supported
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
+                                                          read_field)
 
     reader = GGUFReader(str(path))
     architecture = read_field(reader, "general.architecture")[0]
@@ -95,7 +95,8 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
         _check_tieable(reader, path)
         config.tie_word_embeddings = True
     model = meta_model(config, dtype)
-    processor = processor_class(config=load_gguf_checkpoint(str(path))["config"])
+    # the legacy loader hands processors the parsed GGUF config; the llama one reads only head counts
+    processor = processor_class(config=config.to_dict())
     mapping = get_gguf_hf_weights_map(model, processor)
     skip = {"token_embd.weight"} if tie_embeddings else set()
     rename = {"output.weight": mapping["token_embd.weight"]} if tie_embeddings else {}
