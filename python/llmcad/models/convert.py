@@ -104,6 +104,7 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
     shapes = expected_shapes(model)
     if produced != set(shapes):
         return None  # names transformers fills or merges otherwise: not a one-to-one conversion
+    reader.fields.clear()  # the metadata (a vocabulary, its merges) is parsed already: free its arrays
     chunked = processor_class is TensorProcessor  # identity processor: rows convert independently
     pages = reader.data._mmap
 

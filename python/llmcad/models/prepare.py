@@ -87,7 +87,11 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         tokenizer = _load_tokenizer(src, gguf_file)
         source = _open_source(src, gguf_file, dtype, tie_embeddings)
         if source is not None:
-            _write_converted(source, tokenizer, temp, out, quantize, group_size, src / gguf_file if gguf_file else None)
+            _keep_end_of_generation(source.model, tokenizer, src / gguf_file if gguf_file else None)
+            temp.mkdir(parents=True)
+            tokenizer.save_pretrained(temp)
+            del tokenizer  # not needed to convert the weights (a real vocabulary holds hundreds of MB)
+            _write_converted(source, temp, out, quantize, group_size)
             _swap_into_place(temp, out)
             if source.note:
                 print(f"note: {source.note}")
@@ -147,17 +151,18 @@ def _open_source(src: Path, gguf_file, dtype: str, tie_embeddings: bool):
         raise ModelLoadError(f"{what}: cannot load model: {exc}") from exc
 
 
-def _write_converted(source, tokenizer, temp: Path, out: Path, quantize, group_size, gguf_path) -> None:
-    """Write ``source`` tensor by tensor into ``temp`` (config, generation config, tokenizer), then verify
+def _write_converted(source, temp: Path, out: Path, quantize, group_size) -> None:
+    """Write ``source`` tensor by tensor into ``temp`` (weights, config, generation config), then verify
     every tensor's bytes and that config and weights agree."""
     from llmcad.models import convert
     from llmcad.models.loading import check_checkpoint
 
+    import gc
+
+    gc.collect()
     model = source.model
-    _keep_end_of_generation(model, tokenizer, gguf_path)
     try:
         with step(f"prepare: converting to {quantize or source.dtype} tensor by tensor into {out}", spinner=False):
-            temp.mkdir(parents=True)
             if quantize is not None:
                 from llmcad.models import quantize as quant
 
@@ -170,7 +175,6 @@ def _write_converted(source, tokenizer, temp: Path, out: Path, quantize, group_s
             else:
                 digests, record = convert.write_source(source, temp), None
             _save_config(model, temp, record)
-            tokenizer.save_pretrained(temp)
     finally:
         source.close()
     with step("prepare: verifying"):
