@@ -5,11 +5,12 @@ model's names and the output dtype; :class:`SafetensorsWriter` writes each slice
 (computed up front from the shapes) puts it. Peak memory is the runtime plus one slice and one layer
 tensor, whatever the model's size.
 
-- GGUF (``gguf_source``): transformers' legacy GGUF loader done tensor by tensor: the same reader
-  (``gguf.GGUFReader``), ``gguf.dequantize``, name map (``get_gguf_hf_weights_map``) and tensor
-  processor, then the same ``torch.from_numpy(...).to(dtype)``; so the values are exactly what
-  ``from_pretrained(gguf_file=..., dtype=...)`` holds. Pages of the mapped file are dropped after each
-  tensor. Architectures transformers converts otherwise (its newer GGUF path, or processors that
+- GGUF (``gguf_source``): transformers' legacy GGUF loader done tensor by tensor: the same tensor
+  arrays ``gguf.GGUFReader`` gives (read from the tensor table here, without building the metadata's
+  vocabulary arrays, which cost hundreds of MB), ``gguf.dequantize``, name map
+  (``get_gguf_hf_weights_map``) and tensor processor, then the same ``torch.from_numpy(...).to(dtype)``;
+  so the values are exactly what ``from_pretrained(gguf_file=..., dtype=...)`` holds. Pages of the
+  mapped file are dropped after each slice. Architectures transformers converts otherwise (its newer GGUF path, or processors that
   merge tensors) return None: the caller loads the whole model instead.
 - safetensors (``safetensors_source``): each stored tensor cast to the dtype, when the names are
   exactly the model's (otherwise None: transformers may rename or fuse them on load).
@@ -25,7 +26,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -77,22 +78,20 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
     (GGUF files quantize it finer) are written once, as the embedding, and config.json ties the head
     to it. Lossless for a draft: only the target decides the output.
     """
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers import AutoConfig
     from transformers.integrations.gguf import is_gguf_arch_supported
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
-                                                          read_field)
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    reader = GGUFReader(str(path))
-    architecture = read_field(reader, "general.architecture")[0]
+    architecture, tensors, pages = read_gguf_tensors(path)
     processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
     if is_gguf_arch_supported(architecture) or processor_class not in (TensorProcessor,
                                                                       TENSOR_PROCESSORS.get("llama")):
         return None
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in tensors}
     if tie_embeddings:
-        _check_tieable(reader, path)
+        _check_tieable(tensors, path)
         config.tie_word_embeddings = True
     model = meta_model(config, dtype)
     # the legacy loader hands processors the parsed GGUF config; the llama one reads only head counts
@@ -104,12 +103,10 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
     shapes = expected_shapes(model)
     if produced != set(shapes):
         return None  # names transformers fills or merges otherwise: not a one-to-one conversion
-    reader.fields.clear()  # the metadata (a vocabulary, its merges) is parsed already: free its arrays
     chunked = processor_class is TensorProcessor  # identity processor: rows convert independently
-    pages = reader.data._mmap
 
     def slices():
-        for tensor in reader.tensors:
+        for tensor in tensors:
             name = rename.get(tensor.name, mapping.get(tensor.name))
             if tensor.name in skip or name is None:
                 continue
@@ -121,21 +118,103 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
                                             tensor_key_mapping=mapping, parsed_parameters={}).weights
                 converted = torch.from_numpy(weights.copy()).to(dtype)
                 del weights
-                _drop_pages(pages, reader.data_offset + tensor.data_offset, tensor.n_bytes)  # read: not needed
+                _drop_pages(pages, tensor.data_offset, tensor.n_bytes)  # read: not needed again
                 yield name, start, converted
 
     note = "--tie-embeddings: the output tensor's values are written once, as the embedding" if tie_embeddings else ""
     return Source(model, shapes, slices, dtype, note)
 
 
-def _check_tieable(reader, path) -> None:
-    tensors = {t.name: t for t in reader.tensors}
+def _check_tieable(tensors, path) -> None:
+    tensors = {t.name: t for t in tensors}
     out, embed = tensors.get("output.weight"), tensors.get("token_embd.weight")
     if out is None or embed is None:
         raise ModelLoadError(f"--tie-embeddings: {path} has no separate output tensor (already tied)")
-    if tuple(out.shape) != tuple(embed.shape):
+    if out.shape != embed.shape:
         raise ModelLoadError(f"--tie-embeddings: {path}: output {list(out.shape)} and embedding "
                              f"{list(embed.shape)} differ in shape, not only by quantization")
+
+
+class GgufTensor(NamedTuple):
+    """One tensor of a GGUF file, as gguf.GGUFReader describes it (``data``: a view of the mapped file)."""
+
+    name: str
+    shape: tuple  # torch order, in values
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: object  # numpy: values for float/int types, bytes [..., bytes per row] for block types
+    data_offset: int  # absolute, in the file
+    n_bytes: int
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_VALUES = {"F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16",
+                "I32": "int32", "I64": "int64"}
+
+
+def read_gguf_tensors(path: Path) -> tuple[str, list, object]:
+    """(architecture, [GgufTensor] in file order, the file's mmap) from the header and tensor table; the
+    metadata is walked, not kept (GGUFReader builds an array per vocabulary entry)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    blob = np.memmap(path, mode="r", dtype=np.uint8)
+    if bytes(blob[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
+    _, count, kv_count = struct.unpack_from("<IQQ", blob, 4)
+    pos, meta = 24, {}
+    for _ in range(kv_count):
+        key, pos = _gguf_string(blob, pos)
+        (kind,) = struct.unpack_from("<I", blob, pos)
+        value, pos = _gguf_value(blob, pos + 4, kind, keep=key in ("general.architecture", "general.alignment"))
+        meta[key] = value
+    entries = []
+    for _ in range(count):
+        name, pos = _gguf_string(blob, pos)
+        (dims_count,) = struct.unpack_from("<I", blob, pos)
+        dims = struct.unpack_from(f"<{dims_count}Q", blob, pos + 4)
+        kind, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * dims_count)
+        pos += 4 + 8 * dims_count + 12
+        entries.append((name, dims, GGMLQuantizationType(kind), offset))
+    alignment = meta.get("general.alignment") or 32
+    start = (pos + alignment - 1) // alignment * alignment
+    tensors = []
+    for name, dims, kind, offset in entries:
+        block, size = GGML_QUANT_SIZES[kind]
+        shape, elements = tuple(reversed(dims)), _numel(dims)
+        n_bytes = elements * size // block
+        where = start + offset
+        if kind.name in _GGUF_VALUES:
+            data = blob[where:where + n_bytes].view(_GGUF_VALUES[kind.name]).reshape(shape)
+        else:
+            data = blob[where:where + n_bytes].reshape(quant_shape_to_byte_shape(shape, kind))
+        tensors.append(GgufTensor(name, shape, kind, data, where, n_bytes))
+    return meta["general.architecture"], tensors, blob._mmap
+
+
+def _gguf_string(blob, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", blob, pos)
+    return bytes(blob[pos + 8:pos + 8 + length]).decode("utf-8"), pos + 8 + length
+
+
+def _gguf_value(blob, pos: int, kind: int, keep: bool):
+    """(value or None when not ``keep``, position after it)."""
+    if kind in _GGUF_SCALARS:
+        (value,) = struct.unpack_from(_GGUF_SCALARS[kind], blob, pos)
+        return value, pos + struct.calcsize(_GGUF_SCALARS[kind])
+    if kind == 8:
+        value, end = _gguf_string(blob, pos)
+        return (value if keep else None), end
+    if kind == 9:
+        item, n = struct.unpack_from("<IQ", blob, pos)
+        pos += 12
+        if item in _GGUF_SCALARS:
+            return None, pos + n * struct.calcsize(_GGUF_SCALARS[item])
+        for _ in range(n):
+            _, pos = _gguf_value(blob, pos, item, keep=False)
+        return None, pos
+    raise ValueError(f"GGUF metadata value of unknown type {kind}")
 
 
 def _row_elements(shape) -> int:
