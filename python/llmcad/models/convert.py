@@ -19,6 +19,7 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculat
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
@@ -119,6 +120,7 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
                 converted = torch.from_numpy(weights.copy()).to(dtype)
                 del weights
                 _drop_pages(pages, tensor.data_offset, tensor.n_bytes)  # read: not needed again
+                _trim_heap()
                 yield name, start, converted
 
     note = "--tie-embeddings: the output tensor's values are written once, as the embedding" if tie_embeddings else ""
@@ -222,6 +224,23 @@ def _row_elements(shape) -> int:
     for d in shape[1:]:
         n *= d
     return n
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free memory back to the kernel (glibc keeps freed slices' arenas, so the RSS would
+    creep up slice after slice); a no-op where there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim(0)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None  # ctypes handle on glibc once looked up, False where there is none
 
 
 def _drop_pages(pages, offset: int, length: int) -> None:
