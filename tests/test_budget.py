@@ -87,7 +87,55 @@ def test_conversion_scratch_counted_when_dtype_differs(index):
     half = plan_placement(index, memory_budget="1GiB", max_resident_layers=0, dtype=torch.bfloat16)
     assert same.accounting["conversion_scratch"] == 0
     assert half.accounting["conversion_scratch"] == max(index.layer_bytes(i) for i in range(4)) // 2
-    assert half.accounting["target_non_layer"] == index.non_layer_bytes() // 2
+    resident = [t for t in index.non_layer if t is not index.embedding]
+    assert half.accounting["target_non_layer"] == sum(t.length for t in resident) // 2
+    assert half.accounting["sparse_row_cache"] == index.embedding.length // 2  # 96 rows: all cached
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Untied and tied models whose embedding table (4096 rows) outweighs a decoder layer."""
+    root = tmp_path_factory.mktemp("wide")
+    return {tie: load_index(build_tiny("qwen2", root / f"tie{tie}", num_layers=16, tie=tie, vocab_size=4096))
+            for tie in (False, True)}
+
+
+def test_the_embedding_table_is_read_by_rows_and_its_budget_pins_layers(wide):
+    index = wide[False]
+    embed = index.embedding
+    assert embed.length > 4 * index.layer_bytes(0)
+    budget = _minimum(index, sparse_embedding=False) + index.layer_bytes(0)
+    table = plan_placement(index, memory_budget=budget, sparse_embedding=False)
+    rows = plan_placement(index, memory_budget=budget)
+    assert table.sparse_tensors == [] and embed.name in table.resident_tensors
+    assert rows.sparse_tensors == [embed.name] and embed.name not in rows.resident_tensors
+    assert rows.resident_tensors == ["lm_head.weight", "model.norm.weight"]
+    cache = min(1024, embed.shape[0]) * embed.length // embed.shape[0]
+    assert rows.accounting["sparse_row_cache"] == cache
+    # the table less its row cache buys whole layers, each no longer read per pass
+    gained = (embed.length - cache + table.accounting["spare"]) // index.layer_bytes(0)
+    assert gained >= 3 and len(rows.resident_layers) == len(table.resident_layers) + gained
+    assert rows.bytes_per_pass == table.bytes_per_pass - gained * index.layer_bytes(0)
+    summary = rows.summary()
+    assert summary["sparse_tensors"] == [embed.name] and summary["bytes_per_pass"] == rows.bytes_per_pass
+
+
+def test_everything_resident_reads_nothing_and_keeps_the_table(wide):
+    index = wide[False]
+    p = plan_placement(index, memory_budget=index.total_bytes())
+    assert p.streamed_layers == [] and p.sparse_tensors == [] and p.bytes_per_pass == 0
+    assert p.accounting["total"] == index.total_bytes()
+    squeezed = plan_placement(index, memory_budget=index.total_bytes() - 1)
+    assert squeezed.sparse_tensors == [index.embedding.name]  # every layer still fits, rows read
+    assert squeezed.streamed_layers == [] and squeezed.bytes_per_pass == 0
+
+
+def test_a_tied_head_is_held_once_and_serves_the_rows(wide):
+    index = wide[True]
+    assert "lm_head.weight" not in index.tensors and index.tied == {"lm_head.weight": index.embedding.name}
+    p = plan_placement(index, memory_budget=_minimum(index))
+    assert p.sparse_tensors == [] and p.resident_tensors == [index.embedding.name, "model.norm.weight"]
+    assert p.accounting["target_non_layer"] == index.non_layer_bytes()
 
 
 def test_streamer_memory_matches_the_streamer(index):

@@ -101,20 +101,31 @@ def test_sharded_checkpoint_streams_across_files(tmp_path):
         streamed.close()
 
 
-def test_bytes_read_per_pass_equals_streamed_layer_bytes(checkpoints):
+def test_bytes_read_per_pass_are_streamed_layers_plus_the_rows_of_new_tokens(checkpoints):
+    """Per pass: every streamed layer, and one embedding row per token id not read before (the rows
+    are cached); never the whole embedding table."""
     path = checkpoints["qwen2"]
     index = load_index(path)
     streamed = load_streamed_target(path, placement=_placement(path, 1))
     model = streamed.model
     ctl = streamed
+    row = index.embedding.length // index.embedding.shape[0]
     try:
         per_pass = sum(index.layer_bytes(i) for i in range(1, NUM_LAYERS))
         assert ctl.placement.bytes_per_pass == per_pass
+        assert ctl.placement.sparse_tensors == [index.embedding.name]
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (PROMPT_LEN,), generator=gen)
+        nodes = torch.randint(0, model.config.vocab_size, (len(PARENTS),), generator=gen)
         _prompt_then_tree(model)
-        assert ctl.passes == 2 and ctl.bytes_read == 2 * per_pass and ctl.last_pass_bytes == per_pass
+        seen = set(prompt.tolist()) | set(nodes.tolist())
+        assert ctl.passes == 2 and ctl.sparse_bytes_read == len(seen) * row
+        assert ctl.bytes_read == 2 * per_pass + len(seen) * row
+        assert ctl.last_pass_bytes == per_pass + len(set(nodes.tolist()) - set(prompt.tolist())) * row
         with torch.no_grad():
             model(input_ids=torch.tensor([[5, 6, 7]]))
-        assert ctl.bytes_read == 3 * per_pass
+        assert ctl.bytes_read == 3 * per_pass + len(seen | {5, 6, 7}) * row
+        assert ctl.last_pass_bytes == per_pass + len({5, 6, 7} - seen) * row
     finally:
         ctl.close()
 
@@ -361,7 +372,10 @@ def test_every_mode_lossless_under_a_budget_below_draft_plus_target(tiny_pair_di
         got = engine.generate(prompt, max_new_tokens=16).tokens
         assert got == want[:len(got)] and (len(got) == 16 or got[-1] in engine.eos_token_ids)
         ctl = engine.streamed
-        assert ctl.bytes_read == ctl.passes * ctl.placement.bytes_per_pass
+        # every streamed layer per pass, and embedding rows each read once at most (cached)
+        assert ctl.bytes_read == ctl.passes * ctl.placement.bytes_per_pass + ctl.sparse_bytes_read
+        embed = ctl.index.embedding
+        assert 0 < ctl.sparse_bytes_read <= embed.length and ctl.sparse_bytes_read % (embed.length // embed.shape[0]) == 0
     finally:
         engine.streamed.close()
 
@@ -382,3 +396,49 @@ def test_weight_file_changed_in_place_closes_the_target(tmp_path):
     with pytest.raises(EngineClosedError, match="closed after .*changed on disk"), torch.no_grad():
         model(input_ids=torch.tensor([[3, 4]]))
     assert all(p.device.type == "meta" for p in decoder_layers(model).parameters())
+
+
+def test_the_embedding_table_stays_on_storage(checkpoints, references):
+    """Untied: the embedding holds a one-row stand-in that still describes the table; rows are read per
+    pass. Tied: the head is the embedding, resident once."""
+    untied = load_streamed_target(checkpoints["qwen2"], placement=_placement(checkpoints["qwen2"], 1))
+    tied = load_streamed_target(checkpoints["llama"], placement=_placement(checkpoints["llama"], 1))
+    try:
+        ref = references["qwen2"].get_input_embeddings().weight
+        weight = untied.model.get_input_embeddings().weight
+        assert weight.shape == ref.shape and weight.dtype == ref.dtype and weight.device.type == "cpu"
+        assert weight.untyped_storage().nbytes() == ref.shape[1] * ref.element_size()
+        assert tied.placement.sparse_tensors == []
+        model = tied.model
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        assert model.lm_head.weight.device.type == "cpu"
+        with pytest.raises(IndexError, match="out of range"):
+            with torch.no_grad():
+                untied.model(input_ids=torch.tensor([[1, untied.model.config.vocab_size]]))
+    finally:
+        untied.close()
+        tied.close()
+
+
+def test_a_head_stored_with_the_embeddings_bytes_is_held_once(tmp_path):
+    """A tied config whose file also stores lm_head with the embedding's values (transformers ties
+    them): loaded once, logits identical; a head with other values stays its own tensor."""
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny("qwen2", tmp_path / "m", num_layers=2, tie=True)
+    state = load_file(path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    index = load_index(path)
+    assert index.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    placement = plan_placement(index, memory_budget="1GiB", max_resident_layers=1)
+    assert "lm_head.weight" not in placement.resident_tensors and placement.sparse_tensors == []
+    streamed = load_streamed_target(path, placement=placement)
+    try:
+        assert streamed.model.lm_head.weight is streamed.model.get_input_embeddings().weight
+        _assert_same(load_resident(path), streamed.model)
+    finally:
+        streamed.close()
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    assert load_index(path).tied == {}

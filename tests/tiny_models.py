@@ -14,9 +14,10 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_atten
                bos_token_id=1, eos_token_id=2)
 
 
-def tiny_config(family: str, num_layers: int = 4, tie: bool = False):
-    """A small config of ``family`` with ``num_layers`` decoder layers."""
-    kwargs = dict(_COMMON, num_hidden_layers=num_layers, tie_word_embeddings=tie)
+def tiny_config(family: str, num_layers: int = 4, tie: bool = False, vocab_size: int = VOCAB):
+    """A small config of ``family`` with ``num_layers`` decoder layers (``vocab_size`` embedding rows;
+    the tokenizer has VOCAB tokens)."""
+    kwargs = dict(_COMMON, num_hidden_layers=num_layers, tie_word_embeddings=tie, vocab_size=vocab_size)
     if family == "llama":
         return LlamaConfig(**kwargs)
     if family == "qwen2":
@@ -31,10 +32,10 @@ def tiny_config(family: str, num_layers: int = 4, tie: bool = False):
 
 
 def build_tiny(family: str, out: Path, *, num_layers: int = 4, tie: bool = False, seed: int = 0,
-               dtype=torch.float32, max_shard_size=None) -> Path:
+               dtype=torch.float32, max_shard_size=None, vocab_size: int = VOCAB) -> Path:
     """Build a random tiny model, save it (safetensors) into ``out`` and return ``out``."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers, tie), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers, tie, vocab_size), dtype=dtype)
     with torch.no_grad():  # non-trivial norms so a wrong binding shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -151,6 +151,8 @@ def describe_placement(placement) -> str:
     text = f"{s['resident_layers']}/{total} target layers resident, {s['streamed_layers']} streamed"
     if s["streamed_layers"]:
         text += f" ({format_size(s['bytes_per_pass'])} per pass, {s['num_buffers']} buffers)"
+    if s.get("sparse_tensors"):
+        text += ", embedding rows read per pass"
     if s.get("budget_bytes"):
         text += f", budget {format_size(s['budget_bytes'])}"
     return text

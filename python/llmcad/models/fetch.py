@@ -76,7 +76,8 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     # prepare into a side directory and rename: an interrupted import never looks like a prepared model
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    prepare(source, partial, dtype)
+    # the draft's GGUF quantizes its output and embedding apart: one tied copy (lossless, the target decides)
+    prepare(source, partial, dtype, tie_embeddings=model is DRAFT and Path(source).suffix == ".gguf")
     (partial / "llmcad-source.json").write_text(json.dumps({"source": f"{model.hub_id} (demo pair)",
                                                             "dtype": dtype}))
     partial.rename(out)

@@ -2,6 +2,8 @@
 
 The output holds ``config.json``, the tokenizer and safetensors weights in one dtype; every decoder
 layer is then a few contiguous byte ranges that :mod:`llmcad.streaming.weights` indexes for streaming.
+The weights are converted tensor by tensor (:mod:`llmcad.models.convert`: memory does not grow with the
+model); a source transformers would convert otherwise is loaded whole. A tied model stays tied.
 
 Nothing is destroyed or left half-made: the model is written into a sibling temporary directory,
 verified, then renamed into place (an existing output is replaced only with ``force``, by a second
@@ -46,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store decoder-layer linears as int8 (per channel) or int4 (per group)")
     parser.add_argument("--group-size", type=int, default=None,
                         help="int4 group size: 32, 64, 128 (default) or 256")
+    parser.add_argument("--tie-embeddings", action="store_true",
+                        help="GGUF whose output and embedding tensors differ only by quantization: store one "
+                        "(the output's values) and tie them; for a draft (lossless: only the target decides "
+                        "the output)")
 
 
 def run(args) -> int:
@@ -53,17 +59,18 @@ def run(args) -> int:
 
     with _sigterm_as_exit():
         out = prepare(resolve(args.src), args.out, args.dtype, gguf_file=args.gguf_file, quantize=args.quantize,
-                      group_size=args.group_size, force=args.force)
+                      group_size=args.group_size, force=args.force, tie_embeddings=args.tie_embeddings)
     print(f"prepared {out}")
     return 0
 
 
 def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, quantize: str | None = None,
-            group_size: int | None = None, force: bool = False) -> Path:
+            group_size: int | None = None, force: bool = False, tie_embeddings: bool = False) -> Path:
     """Load ``src`` (GGUF via ``gguf_file`` or a checkpoint), write it to ``out`` in ``dtype``, verify.
 
     ``quantize``: "int8" or "int4" (``group_size``) stores the decoder-layer linears packed
-    (llmcad.models.quantize); the float tensors and the scales are in ``dtype``.
+    (llmcad.models.quantize); the float tensors and the scales are in ``dtype``. ``tie_embeddings``: a
+    GGUF's output and embedding tensors stored once and tied (llmcad.models.convert.gguf_source).
 
     Returns the output directory. Raises ModelLoadError when the source cannot be loaded or ``out`` is
     the source, lies inside it or holds it; WeightFileError when the written files do not match the
@@ -84,7 +91,23 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         check_gguf(src / gguf_file)
     temp = _sibling(out, "tmp", os.getpid())
     try:
-        model, tokenizer = _load(src, gguf_file, dtype)
+        tokenizer = _load_tokenizer(src, gguf_file)
+        source = _open_source(src, gguf_file, dtype, tie_embeddings)
+        if source is not None:
+            _keep_end_of_generation(source.model, tokenizer, src / gguf_file if gguf_file else None)
+            temp.mkdir(parents=True)
+            tokenizer.save_pretrained(temp)
+            del tokenizer  # not needed to convert the weights (a real vocabulary holds hundreds of MB)
+            _write_converted(source, temp, out, quantize, group_size)
+            _write_stamp(temp, src / gguf_file if gguf_file else src, dtype, quantize, group_size)
+            _swap_into_place(temp, out, checked)
+            if source.note:
+                print(f"note: {source.note}")
+            return _requantized_note(out, src, gguf_file, quantize)
+        if tie_embeddings:
+            raise ModelLoadError(f"--tie-embeddings: {src / (gguf_file or '')} is not a GGUF file prepare converts "
+                                 "tensor by tensor")
+        model = _load(src, gguf_file, dtype, tokenizer)
         with step(f"prepare: writing {quantize or dtype} weights to {out}"):
             temp.mkdir(parents=True)
             if quantize is not None:
@@ -108,11 +131,79 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+    return _requantized_note(out, src, gguf_file, quantize)
+
+
+def _requantized_note(out: Path, src: Path, gguf_file, quantize) -> Path:
     if quantize is not None and gguf_file:
+        from llmcad.models import quantize as quant
+
         types = "/".join(quant.gguf_tensor_types(src / gguf_file)) or "its types"
         print(f"note: {gguf_file} ({types}) was dequantized and requantized to {quantize}: "
               "not bit-exact to the GGUF's own quantization")
     return out
+
+
+def _open_source(src: Path, gguf_file, dtype: str, tie_embeddings: bool):
+    """The tensor-by-tensor source (llmcad.models.convert), or None: load the whole model instead."""
+    import torch
+
+    from llmcad.models import convert
+
+    what = src / gguf_file if gguf_file else src
+    try:
+        with step(f"prepare: reading the layout of {what}"):
+            if gguf_file:
+                return convert.gguf_source(src / gguf_file, getattr(torch, dtype), tie_embeddings)
+            return convert.safetensors_source(src, getattr(torch, dtype)) if any(src.glob("*.safetensors")) else None
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise ModelLoadError(f"{what}: cannot load model: {exc}") from exc
+
+
+def _write_converted(source, temp: Path, out: Path, quantize, group_size) -> None:
+    """Write ``source`` tensor by tensor into ``temp`` (weights, config, generation config), then verify
+    every tensor's bytes and that config and weights agree."""
+    from llmcad.models import convert
+    from llmcad.models.loading import check_checkpoint
+
+    import gc
+
+    gc.collect()
+    model = source.model
+    try:
+        with step(f"prepare: converting to {quantize or source.dtype} tensor by tensor into {out}", spinner=False):
+            if quantize is not None:
+                from llmcad.models import quantize as quant
+
+                linears = quant.linear_weight_names(model)
+                quant.check_shapes(model.model.layers[0], quantize, group_size)
+                specs = quant.packed_specs(source.shapes, linears, quantize, group_size, source.dtype, source.dtype)
+                digests = convert.write_source(source, temp, quant.pack_transform(linears, quantize, group_size,
+                                                                                  source.dtype), specs)
+                record = quant.scheme_record(model, quantize, group_size, source.dtype)
+            else:
+                digests, record = convert.write_source(source, temp), None
+            _save_config(model, temp, record)
+    finally:
+        source.close()
+    with step("prepare: verifying"):
+        convert.verify_digests(temp, digests)
+        check_checkpoint(temp)
+
+
+def _save_config(model, out: Path, record: dict | None) -> None:
+    """config.json (with the quantization record) and generation_config.json, as save_pretrained writes them."""
+    from llmcad.models.quantize import CONFIG_KEY
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    if record is not None:
+        path = out / "config.json"
+        config = json.loads(path.read_text())
+        config[CONFIG_KEY] = record
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
 
 
 _MARK = ".llmcad-"  # temporary siblings: .<name>.llmcad-tmp-<pid> (being written), .<name>.llmcad-old-<pid>
@@ -253,19 +344,31 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path}: not a valid GGUF file ({' '.join(str(exc).split())[:300]})") from None
 
 
-def _load(src: Path, gguf_file, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+def _load_tokenizer(src: Path, gguf_file):
+    from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     what = src / gguf_file if gguf_file else src
     try:
         with step(f"prepare: reading the tokenizer of {what}"):
-            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+            return AutoTokenizer.from_pretrained(src, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"{what}: cannot load model: {exc}") from exc
+
+
+def _load(src: Path, gguf_file, dtype: str, tokenizer):
+    """The whole model in memory (sources :mod:`llmcad.models.convert` does not convert tensor by tensor)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    what = src / gguf_file if gguf_file else src
+    try:
         if gguf_file:  # unpack every weight now (llmcad streams plain tensors), so no GGUF kernel is involved
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
         with step(f"prepare: loading {what} as {dtype}", spinner=not gguf_file):  # a GGUF load has its own bar
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                         **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"{what}: cannot load model: {exc}") from exc
     # A GGUF import is dequantized already; saving must not claim a quantization.
@@ -274,7 +377,7 @@ def _load(src: Path, gguf_file, dtype: str):
         del model.config.quantization_config
     model.config.dtype = getattr(torch, dtype)
     _keep_end_of_generation(model, tokenizer, src / gguf_file if gguf_file else None)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def _keep_end_of_generation(model, tokenizer, gguf_path) -> None:

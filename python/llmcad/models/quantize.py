@@ -19,12 +19,12 @@ Part of llmcad.models: may use llmcad.streaming; must not import llmcad.speculat
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import torch
 
 from llmcad.errors import ModelLoadError, WeightFileError
+from llmcad.models.convert import SafetensorsWriter
 from llmcad.streaming.quantized import CONFIG_KEY, GROUP_SIZES, SCHEMES, pack_nibbles, unpack_nibbles
 
 DEFAULT_GROUP_SIZE = 128
@@ -158,33 +158,60 @@ def write_safetensors(path: Path, tensors: dict) -> None:
     its float scales. Within each group, wider dtypes come first, so every tensor stays aligned to its
     item size (groups are multiples of 8 bytes long whenever the integer weights are, e.g. K % 16 == 0).
     """
-    ordered = sorted(tensors.items(), key=lambda kv: (_group_key(kv[0]), -kv[1].element_size(), kv[0]))
-    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
-    for name, t in ordered:
-        t = t.detach().contiguous().cpu()
-        if t.dtype not in _SAFETENSORS_CODES:
-            raise WeightFileError(f"{path}: cannot write {name!r} of dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        blobs.append(t)
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors pads it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in blobs:
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    writer = SafetensorsWriter(path, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    for name, t in tensors.items():
+        writer.write(name, t.cpu())
+    writer.close()
 
 
-def _group_key(name: str) -> tuple:
-    """(0, name) for non-layer tensors, (1, layer index) for decoder-layer tensors."""
-    parts = name.split(".")
-    for j, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[j + 1].isdigit():
-            return (1, int(parts[j + 1]), "")
-    return (0, 0, "")
+def linear_weight_names(model) -> set:
+    """Names of the decoder-layer linear weights a scheme packs, e.g. ``model.layers.0.mlp.up_proj.weight``."""
+    from llmcad.streaming.streamed import decoder_layers
+
+    layers = decoder_layers(model)
+    names = quantizable_linears(layers[0])
+    if not names:
+        raise ModelLoadError(f"{type(model).__name__}: its decoder layers have no nn.Linear to quantize")
+    prefix = _layers_prefix(model, layers)
+    return {f"{prefix}{i}.{name}.weight" for i in range(len(layers)) for name in names}
+
+
+def packed_specs(shapes: dict, linears: set, scheme: str, group_size: int | None, scale_dtype, dtype) -> dict:
+    """{name: (dtype, shape)} of the written tensors: ``linears`` packed, the rest in ``dtype``."""
+    specs = {}
+    for name, shape in shapes.items():
+        if name not in linears:
+            specs[name] = (dtype, tuple(shape))
+            continue
+        n, k = shape
+        key = name[:-len(".weight")]
+        if scheme == "int8":
+            specs.update({f"{key}.qweight": (torch.int8, (n, k)), f"{key}.scales": (scale_dtype, (n,))})
+        else:
+            specs.update({f"{key}.qweight": (torch.uint8, (n, k // 2)),
+                          f"{key}.scales": (scale_dtype, (n, k // group_size)),
+                          f"{key}.zeros": (scale_dtype, (n, k // group_size))})
+    return specs
+
+
+def pack_transform(linears: set, scheme: str, group_size: int | None, scale_dtype):
+    """(name, whole tensor) -> {written name: tensor}: ``linears`` packed as quantized_state packs them."""
+    def transform(name, tensor):
+        if name not in linears:
+            return {name: tensor}
+        packed = (quantize_int8(tensor, scale_dtype) if scheme == "int8"
+                  else quantize_int4(tensor, group_size, scale_dtype))
+        key = name[:-len(".weight")]
+        return {f"{key}.{part}": t for part, t in packed.items()}
+    return transform
+
+
+def scheme_record(model, scheme: str, group_size: int | None, scale_dtype) -> dict:
+    """The scheme record config.json carries (see quantized_state)."""
+    from llmcad.streaming.streamed import decoder_layers
+
+    return {"scheme": scheme, "group_size": group_size, "modules": quantizable_linears(decoder_layers(model)[0]),
+            "scale_dtype": str(scale_dtype).replace("torch.", "")}
 
 
 def verify_written(out: Path, state: dict, record: dict) -> None:

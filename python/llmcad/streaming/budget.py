@@ -3,7 +3,13 @@
 ``memory_budget`` bounds everything llmcad holds for the models: the draft's weights, the target's
 resident tensors (non-layer tensors plus the first k layers), the streamer's buffers, the scratch
 for a converted layer (when the compute dtype differs from the file's), and both KV caches.
-Spare budget pins target layers resident from the first one on, so they are never re-read.
+
+What stays resident is chosen to minimise the bytes read per pass. A pass reads every byte of a
+streamed layer but only its tokens' rows of the input embedding, so the embedding table is read
+sparsely (llmcad.streaming.sparse: a small cache of recent rows is what it holds) unless everything,
+table included, fits; the budget it frees pins layers. A tied lm_head is the embedding: it is held
+once, resident (every row is needed per pass), and serves the embedding's rows. Spare budget pins
+target layers resident from the first one on, so they are never re-read.
 
 Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
@@ -14,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 from llmcad.errors import BudgetError
 from llmcad.streaming import streamer
+from llmcad.streaming.sparse import cache_bytes as row_cache_bytes
 from llmcad.streaming.weights import ITEMSIZE, WeightIndex
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -50,13 +58,16 @@ class Placement:
     bytes_per_pass: int  # payload bytes read from storage per target pass
     budget_bytes: int | None
     accounting: dict = field(default_factory=dict)
+    sparse_tensors: list = field(default_factory=list)  # read row by row per pass (the input embedding)
+    resident_tensors: list = field(default_factory=list)  # non-layer tensors held in memory
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> dict:
-        """Short form for stats and ``--json``: counts instead of layer lists."""
+        """Short form for stats and ``--json``: counts instead of layer lists; non-layer tensors by name."""
         return {"resident_layers": len(self.resident_layers), "streamed_layers": len(self.streamed_layers),
+                "resident_tensors": list(self.resident_tensors), "sparse_tensors": list(self.sparse_tensors),
                 "bytes_per_pass": self.bytes_per_pass, "buffer_bytes": self.buffer_bytes,
                 "num_buffers": self.num_buffers, "budget_bytes": self.budget_bytes,
                 "accounted_bytes": self.accounting.get("total", 0)}
@@ -98,8 +109,12 @@ def module_bytes(module) -> int:
 
 def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes: int = 0,
                    kv_bytes: int = 0, num_buffers: int = 2, max_resident_layers: int | None = None,
-                   device_slots: int = 0) -> Placement:
-    """Pin as many leading target layers as ``memory_budget`` allows; stream the rest.
+                   device_slots: int = 0, sparse_embedding: bool = True) -> Placement:
+    """Keep resident what saves the most bytes read per pass under ``memory_budget``; stream the rest.
+
+    Everything resident reads nothing, so that is the plan when it fits. Otherwise the input embedding
+    is read row by row (``sparse_embedding``; not when a tied lm_head serves its rows) and as many
+    leading layers as fit are pinned.
 
     ``dtype``: compute dtype (None keeps the file's). ``draft_bytes``: the draft's weights.
     ``kv_bytes``: both KV caches at their largest (see :func:`kv_cache_bytes`).
@@ -112,10 +127,17 @@ def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes
         raise BudgetError(f"num_buffers={num_buffers}: the ring needs at least 1 buffer")
     budget = parse_size(memory_budget)
     top = index.num_layers if max_resident_layers is None else max(0, min(max_resident_layers, index.num_layers))
-    for k in range(top, -1, -1):
-        acct = _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, device_slots)
+    costs = dict(dtype=dtype, draft_bytes=draft_bytes, kv_bytes=kv_bytes, num_buffers=num_buffers,
+                 device_slots=device_slots)
+    if top == index.num_layers:
+        acct = _account(index, top, sparse=[], **costs)
         if acct["total"] <= budget:
-            return _placement(index, k, acct, budget, num_buffers)
+            return _placement(index, top, acct, budget, num_buffers, [])
+    sparse = sparse_candidates(index) if sparse_embedding else []
+    for k in range(top, -1, -1):
+        acct = _account(index, k, sparse=sparse, **costs)
+        if acct["total"] <= budget:
+            return _placement(index, k, acct, budget, num_buffers, sparse)
     raise BudgetError(
         f"memory_budget={format_size(budget)} ({budget} bytes) is too small: needs at least "
         f"{format_size(acct['total'])} ({acct['total']} bytes) for the draft weights "
@@ -127,18 +149,29 @@ def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes
 
 def resident_placement(index: WeightIndex) -> Placement:
     """Every layer resident (memory_budget=None)."""
-    acct = _account(index, index.num_layers, None, 0, 0, 0)
-    return _placement(index, index.num_layers, acct, None, 0)
+    acct = _account(index, index.num_layers, None, 0, 0, 0, sparse=[])
+    return _placement(index, index.num_layers, acct, None, 0, [])
 
 
-def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, device_slots=0) -> dict:
-    """Byte accounting with the first k layers resident."""
+def sparse_candidates(index: WeightIndex) -> list:
+    """Names of the non-layer tensors a pass can read row by row: the input embedding, unless a tied
+    lm_head is that tensor (the head needs every row, so it is resident and serves the rows)."""
+    embed = index.embedding
+    if embed is None or len(embed.shape) != 2 or embed.name in index.tied.values():
+        return []
+    return [embed.name]
+
+
+def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, device_slots=0, *, sparse) -> dict:
+    """Byte accounting with the first k layers resident and the ``sparse`` tensors read by rows."""
     streamed = range(k, index.num_layers)
     buffer = ring_buffer_bytes(index, streamed)
     converts = dtype is not None and any(_converted(t, dtype) for i in streamed for t in index.layers[i])
     acct = {
         "draft_weights": draft_bytes,
-        "target_non_layer": sum(_compute_bytes(t, dtype) for t in index.non_layer),
+        "target_non_layer": sum(_compute_bytes(t, dtype) for t in _resident_non_layer(index, sparse)),
+        "sparse_row_cache": sum(row_cache_bytes(index.tensors[n], _as_dtype(dtype) if dtype else None)
+                                for n in sparse),
         "target_resident_layers": sum(_compute_bytes(t, dtype) for i in range(k) for t in index.layers[i]),
         "streamer_buffers": streamer_memory_bytes(buffer, num_buffers, len(index.files)) if streamed else 0,
         "conversion_scratch": max((sum(_compute_bytes(t, dtype) for t in index.layers[i]) for i in streamed),
@@ -152,7 +185,12 @@ def _account(index, k, dtype, draft_bytes, kv_bytes, num_buffers, device_slots=0
     return acct
 
 
-def _placement(index, k, acct, budget, num_buffers) -> Placement:
+def _resident_non_layer(index, sparse) -> list:
+    """Non-layer tensors held in memory: not read by rows, not a tied alias (held once, as its source)."""
+    return [t for t in index.non_layer if t.name not in sparse and t.name not in index.tied]
+
+
+def _placement(index, k, acct, budget, num_buffers, sparse) -> Placement:
     streamed = list(range(k, index.num_layers))
     buffer = ring_buffer_bytes(index, streamed)
     if budget is not None:
@@ -160,7 +198,8 @@ def _placement(index, k, acct, budget, num_buffers) -> Placement:
     return Placement(resident_layers=list(range(k)), streamed_layers=streamed, buffer_bytes=buffer,
                      num_buffers=num_buffers if streamed else 0,
                      bytes_per_pass=sum(index.layer_bytes(i) for i in streamed),
-                     budget_bytes=budget, accounting=acct)
+                     budget_bytes=budget, accounting=acct, sparse_tensors=list(sparse),
+                     resident_tensors=[t.name for t in _resident_non_layer(index, sparse)])
 
 
 def _itemsize(dtype) -> int:

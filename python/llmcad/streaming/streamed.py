@@ -1,7 +1,8 @@
 """The layer-streamed target: an HF causal LM whose decoder layers are read from storage per pass.
 
-The model is built from its config on the meta device. Non-layer tensors (embeddings, final norm,
-lm_head) and the first k layers are loaded resident; every other decoder layer gets a forward
+The model is built from its config on the meta device. Non-layer tensors (final norm, lm_head) and
+the first k layers are loaded resident; the input embedding, when the placement says so, is read row
+by row per pass (:mod:`llmcad.streaming.sparse`); every other decoder layer gets a forward
 pre-hook that acquires its bytes from the :class:`~llmcad.streaming.streamer.WeightStreamer` and binds each
 parameter to a zero-copy view of the buffer (or a converted copy when the compute dtype differs),
 and a forward hook that puts the parameters back on meta and releases the buffer. On a CUDA device
@@ -42,6 +43,7 @@ from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, pla
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
 from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
+from llmcad.streaming.sparse import SparseRows
 from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, open_weight_file, stat_stamp
 
 
@@ -67,7 +69,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     layers = decoder_layers(model)
     if len(layers) != index.num_layers:
         raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
-    _load_resident(model, index, placement.resident_layers, dtype, device)
+    _load_resident(model, index, placement, dtype, device)
     pack_resident(model, placement.resident_layers)
     return StreamedTarget(model, index, placement, device, streamer_options or {})
 
@@ -129,6 +131,8 @@ class StreamedTarget:
         self._streamed = list(placement.streamed_layers)
         self._bindings = {i: _layer_bindings(self._layers[i], index, i) for i in self._streamed}
         self._streamer = None
+        self._sparse = []  # llmcad.streaming.sparse.SparseRows of the tensors read by rows
+        self._sparse_mark = 0  # their bytes read when the current pass began
         self._ring_bytes = 0  # the streamer's buffer memory
         self._lock = threading.Lock()
         self._closed = False
@@ -147,8 +151,10 @@ class StreamedTarget:
         self._hooks = []
         self._closed_reason = None
         self._fds = [_open_stamped(path, stamp) for path, stamp in zip(index.files, index.stamps)]
+        self._sparse = [self._sparse_rows(name) for name in placement.sparse_tensors]
         if self._streamed:
             self._open_streamer()
+        if self._streamed or self._sparse:
             self._install_hooks()
             self._queue_next_pass()  # the first pass's reads start now
 
@@ -159,9 +165,19 @@ class StreamedTarget:
 
     @property
     def memory_bytes(self) -> int:
-        """Resident tensors, the streamer's buffers and the device upload ring (the KV cache is the
-        engine's)."""
-        return self.resident_bytes + self._ring_bytes + self.device_ring_bytes
+        """Resident tensors, the cached embedding rows, the streamer's buffers and the device upload ring
+        (the KV cache is the engine's)."""
+        return self.resident_bytes + self.sparse_cache_bytes + self._ring_bytes + self.device_ring_bytes
+
+    @property
+    def sparse_cache_bytes(self) -> int:
+        """Memory of the rows cached for the tensors read by rows (the input embedding)."""
+        return sum(rows.memory_bytes for rows in self._sparse)
+
+    @property
+    def sparse_bytes_read(self) -> int:
+        """Bytes the row reads took from storage, cumulative (included in ``bytes_read``)."""
+        return sum(rows.bytes_read for rows in self._sparse)
 
     @property
     def device_ring_bytes(self) -> int:
@@ -172,6 +188,7 @@ class StreamedTarget:
         out = dict(self.placement.summary(), bytes_read=self.bytes_read, passes=self.passes,
                    bind_wait_s=self.bind_wait_s, resident_bytes=self.resident_bytes,
                    device_ring_bytes=self.device_ring_bytes, memory_bytes=self.memory_bytes,
+                   sparse_bytes_read=self.sparse_bytes_read, sparse_cache_bytes=self.sparse_cache_bytes,
                    peak_tracked_bytes=self.peak_tracked_bytes)
         if self._streamer is not None:
             out["streamer"] = self._streamer.stats()
@@ -233,9 +250,11 @@ class StreamedTarget:
             self._model.model.__dict__.pop("forward", None)  # drop the pass wrapper
             for i in self._streamed:
                 self._unbind(i)
+            for rows in self._sparse:
+                rows.remove()
             if self._streamer is not None:
                 self._streamer.close()
-        if self._streamed:  # a forward after close must fail loudly, not run on meta tensors
+        if self._streamed or self._sparse:  # a forward after close must fail loudly, not run on meta tensors
             self._hooks.append(self._model.model.register_forward_pre_hook(self._refuse))
 
     def next_layer_ready(self) -> bool:
@@ -251,6 +270,15 @@ class StreamedTarget:
         return self._streamer.next_ready()  # the host read (copy path: before its upload, in the gate)
 
     # ---- streamer ----
+    def _sparse_rows(self, name: str) -> SparseRows:
+        """Row reads for tensor ``name`` (an embedding weight) through the stamped descriptor of its file."""
+        entry = self.index.tensors[name]
+        owner_name, _, attr = name.rpartition(".")
+        module = self._model.get_submodule(owner_name)
+        meta = module._parameters[attr]
+        return SparseRows(module, entry, self._fds[entry.file_index], self.index.files[entry.file_index],
+                          dtype=meta.dtype, device=self._device)
+
     def _open_streamer(self):
         from llmcad.streaming.streamer import WeightStreamer, layout_bytes
 
@@ -294,7 +322,8 @@ class StreamedTarget:
         self._held = None
         if self._feed is not None:
             self._feed.reset()  # no copy or kernel may still read a buffer the ring is about to reuse
-        self._streamer.reset()
+        if self._streamer is not None:
+            self._streamer.reset()
         self._queued = 0
         if self.prefetch_between_passes:
             self._queue_next_pass()
@@ -349,9 +378,13 @@ class StreamedTarget:
         self._in_pass = True
         self._pass_next = 0
         self.last_pass_bytes = 0
+        self._sparse_mark = self.sparse_bytes_read
         self._queue_next_pass()
 
     def _end_pass(self, complete: bool):
+        rows = self.sparse_bytes_read - self._sparse_mark
+        self.bytes_read += rows
+        self.last_pass_bytes += rows
         self._in_pass = False
         self._pass_next = 0
         self._queued = 0
@@ -528,15 +561,18 @@ def _load_generation_config(model, path: Path) -> None:
             raise ModelLoadError(f"{path}: cannot read generation_config.json: {exc}") from exc
 
 
-def _load_resident(model, index: WeightIndex, resident_layers, dtype, device) -> None:
-    """Load the non-layer tensors and the resident layers into memory the model owns (read, not mapped:
-    a file changed later changes nothing in them); tie what the checkpoint leaves out."""
+def _load_resident(model, index: WeightIndex, placement: Placement, dtype, device) -> None:
+    """Load the placement's resident non-layer tensors and layers into memory the model owns (read, not
+    mapped: a file changed later changes nothing in them); tie what the checkpoint leaves out or stores
+    twice. Tensors read by rows stay on meta (their SparseRows binds them)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    names = [t.name for t in index.non_layer] + [t.name for i in resident_layers for t in index.layers[i]]
+    sparse = set(placement.sparse_tensors)
+    names = [t.name for t in index.non_layer if t.name not in sparse and t.name not in index.tied]
+    names += [t.name for i in placement.resident_layers for t in index.layers[i]]
     # names matching no parameter (e.g. rotary inv_freq saved by old checkpoints) are skipped
     for name, value in iter_tensors(index, [n for n in names if n in params]):
         _set_parameter(model, name, value, params[name], device)
-    _tie_missing(model, index, params)
+    _tie_missing(model, index, params, sparse)
 
 
 def _set_parameter(model, name, value, meta, device):
@@ -547,12 +583,13 @@ def _set_parameter(model, name, value, meta, device):
     owner._parameters[attr] = torch.nn.Parameter(value.to(device=device, dtype=meta.dtype), requires_grad=False)
 
 
-def _tie_missing(model, index: WeightIndex, params) -> None:
-    """Parameters still on meta outside the streamed layers must be tied aliases."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
+def _tie_missing(model, index: WeightIndex, params, sparse=()) -> None:
+    """Parameters still on meta outside the streamed layers and the row-read tensors must be tied aliases
+    (the model's own ties, or a head the checkpoint stores with its embedding's bytes)."""
+    tied = {**index.tied, **(getattr(model, "all_tied_weights_keys", None) or {})}
     layer_prefix = index.layer_prefix
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.device.type != "meta" or name.startswith(layer_prefix):
+        if p.device.type != "meta" or name.startswith(layer_prefix) or name in sparse:
             continue
         source = tied.get(name)
         if source is None or source not in index.tensors:

@@ -80,7 +80,7 @@ class WeightIndex:
     layer_prefix: str
     layers: list = field(default_factory=list)
     non_layer: list = field(default_factory=list)
-    tied: dict = field(default_factory=dict)  # absent tensor -> the stored tensor it shares (tied head)
+    tied: dict = field(default_factory=dict)  # tied alias -> the stored tensor it shares (a tied head)
     stamps: list = field(default_factory=list)  # per file: file_stamp() when its header was read
 
     @property
@@ -92,6 +92,11 @@ class WeightIndex:
 
     def non_layer_bytes(self) -> int:
         return sum(t.length for t in self.non_layer)
+
+    @property
+    def embedding(self) -> TensorEntry | None:
+        """The input embedding table (``...embed_tokens.weight``), None when the checkpoint names it otherwise."""
+        return next((t for t in self.non_layer if t.name.endswith("embed_tokens.weight")), None)
 
     def total_bytes(self) -> int:
         return sum(t.length for t in self.tensors.values())
@@ -360,11 +365,13 @@ def _group_layers(directory, files, tensors) -> WeightIndex:
         layer.sort(key=lambda t: t.name)
     in_layers = {t.name for layer in layers for t in layer}
     non_layer = sorted((t for n, t in tensors.items() if n not in in_layers), key=lambda t: t.name)
-    return WeightIndex(directory, files, tensors, prefix, layers, non_layer, _tied(directory, tensors))
+    return WeightIndex(directory, files, tensors, prefix, layers, non_layer, _tied(directory, files, tensors))
 
 
-def _tied(directory: Path, tensors: dict) -> dict:
-    """{"lm_head.weight": embedding name} when config.json ties them and the head is not stored."""
+def _tied(directory: Path, files: list, tensors: dict) -> dict:
+    """{"lm_head.weight": embedding name} when config.json ties them and the head is not stored, or is
+    stored with the embedding's bytes (transformers ties those too; a head stored with other values is
+    its own tensor, as transformers keeps it)."""
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -372,9 +379,22 @@ def _tied(directory: Path, tensors: dict) -> dict:
     text = config.get("text_config", config)
     tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
     embed = next((n for n in tensors if n.endswith("embed_tokens.weight")), None)
-    if tie and embed and "lm_head.weight" not in tensors:
+    head = tensors.get("lm_head.weight")
+    if tie and embed and (head is None or _same_bytes(files, head, tensors[embed])):
         return {"lm_head.weight": embed}
     return {}
+
+
+def _same_bytes(files: list, a: TensorEntry, b: TensorEntry, chunk: int = 16 << 20) -> bool:
+    """Whether two stored tensors hold the same dtype, shape and bytes (compared a chunk at a time)."""
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    with open(files[a.file_index], "rb") as fa, open(files[b.file_index], "rb") as fb:
+        for start in range(0, a.length, chunk):
+            n = min(chunk, a.length - start)
+            if os.pread(fa.fileno(), n, a.offset + start) != os.pread(fb.fileno(), n, b.offset + start):
+                return False
+    return True
 
 
 def read_tensor(fd: int, entry: TensorEntry, path) -> "torch.Tensor":
