@@ -672,3 +672,70 @@ def test_mt_bench_prompt_is_the_first_turn_in_the_chat_template(chat_pair, tmp_p
     wl = workloads.mt_bench(tok, [81], questions, "81")
     assert tok.decode(wl["prompt_ids"][0]) == "<s>user\nhi there</s>\n<s>assistant\n"
     assert wl["labels"] == ["mt_bench/81"] and wl["categories"] == ["writing"]
+
+
+# ---------------------------------------------------------------- llama.cpp rows (llama_cpp stood in for)
+FAKE_LLAMA = '''
+__version__ = "fake"
+
+
+class Llama:
+    """Emits last + 1 (mod 50) greedily: one token a pass, three with a draft (prompt lookup)."""
+
+    def __init__(self, model_path, draft_model=None, **options):
+        self.draft_model, self.options = draft_model, options
+
+    def eval(self, tokens):
+        pass
+
+    def generate(self, tokens, **sampling):
+        assert sampling["temp"] == 0.0 and sampling["top_k"] == 1
+        seq = list(tokens)
+        while True:
+            self.eval(seq)
+            for _ in range(3 if self.draft_model is not None else 1):
+                seq.append((seq[-1] + 1) % 50)
+                yield seq[-1]
+'''
+FAKE_LOOKUP = '''
+class LlamaPromptLookupDecoding:
+    def __init__(self, max_ngram_size=2, num_pred_tokens=10):
+        self.num_pred_tokens = num_pred_tokens
+'''
+
+
+@pytest.fixture
+def fake_llama_cpp(tmp_path, monkeypatch):
+    """A stand-in llama_cpp package on PYTHONPATH (the real one is built into its own venv, never CI's)."""
+    root = tmp_path / "fake-llama"
+    (root / "llama_cpp").mkdir(parents=True)
+    (root / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA)
+    (root / "llama_cpp" / "llama_speculative.py").write_text(FAKE_LOOKUP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    gguf = tmp_path / "target.gguf"
+    gguf.write_bytes(b"GGUF")
+    return gguf
+
+
+def test_llama_rows_count_passes_and_accepted_tokens(tiny_pair, tmp_path, fake_llama_cpp):
+    import sys
+
+    out = tmp_path / "out"
+    argv = _tiny_argv(tiny_pair, out, "--rows", "target-only,llama.cpp,llama.cpp-lookup", "--llama-python",
+                      sys.executable, "--gguf", str(fake_llama_cpp))
+    assert cli.main(argv) == 0
+    rows = {r["name"]: r for r in json.loads((out / "e2e.json").read_text())["rows"]}
+    assert rows["llama.cpp"]["error"] is None and rows["llama.cpp-lookup"]["error"] is None
+    assert rows["llama.cpp"]["tokens_per_pass"] == 1.0 and rows["llama.cpp"]["target_passes"] == 8
+    assert rows["llama.cpp-lookup"]["target_passes"] == 4  # 3 + 1 tokens a prompt, 4 tokens asked
+    assert rows["llama.cpp"]["tokens"] == rows["llama.cpp-lookup"]["tokens"]
+    assert rows["llama.cpp"]["placement"] == {"gguf": str(fake_llama_cpp), "mmap": True, "llama_cpp": "fake"}
+    assert rows["llama.cpp"]["peak_rss_bytes"] > 0
+    spec = [json.loads(x) for x in (out / "specbench" / "tiny" / "native" / "llama.cpp-lookup.jsonl")
+            .read_text().splitlines()]
+    assert [x["choices"][0]["accept_lengths"] for x in spec] == [[3, 1], [3, 1]]
+
+
+def test_llama_rows_are_not_capped_by_the_streamer(tiny_pair, tmp_path):
+    plan = {"rows": bench_e2e.LLAMA_ROWS, "settings": [("cap300", 3e8)]}
+    assert bench_e2e.row_groups(plan) == []
