@@ -422,9 +422,9 @@ def tune_prompts(plan: dict) -> int | None:
 def row_config(plan: dict, row: Row, setting: Setting) -> dict:
     """Everything a row's result depends on: the key of its line in rows.jsonl."""
     keys = ("draft", "target_source", "memory_budget", "dtype", "device", "seed", "warmup_tokens", "threads",
-            "evict_interval_s", "copy_target", "in_process", "gguf", "workload", "prompt_ids")
+            "evict_interval_s", "copy_target", "in_process", "workload", "prompt_ids")
     return {**{k: plan.get(k) for k in keys}, "row": asdict(row), "setting": list(setting),
-            "max_new_tokens": max_new_tokens(plan, row)}
+            "max_new_tokens": max_new_tokens(plan, row), "gguf": plan.get("gguf") if row.runner == "llama" else None}
 
 
 def max_new_tokens(plan: dict, row: Row) -> int:
