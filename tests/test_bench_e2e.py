@@ -543,6 +543,10 @@ def test_profiles_are_kernel_settings_or_say_they_are_emulated(monkeypatch, caps
     assert [(s.name, s.memory_limit) for s in two] == [("emmc@1.00GiB", 2**30), ("emmc@3.00GiB", 3 * 2**30),
                                                        ("read104.858MB@1.00GiB", 2**30),
                                                        ("read104.858MB@3.00GiB", 3 * 2**30)]
+    both = profiles.with_budget(profiles.make_settings(_parse(["--profile", "emmc", "--memory-limit", "4GiB"])),
+                                "2.5GiB", explicit=True)  # --memory-budget and --memory-limit both given
+    assert [(s.memory_limit, profiles.budget_of(s, "2.5GiB")) for s in both] == [(4 * 2**30, str(int(2.5 * 2**30)))]
+    assert profiles.budget_of(settings[0], "1GiB") == str(int(2.5 * 2**30))  # the limit is the budget
     monkeypatch.setattr(profiles, "cgroups_unavailable", lambda: "not root: creating cgroups needs root")
     capsys.readouterr()
     emulated = profiles.make_settings(_parse(["--profile", "emmc"]))
@@ -604,6 +608,7 @@ def test_a_row_the_oom_killer_ends_is_reported_as_such(tiny_pair, tmp_path, caps
     row = json.loads((tmp_path / "e2e.json").read_text())["rows"][0]
     assert row["oom_killed"] is True and row["tokens_per_s"] is None
     assert row["error"].startswith("killed by the OOM killer at the memory limit 48.0 MiB")
+    assert isinstance(row["stderr_tail"], list)  # the row's last words, to tell loading from generating
     assert "| target-only | OOM-killed |" in (tmp_path / "e2e.md").read_text()
 
 

@@ -187,7 +187,7 @@ def make_plan(args) -> dict:
     draft, target = resolve_pair(args, out)
     loads = workloads.load(args, target)
     budget = args.memory_budget or (tiny_budget(draft, target) if args.tiny else DEFAULT_BUDGET)
-    settings = profiles.with_budget(settings, budget)
+    settings = profiles.with_budget(settings, budget, explicit=bool(args.memory_budget and args.memory_limit))
     schemes = quant_rows.schemes_used(rows)
     quantized = quant_rows.prepare_targets(target, schemes, out) if schemes else {}
     return {"command": command_line(), "git_commit": git_commit(), "out": str(out), "draft": str(draft),

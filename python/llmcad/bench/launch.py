@@ -73,6 +73,8 @@ def run_limited(cmd: list, setting, timeout, files) -> dict:
            "kernel_limits": {"memory_bytes": result.memory_limit_bytes, "read_bps": result.read_bps_limit,
                              "cgroup_version": result.version, "read_device_of": str(files[0])},
            "cgroup_peak_bytes": result.peak_bytes, "oom_killed": result.oom_killed}
+    if result.oom_killed or result.timed_out or result.returncode:
+        out["stderr_tail"] = result.stderr.splitlines()[-5:]  # where the row was when it ended
     if result.timed_out:
         out["error"] = f"row took longer than --row-timeout {timeout} s"
     elif result.returncode:

@@ -40,6 +40,7 @@ class Setting(NamedTuple):
     read_limit: float | None = None
     enforced_by: str | None = None
     profile: str | None = None
+    memory_budget: int | None = None  # the rows' budget when it is not the memory limit
 
     @property
     def kernel(self) -> bool:
@@ -47,8 +48,10 @@ class Setting(NamedTuple):
 
     def describe(self) -> str:
         if self.kernel:
-            return (f"{self.profile or 'custom'}: memory limit {format_size(self.memory_limit)} (the rows' "
-                    f"memory_budget), reads {self.read_limit / 1e6:g} MB/s, enforced by the {KERNEL}")
+            budget = (f"the rows' memory_budget {format_size(self.memory_budget)}" if self.memory_budget
+                      else "the rows' memory_budget")
+            return (f"{self.profile or 'custom'}: memory limit {format_size(self.memory_limit)} ({budget}), "
+                    f"reads {self.read_limit / 1e6:g} MB/s, enforced by the {KERNEL}")
         if self.cap:
             budget = f"; memory_budget {format_size(self.memory_limit)}" if self.memory_limit else ""
             return f"streamer cap {self.cap / 1e6:g} MB/s, {EMULATED} (llmcad rows only; memory not enforced{budget})"
@@ -64,8 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", default=None, metavar="NAMES", help="device profiles run by the kernel, "
                    f"comma-separated: {', '.join(f'{k} ({v[1]})' for k, v in PROFILES.items())}")
     p.add_argument("--memory-limit", default=None, metavar="SIZES", help="memory limit(s) of the profiles, "
-                   "comma-separated (e.g. 1GiB,2.5GiB); each is also the rows' memory_budget (default: "
-                   "--memory-budget)")
+                   "comma-separated (e.g. 1GiB,2.5GiB); each is also the rows' memory_budget unless "
+                   "--memory-budget is given too (default: --memory-budget)")
     p.add_argument("--read-limit", default=None, metavar="RATE", help="a custom profile reading at RATE "
                    "(300MB/s, 1.4GB/s, 300MiB/s or bytes/s)")
 
@@ -107,15 +110,24 @@ def make_settings(args) -> list:
     return settings
 
 
-def with_budget(settings: list, budget) -> list:
-    """Profiles without --memory-limit take the run's memory budget as their limit."""
+def with_budget(settings: list, budget, explicit: bool = False) -> list:
+    """Profiles without --memory-limit take the run's memory budget as their limit. With ``explicit``
+    (both --memory-budget and --memory-limit given) the rows keep the budget under the larger or smaller limit."""
     nbytes = parse_size(budget, what="--memory-budget")
-    return [s._replace(memory_limit=nbytes) if s.profile and s.memory_limit is None else s for s in settings]
+    out = []
+    for s in settings:
+        if s.profile and s.memory_limit is None:
+            s = s._replace(memory_limit=nbytes)
+        elif s.profile and explicit and s.memory_limit != nbytes:
+            s = s._replace(memory_budget=nbytes)
+        out.append(s)
+    return out
 
 
 def budget_of(setting: Setting, budget) -> str:
-    """The memory_budget a row runs with under ``setting``: its memory limit, else the run's budget."""
-    return str(setting.memory_limit) if setting.memory_limit else str(budget)
+    """The memory_budget a row runs with under ``setting``: its memory limit (unless the run named both),
+    else the run's budget."""
+    return str(setting.memory_budget or setting.memory_limit or budget)
 
 
 def cgroups_unavailable() -> str | None:

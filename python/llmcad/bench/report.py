@@ -24,7 +24,7 @@ def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     """The metrics of one row from its raw record; ratio and agreement are filled by :func:`compare`."""
     row = {k: raw.get(k) for k in ("name", "setting", "workload", "options", "quantize", "placement", "evictor",
                                    "error", "oom_killed", "memory_limit", "read_limit", "enforced_by",
-                                   "kernel_limits", "cgroup_peak_bytes", "resumed")}
+                                   "kernel_limits", "cgroup_peak_bytes", "stderr_tail", "resumed")}
     row.update(ratio_vs_target_only=None, agreement=None, peak_rss_bytes=raw.get("peak_rss_bytes"),
                cached_after_evict_bytes=(raw.get("evictor") or {}).get("max_cached_after_evict_bytes"))
     generated, seconds, passes = raw.get("generated", 0), raw.get("seconds", 0.0), raw.get("passes", 0)
