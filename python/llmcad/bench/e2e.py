@@ -586,7 +586,8 @@ def spawn_row(plan: dict, row: Row, setting, work: Path, index: int) -> dict:
         from llmcad.bench.rows import row_record
 
         return row_record(job)
-    files = [plan["gguf"]] if row.runner == "llama" else [plan["target"], plan["draft"]]
+    target = plan["quantized_targets"][row.options["quantize"]] if row.options.get("quantize") else plan["target"]
+    files = [plan["gguf"]] if row.runner == "llama" else [target, plan["draft"]]  # evicted; the first's disk throttled
     return launch(job, setting, work, index, timeout=plan["row_timeout"], llama_python=plan.get("llama_python"),
                   files=files)
 
