@@ -44,7 +44,9 @@ class CountingLlama:
         draft = job["row"]["options"].get("draft")
         lookup = LlamaPromptLookupDecoding(num_pred_tokens=job["row"]["options"].get("num_pred_tokens", 10)) \
             if draft == "prompt-lookup" else None
-        self.llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job.get("n_ctx", 4096), n_threads=job.get("threads"),
+        # context: the longest prompt and its tokens (the prompt-lookup row keeps logits for every position)
+        n_ctx = max(map(len, job["prompt_ids"])) + max(job["max_new_tokens"], job["warmup_tokens"]) + 16
+        self.llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=n_ctx, n_threads=job.get("threads"),
                                    n_threads_batch=job.get("threads"), seed=job["seed"], draft_model=lookup,
                                    use_mmap=True, verbose=False)
         self.passes = 0
