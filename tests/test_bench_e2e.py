@@ -293,7 +293,9 @@ def test_agreement_with_a_shorter_baseline_counts_its_positions_only():
 
 
 def test_humaneval_prompts_come_from_the_package():
-    texts, labels = bench_e2e.load_prompts(_parse(["--prompts", "3:5"]))
+    from llmcad.bench import workloads
+
+    texts, labels = workloads.humaneval("3:5")
     assert labels == ["HumanEval/3", "HumanEval/4"]
     assert all(t.lstrip().startswith(("from", "def", "import")) for t in texts)
 
@@ -399,3 +401,346 @@ def test_quantized_rows_run_on_prepared_targets(tiny_pair, tmp_path):
         assert rows[f"llmcad-{scheme}"]["bytes_read"] / rows[f"llmcad-{scheme}"]["target_passes"] < \
             rows["llmcad"]["bytes_read"] / rows["llmcad"]["target_passes"] / 2
     assert (tmp_path / "quantized-target-int4" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- a run keeps what it measured
+def _tiny_argv(tiny_pair, out, *extra):
+    draft, target = tiny_pair
+    return ["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--out", str(out),
+            "--max-new-tokens", "4", "--warmup-tokens", "1", *extra]
+
+
+def _counting_rows(monkeypatch, calls, fail_at=None):
+    def fake(plan, row, setting, work, index):
+        calls.append((row.name, plan["max_new_tokens"]))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # the run dies mid-way
+        return _fake_row(plan, row, setting, work, index)
+
+    monkeypatch.setattr(bench_e2e, "spawn_row", fake)
+
+
+def test_a_missing_dependency_stops_the_run_before_any_row(tiny_pair, tmp_path, monkeypatch, capsys):
+    import sys
+
+    calls = []
+    _counting_rows(monkeypatch, calls)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    rc = cli.main(_tiny_argv(tiny_pair, tmp_path, "--rows", "target-only,hf-offload"))
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == []
+    assert "matplotlib (pip install 'llmcad[bench]')" in err and "nothing was run" in err
+
+
+def test_missing_llama_cpp_is_named_with_the_others(monkeypatch):
+    from llmcad.bench import deps
+
+    monkeypatch.setattr(deps, "_absent", lambda module: module in ("matplotlib", "accelerate"))
+    missing = [m for m, _ in deps.missing(humaneval=False, hf_rows=True, llama_python="/nonexistent/python")]
+    assert missing == ["matplotlib", "accelerate", "llama_cpp"]
+    with pytest.raises(ImportError, match="matplotlib .*; accelerate .*; llama_cpp \\(in /nonexistent/python"):
+        deps.check(humaneval=False, hf_rows=True, llama_python="/nonexistent/python")
+
+
+def test_a_failing_chart_costs_no_data(tiny_pair, tmp_path, monkeypatch, capsys):
+    from llmcad.bench import plots
+
+    _counting_rows(monkeypatch, [])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(plots, "plot_rows", broken)
+    assert cli.main(_tiny_argv(tiny_pair, tmp_path, "--rows", "target-only,llmcad")) == 0
+    assert "warning: charts not drawn (RuntimeError: no display)" in capsys.readouterr().err
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["target-only", "llmcad"] and report["plots"] == []
+    assert "| llmcad |" in (tmp_path / "e2e.md").read_text()
+
+
+def test_rows_are_on_disk_as_they_finish_and_a_rerun_resumes(tiny_pair, tmp_path, monkeypatch):
+    calls = []
+    _counting_rows(monkeypatch, calls, fail_at=3)
+    argv = _tiny_argv(tiny_pair, tmp_path, "--rows", "target-only,tree,llmcad")
+    assert cli.main(argv) == 130  # interrupted at the third row
+    assert not (tmp_path / "e2e.json").exists()
+    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [line["record"]["name"] for line in lines] == ["target-only", "tree"]  # written before the kill
+    assert lines[0]["record"]["command"].startswith("llmcad bench e2e") and "git_commit" in lines[0]["record"]
+    calls.clear()
+    _counting_rows(monkeypatch, calls)
+    assert cli.main(argv) == 0
+    assert calls == [("llmcad", 4)]  # the finished rows are kept
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert [(r["name"], bool(r.get("resumed"))) for r in report["rows"]] == [
+        ("target-only", True), ("tree", True), ("llmcad", False)]
+    calls.clear()
+    assert cli.main(argv[:-4] + ["--max-new-tokens", "5", "--rows", "target-only,tree,llmcad"]) == 0
+    assert calls == [("target-only", 5), ("tree", 5), ("llmcad", 5)]  # another configuration: nothing reused
+
+
+def test_a_line_cut_short_and_failed_rows_are_not_reused(tmp_path):
+    from llmcad.bench.rowlog import RowLog
+
+    log = RowLog(tmp_path)
+    log.append("a", {"name": "x", "error": None})
+    log.append("b", {"name": "y", "error": "boom"})
+    with open(tmp_path / "rows.jsonl", "a") as f:
+        f.write('{"key": "c", "rec')
+    again = RowLog(tmp_path)
+    assert again.finished("a") == {"name": "x", "error": None}
+    assert again.finished("b") is None and again.finished("c") is None
+
+
+def test_results_go_to_a_fresh_folder_by_default(tiny_pair, tmp_path, monkeypatch):
+    _counting_rows(monkeypatch, [])
+    monkeypatch.chdir(tmp_path)
+    draft, target = tiny_pair
+    assert cli.main(["bench", "e2e", "--tiny", "--draft", str(draft), "--target", str(target), "--rows",
+                     "target-only"]) == 0
+    made = sorted(tmp_path.glob("llmcad-bench-*"))
+    assert len(made) == 1 and (made[0] / "e2e.json").is_file() and (made[0] / "rows.jsonl").is_file()
+    assert not (tmp_path / "benchmarks").exists()
+
+
+# ---------------------------------------------------------------- rates, profiles, limits
+@pytest.mark.parametrize("text, rate", [("300MB/s", 300e6), ("1.4GB/s", 1.4e9), ("300MiB/s", 300 * 2**20),
+                                        ("300e6", 300e6), ("2000000", 2e6), ("5 MB / s", 5e6), ("4e6", 4e6)])
+def test_one_rate_syntax(text, rate):
+    from llmcad.streaming.budget import parse_rate
+
+    assert parse_rate(text) == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("text", ["fast", "1e-9", "0", "-5MB/s", "300MB/h", "inf"])
+def test_bad_rates_are_refused(text):
+    from llmcad.errors import BudgetError
+    from llmcad.streaming.budget import parse_rate
+
+    with pytest.raises(BudgetError, match="rate|at least 1 byte/s"):
+        parse_rate(text, what="--cap")
+
+
+def test_generate_takes_the_same_rate_syntax(tiny_pair, capsys):
+    draft, target = tiny_pair
+    argv = ["generate", "--draft", str(draft), "--target", str(target), "--prompt", "def add(a, b):\n",
+            "--max-new-tokens", "2", "--memory-budget", str(bench_e2e.tiny_budget(draft, target)), "--quiet"]
+    assert cli.main(argv + ["--bandwidth-cap", "300MB/s"]) == 0
+    capsys.readouterr()
+    assert cli.main(argv + ["--bandwidth-cap", "fast"]) == 2
+    assert "--bandwidth-cap='fast': expected a rate such as '300MB/s'" in capsys.readouterr().err
+
+
+def test_profiles_are_kernel_settings_or_say_they_are_emulated(monkeypatch, capsys):
+    from llmcad.bench import profiles
+
+    monkeypatch.setattr(profiles, "cgroups_unavailable", lambda: None)
+    settings = profiles.with_budget(profiles.make_settings(_parse(["--profile", "orin-nvme,emmc"])), "2.5GiB")
+    assert [(s.name, s.read_limit, s.memory_limit, s.kernel, s.cap) for s in settings] == [
+        ("orin-nvme", 1.4e9, int(2.5 * 2**30), True, None), ("emmc", 300e6, int(2.5 * 2**30), True, None)]
+    two = profiles.make_settings(_parse(["--profile", "emmc", "--memory-limit", "1GiB,3GiB", "--read-limit",
+                                         "100MiB/s"]))
+    assert [(s.name, s.memory_limit) for s in two] == [("emmc@1.00GiB", 2**30), ("emmc@3.00GiB", 3 * 2**30),
+                                                       ("read104.858MB@1.00GiB", 2**30),
+                                                       ("read104.858MB@3.00GiB", 3 * 2**30)]
+    both = profiles.with_budget(profiles.make_settings(_parse(["--profile", "emmc", "--memory-limit", "4GiB"])),
+                                "2.5GiB", explicit=True)  # --memory-budget and --memory-limit both given
+    assert [(s.memory_limit, profiles.budget_of(s, "2.5GiB")) for s in both] == [(4 * 2**30, str(int(2.5 * 2**30)))]
+    assert profiles.budget_of(settings[0], "1GiB") == str(int(2.5 * 2**30))  # the limit is the budget
+    monkeypatch.setattr(profiles, "cgroups_unavailable", lambda: "not root: creating cgroups needs root")
+    capsys.readouterr()
+    emulated = profiles.make_settings(_parse(["--profile", "emmc"]))
+    assert "cgroups cannot be written here (not root" in capsys.readouterr().err
+    assert [(s.name, s.cap, s.kernel, s.enforced_by) for s in emulated] == [
+        ("emmc-emulated", 300e6, False, "emulated by llmcad")]
+    plan = {"rows": [bench_e2e.Row("llmcad", "engine", {"mode": "llmcad"}),
+                     bench_e2e.Row("hf-offload", "hf", {}, cappable=False)], "settings": emulated + settings}
+    assert [(s.name, [r.name for r in g]) for s, g in bench_e2e.row_groups(plan)] == [
+        ("emmc-emulated", ["llmcad"]), ("orin-nvme", ["llmcad"]), ("orin-nvme", ["hf-offload"]),
+        ("emmc", ["llmcad"]), ("emmc", ["hf-offload"])]  # the kernel limits every row, peers included
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile", "sdcard"], "unknown profile(s) sdcard"),
+    (["--memory-limit", "1GiB"], "--memory-limit needs --profile or --read-limit"),
+    (["--profile", "emmc", "--read-limit", "slow"], "--read-limit='slow': expected a rate"),
+    (["--rows", "target-only,llama.cpp"], "llama.cpp need --llama-python"),
+    (["--mt-bench", "81,130"], "ids 121-160 are held out"),
+    (["--mt-bench", "12"], "expected question ids in 81-160"),
+])
+def test_bad_profile_and_workload_flags(argv, message, tiny_pair, tmp_path, capsys):
+    assert cli.main(_tiny_argv(tiny_pair, tmp_path, *argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def _cgroups_reason():
+    from llmcad.bench import profiles
+
+    return profiles.cgroups_unavailable()
+
+
+needs_cgroups = pytest.mark.skipif(_cgroups_reason() is not None, reason=f"cgroups: {_cgroups_reason()}")
+
+
+@needs_cgroups
+def test_profile_rows_run_under_kernel_limits_read_back(tiny_pair, tmp_path):
+    argv = _tiny_argv(tiny_pair, tmp_path, "--profile", "emmc", "--memory-limit", "3GiB", "--rows",
+                      "target-only,hf-offload")
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert [(r["name"], r["setting"], r["error"]) for r in report["rows"]] == [
+        ("target-only", "emmc", None), ("hf-offload", "emmc", None)]
+    for row in report["rows"]:
+        assert row["enforced_by"] == "kernel (cgroup)" and row["evictor"] is None
+        assert row["kernel_limits"]["memory_bytes"] == 3 * 2**30 and row["kernel_limits"]["read_bps"] == 300_000_000
+        assert row["options"] and row["memory_limit"] == 3 * 2**30
+        assert row["peak_rss_bytes"] > 0 and 0 < row["cgroup_peak_bytes"] <= 3 * 2**30
+    assert report["rows"][0]["placement"]["budget_bytes"] == 3 * 2**30  # the limit is the row's budget
+    assert report["rows"][1]["agreement"] == 1.0
+    assert "cgroup charges it" in report["workloads"]["emmc"]["page_cache"]
+    assert "enforced by the kernel (cgroup)" in (tmp_path / "e2e.md").read_text()
+
+
+@needs_cgroups
+def test_a_row_the_oom_killer_ends_is_reported_as_such(tiny_pair, tmp_path, capsys):
+    argv = _tiny_argv(tiny_pair, tmp_path, "--profile", "emmc", "--memory-limit", "48MiB", "--rows", "target-only")
+    assert cli.main(argv) == 0  # the row's result, not a failure of the benchmark
+    row = json.loads((tmp_path / "e2e.json").read_text())["rows"][0]
+    assert row["oom_killed"] is True and row["tokens_per_s"] is None
+    assert row["error"].startswith("killed by the OOM killer at the memory limit 48.0 MiB")
+    assert isinstance(row["stderr_tail"], list)  # the row's last words, to tell loading from generating
+    assert "| target-only | OOM-killed |" in (tmp_path / "e2e.md").read_text()
+
+
+# ---------------------------------------------------------------- MT-Bench and Spec-Bench output
+@pytest.fixture(scope="module")
+def chat_pair(tmp_path_factory):
+    """The tiny pair with a ChatML template (MT-Bench prompts go through the target's template)."""
+    from transformers import AutoTokenizer
+
+    draft, target = build_tiny_pair(tmp_path_factory.mktemp("tiny_chat"))
+    for path in (draft, target):
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+        tok.save_pretrained(path)
+    return draft, target
+
+
+def test_mt_bench_ids_and_held_out_set():
+    from llmcad.bench import workloads
+
+    assert workloads.parse_ids("81-83,90", held_out=False) == [81, 82, 83, 90]
+    assert workloads.parse_ids("120-122", held_out=True) == [120, 121, 122]
+    questions = [json.loads(line) for line in workloads.MT_BENCH_FILE.read_text().splitlines()]
+    assert [q["question_id"] for q in questions] == list(range(81, 161))
+
+
+def test_mt_bench_answers_in_spec_bench_layout(chat_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    questions = tmp_path / "question.jsonl"  # MT-Bench's layout, questions short enough for a 128-position model
+    questions.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [t, "and again"]}) + "\n"
+                                 for i, c, t in ((81, "writing", "def add(a, b):"), (82, "coding", "for i in"),
+                                                 (83, "math", "print("))))
+    argv = _tiny_argv(chat_pair, tmp_path, "--prompts", "none", "--mt-bench", "81,82", "--rows",
+                      "target-only,llmcad,hf-assisted-offload", "--in-process", "--mt-bench-file", str(questions))
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert {r["workload"] for r in report["rows"]} == {"mt-bench"}
+    assert report["prompt_labels"] == {"mt-bench": ["mt_bench/81", "mt_bench/82"]}
+    tok = AutoTokenizer.from_pretrained(chat_pair[1])
+    assert all(r["agreement"] == 1.0 for r in report["rows"])
+    for name in ("target-only", "llmcad", "hf-assisted-offload"):
+        lines = [json.loads(x) for x in (tmp_path / "specbench" / "mt-bench" / "native" / f"{name}.jsonl")
+                 .read_text().splitlines()]
+        row = next(r for r in report["rows"] if r["name"] == name)
+        assert [x["question_id"] for x in lines] == [81, 82] and [x["category"] for x in lines] == ["writing", "coding"]
+        for x, tokens in zip(lines, row["tokens"]):
+            choice = x["choices"][0]
+            assert set(choice) >= {"turns", "new_tokens", "wall_time", "accept_lengths"}
+            assert choice["new_tokens"] == [len(tokens)] and choice["wall_time"][0] > 0
+            assert sum(choice["accept_lengths"]) == len(tokens)  # every emitted token, pass by pass
+            assert choice["turns"] == [tok.decode(tokens, skip_special_tokens=True)]
+            if name == "target-only":
+                assert set(choice["accept_lengths"]) == {1}
+
+
+
+def test_mt_bench_prompt_is_the_first_turn_in_the_chat_template(chat_pair, tmp_path):
+    from llmcad.bench import workloads
+    from llmcad.models.loading import load_tokenizer
+
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["hi there", "again"]}) + "\n")
+    tok = load_tokenizer(chat_pair[1])
+    wl = workloads.mt_bench(tok, [81], questions, "81")
+    assert tok.decode(wl["prompt_ids"][0]) == "<s>user\nhi there</s>\n<s>assistant\n"
+    assert wl["labels"] == ["mt_bench/81"] and wl["categories"] == ["writing"]
+
+
+# ---------------------------------------------------------------- llama.cpp rows (llama_cpp stood in for)
+FAKE_LLAMA = '''
+__version__ = "fake"
+
+
+class Llama:
+    """Emits last + 1 (mod 50) greedily: one token a pass, three with a draft (prompt lookup)."""
+
+    def __init__(self, model_path, draft_model=None, **options):
+        self.draft_model, self.options = draft_model, options
+
+    def eval(self, tokens):
+        pass
+
+    def generate(self, tokens, **sampling):
+        assert sampling["temp"] == 0.0 and sampling["top_k"] == 1
+        seq = list(tokens)
+        while True:
+            self.eval(seq)
+            for _ in range(3 if self.draft_model is not None else 1):
+                seq.append((seq[-1] + 1) % 50)
+                yield seq[-1]
+'''
+FAKE_LOOKUP = '''
+class LlamaPromptLookupDecoding:
+    def __init__(self, max_ngram_size=2, num_pred_tokens=10):
+        self.num_pred_tokens = num_pred_tokens
+'''
+
+
+@pytest.fixture
+def fake_llama_cpp(tmp_path, monkeypatch):
+    """A stand-in llama_cpp package on PYTHONPATH (the real one is built into its own venv, never CI's)."""
+    root = tmp_path / "fake-llama"
+    (root / "llama_cpp").mkdir(parents=True)
+    (root / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA)
+    (root / "llama_cpp" / "llama_speculative.py").write_text(FAKE_LOOKUP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    gguf = tmp_path / "target.gguf"
+    gguf.write_bytes(b"GGUF")
+    return gguf
+
+
+def test_llama_rows_count_passes_and_accepted_tokens(tiny_pair, tmp_path, fake_llama_cpp):
+    import sys
+
+    out = tmp_path / "out"
+    argv = _tiny_argv(tiny_pair, out, "--rows", "target-only,llama.cpp,llama.cpp-lookup", "--llama-python",
+                      sys.executable, "--gguf", str(fake_llama_cpp))
+    assert cli.main(argv) == 0
+    rows = {r["name"]: r for r in json.loads((out / "e2e.json").read_text())["rows"]}
+    assert rows["llama.cpp"]["error"] is None and rows["llama.cpp-lookup"]["error"] is None
+    assert rows["llama.cpp"]["tokens_per_pass"] == 1.0 and rows["llama.cpp"]["target_passes"] == 8
+    assert rows["llama.cpp-lookup"]["target_passes"] == 4  # 3 + 1 tokens a prompt, 4 tokens asked
+    assert rows["llama.cpp"]["tokens"] == rows["llama.cpp-lookup"]["tokens"]
+    assert rows["llama.cpp"]["placement"] == {"gguf": str(fake_llama_cpp), "mmap": True, "llama_cpp": "fake"}
+    assert rows["llama.cpp"]["peak_rss_bytes"] > 0
+    spec = [json.loads(x) for x in (out / "specbench" / "tiny" / "native" / "llama.cpp-lookup.jsonl")
+            .read_text().splitlines()]
+    assert [x["choices"][0]["accept_lengths"] for x in spec] == [[3, 1], [3, 1]]
+
+
+def test_llama_rows_are_not_capped_by_the_streamer(tiny_pair, tmp_path):
+    plan = {"rows": bench_e2e.LLAMA_ROWS, "settings": [("cap300", 3e8)]}
+    assert bench_e2e.row_groups(plan) == []

@@ -111,8 +111,9 @@ def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep 
     e.add_argument("--max-provisional-tokens", type=int, default=None,
                    help="provisional tokens per verification (default: bounded by the IO waits; 8 on the main "
                    "path of a chain or tree mode)")
-    e.add_argument("--bandwidth-cap", type=float, default=None, metavar="BYTES_PER_S",
-                   help="cap the streamer's read bandwidth (emulate slower storage, e.g. 300e6)")
+    e.add_argument("--bandwidth-cap", default=None, metavar="RATE",
+                   help="cap the streamer's read bandwidth (emulate slower storage): 300MB/s, 1.4GB/s, 300MiB/s "
+                   "or bytes/s")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -148,11 +149,13 @@ def check_model_arguments(args) -> None:
     resolve_model_arguments(args)
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
-    from llmcad.streaming.budget import parse_size
+    from llmcad.streaming.budget import parse_rate, parse_size
 
     make_policy(args.mode, **policy_options(args))
     if args.memory_budget is not None:
         parse_size(args.memory_budget)
+    if getattr(args, "bandwidth_cap", None) is not None:
+        parse_rate(args.bandwidth_cap, what="--bandwidth-cap")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
 
@@ -191,7 +194,9 @@ def open_engine(args):
     if args.max_provisional_tokens is not None:
         options["max_provisional_tokens"] = args.max_provisional_tokens
     if args.bandwidth_cap is not None:
-        options["streamer_options"] = {"bandwidth_cap": args.bandwidth_cap}
+        from llmcad.streaming.budget import parse_rate
+
+        options["streamer_options"] = {"bandwidth_cap": parse_rate(args.bandwidth_cap, what="--bandwidth-cap")}
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
                                   prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args), **options)

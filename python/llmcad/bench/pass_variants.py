@@ -24,9 +24,9 @@ def run_variants(args) -> int:
     targets = [(_label(args.target), args.target)] + [_parse_variant(v) for v in args.variant]
     settings = [("native", None)]
     if args.cap:
-        from llmcad.bench.e2e import parse_rate
+        from llmcad.streaming.budget import parse_rate
 
-        rate = parse_rate(args.cap)
+        rate = parse_rate(args.cap, what="--cap")
         settings.append((f"cap{rate / 1e6:g}", rate))
     records = []
     for setting, cap in settings:

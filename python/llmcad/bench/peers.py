@@ -20,7 +20,7 @@ import torch
 from llmcad.streaming.budget import module_bytes, parse_size
 from llmcad.errors import BudgetError, ModelLoadError
 from llmcad.models.loading import load_causal_lm, resolve_dtype
-from llmcad.stats import peak_rss_bytes
+from llmcad.memory import peak_rss_bytes
 
 
 def io_read_bytes() -> int | None:
@@ -116,18 +116,22 @@ class HFOffloadPeer:
             "draft_steps": self.draft_steps - steps,
             "time_s": {"total": seconds},
             "first_pass_s": first.seconds, "first_pass_tokens": first.tokens,
+            "accept_lengths": first.accepted,  # tokens each target pass emitted
         }
 
 
 class _FirstEmission:
-    """A transformers streamer that notes when the first generated tokens arrive and how many there are
-    (the first ``put`` is the prompt)."""
+    """A transformers streamer that notes when the first generated tokens arrive, how many there are, and
+    how many each later ``put`` (one per target pass) brings (the first ``put`` is the prompt)."""
 
     def __init__(self):
         self.start, self.seconds, self.tokens, self._puts = 0.0, None, None, 0
+        self.accepted: list = []
 
     def put(self, value) -> None:
         self._puts += 1
+        if self._puts >= 2:
+            self.accepted.append(int(value.numel()))
         if self._puts == 2:
             self.seconds, self.tokens = time.perf_counter() - self.start, int(value.numel())
 

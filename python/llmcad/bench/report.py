@@ -22,7 +22,9 @@ JSON_KEYS = ("name", "setting", "tokens_per_s", "ratio_vs_target_only", "tokens_
 
 def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     """The metrics of one row from its raw record; ratio and agreement are filled by :func:`compare`."""
-    row = {k: raw.get(k) for k in ("name", "setting", "options", "quantize", "placement", "evictor", "error")}
+    row = {k: raw.get(k) for k in ("name", "setting", "workload", "options", "quantize", "placement", "evictor",
+                                   "error", "oom_killed", "memory_limit", "read_limit", "enforced_by",
+                                   "kernel_limits", "cgroup_peak_bytes", "stderr_tail", "resumed")}
     row.update(ratio_vs_target_only=None, agreement=None, peak_rss_bytes=raw.get("peak_rss_bytes"),
                cached_after_evict_bytes=(raw.get("evictor") or {}).get("max_cached_after_evict_bytes"))
     generated, seconds, passes = raw.get("generated", 0), raw.get("seconds", 0.0), raw.get("passes", 0)
@@ -122,9 +124,10 @@ def markdown(report: dict) -> str:
     bw = report.get("bandwidth", {})
     if bw.get("raw_direct_bps"):
         lines.append(f"Raw O_DIRECT bandwidth: {bw['raw_direct_bps'] / 1e9:.2f} GB/s ({bw.get('how')})")
-    for setting in dict.fromkeys(r["setting"] for r in report["rows"]):
-        rows = [r for r in report["rows"] if r["setting"] == setting]
-        lines += ["", f"## {setting}", ""]
+    several = len({r.get("workload") for r in report["rows"]}) > 1  # name the workload only then
+    for setting, wl in dict.fromkeys((r["setting"], r.get("workload")) for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["setting"] == setting and r.get("workload") == wl]
+        lines += ["", f"## {setting}" + (f", {wl}" if several else ""), ""]
         lines += [f"- {key}: {text}" for key, text in _workload_lines(report["workloads"].get(setting, {}))]
         floor = bw.get("floor_bps", {}).get(setting)
         if floor:
@@ -133,7 +136,7 @@ def markdown(report: dict) -> str:
         failed = [f"- {r['name']}: {r['error']}" for r in rows if r.get("error")]
         if failed:
             lines += ["", "Failed rows:", *failed]
-    lines += ["", *_notes(report)]
+    lines += ["", *_notes(report, several)]
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +149,8 @@ def _workload_lines(w: dict):
     yield "models", f"draft `{w['draft']}`, target `{w['target']}`, dtype {w['dtype']}, device {w['device']}, " \
                     f"torch threads {w.get('threads')}"
     yield "memory budget", w["memory_budget"]
+    if w.get("limits"):
+        yield "limits", w["limits"]
     yield "page cache", w["page_cache"]
     if "isolation" in w:
         yield "rows", w["isolation"]
@@ -157,12 +162,15 @@ _COLUMNS = (("row", "name", "{}"), ("tok/s", "tokens_per_s", "{:.2f}"),
             ("tokens/pass", "tokens_per_pass", "{:.2f}"), ("mean tree", "mean_tree_tokens", "{:.1f}"),
             ("draft s/token", "draft_s_per_token", "{:.3f}"), ("MB read/token", "bytes_per_token", "MB"),
             ("IO floor s/token", "floor_s_per_token", "{:.3f}"), ("achieved/floor", "floor_ratio", "{:.2f}"),
-            ("peak RSS", "peak_rss_bytes", "GiB"), ("agreement", "agreement", "{:.3f}"))
+            ("peak RSS", "peak_rss_bytes", "GiB"), ("cgroup peak", "cgroup_peak_bytes", "GiB"),
+            ("memory limit", "memory_limit", "GiB"), ("agreement", "agreement", "{:.3f}"))
 
 
 def _cell(value, fmt: str) -> str:
     if value is None:
         return "—"
+    if fmt == "OOM":
+        return "OOM-killed"
     if fmt == "MB":
         return f"{value / 1e6:.1f}"
     if fmt == "GiB":
@@ -170,21 +178,30 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _value(row: dict, key: str, fmt: str) -> tuple:
+    """(value, format) of a cell; a row the OOM killer ended says so in its speed column."""
+    if key == "tokens_per_s" and row.get("oom_killed"):
+        return True, "OOM"
+    return row.get(key), fmt
+
+
 def _table(rows: list) -> str:
     head = "| " + " | ".join(c[0] for c in _COLUMNS) + " |"
     rule = "|" + "|".join("---" if i == 0 else "--:" for i in range(len(_COLUMNS))) + "|"
-    body = ["| " + " | ".join(_cell(r.get(key), fmt) for _, key, fmt in _COLUMNS) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(*_value(r, key, fmt)) for _, key, fmt in _COLUMNS) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
-def _notes(report: dict) -> list:
+def _notes(report: dict, several: bool = False) -> list:
     out = ["Notes:", "- tok/s = generated tokens / generation wall time, summed over prompts (warm-up excluded); "
            "× target-only is against the target-only row of the same setting.",
            "- decode tok/s: the same after the prompt's target pass (tokens it emitted and its time left out).",
            "- MB read/token: llmcad rows count streamed payload bytes; hf rows count /proc/self/io read_bytes "
            "(bytes the process read from storage).",
            "- agreement: fraction of generated positions equal to target-only's (positions past the shorter output "
-           "count as unequal)."]
+           "count as unequal).",
+           "- peak RSS: the row process's own; cgroup peak: the row's cgroup's largest charge (page cache included) "
+           "against its memory limit, under a kernel profile."]
     for r in report["rows"]:
         if r.get("placement"):
             out.append(f"- placement of {r['name']} ({r['setting']}): {_short(r['placement'])}")
@@ -198,26 +215,28 @@ def _notes(report: dict) -> list:
             out.append(f"- time of {r['name']} ({r['setting']}): draft {split['draft']:.1f} s, target "
                        f"{split['target']:.1f} s, other {split['other']:.1f} s, draft steps {r.get('draft_steps')}")
     for setting, sweep in report.get("chain_sweep", {}).items():
-        out += _sweep_lines(setting, sweep, report)
+        out += _sweep_lines(setting, sweep, report, several)
     return out
 
 
-def _sweep_lines(setting: str, sweep: list, report: dict) -> list:
-    """One line per swept chain row: each length's tok/s and the prompts the sweep ran."""
+def _sweep_lines(setting: str, sweep: list, report: dict, several: bool = False) -> list:
+    """One line per swept chain row (and workload): each length's tok/s and the prompts the sweep ran."""
     out = []
-    for name in dict.fromkeys(s.get("row", "chain") for s in sweep):
-        entries = [s for s in sweep if s.get("row", "chain") == name]
+    for name, wl in dict.fromkeys((s.get("row", "chain"), s.get("workload")) for s in sweep):
+        entries = [s for s in sweep if s.get("row", "chain") == name and s.get("workload") == wl]
         shown = ", ".join(f"k={s['chain_length']}: {_cell(s['tokens_per_s'], '{:.2f}')} tok/s" for s in entries)
         prompts = entries[0].get("prompts")
-        row = next((r for r in report["rows"] if r["name"] == name and r["setting"] == setting), None)
+        row = next((r for r in report["rows"] if r["name"] == name and r["setting"] == setting
+                    and r.get("workload") == wl), None)
         total = len(row["tokens"]) if row and row.get("tokens") else None
+        where = ", ".join(filter(None, (name, setting, wl if several else None)))
         if prompts is not None and total is not None and prompts < total:
             k = (row.get("options") or {}).get("chain_length")
             first = f"first {prompts} prompts" if prompts > 1 else "first prompt"
-            out.append(f"- chain k tuned on the {first} ({name}, {setting}): {shown}; the fastest, "
+            out.append(f"- chain k tuned on the {first} ({where}): {shown}; the fastest, "
                        f"k={k}, then ran all {total} prompts as the {name} row")
         else:
-            out.append(f"- chain length sweep ({name}, {setting}): {shown}; the fastest is the {name} row")
+            out.append(f"- chain length sweep ({where}): {shown}; the fastest is the {name} row")
     return out
 
 

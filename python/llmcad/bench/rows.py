@@ -62,20 +62,28 @@ def measure_row(job: dict) -> dict:
 
 
 def _timed_prompts(runner, job: dict) -> dict:
+    """Warm up, then every prompt. Under kernel limits (``page_cache`` "kernel") the parent evicted the
+    files once before the row and the cgroup charges the page cache: nothing here touches it. Otherwise
+    the files are evicted before each prompt and every target forward (each pass reads from storage)."""
+    from contextlib import nullcontext
+
     from llmcad.bench.pagecache import Evictor
-    from llmcad.stats import peak_rss_bytes
+    from llmcad.memory import peak_rss_bytes
 
     runner.generate(job["prompt_ids"][0], job["warmup_tokens"])
     totals = {"generated": 0, "seconds": 0.0, "passes": 0, "bytes_read": 0, "draft_steps": 0, "io_read_bytes": 0,
               "first_pass_s": 0.0, "first_pass_tokens": 0, "tree_tokens": 0, "provisional_drafted": 0,
               "provisional_reused": 0, "provisional_dropped": 0}
     tokens, per_prompt = [], []
-    with Evictor(runner.files(), interval_s=job["evict_interval_s"]) as evictor:
+    kernel = job.get("page_cache") == "kernel"
+    with nullcontext() if kernel else Evictor(runner.files(), interval_s=job["evict_interval_s"]) as evictor:
         # every target pass starts cold: its weights come from storage, whoever reads them
-        hook = runner.target_model().register_forward_pre_hook(lambda *_: evictor.evict_now())
+        hook = None if kernel else runner.target_model().register_forward_pre_hook(lambda *_: evictor.evict_now())
         try:
             for i, ids in enumerate(job["prompt_ids"]):
-                runner.cold()
+                runner.reset()
+                if not kernel:
+                    runner.cold()
                 out, stats = runner.generate(ids, job["max_new_tokens"])
                 tokens.append(out)
                 per_prompt.append(stats)
@@ -84,10 +92,11 @@ def _timed_prompts(runner, job: dict) -> dict:
                 print(f"  prompt {i + 1}/{len(job['prompt_ids'])}: {stats['generated']} tokens in "
                       f"{stats['seconds']:.1f} s, {stats['passes']} passes", file=sys.stderr, flush=True)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
     return {**totals, "tokens": tokens, "per_prompt": per_prompt, "time_split_s": _time_split(per_prompt),
             "peak_rss_bytes": peak_rss_bytes(), "placement": runner.placement(), "bytes_source": runner.bytes_source,
-            "evictor": evictor.report()}
+            "evictor": None if kernel else evictor.report()}
 
 
 def _time_split(per_prompt: list) -> dict | None:
@@ -160,11 +169,13 @@ class EngineRow:
 
         return checkpoint_files(self.target)
 
+    def reset(self) -> None:
+        if self.streamed is not None:
+            self.streamed.drop_prefetch()  # the previous prompt's prefetch would start this one warm
+
     def cold(self) -> None:
         from llmcad.bench.pagecache import evict
 
-        if self.streamed is not None:
-            self.streamed.drop_prefetch()  # the previous prompt's prefetch would start this one warm
         evict(self.files())
 
     def generate(self, ids: list, max_new_tokens: int) -> tuple[list, dict]:
@@ -185,7 +196,8 @@ class EngineRow:
             "provisional_dropped": s.get("provisional_dropped"),
             "tree_tokens": sum(p.get("tree_tokens", 0) for p in result.trace),
             "sizes": {k: s[k] for k in ("max_tree_tokens_chosen", "mean_tree_tokens", "mean_draft_rows") if k in s},
-            "time_s": s.get("time_s"), **_first_pass(result)}
+            "time_s": s.get("time_s"), "accept_lengths": [p.get("emitted") for p in result.trace],
+            **_first_pass(result)}
 
     def _bytes(self) -> int:
         return int(self.streamed.bytes_read) if self.streamed is not None else 0
@@ -216,6 +228,9 @@ class PeerRow:
     def files(self) -> list:
         return self.peer.files_read()
 
+    def reset(self) -> None:
+        pass
+
     def cold(self) -> None:
         from llmcad.bench.pagecache import evict
 
@@ -228,7 +243,7 @@ class PeerRow:
                         "provisional_drafted": None, "provisional_reused": None, "provisional_dropped": None,
                         "passes": s["target_passes"], "bytes_read": s["bytes_read"], "draft_steps": s["draft_steps"],
                         "io_read_bytes": s["bytes_read"], "first_pass_s": s["first_pass_s"],
-                        "first_pass_tokens": s["first_pass_tokens"]}
+                        "first_pass_tokens": s["first_pass_tokens"], "accept_lengths": s["accept_lengths"]}
 
     def target_model(self):
         return self.peer.target

@@ -43,6 +43,24 @@ def parse_size(value, what: str = "memory_budget") -> int:
     return nbytes
 
 
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+(?:e[+-]?\d+)?)\s*([a-z]*)\s*(/\s*s)?\s*$", re.IGNORECASE)
+
+
+def parse_rate(value, what: str = "bandwidth") -> float:
+    """Bytes/s from ``300MB/s``, ``1.4GB/s``, ``300MiB/s`` (units as :func:`parse_size`), ``300e6`` or a
+    number; at least 1 byte/s. Anything else -> BudgetError."""
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        rate = float(value)
+    elif m and m[2].lower() in _UNITS:
+        rate = float(m[1]) * _UNITS[m[2].lower()]
+    else:
+        raise BudgetError(f"{what}={value!r}: expected a rate such as '300MB/s', '1.4GB/s', '300MiB/s' or bytes/s")
+    if not rate >= 1 or rate == float("inf"):
+        raise BudgetError(f"{what}={value!r}: must be at least 1 byte/s")
+    return rate
+
+
 def format_size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
