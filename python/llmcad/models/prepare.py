@@ -323,24 +323,26 @@ def _resolve_source(src: Path, gguf_file):
 
 
 def check_gguf(path: Path) -> None:
-    """ModelLoadError naming ``path`` when its GGUF header, metadata or tensor table cannot be parsed or
-    its tensors run past its end (truncated, corrupt, not GGUF): checked with the reader transformers
-    loads it with, before transformers fails with that reader's words (``unpack_from requires...``)."""
-    try:
-        from transformers.integrations.gguf.reader import GgufHeader
-    except ImportError:  # an older transformers parses with the gguf package: it reports its own errors
-        return
+    """ModelLoadError naming ``path`` when its header, metadata or tensor table cannot be parsed or its
+    tensors run past its end (truncated, corrupt, not GGUF), before any reader fails with its own words
+    (``unpack_from requires...``). The header is walked as the conversion walks it, keeping no metadata."""
+    from llmcad.models.convert import read_gguf_tensors
+
     size = path.stat().st_size
     try:
-        header = GgufHeader.from_file(str(path))
-        for tensor in header.tensors:
-            end = header.data_start + tensor.offset + tensor.nbytes
-            if end > size:
-                raise ValueError(f"tensor {tensor.name!r} ends at byte {end}, the file has {size} (truncated)")
+        with open(path, "rb") as f:
+            magic, version = f.read(4), struct.unpack("<I", f.read(4).ljust(4, b"\0"))[0]
+        if magic == b"GGUF" and version not in (2, 3):
+            raise ValueError(f"GGUF version {version}; versions 2 and 3 are supported")
+        _, tensors, _ = read_gguf_tensors(path)  # views of a read-only map, released with them
+        for tensor in tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError(f"tensor {tensor.name!r} ends at byte {tensor.data_offset + tensor.n_bytes}, the "
+                                 f"file has {size} (truncated)")
     except struct.error:
         raise ModelLoadError(f"{path}: not a valid GGUF file (truncated or corrupt: its header or metadata runs "
                              f"past the end of the file, {size} bytes)") from None
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not a valid GGUF file ({' '.join(str(exc).split())[:300]})") from None
 
 
