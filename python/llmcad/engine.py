@@ -16,6 +16,7 @@ from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
 from llmcad.speculative.policy import POLICIES, Policy, make_policy
+from llmcad.speculative.prefix_cache import PrefixCache
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
@@ -49,12 +50,18 @@ class LLMCad:
     waits on IO otherwise) and a drafting mode. ``prefetch``: read the next pass's first layers while
     the draft drafts (False: a pass's reads start when it begins). ``max_provisional_tokens``: bound
     on provisional tokens per verification (0: none).
+
+    ``prefix_cache``: keep the draft's and the target's KV of earlier generations (prompt and answer)
+    and start a prompt that shares a prefix with one of them from there, prefilling only the rest
+    (llmcad.speculative.prefix_cache); within the memory budget's KV positions. False: every generate
+    starts from scratch.
     """
 
     modes = tuple(POLICIES)
 
     def __init__(self, draft, target, tokenizer, policy: Policy, *, streamed=None, placement=None, pipeline=None,
-                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS):
+                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS, prefix_cache=True):
+        _check_prefix_cache(prefix_cache)
         if streamed is not None and streamed.model is not target:
             raise ValueError("streamed.model must be the target model")
         self.draft = draft
@@ -68,6 +75,8 @@ class LLMCad:
         self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
         self.eos_token_ids = _eos_ids(target)
         self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
+        self.prefix_cache = PrefixCache(self._draft_kv_positions, position_bytes=_kv_position_bytes(draft, target)) \
+            if prefix_cache else None
         self._closed = False
         self._generating = threading.Lock()  # one generate at a time; others wait their turn
         # an engine dropped without close() still releases the streamed target's files, buffers, threads
@@ -76,7 +85,7 @@ class LLMCad:
     @classmethod
     def from_pretrained(cls, draft, target, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
-                        streamer_options=None, mmap=False, **policy_options) -> "LLMCad":
+                        streamer_options=None, mmap=False, prefix_cache=True, **policy_options) -> "LLMCad":
         """Load a draft/target pair (local HF directories or hub ids).
 
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
@@ -88,9 +97,11 @@ class LLMCad:
         ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``). ``mmap``: map the draft's and a
         resident target's weight files instead of reading them into memory the engine owns: faster to
         load, but truncating a mapped file kills the process (SIGBUS) and editing it changes the outputs.
+        ``prefix_cache``: see :class:`LLMCad`.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
+        _check_prefix_cache(prefix_cache)
         resolve_device(device)
         resolve_dtype(dtype)
         if streamer_options and memory_budget is None:
@@ -98,12 +109,15 @@ class LLMCad:
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap, **extra)
         return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
-                   pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
+                   pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens,
+                   prefix_cache=prefix_cache)
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
         EngineClosedError. Safe to call twice; a resident target has nothing to release."""
         self._closed = True
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self._finalizer()
 
     def __enter__(self) -> "LLMCad":
@@ -134,7 +148,8 @@ class LLMCad:
 
         Calls from several threads on one engine run one after the other. With a memory budget, the KV
         caches stay within what the budget leaves them: generation stops with stop reason
-        "memory_budget" before a round could exceed it.
+        "memory_budget" before a round could exceed it. With the prefix cache (see :class:`LLMCad`),
+        ``stats["cached_tokens"]`` counts the prompt's tokens whose KV was reused.
         """
         with self._generating:
             return self._generate(prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -150,7 +165,8 @@ class LLMCad:
         chooser = TargetChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         output = _Output(self.tokenizer, self.eos_token_ids, _check_max_new(max_new_tokens), _stops(stop),
                          _check_streamer(streamer), room=self.context_length - len(ids))
-        run = _Run(self, ids, chooser, output, Tracer() if trace is not None else None)
+        reuse = self._reuse(ids, output)
+        run = _Run(self, ids, chooser, output, Tracer() if trace is not None else None, reuse)
         output.start(ids)
         with ExitStack() as stack:
             run.start(stack)
@@ -159,9 +175,10 @@ class LLMCad:
                 root = run.round(root)
                 if not output.done and run.kv_budget_reached():
                     output.stop("memory_budget")
+        self._keep_prefix(run, ids + output.tokens)
         output.close()
         stats = run.record.finish(len(output.tokens), run.drafter.steps if run.drafter else 0, output.reason,
-                                  run.pipeline_stats())
+                                  {**run.pipeline_stats(), "cached_tokens": reuse.tokens if reuse else 0})
         if run.tracer is not None:
             run.tracer.write(trace)
         return GenerationResult(list(output.tokens), output.text(), stats, run.record.trace)
@@ -190,6 +207,25 @@ class LLMCad:
                               "positions, which leaves no room to generate")
         return ids
 
+    def _reuse(self, ids, output):
+        """The prefix cache's caches for ``ids`` (None: start empty), evicting entries until this
+        generation's KV (prompt, what it may emit, a few trees' worth of draft) fits beside the rest."""
+        if self.prefix_cache is None:
+            return None
+        need = len(ids) + min(output.max_new_tokens, output.room) + 5 * self.policy.max_tree_tokens
+        if self._draft_kv_positions is not None:
+            need = min(need, self._draft_kv_positions)
+        return self.prefix_cache.take(ids, need, with_draft=self.policy.drafts)
+
+    def _keep_prefix(self, run, sequence) -> None:
+        """Keep the finished run's caches, cut to the committed tokens both hold, for later prompts."""
+        if self.prefix_cache is None or self._closed:
+            return
+        n = run.verifier.committed_length
+        if run.drafter is not None:
+            n = min(n, run.drafter.committed_length)
+        self.prefix_cache.put(sequence[:n], run.verifier.cache, run.drafter.cache if run.drafter else None)
+
     def _check_kv_room(self, prompt_tokens: int) -> None:
         positions = self._draft_kv_positions
         if positions is not None and prompt_tokens + 1 > positions:
@@ -200,13 +236,17 @@ class LLMCad:
 class _Run:
     """One generate call: the verifier, the drafter, and (when pipelined) the gate and worker."""
 
-    def __init__(self, engine: LLMCad, ids, chooser, output, tracer):
+    def __init__(self, engine: LLMCad, ids, chooser, output, tracer, reuse=None):
         self.engine, self.chooser, self.output, self.tracer = engine, chooser, output, tracer
         self.policy = engine.policy
         self.policy.reset()
         self.prompt_length = len(ids)
-        self.verifier = TargetVerifier(engine.target, ids)
-        self.drafter = TreeDrafter(engine.draft, ids) if self.policy.drafts else None
+        # KV positions per cache this run may use: the budget's, less the prefix cache's entries
+        cached = engine.prefix_cache
+        self.kv_positions = cached.room() if cached is not None else engine._draft_kv_positions
+        self.verifier = TargetVerifier(engine.target, ids, cache=reuse.target if reuse else None)
+        self.drafter = TreeDrafter(engine.draft, ids, cache=reuse.draft if reuse else None) \
+            if self.policy.drafts else None
         if self.drafter is not None:
             self.drafter.tracer = tracer
         self.controller = engine.streamed
@@ -302,9 +342,9 @@ class _Run:
 
     def _kv_room(self):
         """Draft KV positions left in the memory budget (None: no budget)."""
-        if self.engine._draft_kv_positions is None:
+        if self.kv_positions is None:
             return None
-        return max(0, self.engine._draft_kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
+        return max(0, self.kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
 
     def _provisional_limit(self, tree) -> int:
         """Provisional nodes worth drafting. Best-first: ``max_provisional_tokens`` (None: up to four
@@ -334,7 +374,7 @@ class _Run:
     def _target_kv_room(self) -> int:
         """Tree nodes the target may verify within the memory budget's KV positions (any prefix of a
         tree is a tree: parents come first); unbounded without a budget."""
-        positions = self.engine._draft_kv_positions
+        positions = self.kv_positions
         if positions is None:
             return 1 << 30
         return positions - kv.cache_length(self.verifier.cache) - len(self.verifier.pending)
@@ -499,6 +539,18 @@ def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):
     return pipeline, prefetch, max_provisional_tokens
 
 
+def _check_prefix_cache(prefix_cache) -> None:
+    if not isinstance(prefix_cache, bool):
+        raise ValueError(f"prefix_cache={prefix_cache!r}: expected True or False")
+
+
+def _kv_position_bytes(draft, target) -> int:
+    """Bytes of one KV position in both caches."""
+    from llmcad.streaming.budget import kv_cache_bytes
+
+    return kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)
+
+
 def _budgeted_kv_positions(draft, target, placement):
     """KV positions the memory budget leaves each cache: the reservation (placement accounting) plus
     whatever the budget has to spare; None without a budget."""
@@ -507,7 +559,5 @@ def _budgeted_kv_positions(draft, target, placement):
     if not kv_bytes:
         return None
     kv_bytes += max(0, accounting.get("spare", 0))
-    from llmcad.streaming.budget import kv_cache_bytes
-
-    per_position = kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)
+    per_position = _kv_position_bytes(draft, target)
     return int(kv_bytes // per_position) if per_position else None
