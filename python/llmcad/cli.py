@@ -111,6 +111,13 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
                    help="cap the streamer's read bandwidth (emulate slower storage, e.g. 300e6)")
 
 
+def add_prompt_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                   help="prefill every prompt from scratch instead of reusing the KV of the longest prefix it "
+                   "shares with an earlier prompt and its answer (a conversation's earlier turns, a shared "
+                   "system prompt)")
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     s = p.add_argument_group("sampling (any of these, or --do-sample, turns sampling on; default greedy)")
@@ -178,7 +185,8 @@ def open_engine(args):
         options["streamer_options"] = {"bandwidth_cap": args.bandwidth_cap}
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
-                                  prefetch=args.prefetch, **options)
+                                  prefetch=args.prefetch, prefix_cache=getattr(args, "prompt_cache", True),
+                                  **options)
 
 
 def generate_prompt(args):
