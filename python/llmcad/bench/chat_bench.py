@@ -96,6 +96,9 @@ def converse(engine, script: dict, max_new_tokens: int) -> list:
                      "without_reuse": without, "with_reuse": with_reuse, "lossless": reply == reply_reused,
                      "ttft_ratio": _ratio(with_reuse["ttft_s"], without["ttft_s"]),
                      "tokens_per_s_ratio": _ratio(with_reuse["tokens_per_s"], without["tokens_per_s"])})
+        print(f"llmcad bench chat: turn {i}: {len(prompt)} prompt tokens, {with_reuse['cached_tokens']} reused; time "
+              f"to first token {without['ttft_s']:.2f} s without reuse, {with_reuse['ttft_s']:.2f} s with "
+              f"({_fmt(rows[-1]['ttft_ratio'])})", file=sys.stderr, flush=True)
     return rows
 
 
