@@ -3,6 +3,7 @@ prompt cache in one run, equal replies, reuse from the second turn on; its scrip
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -37,8 +38,13 @@ def test_bench_chat_reports_every_turn_with_and_without_reuse(chat_pair, tmp_pat
     for turn in turns:
         assert turn["ttft_ratio"] == pytest.approx(turn["with_reuse"]["ttft_s"] / turn["without_reuse"]["ttft_s"])
         assert 0 < turn["with_reuse"]["ttft_s"] <= turn["with_reuse"]["total_s"]
-    assert cli.main(argv[:-1]) == 0  # the markdown table
-    assert "| TTFT ratio |" in capsys.readouterr().out
+    # only turn 3 compared: the others build the conversation with reuse, and their rows say so
+    assert cli.main(argv[:-1] + ["--compare-turns", "3"]) == 0  # the markdown table
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d", line)]
+    assert [r[7].strip() for r in rows][:2] == ["-", "-"] and rows[2][7].strip().endswith("x")
+    assert [r[-2].strip() for r in rows] == ["-", "-", "yes"]
+    assert cli.main(argv + ["--compare-turns", "4"]) == 2  # refused before loading
+    assert "--compare-turns '4': the script has turns 1..3" in capsys.readouterr().err
 
 
 def test_the_repository_script_and_bad_scripts(tmp_path):

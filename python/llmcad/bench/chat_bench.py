@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--script", default=None, help="conversation JSON {\"system\": ..., \"turns\": [...]} "
                    f"(default: {DEFAULT_SCRIPT.name} in the repository's benchmarks/)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per reply (default 48)")
+    p.add_argument("--compare-turns", default=None, metavar="N,M,...", help="run only these turns without reuse too "
+                   "(default: every turn); the others run once, with reuse, to build the conversation")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -43,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
     script = load_script(args.script)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an int >= 1")
+    compare = parse_turns(args.compare_turns, len(script["turns"]))
     check_model_arguments(args)
     quiet_transformers()
     with open_engine(args) as engine:
-        turns = converse(engine, script, args.max_new_tokens)
+        turns = converse(engine, script, args.max_new_tokens, compare)
     report = {"command": "llmcad " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "mode": args.mode,
               "memory_budget": args.memory_budget, "max_new_tokens": args.max_new_tokens, "turns": turns}
     print(json.dumps(report, indent=1) if args.json else table(report))
@@ -70,8 +73,22 @@ def load_script(path) -> dict:
     return {"system": script.get("system", ""), "turns": turns}
 
 
-def converse(engine, script: dict, max_new_tokens: int) -> list:
-    """One row per turn (see the module docstring)."""
+def parse_turns(text, count: int) -> set:
+    """Turn numbers (1-based) from ``N,M,...``; every turn when None."""
+    if text is None:
+        return set(range(1, count + 1))
+    try:
+        turns = {int(t) for t in text.split(",")}
+    except ValueError:
+        raise ValueError(f"--compare-turns {text!r}: expected turn numbers such as 1,4") from None
+    if not turns or not all(1 <= t <= count for t in turns):
+        raise ValueError(f"--compare-turns {text!r}: the script has turns 1..{count}")
+    return turns
+
+
+def converse(engine, script: dict, max_new_tokens: int, compare=None) -> list:
+    """One row per turn (see the module docstring); turns outside ``compare`` (a set of turn numbers,
+    None: all) run with reuse only, and their ``without_reuse`` and ratios are None."""
     from llmcad.models.chat import chat_prompt_ids
     from llmcad.speculative.prefix_cache import common_prefix
 
@@ -84,20 +101,24 @@ def converse(engine, script: dict, max_new_tokens: int) -> list:
     rows = []
     for i, turn in enumerate(script["turns"], 1):
         messages.append({"role": "user", "content": turn})
-        engine.prefix_cache = None
-        without, reply = timed_generate(engine, messages, max_new_tokens)
-        engine.prefix_cache = cache
+        without, reply = None, None
+        if compare is None or i in compare:
+            engine.prefix_cache = None
+            without, reply = timed_generate(engine, messages, max_new_tokens)
+            engine.prefix_cache = cache
         with_reuse, reply_reused = timed_generate(engine, messages, max_new_tokens)
+        reply = reply_reused if reply is None else reply
         prompt = chat_prompt_ids(engine.tokenizer, messages)
         # the conversation before this turn's user message: what the earlier rendering shares with this one
         history = common_prefix(prompt, chat_prompt_ids(engine.tokenizer, messages[:-1])) if len(messages) > 1 else 0
         messages.append({"role": "assistant", "content": reply})
         rows.append({"turn": i, "prompt_tokens": len(prompt), "history_tokens": history,
-                     "without_reuse": without, "with_reuse": with_reuse, "lossless": reply == reply_reused,
-                     "ttft_ratio": _ratio(with_reuse["ttft_s"], without["ttft_s"]),
-                     "tokens_per_s_ratio": _ratio(with_reuse["tokens_per_s"], without["tokens_per_s"])})
+                     "without_reuse": without, "with_reuse": with_reuse,
+                     "lossless": None if without is None else reply == reply_reused,
+                     "ttft_ratio": _ratio(with_reuse, without, "ttft_s"),
+                     "tokens_per_s_ratio": _ratio(with_reuse, without, "tokens_per_s")})
         print(f"llmcad bench chat: turn {i}: {len(prompt)} prompt tokens, {with_reuse['cached_tokens']} reused; time "
-              f"to first token {without['ttft_s']:.2f} s without reuse, {with_reuse['ttft_s']:.2f} s with "
+              f"to first token {_seconds(without)} without reuse, {_seconds(with_reuse)} with "
               f"({_fmt(rows[-1]['ttft_ratio'])})", file=sys.stderr, flush=True)
     return rows
 
@@ -130,21 +151,30 @@ class _FirstToken:
         pass
 
 
-def _ratio(a: float, b: float):
-    return a / b if b else None
+def _ratio(with_reuse: dict, without: dict | None, key: str):
+    return with_reuse[key] / without[key] if without is not None and without[key] else None
+
+
+def _seconds(row: dict | None, key: str = "ttft_s") -> str:
+    return "-" if row is None else f"{row[key]:.2f} s"
+
+
+def _rate(row: dict | None) -> str:
+    return "-" if row is None else f"{row['tokens_per_s']:.2f}"
 
 
 def table(report: dict) -> str:
     """The report as a markdown table, the command first."""
     lines = [f"`{report['command']}`", "",
-             "| turn | history tokens | prompt tokens | reused | TTFT without (s) | TTFT with (s) | TTFT ratio | "
+             "| turn | history tokens | prompt tokens | reused | TTFT without | TTFT with | TTFT ratio | "
              "tok/s without | tok/s with | tok/s ratio | lossless |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in report["turns"]:
         a, b = r["without_reuse"], r["with_reuse"]
+        lossless = {True: "yes", False: "NO", None: "-"}[r["lossless"]]
         lines.append(f"| {r['turn']} | {r['history_tokens']} | {r['prompt_tokens']} | {b['cached_tokens']} | "
-                     f"{a['ttft_s']:.2f} | {b['ttft_s']:.2f} | {_fmt(r['ttft_ratio'])} | {a['tokens_per_s']:.2f} | "
-                     f"{b['tokens_per_s']:.2f} | {_fmt(r['tokens_per_s_ratio'])} | {'yes' if r['lossless'] else 'NO'} |")
+                     f"{_seconds(a)} | {_seconds(b)} | {_fmt(r['ttft_ratio'])} | {_rate(a)} | {_rate(b)} | "
+                     f"{_fmt(r['tokens_per_s_ratio'])} | {lossless} |")
     return "\n".join(lines)
 
 
