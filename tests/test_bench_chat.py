@@ -43,6 +43,7 @@ def test_bench_chat_reports_every_turn_with_and_without_reuse(chat_pair, tmp_pat
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d", line)]
     assert [r[7].strip() for r in rows][:2] == ["-", "-"] and rows[2][7].strip().endswith("x")
     assert [r[-2].strip() for r in rows] == ["-", "-", "yes"]
+    assert int(rows[0][4]) == 0 and all(int(r[4]) > int(before[3]) - 2 for before, r in zip(rows, rows[1:]))
     assert cli.main(argv + ["--compare-turns", "4"]) == 2  # refused before loading
     assert "--compare-turns '4': the script has turns 1..3" in capsys.readouterr().err
 

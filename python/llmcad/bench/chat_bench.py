@@ -98,6 +98,7 @@ def converse(engine, script: dict, max_new_tokens: int, compare=None) -> list:
     messages = [{"role": "system", "content": script["system"]}] if script["system"] else []
     engine.prefix_cache = None
     engine.generate(messages + [{"role": "user", "content": "Hi"}], 2)  # warm-up, not reported
+    engine.prefix_cache = cache
     rows = []
     for i, turn in enumerate(script["turns"], 1):
         messages.append({"role": "user", "content": turn})
