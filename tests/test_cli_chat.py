@@ -52,7 +52,7 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["prepare"], ["demo"], ["chat"], ["trace-plot"], ["bench"],
-                                     ["bench", "streamer"], ["bench", "pass"], ["bench", "e2e"]])
+                                     ["bench", "streamer"], ["bench", "pass"], ["bench", "e2e"], ["bench", "chat"]])
 def test_every_help_exits_0(command, capsys):
     try:
         status = cli.main([*command, "--help"])
