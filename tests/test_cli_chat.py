@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import llmcad
 import pair_models
 from llmcad import cli
 
@@ -46,7 +52,7 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["prepare"], ["demo"], ["chat"], ["trace-plot"], ["bench"],
-                                     ["bench", "streamer"], ["bench", "pass"], ["bench", "e2e"]])
+                                     ["bench", "streamer"], ["bench", "pass"], ["bench", "e2e"], ["bench", "chat"]])
 def test_every_help_exits_0(command, capsys):
     try:
         status = cli.main([*command, "--help"])
@@ -163,3 +169,22 @@ def test_chat_refuses_a_typed_control_token_and_goes_on(chat_dirs, monkeypatch, 
                                              add_generation_prompt=True)["input_ids"])
     reply = tokenizer.decode(_greedy(chat_dirs["target"], ids, 6), skip_special_tokens=True)
     assert captured.out == f"{reply}\n"  # the refused message is not part of the conversation
+
+
+def test_chat_reuses_the_conversation_and_answers_as_without(chat_dirs):
+    """`llmcad chat` in its own process, messages piped on stdin: the same replies with and without
+    --no-prompt-cache, and from the second turn on the prompt's earlier turns come from the cache."""
+    python_dir = Path(llmcad.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "llmcad.cli", "chat", "--draft", str(chat_dirs["shared"]), "--target",
+            str(chat_dirs["target"]), "--max-new-tokens", "6", "--system", "You write Python.", "--stats"]
+    stdin = "def add(a, b):\nThe quick brown\nfor i in range(10):\n"
+    runs = [subprocess.run(argv + extra, input=stdin, capture_output=True, text=True, env=env, timeout=300)
+            for extra in ([], ["--no-prompt-cache"])]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.count("\n") == 3
+    reused = [[int(n) for n in re.findall(r"prompt\s*: (\d+) tokens, (\d+) of them reused", r.stderr)[i]]
+              for r in runs for i in range(3)]
+    with_cache, without = reused[:3], reused[3:]
+    assert [c for _, c in without] == [0, 0, 0] and with_cache[0][1] == 0
+    assert all(cached >= previous - 1 for (_, cached), (previous, _) in zip(with_cache[1:], with_cache))

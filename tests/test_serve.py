@@ -1049,3 +1049,57 @@ def test_cli_serves_then_stops_cleanly_on_a_signal(pair, reference, streaming_bu
     log += [lines.get_nowait() for _ in range(lines.qsize())]
     assert not any("Traceback" in line for line in log), "".join(log)
     assert any(f"{signal.Signals(sig).name}: stopping" in line for line in log), "".join(log)
+
+
+# ---------------------------------------------------------------- prompt prefix cache
+SYSTEM = {"role": "system", "content": "You write Python. Keep answers short and use type hints."}
+
+
+@pytest.fixture(scope="module")
+def fresh_reference(pair):
+    """An engine that prefills every prompt from scratch: what reuse must reproduce."""
+    with LLMCad.from_pretrained(pair["draft"], pair["target"], prefix_cache=False) as engine:
+        yield engine
+
+
+def test_clients_sharing_a_system_prompt_and_a_growing_conversation_reuse_the_prefix(pair, fresh_reference):
+    from llmcad.speculative.prefix_cache import common_prefix
+
+    with running_server(lambda: LLMCad.from_pretrained(pair["draft"], pair["target"])) as running:
+        first, second = running.client(), running.client()
+        one = [SYSTEM, {"role": "user", "content": "def add(a, b):"}]
+        two = [SYSTEM, {"role": "user", "content": "for i in range(10):"}]
+        replies = {}
+        for name, client, messages in (("one", first, one), ("two", second, two)):
+            got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=N, temperature=0)
+            assert got.choices[0].message.content == fresh_reference.generate(messages, N).text
+            replies[name] = got
+        shared = common_prefix(chat_ids(fresh_reference, one), chat_ids(fresh_reference, two))
+        assert shared > 10  # the system turn and the user turn's opening
+        assert replies["one"].usage.prompt_tokens_details.cached_tokens == 0
+        assert replies["two"].usage.prompt_tokens_details.cached_tokens == shared
+        # the first client's next turn reuses its whole conversation, though another client came between
+        one += [{"role": "assistant", "content": replies["one"].choices[0].message.content},
+                {"role": "user", "content": "The quick brown"}]
+        got = first.chat.completions.create(model=MODEL, messages=one, max_tokens=N, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+        text, chunks = stream_text(got, chat=True)
+        assert text == fresh_reference.generate(one, N).text
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= replies["one"].usage.prompt_tokens - 1
+
+
+def test_a_server_without_the_prompt_cache_reports_no_cached_tokens(pair, fresh_reference):
+    from llmcad.cli import Parser, open_engine
+    from llmcad.serve import command
+
+    parser = Parser(prog="llmcad serve")  # as the CLI builds `serve`'s own parser
+    command.add_arguments(parser)
+    args = parser.parse_args(["--draft", str(pair["draft"]), "--target", str(pair["target"]), "--no-prompt-cache"])
+    assert args.prompt_cache is False and parser.parse_args([]).prompt_cache is True
+    with running_server(lambda: open_engine(args)) as running:
+        assert running.worker.engine.prefix_cache is None
+        client = running.client()
+        for _ in range(2):
+            got = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=N, temperature=0)
+            assert got.choices[0].message.content == fresh_reference.generate(MESSAGES, N).text
+            assert got.usage.prompt_tokens_details.cached_tokens == 0

@@ -10,10 +10,13 @@ HELP = "type a message and press Enter; /reset starts a new conversation, /exit 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmcad.cli import add_model_arguments, add_sampling_arguments
+    from llmcad.cli import add_model_arguments, add_prompt_cache_argument, add_sampling_arguments
 
-    p.description = f"Talk with a chat model ({HELP})."
+    p.description = (f"Talk with a chat model ({HELP}). Each turn reuses the KV of the conversation so far "
+                     "(the template's rendering is compared token by token: an edited history reuses the common "
+                     "prefix), so only the new tokens are prefilled.")
     add_model_arguments(p)
+    add_prompt_cache_argument(p)
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
     add_sampling_arguments(p)
     p.add_argument("--stats", action="store_true", help="a timing summary on stderr after each reply")

@@ -27,11 +27,13 @@ BENCH = {
     "streamer": "llmcad.bench.streamer_bench",
     "pass": "llmcad.bench.pass_bench",
     "e2e": "llmcad.bench.e2e",
+    "chat": "llmcad.bench.chat_bench",
 }
 BENCH_HELP = {
     "streamer": "cold-read throughput of the weight streamer against a raw O_DIRECT read",
     "pass": "one cold streamed target pass over a token tree, against IO and compute alone",
     "e2e": "llmcad against the peers a user would pick, on the real pair (or --tiny)",
+    "chat": "a scripted conversation: each turn's time to first token with and without the prompt cache",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
 POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "chain_length")
@@ -114,6 +116,13 @@ def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep 
     e.add_argument("--bandwidth-cap", default=None, metavar="RATE",
                    help="cap the streamer's read bandwidth (emulate slower storage): 300MB/s, 1.4GB/s, 300MiB/s "
                    "or bytes/s")
+
+
+def add_prompt_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                   help="prefill every prompt from scratch instead of reusing the KV of the longest prefix it "
+                   "shares with an earlier prompt and its answer (a conversation's earlier turns, a shared "
+                   "system prompt)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,7 +208,8 @@ def open_engine(args):
         options["streamer_options"] = {"bandwidth_cap": parse_rate(args.bandwidth_cap, what="--bandwidth-cap")}
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
-                                  prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args), **options)
+                                  prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
+                                  prefix_cache=getattr(args, "prompt_cache", True), **options)
 
 
 def trusts_remote_code(args) -> bool:

@@ -17,6 +17,7 @@ from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
 from llmcad.speculative.policy import POLICIES, Policy, make_policy
 from llmcad.models.fetch import resolve_pair
+from llmcad.speculative.prefix_cache import PrefixCache
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
@@ -50,12 +51,18 @@ class LLMCad:
     waits on IO otherwise) and a drafting mode. ``prefetch``: read the next pass's first layers while
     the draft drafts (False: a pass's reads start when it begins). ``max_provisional_tokens``: bound
     on provisional tokens per verification (0: none).
+
+    ``prefix_cache``: keep the draft's and the target's KV of earlier generations (prompt and answer)
+    and start a prompt that shares a prefix with one of them from there, prefilling only the rest
+    (llmcad.speculative.prefix_cache); within the memory budget's KV positions. False: every generate
+    starts from scratch.
     """
 
     modes = tuple(POLICIES)
 
     def __init__(self, draft, target, tokenizer, policy: Policy, *, streamed=None, placement=None, pipeline=None,
-                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS):
+                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS, prefix_cache=True):
+        _check_prefix_cache(prefix_cache)
         if streamed is not None and streamed.model is not target:
             raise ValueError("streamed.model must be the target model")
         self.draft = draft
@@ -69,6 +76,8 @@ class LLMCad:
         self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
         self.eos_token_ids = _eos_ids(target)
         self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
+        self.prefix_cache = PrefixCache(self._draft_kv_positions, position_bytes=_kv_position_bytes(draft, target)) \
+            if prefix_cache else None
         self._closed = False
         self._generating = threading.Lock()  # one generate at a time; others wait their turn
         # an engine dropped without close() still releases the streamed target's files, buffers, threads
@@ -77,7 +86,8 @@ class LLMCad:
     @classmethod
     def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
-                        streamer_options=None, mmap=False, trust_remote_code=False, **policy_options) -> "LLMCad":
+                        streamer_options=None, mmap=False, trust_remote_code=False, prefix_cache=True,
+                        **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
         with neither, the demo pair (fetched and prepared on first use).
 
@@ -92,10 +102,12 @@ class LLMCad:
         load, but truncating a mapped file kills the process (SIGBUS) and editing it changes the outputs.
         ``trust_remote_code``: run Python code a model directory ships (``auto_map``); without it (the
         default) such a model is refused, never run and never asked about on stdin.
+        ``prefix_cache``: see :class:`LLMCad`.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         draft, target = resolve_pair(draft, target)
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
+        _check_prefix_cache(prefix_cache)
         resolve_device(device)
         resolve_dtype(dtype)
         if streamer_options and memory_budget is None:
@@ -104,12 +116,15 @@ class LLMCad:
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap,
                          trust_remote_code=trust_remote_code, **extra)
         return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
-                   pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens)
+                   pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens,
+                   prefix_cache=prefix_cache)
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
         EngineClosedError. Safe to call twice; a resident target has nothing to release."""
         self._closed = True
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self._finalizer()
 
     def __enter__(self) -> "LLMCad":
@@ -146,7 +161,8 @@ class LLMCad:
 
         Calls from several threads on one engine run one after the other. With a memory budget, the KV
         caches stay within what the budget leaves them: generation stops with stop reason
-        "memory_budget" before a round could exceed it.
+        "memory_budget" before a round could exceed it. With the prefix cache (see :class:`LLMCad`),
+        ``stats["cached_tokens"]`` counts the prompt's tokens whose KV was reused.
         """
         with self._generating:
             return self._generate(prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -162,7 +178,8 @@ class LLMCad:
         chooser = TargetChooser(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         output = _Output(self.tokenizer, self.eos_token_ids, _check_max_new(max_new_tokens), _stops(stop),
                          _check_streamer(streamer), room=self.context_length - len(ids))
-        run = _Run(self, ids, chooser, output, Tracer() if trace is not None else None)
+        reuse = self._reuse(ids, output)
+        run = _Run(self, ids, chooser, output, Tracer() if trace is not None else None, reuse)
         output.start(ids)
         with ExitStack() as stack:
             run.start(stack)
@@ -171,9 +188,10 @@ class LLMCad:
                 root = run.round(root)
                 if not output.done and run.kv_budget_reached():
                     output.stop("memory_budget")
+        self._keep_prefix(run, ids + output.tokens)
         output.close()
         stats = run.record.finish(len(output.tokens), run.drafter.steps if run.drafter else 0, output.reason,
-                                  run.pipeline_stats())
+                                  {**run.pipeline_stats(), "cached_tokens": reuse.tokens if reuse else 0})
         if run.tracer is not None:
             run.tracer.write(trace)
         return GenerationResult(list(output.tokens), output.text(), stats, run.record.trace)
@@ -202,6 +220,25 @@ class LLMCad:
                               "positions, which leaves no room to generate")
         return ids
 
+    def _reuse(self, ids, output):
+        """The prefix cache's caches for ``ids`` (None: start empty), evicting entries until this
+        generation's KV (prompt, what it may emit, a few trees' worth of draft) fits beside the rest."""
+        if self.prefix_cache is None:
+            return None
+        need = len(ids) + min(output.max_new_tokens, output.room) + 5 * self.policy.max_tree_tokens
+        if self._draft_kv_positions is not None:
+            need = min(need, self._draft_kv_positions)
+        return self.prefix_cache.take(ids, need, with_draft=self.policy.drafts)
+
+    def _keep_prefix(self, run, sequence) -> None:
+        """Keep the finished run's caches, cut to the committed tokens both hold, for later prompts."""
+        if self.prefix_cache is None or self._closed:
+            return
+        n = run.verifier.committed_length
+        if run.drafter is not None:
+            n = min(n, run.drafter.committed_length)
+        self.prefix_cache.put(sequence[:n], run.verifier.cache, run.drafter.cache if run.drafter else None)
+
     def _check_kv_room(self, prompt_tokens: int) -> None:
         positions = self._draft_kv_positions
         if positions is not None and prompt_tokens + 1 > positions:
@@ -212,13 +249,17 @@ class LLMCad:
 class _Run:
     """One generate call: the verifier, the drafter, and (when pipelined) the gate and worker."""
 
-    def __init__(self, engine: LLMCad, ids, chooser, output, tracer):
+    def __init__(self, engine: LLMCad, ids, chooser, output, tracer, reuse=None):
         self.engine, self.chooser, self.output, self.tracer = engine, chooser, output, tracer
         self.policy = engine.policy
         self.policy.reset()
         self.prompt_length = len(ids)
-        self.verifier = TargetVerifier(engine.target, ids)
-        self.drafter = TreeDrafter(engine.draft, ids) if self.policy.drafts else None
+        # KV positions per cache this run may use: the budget's, less the prefix cache's entries
+        cached = engine.prefix_cache
+        self.kv_positions = cached.room() if cached is not None else engine._draft_kv_positions
+        self.verifier = TargetVerifier(engine.target, ids, cache=reuse.target if reuse else None)
+        self.drafter = TreeDrafter(engine.draft, ids, cache=reuse.draft if reuse else None) \
+            if self.policy.drafts else None
         if self.drafter is not None:
             self.drafter.tracer = tracer
         self.controller = engine.streamed
@@ -314,9 +355,9 @@ class _Run:
 
     def _kv_room(self):
         """Draft KV positions left in the memory budget (None: no budget)."""
-        if self.engine._draft_kv_positions is None:
+        if self.kv_positions is None:
             return None
-        return max(0, self.engine._draft_kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
+        return max(0, self.kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
 
     def _provisional_limit(self, tree) -> int:
         """Provisional nodes worth drafting. Best-first: ``max_provisional_tokens`` (None: up to four
@@ -346,7 +387,7 @@ class _Run:
     def _target_kv_room(self) -> int:
         """Tree nodes the target may verify within the memory budget's KV positions (any prefix of a
         tree is a tree: parents come first); unbounded without a budget."""
-        positions = self.engine._draft_kv_positions
+        positions = self.kv_positions
         if positions is None:
             return 1 << 30
         return positions - kv.cache_length(self.verifier.cache) - len(self.verifier.pending)
@@ -511,6 +552,18 @@ def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):
     return pipeline, prefetch, max_provisional_tokens
 
 
+def _check_prefix_cache(prefix_cache) -> None:
+    if not isinstance(prefix_cache, bool):
+        raise ValueError(f"prefix_cache={prefix_cache!r}: expected True or False")
+
+
+def _kv_position_bytes(draft, target) -> int:
+    """Bytes of one KV position in both caches."""
+    from llmcad.streaming.budget import kv_cache_bytes
+
+    return kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)
+
+
 def _budgeted_kv_positions(draft, target, placement):
     """KV positions the memory budget leaves each cache: the reservation (placement accounting) plus
     whatever the budget has to spare; None without a budget."""
@@ -519,7 +572,5 @@ def _budgeted_kv_positions(draft, target, placement):
     if not kv_bytes:
         return None
     kv_bytes += max(0, accounting.get("spare", 0))
-    from llmcad.streaming.budget import kv_cache_bytes
-
-    per_position = kv_cache_bytes(target.config, 1, target.dtype) + kv_cache_bytes(draft.config, 1, draft.dtype)
+    per_position = _kv_position_bytes(draft, target)
     return int(kv_bytes // per_position) if per_position else None

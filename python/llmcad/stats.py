@@ -98,6 +98,8 @@ def summary(stats: dict, load_s: float | None = None) -> str:
     rows = [
         ("generated", f"{tokens} tokens in {seconds.get('total', 0.0):.2f} s = {stats.get('tokens_per_s', 0.0):.2f} "
                       f"tokens/s ({stats.get('mode', '?')} mode, stopped by {stats.get('stop_reason') or 'nothing'})"),
+        ("prompt", f"{stats.get('prompt_tokens', 0)} tokens, {stats.get('cached_tokens', 0)} of them reused from "
+                   "the prompt cache"),
         ("target", f"{passes} passes, {stats.get('tokens_per_pass', 0.0):.2f} tokens per pass, "
                    f"{seconds.get('target', 0.0):.2f} s"),
         ("draft", f"{seconds.get('draft', 0.0):.2f} s"),

@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from llmcad.cli import add_model_arguments, check_model_arguments, open_engine, quiet_transformers
+from llmcad.cli import (add_model_arguments, add_prompt_cache_argument, check_model_arguments, open_engine,
+                        quiet_transformers)
 from llmcad.errors import LLMCadError, ModelLoadError
 
 DEFAULT_MAX_QUEUE = 16
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "--draft/--target it serves the demo pair, as `llmcad demo` runs it.")
     add_model_arguments(p, budget_default=f"{DEFAULT_BUDGET} for the demo pair, else keep the "
                         "target resident; 'none' keeps it resident")
+    add_prompt_cache_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the name of the "

@@ -46,10 +46,12 @@ class Shape:
 
 
 def usage(outcome: Outcome) -> dict:
-    """OpenAI's token counts, with llmcad's own stats (tokens per pass, bytes read, tokens/s, ...) under
-    the extension field ``llmcad``."""
+    """OpenAI's token counts (``prompt_tokens_details.cached_tokens``: prompt tokens served from the prefix
+    cache), with llmcad's own stats (tokens per pass, bytes read, tokens/s, ...) under the extension field
+    ``llmcad``."""
     return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens, "llmcad": outcome.stats}
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens}, "llmcad": outcome.stats}
 
 
 def sse(payload) -> bytes:

@@ -33,6 +33,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     stats: dict
+    cached_tokens: int = 0  # prompt tokens whose KV came from the engine's prefix cache
 
 
 @dataclass
@@ -291,5 +292,6 @@ def _one_line(exc: BaseException) -> str:
 def _outcome(text: TextStream, result, prompt_tokens: int) -> Outcome:
     stop_reason = result.stats.get("stop_reason")
     finish = "stop" if stop_reason in ("eos", "stop") else "length"
-    return Outcome(text.final(), finish, prompt_tokens, len(result.tokens), result.stats)
+    return Outcome(text.final(), finish, prompt_tokens, len(result.tokens), result.stats,
+                   int(result.stats.get("cached_tokens", 0)))
 

@@ -119,21 +119,27 @@ class DraftTree:
 class TreeDrafter:
     """Grows trees with the draft model and keeps its KV cache in step with the committed text."""
 
-    def __init__(self, draft, prompt_ids):
+    def __init__(self, draft, prompt_ids, cache=None):
+        """``cache``: a DynamicCache already holding the prompt's first tokens (fewer than all)."""
         from transformers import DynamicCache
 
         self.draft = draft
-        self.cache = DynamicCache()
-        self.pending = list(prompt_ids[:-1])  # committed tokens not in the cache yet
+        self.cache = DynamicCache() if cache is None else cache
+        self._prefix = kv.cache_length(self.cache)
+        self.pending = list(prompt_ids[self._prefix:-1])  # committed tokens not in the cache yet
         self.steps = 0  # draft forwards, all rounds
         self.tracer = None  # llmcad.trace.Tracer: one "draft" span per forward
         self.step_ema_s = None  # typical one-token draft forward, seconds (moving average; the pipeline)
-        self._prefix = 0
         self._ran = 0  # tree nodes run this round
         self._seed = None  # (tree, nodes run) kept from the last round's provisional drafting
         self._branch_threshold = None  # the current policy's (grow sets it)
         self._alternatives = {}  # provisional node -> [(token, prob)] of the branches it would open
         self._kv_room = 1 << 30  # draft KV positions this round may still add (grow sets it)
+
+    @property
+    def committed_length(self) -> int:
+        """Leading cache positions that hold committed tokens (the prefix of the last tree)."""
+        return min(kv.cache_length(self.cache), self._prefix)
 
     def grow(self, root_token: int, policy, depth_cap: int, kv_room: int | None = None) -> DraftTree:
         """A tree rooted at ``root_token``, grown until ``policy`` asks for verification or a limit

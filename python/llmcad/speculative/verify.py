@@ -22,22 +22,29 @@ class TargetVerifier:
 
     ``pending``: committed tokens the target has not cached yet (the prompt minus its last token, in
     the first round); they ride along in the next tree pass, so prefill costs no extra pass.
+    ``cache``: a DynamicCache that already holds the keys/values of the prompt's first tokens (fewer
+    than all of them); only the rest is pending.
     """
 
-    def __init__(self, target, prompt_ids):
+    def __init__(self, target, prompt_ids, cache=None):
         from transformers import DynamicCache
 
         self.target = target
-        self.cache = DynamicCache()
-        self.pending = list(prompt_ids[:-1])
+        self.cache = DynamicCache() if cache is None else cache
+        self._prefix = kv.cache_length(self.cache)
+        self.pending = list(prompt_ids[self._prefix:-1])
         self.passes = 0
-        self._prefix = 0
         self._device_tree = None  # CUDA: the verified tree's parents on the device (tree.DeviceTree)
         self._accept_record = None  # CUDA: (count, the last accept's record on the device)
 
     @property
     def dtype(self):
         return self.target.get_input_embeddings().weight.dtype
+
+    @property
+    def committed_length(self) -> int:
+        """Leading cache positions that hold committed tokens (the positions before the last root)."""
+        return min(kv.cache_length(self.cache), self._prefix)
 
     def run(self, tokens, parents) -> torch.Tensor:
         """The target's logits at every tree node: float [n, vocab]. One forward, all n nodes."""
