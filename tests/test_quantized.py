@@ -323,6 +323,41 @@ def test_int8_linear_refuses_mismatched_operands():
         int8_cpu_mm(torch.zeros(2, 12), w, s)
 
 
+# ---- bad scales ----
+@pytest.mark.parametrize("part,value", [("scales", float("nan")), ("scales", float("inf")), ("scales", 0.0),
+                                        ("zeros", float("-inf"))])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_bad_scales_are_refused_at_load_naming_tensor_and_file(quantized_dirs, tmp_path, part, value, streamed):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from llmcad.errors import WeightFileError
+    from llmcad.streaming.budget import plan_placement
+    from llmcad.streaming.streamed import load_streamed_target
+
+    out = shutil.copytree(quantized_dirs("qwen2", "int4"), tmp_path / "bad")
+    state = {k: v.clone() for k, v in load_file(out / "model.safetensors").items()}  # not the mapped file
+    name = f"model.layers.2.mlp.up_proj.{part}"
+    state[name].view(-1)[5] = value
+    quant.write_safetensors(out / "model.safetensors", state)
+    with pytest.raises(WeightFileError, match=rf"model.safetensors: '{name}' holds .* at element 5; quantization"):
+        if streamed:
+            placement = plan_placement(load_index(out), memory_budget="1GiB", max_resident_layers=0)
+            load_streamed_target(out, placement=placement).close()
+        else:
+            load_causal_lm(out)
+
+
+def test_int8_scales_of_a_zero_row_are_not_zero_in_float16():
+    w = torch.randn(4, 32)
+    w[1] = 0
+    packed = quant.quantize_int8(w, torch.float16)
+    assert (packed["scales"] > 0).all() and (packed["qweight"][1] == 0).all()
+    packed = quant.quantize_int4(w, 32, torch.float16)
+    assert (packed["scales"] > 0).all() and torch.equal(quant.dequantize(packed, "int4", 32)[1], torch.zeros(32))
+
+
 # ---- losslessness ----
 @pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
 @pytest.mark.parametrize("family", pair_models.FAMILIES)

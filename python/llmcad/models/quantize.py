@@ -38,7 +38,7 @@ _SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 def quantize_int8(weight: torch.Tensor, scale_dtype) -> dict:
     """{"qweight": int8 [N, K], "scales": [N] in ``scale_dtype``}: symmetric per output channel."""
     w = weight.float()
-    scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+    scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp_min(_smallest(scale_dtype)).to(scale_dtype)
     q = torch.round(w / scales.float()[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return {"qweight": q.contiguous(), "scales": scales.contiguous()}
 
@@ -48,12 +48,18 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype) -> dict:
     n, k = weight.shape
     w = weight.float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((high - low) / _INT4_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+    scales = ((high - low) / _INT4_MAX).clamp_min(_smallest(scale_dtype)).to(scale_dtype)
     zeros = (low + 8 * scales.float()).to(scale_dtype)
     # codes from the stored (rounded) scale and zero, so dequantization is the nearest grid point
     q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, _INT4_MAX)
     return {"qweight": pack_nibbles(q.to(torch.uint8).reshape(n, k)), "scales": scales.contiguous(),
             "zeros": zeros.contiguous()}
+
+
+def _smallest(scale_dtype) -> float:
+    """The smallest normal number of the stored scales' dtype: a constant row or group gets this scale,
+    never 0 (float32's smallest would round to 0 in float16, and loading refuses zero scales)."""
+    return torch.finfo(scale_dtype).tiny
 
 
 def dequantize(tensors: dict, scheme: str, group_size: int | None = None) -> torch.Tensor:

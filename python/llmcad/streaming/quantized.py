@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from llmcad.errors import ModelLoadError
+from llmcad.errors import ModelLoadError, WeightFileError
 
 # The checkpoint format (written by llmcad.models.quantize, which imports these)
 SCHEMES = ("int8", "int4")
@@ -246,6 +246,23 @@ def scheme_of(config) -> dict | None:
             record["scheme"] == "int4" and record.get("group_size") not in GROUP_SIZES):
         raise ModelLoadError(f"config.json: {CONFIG_KEY} is not a valid quantization record: {record!r}")
     return record
+
+
+def check_scales(index) -> None:
+    """WeightFileError naming the tensor and its file for a scale that is zero, NaN or infinite, or a
+    zero point that is NaN or infinite: the product would be garbage, not an error. Reads only these
+    tensors (a few bytes per output channel or group), once, at load."""
+    from llmcad.streaming.weights import iter_tensors
+
+    names = [t.name for layer in index.layers for t in layer if t.name.endswith((".scales", ".zeros"))]
+    for name, values in iter_tensors(index, names):
+        flat = values.reshape(-1)
+        bad = ~torch.isfinite(flat) if name.endswith(".zeros") else ~torch.isfinite(flat) | (flat == 0)
+        if bad.any():
+            at = int(bad.nonzero()[0])
+            what = "zero points must be finite" if name.endswith(".zeros") else "scales must be finite and non-zero"
+            raise WeightFileError(f"{index.files[index.tensors[name].file_index]}: {name!r} holds {flat[at].item()} "
+                                  f"at element {at}; quantization {what} (a corrupt or wrongly quantized checkpoint)")
 
 
 def quantize_modules(model, record: dict, dtype) -> None:
