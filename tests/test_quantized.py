@@ -172,6 +172,34 @@ def test_quantized_linear_matches_dequantized_weight(scheme, group, dtype):
             assert (got.float() - want).abs().max() < tol * want.abs().max(), (rows, packed_once)
 
 
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quantized_linear_rows_do_not_change_each_others_rounding(scheme, group, threads):
+    """fp32 losslessness needs a tree pass's row to be computed bit for bit as a one-token pass computes
+    it: a block of rows equals the rows one at a time, resident (packed once) and streamed (converted in
+    the forward), for the tiny models' shapes."""
+    torch.manual_seed(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, k in [(32, 32), (16, 32), (64, 32), (64, 64), (128, 64), (64, 128), (96, 96), (192, 96)]:
+            packed = (quant.quantize_int8(torch.randn(n, k), torch.float32) if scheme == "int8"
+                      else quant.quantize_int4(torch.randn(n, k), group, torch.float32))
+            layer = QuantizedLinear(k, n, bias=True, scheme=scheme, group_size=group, dtype=torch.float32,
+                                    device="cpu")
+            for name, t in dict(packed, bias=torch.randn(n)).items():
+                getattr(layer, name).data = t
+            for packed_once in (False, True):
+                if packed_once:
+                    layer.pack()
+                x = torch.randn(40, k)
+                alone = torch.cat([layer(x[i:i + 1]) for i in range(40)])
+                for rows in (2, 3, 4, 5, 16, 17, 40):
+                    assert torch.equal(layer(x[:rows]), alone[:rows]), (n, k, rows, packed_once)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- prepare ----
 @pytest.mark.parametrize("scheme,group", SCHEMES)
 def test_prepare_writes_one_range_per_layer_and_records_the_scheme(quantized_dirs, tiny_pair_dirs, scheme, group):
