@@ -408,6 +408,22 @@ def test_quantized_draft_and_target_together(quantized_models, tiny_tokenizer, s
     assert result.stats["tokens_per_pass"] > 1  # the quantized draft gets tokens accepted
 
 
+def test_int8_draft_prepared_by_the_cli_with_a_float_target(tiny_pair_dirs, tiny_models, tmp_path):
+    """`llmcad prepare --quantize int8` on a draft; the engine loads it resident beside the float target,
+    and greedy output equals the target's own (only the target decides)."""
+    from llmcad.cli import main
+
+    dirs = tiny_pair_dirs("qwen2")
+    assert main(["prepare", str(dirs["shared"]), "-o", str(tmp_path / "draft-int8"), "--dtype", "float32",
+                 "--quantize", "int8"]) == 0
+    eng = LLMCad.from_pretrained(tmp_path / "draft-int8", dirs["target"], mode="llmcad")
+    assert any(isinstance(m, QuantizedLinear) for m in eng.draft.modules())
+    ids = eng.tokenizer(PROMPT)["input_ids"]
+    result = eng.generate(ids, NEW_TOKENS)
+    assert result.tokens == _generate_reference(tiny_models("qwen2", "target"), ids)
+    assert result.stats["tokens_per_pass"] > 1  # the int8 draft's tokens are accepted
+
+
 @pytest.mark.parametrize("mode", ["llmcad", "tree", "chain", "target-only"])
 @pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
