@@ -216,6 +216,14 @@ def test_prepare_writes_one_range_per_layer_and_records_the_scheme(quantized_dir
     assert ratio < (0.3 if scheme == "int8" else 0.2)  # fp32 source: 4 bytes a weight, 1 or 1/2 + scales
 
 
+@pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+def test_prepared_weights_start_64_byte_aligned(quantized_dirs, scheme):
+    """Streamed views lie at their file offsets modulo the page: with 64-aligned data and sizes that are
+    multiples of 64, every quantized weight needs no aligned copy before the int8 kernel."""
+    index = load_index(quantized_dirs("llama", scheme))
+    assert all(t.offset % 64 == 0 for layer in index.layers for t in layer if t.name.endswith(".qweight"))
+
+
 def test_prepare_rejects_bad_schemes_and_shapes(tiny_pair_dirs, tmp_path):
     src = tiny_pair_dirs("llama")["target"]
     with pytest.raises(ModelLoadError, match="int8, int4"):

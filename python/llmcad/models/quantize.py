@@ -28,6 +28,7 @@ from llmcad.errors import ModelLoadError, WeightFileError
 from llmcad.streaming.quantized import CONFIG_KEY, GROUP_SIZES, SCHEMES, pack_nibbles, unpack_nibbles
 
 DEFAULT_GROUP_SIZE = 128
+_DATA_ALIGN = 64  # bytes: where the tensor data starts in a written file
 _INT8_MAX = 127
 _INT4_MAX = 15
 _SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -162,7 +163,8 @@ def write_safetensors(path: Path, tensors: dict) -> None:
 
     safetensors' own writer orders tensors by dtype first, which would split a layer's int8 weights from
     its float scales. Within each group, wider dtypes come first, so every tensor stays aligned to its
-    item size (groups are multiples of 8 bytes long whenever the integer weights are, e.g. K % 16 == 0).
+    item size (groups are multiples of 8 bytes long whenever the integer weights are, e.g. K % 16 == 0),
+    and to 64 bytes when every group's length is a multiple of 64 (typical sizes: multiples of 32).
     """
     ordered = sorted(tensors.items(), key=lambda kv: (_group_key(kv[0]), -kv[1].element_size(), kv[0]))
     header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
@@ -176,7 +178,9 @@ def write_safetensors(path: Path, tensors: dict) -> None:
         blobs.append(t)
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors pads it
+    # data starts 64-byte aligned (safetensors allows a header padded with spaces): a streamed view lies at
+    # its file offset modulo the page, and the CPU int8 kernel's bf16 path wants aligned weight rows
+    raw += b" " * (-(8 + len(raw)) % _DATA_ALIGN)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
