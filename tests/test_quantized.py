@@ -286,11 +286,14 @@ def odd_pairs(tiny_tokenizer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_odd_dimensions_in_every_mode_and_placement(odd_pairs, tmp_path, dtype):
+def test_odd_dimensions_in_every_mode_and_placement(odd_pairs, tmp_path, monkeypatch, dtype):
     """int8 and int4 targets of hidden 48 / 64 / 80 / 96, resident (read and mapped), every layer streamed
     at the engine's least budget, and partly streamed above it, in every mode. fp32: every run equals the
     resident target-only run. bfloat16 (prepare's default; its int8 kernel's aligned loads once crashed on
-    streamed views): every run completes and target-only gives the same tokens in every placement."""
+    streamed views): every run completes and target-only gives the same tokens in every placement. The
+    bfloat16 checkpoints are written 8-byte aligned, as prepare wrote them before, so views are misaligned."""
+    if dtype == "bfloat16":
+        monkeypatch.setattr(quant, "_DATA_ALIGN", 8)
     jobs = []
     for (family, hidden), (draft, target) in odd_pairs.items():
         for scheme, group in SCHEMES:
@@ -300,6 +303,9 @@ def test_odd_dimensions_in_every_mode_and_placement(odd_pairs, tmp_path, dtype):
                     prepare(target, out, dtype, quantize=scheme, group_size=group)
                 continue
             jobs += [str(draft), str(prepare(target, out, dtype, quantize=scheme, group_size=group))]
+    if dtype == "bfloat16":  # the crash's case: some weight view off the kernel's 16-byte alignment
+        assert any(t.offset % 16 for target in jobs[1::2] for layer in load_index(target).layers for t in layer
+                   if t.name.endswith(".qweight"))
     child = Path(__file__).with_name("quantized_child.py")
     proc = subprocess.run([sys.executable, str(child), str(CHILD_TOKENS), *jobs], capture_output=True, text=True,
                           timeout=1800)
