@@ -278,6 +278,9 @@ def safetensors_source(directory: Path, dtype: torch.dtype) -> Source | None:
 
 
 # ---- writing ----
+DATA_ALIGN = 64  # bytes: where a written file's tensor data starts
+
+
 class SafetensorsWriter:
     """A safetensors file written slice by slice at offsets fixed by ``specs`` ({name: (dtype, shape)}).
 
@@ -297,7 +300,9 @@ class SafetensorsWriter:
             self._where[name] = [offset, nbytes, 0, hashlib.sha256()]  # start, length, written, digest
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors pads it
+        # data starts 64-byte aligned (safetensors allows a header padded with spaces): a streamed view lies at
+        # its file offset modulo the page, and the CPU int8 kernel's bf16 path wants aligned weight rows
+        raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
         self._data = 8 + len(raw)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)

@@ -30,15 +30,13 @@ from llmcad.streaming.quantized import CONFIG_KEY, GROUP_SIZES, SCHEMES, pack_ni
 DEFAULT_GROUP_SIZE = 128
 _INT8_MAX = 127
 _INT4_MAX = 15
-_SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int8: "I8", torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
 
 
 # ---- the two schemes, one tensor at a time ----
 def quantize_int8(weight: torch.Tensor, scale_dtype) -> dict:
     """{"qweight": int8 [N, K], "scales": [N] in ``scale_dtype``}: symmetric per output channel."""
     w = weight.float()
-    scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+    scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp_min(_smallest(scale_dtype)).to(scale_dtype)
     q = torch.round(w / scales.float()[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return {"qweight": q.contiguous(), "scales": scales.contiguous()}
 
@@ -48,12 +46,18 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype) -> dict:
     n, k = weight.shape
     w = weight.float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((high - low) / _INT4_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+    scales = ((high - low) / _INT4_MAX).clamp_min(_smallest(scale_dtype)).to(scale_dtype)
     zeros = (low + 8 * scales.float()).to(scale_dtype)
     # codes from the stored (rounded) scale and zero, so dequantization is the nearest grid point
     q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, _INT4_MAX)
     return {"qweight": pack_nibbles(q.to(torch.uint8).reshape(n, k)), "scales": scales.contiguous(),
             "zeros": zeros.contiguous()}
+
+
+def _smallest(scale_dtype) -> float:
+    """The smallest normal number of the stored scales' dtype: a constant row or group gets this scale,
+    never 0 (float32's smallest would round to 0 in float16, and loading refuses zero scales)."""
+    return torch.finfo(scale_dtype).tiny
 
 
 def dequantize(tensors: dict, scheme: str, group_size: int | None = None) -> torch.Tensor:
@@ -156,7 +160,8 @@ def write_safetensors(path: Path, tensors: dict) -> None:
 
     safetensors' own writer orders tensors by dtype first, which would split a layer's int8 weights from
     its float scales. Within each group, wider dtypes come first, so every tensor stays aligned to its
-    item size (groups are multiples of 8 bytes long whenever the integer weights are, e.g. K % 16 == 0).
+    item size (groups are multiples of 8 bytes long whenever the integer weights are, e.g. K % 16 == 0),
+    and to 64 bytes when every group's length is a multiple of 64 (typical sizes: multiples of 32).
     """
     writer = SafetensorsWriter(path, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
     for name, t in tensors.items():

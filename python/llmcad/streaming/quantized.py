@@ -6,7 +6,8 @@ a model built on meta for :class:`QuantizedLinear`, whose parameters have exactl
 shapes and dtypes, so resident loading and layer streaming bind them like any other parameter.
 
 Kernels (torch built-ins only):
-- CPU int8: ``aten._weight_int8pack_mm`` on the stored int8 [N, K] (its own layout).
+- CPU int8: ``aten._weight_int8pack_mm`` on the stored int8 [N, K] (its own layout); in bfloat16 a
+  misaligned operand is first copied to an aligned buffer (:func:`int8_cpu_mm`).
 - CPU int4: ``aten._weight_int4pack_mm_for_cpu``; the weight goes through
   ``aten._convert_weight_to_int4pack_for_cpu`` (a layout that depends on the CPU's vector width).
 - CUDA int4: ``aten._weight_int4pack_mm`` (bfloat16 activations) after ``aten._convert_weight_to_int4pack``.
@@ -24,7 +25,7 @@ import threading
 
 import torch
 
-from llmcad.errors import ModelLoadError
+from llmcad.errors import ModelLoadError, WeightFileError
 
 # The checkpoint format (written by llmcad.models.quantize, which imports these)
 SCHEMES = ("int8", "int4")
@@ -88,7 +89,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+            return int8_cpu_mm(x, self.qweight, self.scales)
         return torch.nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scales
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +100,47 @@ class QuantizedLinear(torch.nn.Module):
         y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), weight, self.group_size,
                                                scale_zeros.to(torch.bfloat16))
         return y.to(x.dtype)
+
+
+def int8_cpu_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (qweight int8 [N, K] * scales [N])^T through ``aten._weight_int8pack_mm``, its
+    preconditions met first.
+
+    The kernel's bfloat16 path (AVX2 / AVX-512) reads activation rows with aligned 32-byte loads and weight
+    rows with aligned 16-byte loads, K in steps of 16 with no tail: a view that breaks this (a streamed
+    weight sits wherever the file put it, often 8 bytes off) kills the process. So in bfloat16 a misaligned
+    operand is copied to an aligned one, and K % 16 != 0 takes the dequantized product. The float32 and
+    float16 paths load unaligned and handle the tail (tests/test_quantized.py runs misaligned views of
+    every dtype in a child process)."""
+    n, k = qweight.shape
+    if qweight.dtype != torch.int8 or scales.shape != (n,) or scales.dtype != x.dtype or x.shape[-1] != k:
+        raise ValueError(f"int8 linear: x {x.dtype} {list(x.shape)}, qweight {qweight.dtype} {list(qweight.shape)}, "
+                         f"scales {scales.dtype} {list(scales.shape)}: expected x [M, K] and scales [N] of one "
+                         f"dtype, qweight int8 [N, K]")
+    x, qweight, scales = x.contiguous(), qweight.contiguous(), scales.contiguous()
+    if x.dtype == torch.bfloat16:
+        if k % _INT8_K_STEP:
+            return torch.nn.functional.linear(x, qweight.to(x.dtype)) * scales
+        if x.data_ptr() % _KERNEL_ALIGN:
+            x = x.clone()  # a fresh CPU tensor is 64-byte aligned
+        if qweight.data_ptr() % _KERNEL_ALIGN:
+            qweight = _aligned_copy(qweight)
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+
+
+_INT8_K_STEP = 16  # the bfloat16 int8 kernel's step along K
+_KERNEL_ALIGN = 64  # bytes: c10's CPU allocation alignment, enough for every aligned load of the kernels
+_ALIGNED = threading.local()  # per thread, like _SCRATCH: a buffer for weights copied to an aligned address
+
+
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied to the start of this thread's reused buffer (64-byte aligned); valid until the next call."""
+    buf = getattr(_ALIGNED, "buf", None)
+    if buf is None or buf.numel() < t.nbytes:
+        buf = _ALIGNED.buf = torch.empty(t.nbytes, dtype=torch.uint8)
+    out = buf[:t.nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -204,6 +246,23 @@ def scheme_of(config) -> dict | None:
             record["scheme"] == "int4" and record.get("group_size") not in GROUP_SIZES):
         raise ModelLoadError(f"config.json: {CONFIG_KEY} is not a valid quantization record: {record!r}")
     return record
+
+
+def check_scales(index) -> None:
+    """WeightFileError naming the tensor and its file for a scale that is zero, NaN or infinite, or a
+    zero point that is NaN or infinite: the product would be garbage, not an error. Reads only these
+    tensors (a few bytes per output channel or group), once, at load."""
+    from llmcad.streaming.weights import iter_tensors
+
+    names = [t.name for layer in index.layers for t in layer if t.name.endswith((".scales", ".zeros"))]
+    for name, values in iter_tensors(index, names):
+        flat = values.reshape(-1)
+        bad = ~torch.isfinite(flat) if name.endswith(".zeros") else ~torch.isfinite(flat) | (flat == 0)
+        if bad.any():
+            at = int(bad.nonzero()[0])
+            what = "zero points must be finite" if name.endswith(".zeros") else "scales must be finite and non-zero"
+            raise WeightFileError(f"{index.files[index.tensors[name].file_index]}: {name!r} holds {flat[at].item()} "
+                                  f"at element {at}; quantization {what} (a corrupt or wrongly quantized checkpoint)")
 
 
 def quantize_modules(model, record: dict, dtype) -> None:

@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
-from llmcad.streaming.quantized import pack_resident, quantize_modules, scheme_of
+from llmcad.streaming.quantized import check_scales, pack_resident, quantize_modules, scheme_of
 from llmcad.streaming.sparse import SparseRows
 from llmcad.streaming.weights import WeightIndex, iter_tensors, load_index, open_weight_file, stat_stamp
 
@@ -66,6 +66,8 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     device = torch.device(device)
     dtype = dtype or _checkpoint_dtype(index)
     model = _build_on_meta(path, dtype, device, attn_implementation, trust_remote_code)
+    if scheme_of(model.config) is not None:
+        check_scales(index)
     layers = decoder_layers(model)
     if len(layers) != index.num_layers:
         raise ModelLoadError(f"{path}: config has {len(layers)} decoder layers, the weights {index.num_layers}")
