@@ -28,6 +28,8 @@ class ModelPair:
     tokenizer: object
     placement: object = None  # llmcad.streaming.budget.Placement when a memory budget was given
     streamed: object = None  # llmcad.streaming.streamed.StreamedTarget (its model is target) with a budget
+    runtime_floor: int = 0  # bytes resident before the weights loaded (llmcad.memory.runtime_floor)
+    budget_source: str | None = None  # how the memory budget was found ("given", or what "auto" read)
 
 
 def resolve_dtype(dtype):
@@ -339,20 +341,71 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
               mmap=False) -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
+    ``memory_budget``: None (the target resident, nothing bounded), a size or "auto"
+    (llmcad.streaming.budget.resolve_budget); a budget below the runtime floor plus the least plan is
+    refused before any weight loads.
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
     ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm)."""
+    from llmcad.memory import malloc_trim, runtime_floor
+
     target_tokenizer = load_tokenizer(target)
     draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
+    source = None
+    if memory_budget is not None:
+        from llmcad.streaming.budget import resolve_budget
+
+        memory_budget, source = resolve_budget(memory_budget)
+    _import_model_classes(draft, target)  # part of the runtime, not of the weights
+    floor = runtime_floor()
+    if memory_budget is not None:
+        _check_budget_before_loading(draft, target, memory_budget=memory_budget, device=device, dtype=dtype,
+                                     runtime_floor=floor, streamer_options=streamer_options)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap)
+    malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                          draft_model=draft_model, mmap=mmap, **extra)
+                                          draft_model=draft_model, mmap=mmap, runtime_floor=floor, **extra)
+    malloc_trim()
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
-    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed)
+    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source)
 
 
-def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None):
+def _import_model_classes(*sources) -> None:
+    """Import the modeling code of each local source's architecture, so that the runtime floor holds it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for source in sources:
+        if Path(str(source)).is_dir():
+            try:
+                AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(source))]
+            except (KeyError, OSError, ValueError):
+                pass  # load_causal_lm reports it
+
+
+def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype, runtime_floor, streamer_options):
+    """Plan the budget with the draft's bytes taken from its weight files (no weight read): BudgetError,
+    naming the runtime floor and the least plan, before anything loads."""
+    from transformers import AutoConfig
+
+    from llmcad.streaming.budget import index_bytes
+    from llmcad.streaming.streamed import checkpoint_dtype, plan_budget
+    from llmcad.streaming.weights import load_index
+
+    if not (Path(str(draft)).is_dir() and Path(str(target)).is_dir()) or _is_quantized(draft):
+        return  # a hub id or a packed draft: the plan after the draft loads is the check
+    try:
+        index = load_index(draft)
+    except (OSError, ValueError):
+        return  # load_causal_lm reports it
+    draft_dtype = resolve_dtype(dtype) or checkpoint_dtype(index)
+    plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=AutoConfig.from_pretrained(draft),
+                draft_bytes=index_bytes(index, draft_dtype), draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
+                device=resolve_device(device), streamer_options=streamer_options, runtime_floor=runtime_floor)
+
+
+def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None,
+                 runtime_floor=0):
     """The target model the engine verifies with, and its StreamedTarget (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
@@ -367,5 +420,5 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=Fals
     check_checkpoint(where)  # the same early, one-line errors as the resident path
     streamed = load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
                                     dtype=resolve_dtype(dtype), device=resolve_device(device),
-                                    streamer_options=streamer_options)
+                                    streamer_options=streamer_options, runtime_floor=runtime_floor)
     return streamed.model, streamed
