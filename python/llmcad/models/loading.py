@@ -349,7 +349,8 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     from llmcad.memory import malloc_trim, runtime_floor
 
     target_tokenizer = load_tokenizer(target)
-    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft)
+    same = str(draft) == str(target) or _same_tokenizer_files(draft, target)
+    draft_tokenizer = target_tokenizer if same else load_tokenizer(draft)  # a large vocabulary's costs 100 MB
     source = None
     if memory_budget is not None:
         from llmcad.streaming.budget import resolve_budget
@@ -364,11 +365,27 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
-                                          draft_model=draft_model, mmap=mmap, runtime_floor=floor, **extra)
+                                          draft_model=draft_model, mmap=mmap, **extra)
     malloc_trim()
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
     return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
+def _same_tokenizer_files(draft, target) -> bool:
+    """Whether two local model directories hold byte-identical tokenizer files (the same tokenizer)."""
+    a, b = Path(str(draft)), Path(str(target))
+    if not (a.is_dir() and b.is_dir()) or not (a / "tokenizer.json").is_file():
+        return False
+    for name in _TOKENIZER_FILES:
+        fa, fb = a / name, b / name
+        if fa.is_file() != fb.is_file() or (fa.is_file() and fa.read_bytes() != fb.read_bytes()):
+            return False
+    return True
 
 
 def _import_model_classes(*sources) -> None:
@@ -386,9 +403,8 @@ def _import_model_classes(*sources) -> None:
 def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype, runtime_floor, streamer_options):
     """Plan the budget with the draft's bytes taken from its weight files (no weight read): BudgetError,
     naming the runtime floor and the least plan, before anything loads."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmcad.streaming.budget import index_bytes
     from llmcad.streaming.streamed import checkpoint_dtype, plan_budget
     from llmcad.streaming.weights import load_index
 
@@ -399,13 +415,19 @@ def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype,
     except (OSError, ValueError):
         return  # load_causal_lm reports it
     draft_dtype = resolve_dtype(dtype) or checkpoint_dtype(index)
-    plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=AutoConfig.from_pretrained(draft),
-                draft_bytes=index_bytes(index, draft_dtype), draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
+    config = AutoConfig.from_pretrained(draft)
+    try:
+        with torch.device("meta"):  # shapes only: the bytes module_bytes will count once it is loaded
+            meta = AutoModelForCausalLM.from_config(config, dtype=draft_dtype)
+    except (OSError, ValueError, KeyError):
+        return  # load_causal_lm reports it
+    draft_bytes = sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers()))
+    plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=config,
+                draft_bytes=draft_bytes, draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
                 device=resolve_device(device), streamer_options=streamer_options, runtime_floor=runtime_floor)
 
 
-def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None,
-                 runtime_floor=0):
+def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None):
     """The target model the engine verifies with, and its StreamedTarget (None without a budget).
 
     The one place a memory budget changes how the target is built: with ``memory_budget=None`` the
@@ -420,5 +442,5 @@ def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=Fals
     check_checkpoint(where)  # the same early, one-line errors as the resident path
     streamed = load_budgeted_target(where, memory_budget=memory_budget, draft_model=draft_model,
                                     dtype=resolve_dtype(dtype), device=resolve_device(device),
-                                    streamer_options=streamer_options, runtime_floor=runtime_floor)
+                                    streamer_options=streamer_options)  # the process's runtime floor counted
     return streamed.model, streamed

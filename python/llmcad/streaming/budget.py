@@ -293,11 +293,6 @@ def _placement(index, k, acct, budget, num_buffers, pass_rows=None) -> Placement
                      budget_bytes=budget, accounting=acct, pass_rows=pass_rows)
 
 
-def index_bytes(index: WeightIndex, dtype=None) -> int:
-    """Bytes of every tensor of a checkpoint once held in ``dtype`` (None: as stored)."""
-    return sum(_compute_bytes(t, dtype) for t in index.tensors.values())
-
-
 def _itemsize(dtype) -> int:
     if isinstance(dtype, str):
         import torch

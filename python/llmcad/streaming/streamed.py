@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from llmcad import memory
 from llmcad.streaming.budget import (Placement, kv_cache_bytes, module_bytes, pass_work_bytes, plan_placement,
                                     resident_placement)
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
@@ -76,11 +77,11 @@ DEFAULT_KV_TOKENS = 2048  # cache positions budgeted per model when the caller d
 
 def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device="cpu",
                          kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None,
-                         runtime_floor: int = 0):
+                         runtime_floor: int | None = None):
     """Plan the target's placement under ``memory_budget`` next to ``draft_model``, then load it.
 
-    The budget covers the runtime (``runtime_floor``, see llmcad.memory.runtime_floor; 0: not
-    counted), the draft's weights (as loaded), the target's resident tensors and ring, both KV caches
+    The budget covers the runtime (``runtime_floor``; None: llmcad.memory.runtime_floor(), this
+    process's, measured once; 0: not counted), the draft's weights (as loaded), the target's resident tensors and ring, both KV caches
     at ``kv_tokens`` positions (default: DEFAULT_KV_TOKENS, capped by the context) and the working
     set of the largest pass (see :func:`plan_budget`). Returns the :class:`StreamedTarget` (its
     ``placement`` is the plan); raises BudgetError (a ValueError) when the budget is too small.
@@ -95,12 +96,12 @@ def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device
 
 def plan_budget(path, *, memory_budget, draft_config, draft_bytes: int, draft_dtype, dtype=None, device="cpu",
                 kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None,
-                runtime_floor: int = 0) -> Placement:
+                runtime_floor: int | None = None) -> Placement:
     """The placement of target ``path`` under ``memory_budget`` beside a draft of ``draft_config``
     holding ``draft_bytes`` in ``draft_dtype``; nothing is loaded (callable before the draft loads,
     with its bytes estimated, to refuse a budget before any weight is read). The working set of a
     pass (both models' activations and logits chunks, llmcad.streaming.budget.pass_work_bytes) is
-    reserved at the KV positions budgeted."""
+    reserved at the KV positions budgeted. ``runtime_floor``: as for :func:`load_budgeted_target`."""
     from transformers import AutoConfig
 
     index = load_index(path)
@@ -116,7 +117,8 @@ def plan_budget(path, *, memory_budget, draft_config, draft_bytes: int, draft_dt
 
     return plan_placement(index, memory_budget=memory_budget, dtype=dtype, draft_bytes=draft_bytes, kv_bytes=kv,
                           num_buffers=num_buffers, device_slots=DEVICE_SLOTS if gpu_path == "copy" else 0,
-                          runtime_floor=runtime_floor, work=work)
+                          runtime_floor=memory.runtime_floor() if runtime_floor is None else runtime_floor,
+                          work=work)
 
 
 def decoder_layers(model, source=None) -> torch.nn.ModuleList:
