@@ -373,7 +373,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+                    "vocab.json", "merges.txt", "tokenizer.model")  # not the chat template: only the target's is used
 
 
 def _same_tokenizer_files(draft, target) -> bool:
