@@ -213,7 +213,7 @@ def run_generate(args) -> int:
     started = time.perf_counter()
     with open_engine(args) as engine:
         load_s = time.perf_counter() - started
-        if not args.quiet:
+        if not (args.quiet or args.json):  # the load line: the budget, its source, the floor, the plan
             print(f"llmcad: {engine.describe_memory()}", file=sys.stderr)
         result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
                                  streamer=None if args.json else _stdout_writer, **sampling_options(args))
