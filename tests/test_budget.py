@@ -173,3 +173,50 @@ def test_a_plan_is_what_the_streamer_allocates(tmp_path):
             for i in p.streamed_layers:
                 s.add_layer(index.layer_ranges(i).ranges)
             assert s.memory_bytes == p.accounting["streamer_buffers"]
+
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize("limit, available, held, expected", [
+    (4096 * MiB, 10**12, 0, 4096 * MiB - int(4096 * MiB * 0.05)),  # the cgroup's limit, less 5%
+    (1024 * MiB, 10**12, 0, 1024 * MiB - 128 * MiB),  # ... less at least 128 MiB
+    (None, 3000 * MiB, 500 * MiB, 3500 * MiB - int(3500 * MiB * 0.05)),  # no cgroup: MemAvailable + held
+])
+def test_auto_budget_is_the_cgroup_limit_else_what_is_free_less_a_margin(monkeypatch, limit, available, held,
+                                                                          expected):
+    from llmcad import memory
+    from llmcad.streaming.budget import resolve_budget
+
+    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: limit)
+    monkeypatch.setattr(memory, "mem_available_bytes", lambda: available)
+    monkeypatch.setattr(memory, "rss_bytes", lambda: held)
+    nbytes, source = resolve_budget("auto")
+    assert nbytes == expected
+    assert source.startswith("auto: ") and ("cgroup" in source) == (limit is not None) and "margin" in source
+
+
+def test_a_budget_above_the_cgroup_limit_is_refused(monkeypatch):
+    from llmcad import memory
+    from llmcad.streaming.budget import resolve_budget
+
+    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 1024 * MiB)
+    assert resolve_budget("1GiB") == (1024 * MiB, "given")
+    with pytest.raises(BudgetError, match=r"above this process's memory cgroup limit \(1.00 GiB\)"):
+        resolve_budget("1.5GiB")
+
+
+def test_the_floor_and_the_least_pass_are_in_the_least_plan(index):
+    from llmcad.streaming.budget import PASS_ROWS, RUNTIME_SLACK
+
+    def work(rows):
+        return 1000 * rows
+
+    need = _minimum(index, runtime_floor=300 * MiB, work=work)
+    assert need == _minimum(index) + 300 * MiB + RUNTIME_SLACK + work(PASS_ROWS[-1])
+    with pytest.raises(BudgetError, match=r"runtime floor measured at start-up \(300.0 MiB.*the least plan \("):
+        plan_placement(index, memory_budget=need - 1, runtime_floor=300 * MiB, work=work)
+    assert plan_placement(index, memory_budget=need, runtime_floor=300 * MiB, work=work).pass_rows == PASS_ROWS[-1]
+    roomy = plan_placement(index, memory_budget="2GiB", runtime_floor=300 * MiB, work=work)
+    assert roomy.pass_rows == PASS_ROWS[0] and roomy.accounting["pass_work"] == work(PASS_ROWS[0])
+    assert roomy.accounting["runtime_floor"] == 300 * MiB and roomy.accounting["runtime_slack"] == RUNTIME_SLACK

@@ -72,18 +72,19 @@ def test_batched_rows_give_the_logits_of_plain_forwards(tiny_models, tiny_tokeni
     original = drafter._run_rows
 
     def recording(tree, nodes, pol, name="draft"):
-        probs = original(tree, nodes, pol, name)
+        top_p, top_t = original(tree, nodes, pol, name)
         for row, node in enumerate(nodes):
-            seen[node] = (tree_path(tree, node), probs[row])
-        return probs
+            seen[node] = (tree_path(tree, node), top_p[row], top_t[row])
+        return top_p, top_t
 
     drafter._run_rows = recording
     tree = drafter.grow(ids[-1], policy, depth_cap=10)
     assert max(policy.sizes["draft_rows"]) > 1, "no batched step ran"
-    for path, probs in seen.values():
+    for path, top_p, top_t in seen.values():  # each row's top tokens, with their probabilities
         with torch.no_grad():
             plain = torch.softmax(draft(torch.tensor([ids[:-1] + path])).logits[0, -1].float(), dim=-1)
-        torch.testing.assert_close(probs, plain, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(top_p, plain[top_t], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(top_p, torch.topk(plain, k=len(top_p)).values, rtol=1e-4, atol=1e-5)
     ran = sum(1 for s in tree.slot if s >= 0)
     assert kv.cache_length(drafter.cache) >= len(ids) - 1 + ran
     for node in range(1, len(tree)):  # best first: values never grow down a path, parents come first
@@ -148,20 +149,21 @@ def test_linear_cost_fits_measurements():
 
 
 class SimulatedDraftDrafter(TreeDrafter):
-    """A draft whose every distribution is ``dist`` (top token first): no model, slots kept as a real
-    forward would keep them. The target accepts a token of probability p with probability p
+    """A draft whose every distribution is ``dist`` (top token first; its top tokens are 0, 1, ...): no
+    model, slots kept as a real forward would keep them. The target accepts a token of probability p with probability p
     (a calibrated draft), so a node's true value is its path's product of probabilities."""
 
     def __init__(self, dist, seconds_per_row=0.002, fixed_seconds=0.05):
         super().__init__(draft=None, prompt_ids=[1, 2, 3])
         self.dist = torch.tensor(dist + [0.0] * (8 - len(dist)))
+        self.tokens = torch.arange(8)
         self.fixed, self.per_row = fixed_seconds, seconds_per_row
 
     def _run(self, tree, node, name="draft"):
         tree.slot[node] = self._ran
         self._ran += 1
         self.pending = []
-        return self.dist
+        return self.dist, self.tokens
 
     def _run_rows(self, tree, nodes, policy, name="draft"):
         for row, node in enumerate(nodes):
@@ -171,7 +173,7 @@ class SimulatedDraftDrafter(TreeDrafter):
         self.steps += 1
         if policy is not None:
             policy.observe_draft(len(nodes), self.fixed + self.per_row * len(nodes))
-        return self.dist.expand(len(nodes), -1)
+        return self.dist.expand(len(nodes), -1), self.tokens.expand(len(nodes), -1)
 
 
 def calibrated_policy(pass_fixed_s, pass_per_token_s, io_s=None, **options):

@@ -85,8 +85,9 @@ def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep 
     p.add_argument("--target", default=None, help="target model: a directory, a name `llmcad models` lists, or a "
                    "hub id (default: the demo pair's)")
     p.add_argument("--mode", choices=MODES, default="llmcad")
-    p.add_argument("--memory-budget", default=None, help="bound on all model memory, e.g. 2GiB (default: "
-                   f"{budget_default})")
+    p.add_argument("--memory-budget", default=None, help="bound on the peak resident memory of the whole process "
+                   "(runtime, both models, caches, passes), e.g. 2GiB, or 'auto': the memory cgroup's limit, else "
+                   f"MemAvailable, less a margin (default: {budget_default})")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -158,11 +159,11 @@ def check_model_arguments(args) -> None:
     resolve_model_arguments(args)
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
-    from llmcad.streaming.budget import parse_rate, parse_size
+    from llmcad.streaming.budget import parse_rate, resolve_budget
 
     make_policy(args.mode, **policy_options(args))
     if args.memory_budget is not None:
-        parse_size(args.memory_budget)
+        resolve_budget(args.memory_budget)
     if getattr(args, "bandwidth_cap", None) is not None:
         parse_rate(args.bandwidth_cap, what="--bandwidth-cap")
     resolve_device(args.device)
@@ -250,6 +251,8 @@ def run_generate(args) -> int:
     started = time.perf_counter()
     with open_engine(args) as engine:
         load_s = time.perf_counter() - started
+        if not (args.quiet or args.json):  # the load line: the budget, its source, the floor, the plan
+            print(f"llmcad: {engine.describe_memory()}", file=sys.stderr)
         result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
                                  streamer=None if args.json else _stdout_writer, **sampling_options(args))
     if args.json:

@@ -103,14 +103,14 @@ def _quantized(target, scheme: str):
 def _check_input(args, budget) -> None:
     """Prompt, token count and budget checked before anything is fetched or loaded."""
     from llmcad.errors import PromptError
-    from llmcad.streaming.budget import parse_size
+    from llmcad.streaming.budget import resolve_budget
 
     if args.prompt is not None and not args.prompt:
         raise PromptError("prompt is empty (--prompt)")
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an int > 0")
     if budget is not None:
-        parse_size(budget)
+        resolve_budget(budget)
 
 
 def _prompt(tokenizer, args):

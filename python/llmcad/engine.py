@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from llmcad import memory
 from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
@@ -23,6 +24,7 @@ from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
                                   VerifyWorker, bonus_subtree, install_target_hooks, main_path, reconcile)
 from llmcad.stats import StatsRecorder
+from llmcad.streaming.budget import logits_chunk_rows
 from llmcad.trace import Tracer, io_lane
 from llmcad.speculative.verify import TargetChooser, TargetVerifier, validate_sampling
 
@@ -61,7 +63,8 @@ class LLMCad:
     modes = tuple(POLICIES)
 
     def __init__(self, draft, target, tokenizer, policy: Policy, *, streamed=None, placement=None, pipeline=None,
-                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS, prefix_cache=True):
+                 prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS, prefix_cache=True,
+                 runtime_floor=None, budget_source=None):
         _check_prefix_cache(prefix_cache)
         if streamed is not None and streamed.model is not target:
             raise ValueError("streamed.model must be the target model")
@@ -78,6 +81,13 @@ class LLMCad:
         self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
         self.prefix_cache = PrefixCache(self._draft_kv_positions, position_bytes=_kv_position_bytes(draft, target)) \
             if prefix_cache else None
+        # the memory budget's largest pass: trees and prompt passes stay within it; logits come in chunks
+        self.pass_rows = getattr(self.placement, "pass_rows", None)
+        policy.memory_cap = self.pass_rows
+        self.chunk_rows = {name: min(logits_chunk_rows(m.config, m.dtype), self.pass_rows or 1 << 30)
+                           for name, m in (("target", target), ("draft", draft))}
+        self.runtime_floor = memory.runtime_floor() if runtime_floor is None else runtime_floor
+        self.budget_source = budget_source
         self._closed = False
         self._generating = threading.Lock()  # one generate at a time; others wait their turn
         # an engine dropped without close() still releases the streamed target's files, buffers, threads
@@ -95,7 +105,9 @@ class LLMCad:
         (fixed-length chain) or "target-only" (one token a pass). ``policy_options``: that mode's
         parameters (max_tree_tokens, max_depth, branch_threshold, alpha, chain_length; see
         llmcad.speculative.policy). ``pipeline``, ``prefetch``, ``max_provisional_tokens``: see :class:`LLMCad`.
-        ``memory_budget``: None keeps the target resident. ``dtype``: None keeps the checkpoint's.
+        ``memory_budget``: None keeps the target resident; a size ("2.5GiB", bytes) or "auto" (the memory
+        cgroup's limit, else MemAvailable, less a margin) bounds the peak resident memory of the whole
+        process, runtime included (llmcad.streaming.budget). ``dtype``: None keeps the checkpoint's.
         ``streamer_options``: WeightStreamer keyword arguments for a streamed target (e.g.
         ``{"bandwidth_cap": 300e6}`` bytes/s, ``backend``, ``direct``). ``mmap``: map the draft's and a
         resident target's weight files instead of reading them into memory the engine owns: faster to
@@ -117,7 +129,7 @@ class LLMCad:
                          trust_remote_code=trust_remote_code, **extra)
         return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
                    pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens,
-                   prefix_cache=prefix_cache)
+                   prefix_cache=prefix_cache, runtime_floor=pair.runtime_floor, budget_source=pair.budget_source)
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
@@ -191,10 +203,29 @@ class LLMCad:
         self._keep_prefix(run, ids + output.tokens)
         output.close()
         stats = run.record.finish(len(output.tokens), run.drafter.steps if run.drafter else 0, output.reason,
-                                  {**run.pipeline_stats(), "cached_tokens": reuse.tokens if reuse else 0})
+                                  {**run.pipeline_stats(), "cached_tokens": reuse.tokens if reuse else 0,
+                                   **self.memory_stats()})
         if run.tracer is not None:
             run.tracer.write(trace)
         return GenerationResult(list(output.tokens), output.text(), stats, run.record.trace)
+
+    def memory_stats(self) -> dict:
+        """The memory budget and what it is spent on: ``runtime_floor_bytes`` (resident before the weights
+        loaded), ``memory_budget_bytes`` and how it was found, the largest pass in rows (None: unbounded)."""
+        budget = getattr(self.placement, "budget_bytes", None)
+        return {"runtime_floor_bytes": self.runtime_floor, "memory_budget_bytes": budget,
+                "memory_budget_source": self.budget_source if budget is not None else None,
+                "pass_rows": self.pass_rows}
+
+    def describe_memory(self) -> str:
+        """One line for the load message: the budget, where it came from, the floor, the plan."""
+        floor = f"runtime floor {_mib(self.runtime_floor)}"
+        if self.placement is None or self.placement.budget_bytes is None:
+            return f"memory: no budget (target resident), {floor}"
+        p = self.placement
+        return (f"memory budget {_mib(p.budget_bytes)} ({self.budget_source or 'given'}): {floor}, "
+                f"{len(p.resident_layers)} of {len(p.resident_layers) + len(p.streamed_layers)} target layers "
+                f"resident, passes of up to {self.pass_rows} rows, {_mib(p.accounting.get('spare', 0))} spare")
 
     def _encode(self, prompt) -> list:
         if is_messages(prompt):
@@ -257,9 +288,10 @@ class _Run:
         # KV positions per cache this run may use: the budget's, less the prefix cache's entries
         cached = engine.prefix_cache
         self.kv_positions = cached.room() if cached is not None else engine._draft_kv_positions
-        self.verifier = TargetVerifier(engine.target, ids, cache=reuse.target if reuse else None)
-        self.drafter = TreeDrafter(engine.draft, ids, cache=reuse.draft if reuse else None) \
-            if self.policy.drafts else None
+        self.verifier = TargetVerifier(engine.target, ids, engine.pass_rows, engine.chunk_rows["target"],
+                                       cache=reuse.target if reuse else None)
+        self.drafter = (TreeDrafter(engine.draft, ids, engine.pass_rows, engine.chunk_rows["draft"],
+                                    cache=reuse.draft if reuse else None) if self.policy.drafts else None)
         if self.drafter is not None:
             self.drafter.tracer = tracer
         self.controller = engine.streamed
@@ -566,11 +598,25 @@ def _kv_position_bytes(draft, target) -> int:
 
 def _budgeted_kv_positions(draft, target, placement):
     """KV positions the memory budget leaves each cache: the reservation (placement accounting) plus
-    whatever the budget has to spare; None without a budget."""
+    what the budget has to spare, each spare position paying for its keys and values and for what it
+    adds to the largest pass's attention; None without a budget."""
     accounting = (getattr(placement, "accounting", None) or {}) if placement is not None else {}
     kv_bytes = accounting.get("kv_caches")
     if not kv_bytes:
         return None
-    kv_bytes += max(0, accounting.get("spare", 0))
+    from llmcad.streaming.budget import pass_work_bytes
+
     per_position = _kv_position_bytes(draft, target)
-    return int(kv_bytes // per_position) if per_position else None
+    if not per_position:
+        return None
+    reserved = kv_bytes // per_position
+    rows = getattr(placement, "pass_rows", None)
+    if rows is not None:  # the pass's mask and expanded keys grow with the context (1024 positions: exact enough)
+        grown = [pass_work_bytes(target.config, draft.config, rows, reserved + extra, target.dtype, draft.dtype)
+                 for extra in (0, 1024)]
+        per_position += -(-(grown[1] - grown[0]) // 1024)
+    return int(reserved + max(0, accounting.get("spare", 0)) // per_position)
+
+
+def _mib(nbytes) -> str:
+    return f"{(nbytes or 0) / 2**20:.0f} MiB"

@@ -42,6 +42,23 @@ def rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
+_FLOOR = []
+
+
+def runtime_floor() -> int:
+    """The resident memory of this process before any model's weights load: measured once, by the
+    first engine that loads (Python, torch and transformers imported, the tokenizer loaded), after the
+    garbage is collected and the heap trimmed; later loads in the same process report the same figure.
+    0 where /proc is missing."""
+    if not _FLOOR:
+        import gc
+
+        gc.collect()
+        malloc_trim()
+        _FLOOR.append(rss_bytes() or 0)
+    return _FLOOR[0]
+
+
 def mem_available_bytes() -> int | None:
     """``MemAvailable`` from /proc/meminfo in bytes (what the kernel could give without swapping)."""
     try:

@@ -7,9 +7,15 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
+from llmcad import memory
+
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process: VmHWM (llmcad.memory), or ru_maxrss where there is no
+    /proc (KiB on Linux, bytes on macOS; a child inherits its parent's, so only a fallback)."""
+    peak = memory.peak_rss_bytes()
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

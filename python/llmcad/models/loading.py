@@ -29,6 +29,8 @@ class ModelPair:
     tokenizer: object
     placement: object = None  # llmcad.streaming.budget.Placement when a memory budget was given
     streamed: object = None  # llmcad.streaming.streamed.StreamedTarget (its model is target) with a budget
+    runtime_floor: int = 0  # bytes resident before the weights loaded (llmcad.memory.runtime_floor)
+    budget_source: str | None = None  # how the memory budget was found ("given", or what "auto" read)
 
 
 def resolve_dtype(dtype):
@@ -418,19 +420,95 @@ def _tokenizer_origin(draft_tokenizer, target_tokenizer) -> str:
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
               mmap=False, trust_remote_code=False) -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
+    ``memory_budget``: None (the target resident, nothing bounded), a size or "auto"
+    (llmcad.streaming.budget.resolve_budget); a budget below the runtime floor plus the least plan is
+    refused before any weight loads.
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
     ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm).
     ``trust_remote_code``: run Python code a model directory ships; never without it (default False)."""
+    from llmcad.memory import malloc_trim, runtime_floor
+
     trust = {"trust_remote_code": bool(trust_remote_code)}
     target_tokenizer = load_tokenizer(target, **trust)
-    draft_tokenizer = target_tokenizer if str(draft) == str(target) else load_tokenizer(draft, **trust)
+    same = str(draft) == str(target) or _same_tokenizer_files(draft, target)
+    draft_tokenizer = target_tokenizer if same else load_tokenizer(draft, **trust)  # a large vocabulary's costs 100 MB
+    source = None
+    if memory_budget is not None:
+        from llmcad.streaming.budget import resolve_budget
+
+        memory_budget, source = resolve_budget(memory_budget)
+    _import_model_classes(draft, target, **trust)  # part of the runtime, not of the weights
+    floor = runtime_floor()
+    if memory_budget is not None:
+        _check_budget_before_loading(draft, target, memory_budget=memory_budget, device=device, dtype=dtype,
+                                     runtime_floor=floor, streamer_options=streamer_options, **trust)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
+    malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
                                           draft_model=draft_model, mmap=mmap, **extra, **trust)
+    malloc_trim()
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
-    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed)
+    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model")  # not the chat template: only the target's is used
+
+
+def _same_tokenizer_files(draft, target) -> bool:
+    """Whether two local model directories hold byte-identical tokenizer files (the same tokenizer)."""
+    a, b = Path(str(draft)), Path(str(target))
+    if not (a.is_dir() and b.is_dir()) or not (a / "tokenizer.json").is_file():
+        return False
+    for name in _TOKENIZER_FILES:
+        fa, fb = a / name, b / name
+        if fa.is_file() != fb.is_file() or (fa.is_file() and fa.read_bytes() != fb.read_bytes()):
+            return False
+    return True
+
+
+def _import_model_classes(*sources, trust_remote_code=False) -> None:
+    """Import the modeling code of each local source's architecture, so that the runtime floor holds it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for source in sources:
+        if Path(str(source)).is_dir():
+            try:
+                config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+                AutoModelForCausalLM._model_mapping[type(config)]
+            except (KeyError, OSError, ValueError):
+                pass  # load_causal_lm reports it
+
+
+def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype, runtime_floor, streamer_options,
+                                 trust_remote_code=False):
+    """Plan the budget with the draft's bytes taken from its weight files (no weight read): BudgetError,
+    naming the runtime floor and the least plan, before anything loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcad.streaming.streamed import checkpoint_dtype, plan_budget
+    from llmcad.streaming.weights import load_index
+
+    if not (Path(str(draft)).is_dir() and Path(str(target)).is_dir()) or _is_quantized(draft):
+        return  # a hub id or a packed draft: the plan after the draft loads is the check
+    try:
+        index = load_index(draft)
+    except (OSError, ValueError):
+        return  # load_causal_lm reports it
+    draft_dtype = resolve_dtype(dtype) or checkpoint_dtype(index)
+    config = AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):  # shapes only: the bytes module_bytes will count once it is loaded
+            meta = AutoModelForCausalLM.from_config(config, dtype=draft_dtype)
+    except (OSError, ValueError, KeyError):
+        return  # load_causal_lm reports it
+    draft_bytes = sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers()))
+    plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=config,
+                draft_bytes=draft_bytes, draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
+                device=resolve_device(device), streamer_options=streamer_options, runtime_floor=runtime_floor,
+                trust_remote_code=trust_remote_code)
 
 
 def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmcad.speculative import kv
-from llmcad.speculative.forward import forward_with_mask, pending_tree_inputs
+from llmcad.speculative.forward import forward_with_mask, pending_tree_inputs, prefill
 from llmcad.speculative.costs import ema
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
@@ -119,11 +119,15 @@ class DraftTree:
 class TreeDrafter:
     """Grows trees with the draft model and keeps its KV cache in step with the committed text."""
 
-    def __init__(self, draft, prompt_ids, cache=None):
-        """``cache``: a DynamicCache already holding the prompt's first tokens (fewer than all)."""
+    def __init__(self, draft, prompt_ids, max_pass_rows: int | None = None, chunk_rows: int | None = None,
+                 cache=None):
+        """``max_pass_rows``: rows of the largest forward (a longer prompt is cached in passes of its own;
+        None: no bound); ``chunk_rows``: logits rows made at once (only each row's top tokens are kept);
+        ``cache``: a DynamicCache already holding the prompt's first tokens (fewer than all)."""
         from transformers import DynamicCache
 
         self.draft = draft
+        self.max_pass_rows, self.chunk_rows = max_pass_rows, chunk_rows
         self.cache = DynamicCache() if cache is None else cache
         self._prefix = kv.cache_length(self.cache)
         self.pending = list(prompt_ids[self._prefix:-1])  # committed tokens not in the cache yet
@@ -161,8 +165,7 @@ class TreeDrafter:
             node = self._pick_leaf(tree, max_depth)
             if node is None:
                 break
-            probs = self._run(tree, node)
-            self._add_children(tree, node, probs, policy)
+            self._add_children(tree, node, self._run(tree, node), policy)
         return tree
 
     def _grow_best_first(self, tree: DraftTree, policy, max_depth: int) -> DraftTree:
@@ -171,16 +174,16 @@ class TreeDrafter:
         self._revalue(tree, policy)
         if tree.slot[0] < 0 and max_depth > 0 and self._kv_room > len(self.pending):
             typical = not self.pending  # a prompt's prefill is no typical step
-            probs = self._run(tree, 0)
+            top = self._run(tree, 0)
             if typical:
                 policy.observe_draft(1, time.perf_counter() - t0)
-            self._add_best_children(tree, 0, probs, policy, bar=0.0)
+            self._add_best_children(tree, 0, top, policy, bar=0.0)
         while True:
             limit = policy.max_tree_tokens
             ranked = sorted(tree.value, reverse=True)
             floor = ranked[limit - 1] if len(tree) >= limit else 0.0
             values, nodes = self._frontier(tree, max_depth)
-            rows = min(policy.rows(values), self._kv_room)
+            rows = min(policy.rows(values), self._kv_room, self.max_pass_rows or len(nodes))
             if rows <= 0 or not policy.keep_drafting(values[:rows], floor, sum(ranked[1:limit]), len(tree),
                                                      time.perf_counter() - t0):
                 break
@@ -190,14 +193,14 @@ class TreeDrafter:
 
     def expand(self, tree: DraftTree, nodes, policy, bar: float = 0.0, name: str = "draft") -> None:
         """One draft forward of ``nodes`` (unexpanded, not the root); their top tokens become children."""
-        probs = self._run_rows(tree, nodes, policy, name)
+        top_p, top_t = self._run_rows(tree, nodes, policy, name)
         for row, node in enumerate(nodes):
-            self._add_best_children(tree, node, probs[row], policy, bar)
+            self._add_best_children(tree, node, (top_p[row], top_t[row]), policy, bar)
 
     def best_frontier(self, tree: DraftTree, policy, max_depth: int) -> list:
         """The unexpanded nodes the policy would expand next (provisional drafting), within the KV room."""
         values, nodes = self._frontier(tree, max_depth)
-        return nodes[:min(policy.rows(values), self._kv_room)]
+        return nodes[:min(policy.rows(values), self._kv_room, self.max_pass_rows or len(nodes))]
 
     @staticmethod
     def _frontier(tree: DraftTree, max_depth: int) -> tuple[list, list]:
@@ -214,10 +217,10 @@ class TreeDrafter:
             tree.value[node] = policy.value(tree.value[tree.parents[node]], tree.probs[node])
 
     @staticmethod
-    def _add_best_children(tree: DraftTree, node: int, probs: torch.Tensor, policy, bar: float) -> None:
-        """Children: the top tokens whose value clears ``bar`` (with ``policy.branch_threshold``: the
-        argmax and tokens above it)."""
-        top_p, top_t = torch.topk(probs, k=min(TOP_CHILDREN, probs.numel()))
+    def _add_best_children(tree: DraftTree, node: int, top, policy, bar: float) -> None:
+        """Children: the top tokens (``top``: probabilities and tokens, best first) whose value clears
+        ``bar`` (with ``policy.branch_threshold``: the argmax and tokens above it)."""
+        top_p, top_t = top[0][:TOP_CHILDREN], top[1][:TOP_CHILDREN]
         threshold, mass = policy.branch_threshold, 0.0
         for rank, (p, t) in enumerate(zip(top_p.tolist(), top_t.tolist())):
             accept = policy.calibration(p)
@@ -263,8 +266,7 @@ class TreeDrafter:
 
     def extend_main(self, tree: DraftTree, node: int) -> int:
         """Provisional drafting: run leaf ``node`` and add only its argmax child; returns the child."""
-        probs = self._run(tree, node, name="provisional")
-        top_p, top_t = torch.topk(probs, k=min(MAX_CHILDREN, probs.numel()))  # as in _add_children
+        top_p, top_t = self._run(tree, node, name="provisional")
         threshold = self._branch_threshold
         self._alternatives[node] = [(int(t), float(p)) for p, t in zip(top_p[1:].tolist(), top_t[1:].tolist())
                                     if threshold is not None and p > threshold]
@@ -282,15 +284,18 @@ class TreeDrafter:
                 best, best_deficit = leaf, deficit
         return best
 
-    def _run(self, tree: DraftTree, node: int, name: str = "draft") -> torch.Tensor:
-        """One draft forward of ``node``'s token (plus the pending tokens, on a root); its probabilities."""
+    def _run(self, tree: DraftTree, node: int, name: str = "draft"):
+        """One draft forward of ``node``'s token (plus the pending tokens, on a root); its top
+        probabilities and tokens (:meth:`_top`), [MAX_CHILDREN] each."""
         t0 = time.perf_counter()
         if node == 0:
+            self._prefill_long_pending()
             device, dtype = self._device_dtype()
             mask, positions = pending_tree_inputs(kv.cache_length(self.cache), len(self.pending), [-1],
                                                   dtype, device)
             inputs = self.pending + [tree.tokens[0]]
             logits = forward_with_mask(self.draft, self.cache, inputs, positions, mask, logits_to_keep=1)
+            top_p, top_t = self._top(logits)
             self._kv_room -= len(self.pending) + 1
             self.pending = []
             tree.slot[0] = self._ran
@@ -300,16 +305,36 @@ class TreeDrafter:
                 self.step_ema_s = ema(self.step_ema_s, time.perf_counter() - t0)
             if self.tracer is not None:
                 self.tracer.add("draft", name, t0, time.perf_counter(), node=0, depth=0)
-            return torch.softmax(logits[-1], dim=-1)
-        return self._run_rows(tree, [node], None, name)[0]
+            return top_p[-1], top_t[-1]
+        top_p, top_t = self._run_rows(tree, [node], None, name)
+        return top_p[0], top_t[0]
 
-    def _run_rows(self, tree: DraftTree, nodes, policy, name: str = "draft") -> torch.Tensor:
-        """One draft forward of the tokens of ``nodes`` (none the root) as rows: probabilities [B, vocab]."""
+    def _prefill_long_pending(self) -> None:
+        """Cache the pending tokens beyond what one forward of ``max_pass_rows`` holds beside the root."""
+        rows = self.max_pass_rows
+        if rows is not None and len(self.pending) + 1 > rows:
+            split = len(self.pending) + 1 - rows
+            prefill(self.draft, self.cache, self.pending[:split], rows)
+            self._kv_room -= split
+            self.pending = self.pending[split:]
+
+    def _top(self, logits):
+        """Each row's MAX_CHILDREN most probable tokens: (probabilities, tokens) [rows, k], made from the
+        logits a chunk of rows at a time (a softmax over the whole vocabulary, then top-k)."""
+        k = min(MAX_CHILDREN, logits.shape[1])
+        tops = [torch.topk(torch.softmax(rows, dim=-1), k=k) for _, rows in logits.chunks()]
+        return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+
+    def _run_rows(self, tree: DraftTree, nodes, policy, name: str = "draft"):
+        """One draft forward of the tokens of ``nodes`` (none the root) as rows: their top probabilities
+        and tokens (:meth:`_top`), [B, MAX_CHILDREN] each."""
         t0 = time.perf_counter()
         device, dtype = self._device_dtype()
         mask = rows_mask(tree.parents, tree.slot, nodes, self._prefix, self._ran, dtype).to(device)
         positions = [self._prefix + tree.depth[u] for u in nodes]
-        logits = forward_with_mask(self.draft, self.cache, [tree.tokens[u] for u in nodes], positions, mask)
+        logits = forward_with_mask(self.draft, self.cache, [tree.tokens[u] for u in nodes], positions, mask,
+                                   chunk_rows=self.chunk_rows)
+        top = self._top(logits)
         for row, node in enumerate(nodes):
             tree.slot[node] = self._ran + row
         self._ran += len(nodes)
@@ -322,17 +347,18 @@ class TreeDrafter:
         if self.tracer is not None:
             self.tracer.add("draft", name, t0, time.perf_counter(), rows=len(nodes),
                             depth=max(tree.depth[u] for u in nodes))
-        return torch.softmax(logits, dim=-1)
+        return top
 
     def _device_dtype(self):
         weight = self.draft.get_input_embeddings().weight
         return weight.device, weight.dtype
 
     @staticmethod
-    def _add_children(tree: DraftTree, node: int, probs: torch.Tensor, policy) -> None:
-        """Main child = argmax; siblings = other tokens above ``policy.branch_threshold``."""
+    def _add_children(tree: DraftTree, node: int, top, policy) -> None:
+        """Main child = argmax; siblings = other tokens above ``policy.branch_threshold`` (``top``: the
+        node's top probabilities and tokens, best first)."""
         room = policy.max_tree_tokens - len(tree)
-        top_p, top_t = torch.topk(probs, k=min(MAX_CHILDREN, probs.numel()))
+        top_p, top_t = top
         threshold = policy.branch_threshold
         for rank, (p, t) in enumerate(zip(top_p.tolist(), top_t.tolist())):
             if room <= 0 or (rank > 0 and (threshold is None or p <= threshold)):

@@ -1,6 +1,12 @@
 """One forward of a Hugging Face causal LM over cached keys + new tokens, with an explicit additive
 4D mask and explicit position ids (the way both the draft and the target are called).
 
+Logits are never materialised for more rows than needed at once: the decoder stack (``model.model``,
+final norm included) gives the hidden states, and :class:`RowLogits` applies the output head to them
+a chunk of rows at a time, in the compute dtype (a model whose causal-LM forward does more than the
+head, e.g. soft-capping, gets its logits from that forward instead). A long run of tokens with no
+logits needed (a prompt) is cached in passes of at most ``rows`` tokens (:func:`prefill`).
+
 Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llmcad.bench or the engine.
 """
 from __future__ import annotations
@@ -10,7 +16,7 @@ import inspect
 import numpy as np
 import torch
 
-from llmcad.speculative import tree
+from llmcad.speculative import kv, tree
 
 _CACHE_KWARG = {}  # model class -> "cache" (transformers >= 5.24) or "past_key_values"
 
@@ -25,20 +31,83 @@ def cache_kwargs(model, cache) -> dict:
     return {_CACHE_KWARG[cls]: cache}
 
 
-def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_keep: int = 0) -> torch.Tensor:
+DEFAULT_CHUNK_ROWS = 64  # logits rows at once when the caller does not size them
+
+# config fields that make a causal-LM forward more than ``lm_head(hidden)``: its own forward computes those
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def forward_with_mask(model, cache, input_ids, position_ids, mask, logits_to_keep: int = 0,
+                      chunk_rows: int | None = None) -> "RowLogits":
     """Run ``model`` on ``input_ids`` (q tokens) after the ``cache``'s keys and append their keys/values.
 
     ``position_ids``: [q] int64; ``mask``: float additive [1, 1, q, cache_len + q] (0 = visible,
     -inf = hidden; never bool: bool masks are silently wrong with eager attention).
-    Returns float logits [k, vocab] of the last ``logits_to_keep`` tokens (all q when 0).
+    Returns the logits of the last ``logits_to_keep`` tokens (all q when 0) as :class:`RowLogits`,
+    computed ``chunk_rows`` rows at a time when read.
     """
     device = model.get_input_embeddings().weight.device
     ids = _long_on(input_ids, device).view(1, -1)
     positions = _long_on(position_ids, device).view(1, -1)
+    keep = logits_to_keep or ids.shape[1]
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=_on(mask, device), position_ids=positions, use_cache=True,
-                    logits_to_keep=logits_to_keep, **cache_kwargs(model, cache))
-    return out.logits[0].float()
+        if not _plain_head(model):
+            out = model(input_ids=ids, attention_mask=_on(mask, device), position_ids=positions, use_cache=True,
+                        logits_to_keep=keep, **cache_kwargs(model, cache))
+            return RowLogits(None, out.logits[0], chunk_rows)
+        out = model.model(input_ids=ids, attention_mask=_on(mask, device), position_ids=positions, use_cache=True,
+                          **cache_kwargs(model.model, cache))
+    return RowLogits(model.lm_head, out.last_hidden_state[0, -keep:], chunk_rows)
+
+
+class RowLogits:
+    """Float logits of ``n`` rows, made a chunk of rows at a time: ``chunks()`` yields ``(first row,
+    float32 [rows, vocab])``, each chunk freed before the next is made. ``head``: the output layer applied
+    to ``hidden`` [n, hidden] (None: ``hidden`` are logits already, in the model's dtype)."""
+
+    def __init__(self, head, hidden: torch.Tensor, chunk_rows: int | None = None):
+        self.head, self.hidden = head, hidden
+        self.chunk_rows = max(1, chunk_rows or DEFAULT_CHUNK_ROWS)
+        vocab = hidden.shape[-1] if head is None else head.weight.shape[0]
+        self.shape = (hidden.shape[0], vocab)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunks(self):
+        for start in range(0, self.shape[0], self.chunk_rows):
+            rows = self.hidden[start:start + self.chunk_rows]
+            if self.head is not None:
+                with torch.inference_mode():
+                    rows = self.head(rows)
+            yield start, rows.float()
+
+    def full(self) -> torch.Tensor:
+        """Every row's logits at once, float32 [n, vocab] (tests and small vocabularies)."""
+        return torch.cat([rows for _, rows in self.chunks()]) if self.shape[0] else torch.empty(self.shape)
+
+
+def _plain_head(model) -> bool:
+    """Whether the causal LM's logits are ``model.lm_head(model.model(...).last_hidden_state)``."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return (isinstance(getattr(model, "lm_head", None), torch.nn.Linear) and hasattr(model, "model")
+            and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS))
+
+
+def prefill(model, cache, tokens, rows: int) -> None:
+    """Append ``tokens`` (causal, after the cache's keys) to ``cache`` in passes of at most ``rows``
+    tokens, computing no logits: a long prompt costs the activations of ``rows`` tokens at a time."""
+    weight = model.get_input_embeddings().weight
+    device = weight.device
+    for start in range(0, len(tokens), rows):
+        chunk = list(tokens[start:start + rows])
+        cache_len = kv.cache_length(cache)
+        mask = causal_rows(cache_len, len(chunk), cache_len + len(chunk), weight.dtype, device)
+        positions = torch.arange(cache_len, cache_len + len(chunk))
+        with torch.inference_mode():
+            body = model.model if hasattr(model, "model") else model
+            body(input_ids=_long_on(chunk, device).view(1, -1), attention_mask=_on(mask, device),
+                 position_ids=_long_on(positions, device).view(1, -1), use_cache=True, **cache_kwargs(body, cache))
 
 
 def _long_on(values, device) -> torch.Tensor:
@@ -77,12 +146,17 @@ def pending_tree_inputs(cache_len: int, num_pending: int, parents, dtype, device
     if num_pending == 0:
         return tree_mask.to(device), tree_pos
     build = tree_mask.device  # the pending rows are made where the tree rows are
-    n = tree_mask.shape[2]
-    keys = prefix + n
-    rows = torch.arange(num_pending, device=build).view(-1, 1)
-    cols = torch.arange(keys, device=build).view(1, -1)
-    pending_mask = torch.zeros((num_pending, keys), dtype=dtype, device=build)
-    pending_mask.masked_fill_(cols > cache_len + rows, float("-inf"))
-    mask = torch.cat([pending_mask.view(1, 1, num_pending, keys), tree_mask], dim=2)
+    keys = prefix + tree_mask.shape[2]
+    mask = torch.cat([causal_rows(cache_len, num_pending, keys, dtype, build), tree_mask], dim=2)
     positions = torch.cat([torch.arange(cache_len, prefix, device=build), tree_pos])
     return mask.to(device), positions
+
+
+def causal_rows(cache_len: int, count: int, keys: int, dtype, device) -> torch.Tensor:
+    """Additive mask [1, 1, count, keys] of ``count`` causal tokens after ``cache_len`` keys: row i sees
+    keys 0..cache_len + i (0), nothing after (-inf)."""
+    rows = torch.arange(count, device=device).view(-1, 1)
+    cols = torch.arange(keys, device=device).view(1, -1)
+    mask = torch.zeros((count, keys), dtype=dtype, device=device)
+    mask.masked_fill_(cols > cache_len + rows, float("-inf"))
+    return mask.view(1, 1, count, keys)

@@ -18,8 +18,17 @@ class Policy:
     name = "base"
     drafts = True
     branch_threshold = None
-    max_tree_tokens = 1
+    tree_tokens = 1  # the mode's own tree size; max_tree_tokens is it within the memory cap
     max_depth = 0
+    memory_cap = None  # tree tokens the memory budget's largest pass holds (the engine sets it); None: no cap
+
+    @property
+    def max_tree_tokens(self) -> int:
+        return self.capped(self.tree_tokens)
+
+    def capped(self, tokens: int) -> int:
+        """``tokens`` within the memory cap (at least the root)."""
+        return tokens if self.memory_cap is None else max(1, min(tokens, self.memory_cap))
 
     def reset(self) -> None:
         """Forget state from a previous generation."""
@@ -63,7 +72,7 @@ class ChainPolicy(Policy):
     def __init__(self, chain_length: int = 5):
         self.chain_length = _positive_int("chain_length", chain_length)
         self.max_depth = self.chain_length
-        self.max_tree_tokens = self.chain_length + 1
+        self.tree_tokens = self.chain_length + 1
 
 
 class TreePolicy(Policy):
@@ -72,7 +81,7 @@ class TreePolicy(Policy):
     name = "tree"
 
     def __init__(self, max_tree_tokens: int = 32, max_depth: int = 10, branch_threshold: float = 0.3):
-        self.max_tree_tokens = _positive_int("max_tree_tokens", max_tree_tokens, minimum=2)
+        self.tree_tokens = _positive_int("max_tree_tokens", max_tree_tokens, minimum=2)
         self.max_depth = _positive_int("max_depth", max_depth)
         self.branch_threshold = _fraction("branch_threshold", branch_threshold)
 
@@ -147,7 +156,7 @@ class LLMCadPolicy(Policy):
 
     # ---- sizes
     @property
-    def max_tree_tokens(self) -> int:
+    def tree_tokens(self) -> int:
         if self.fixed_tree_tokens is not None:
             return self.fixed_tree_tokens
         if self.target_cost.observations < 2:

@@ -14,22 +14,26 @@ import torch
 from llmcad.speculative import kv
 
 from llmcad.speculative import tree
-from llmcad.speculative.forward import forward_with_mask, pending_tree_inputs
+from llmcad.speculative.forward import RowLogits, forward_with_mask, pending_tree_inputs, prefill
 
 
 class TargetVerifier:
     """Owns the target's KV cache: committed tokens except the current root.
 
     ``pending``: committed tokens the target has not cached yet (the prompt minus its last token, in
-    the first round); they ride along in the next tree pass, so prefill costs no extra pass.
+    the first round); they ride along in the next tree pass, so prefill costs no extra pass, unless
+    they and the tree exceed ``max_pass_rows`` (the memory budget's largest pass; None: no bound):
+    then the first of them are cached in passes of their own. ``chunk_rows``: logits rows made at once.
     ``cache``: a DynamicCache that already holds the keys/values of the prompt's first tokens (fewer
     than all of them); only the rest is pending.
     """
 
-    def __init__(self, target, prompt_ids, cache=None):
+    def __init__(self, target, prompt_ids, max_pass_rows: int | None = None, chunk_rows: int | None = None,
+                 cache=None):
         from transformers import DynamicCache
 
         self.target = target
+        self.max_pass_rows, self.chunk_rows = max_pass_rows, chunk_rows
         self.cache = DynamicCache() if cache is None else cache
         self._prefix = kv.cache_length(self.cache)
         self.pending = list(prompt_ids[self._prefix:-1])
@@ -46,8 +50,14 @@ class TargetVerifier:
         """Leading cache positions that hold committed tokens (the positions before the last root)."""
         return min(kv.cache_length(self.cache), self._prefix)
 
-    def run(self, tokens, parents) -> torch.Tensor:
-        """The target's logits at every tree node: float [n, vocab]. One forward, all n nodes."""
+    def run(self, tokens, parents) -> RowLogits:
+        """The target's logits at every tree node ([n, vocab], made in chunks of rows when read). One
+        forward, all n nodes (after passes caching a prompt too long to ride along)."""
+        rows = self.max_pass_rows
+        if rows is not None and len(self.pending) + len(tokens) > rows:
+            split = len(self.pending) - max(0, rows - len(tokens))
+            prefill(self.target, self.cache, self.pending[:split], rows)
+            self.pending = self.pending[split:]
         cache_len = kv.cache_length(self.cache)
         device = self.target.get_input_embeddings().weight.device
         # CUDA: one upload of the parents serves the plan and the acceptance walk
@@ -55,7 +65,7 @@ class TargetVerifier:
         mask, positions = pending_tree_inputs(cache_len, len(self.pending), self._device_tree or parents,
                                               self.dtype, device)
         logits = forward_with_mask(self.target, self.cache, self.pending + list(tokens), positions, mask,
-                                   logits_to_keep=len(tokens))
+                                   logits_to_keep=len(tokens), chunk_rows=self.chunk_rows)
         self._prefix = cache_len + len(self.pending)
         self.pending = []
         self.passes += 1
@@ -132,20 +142,23 @@ class TargetChooser:
         scores = self.processors(_NO_IDS, logits.float())
         return torch.softmax(scores, dim=-1)
 
-    def choose(self, logits: torch.Tensor, positions=None):
-        """One token per row of ``logits`` [n, vocab]: int32 [n], a NumPy array for CPU logits and a
-        tensor on the logits' device for CUDA logits (no host copy: the acceptance walk runs there).
-        ``positions``: absolute position of the token each row chooses (default 0..n-1); it keys the
-        sampling noise."""
-        if not self.do_sample:
-            picks = logits.argmax(dim=-1).to(torch.int32)
-        else:
-            probs = self.processed_probs(logits)
-            positions = range(probs.shape[0]) if positions is None else positions
-            noise = torch.stack([exponential_noise(self.seed, int(t), probs.shape[1], probs.device)
-                                 for t in positions])
-            picks = (probs / noise).argmax(dim=-1).to(torch.int32)
+    def choose(self, logits, positions=None):
+        """One token per row of ``logits`` (a tensor [n, vocab] or :class:`RowLogits`, read a chunk of rows
+        at a time): int32 [n], a NumPy array for CPU logits and a tensor on the logits' device for CUDA
+        logits (no host copy: the acceptance walk runs there). ``positions``: absolute position of the
+        token each row chooses (default 0..n-1); it keys the sampling noise."""
+        chunks = [(0, logits)] if isinstance(logits, torch.Tensor) else logits.chunks()
+        positions = list(range(len(logits))) if positions is None else list(positions)
+        picks = [self._choose_rows(rows, positions[start:start + rows.shape[0]]) for start, rows in chunks]
+        picks = torch.cat(picks) if picks else torch.empty(0, dtype=torch.int32)
         return picks if picks.is_cuda else picks.cpu().numpy()
+
+    def _choose_rows(self, logits: torch.Tensor, positions) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(dim=-1).to(torch.int32)
+        probs = self.processed_probs(logits)
+        noise = torch.stack([exponential_noise(self.seed, int(t), probs.shape[1], probs.device) for t in positions])
+        return (probs / noise).argmax(dim=-1).to(torch.int32)
 
 
 def exponential_noise(seed: int, position: int, size: int, device) -> torch.Tensor:

@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from llmcad.streaming.budget import Placement, kv_cache_bytes, module_bytes, plan_placement, resident_placement
+from llmcad import memory
+from llmcad.streaming.budget import (Placement, kv_cache_bytes, module_bytes, pass_work_bytes, plan_placement,
+                                    resident_placement)
 from llmcad.errors import EngineClosedError, ModelLoadError, WeightFileError
 from llmcad.streaming.gpu_upload import DEVICE_SLOTS, DeviceFeed, resolve_gpu_path
 from llmcad.streaming.quantized import check_scales, pack_resident, quantize_modules, scheme_of
@@ -64,7 +66,7 @@ def load_streamed_target(path, *, placement: Placement | None = None, dtype=None
     placement = placement or resident_placement(index)
     _check_placement(index, placement)
     device = torch.device(device)
-    dtype = dtype or _checkpoint_dtype(index)
+    dtype = dtype or checkpoint_dtype(index)
     model = _build_on_meta(path, dtype, device, attn_implementation, trust_remote_code)
     if scheme_of(model.config) is not None:
         check_scales(index)
@@ -81,28 +83,49 @@ DEFAULT_KV_TOKENS = 2048  # cache positions budgeted per model when the caller d
 
 def load_budgeted_target(path, *, memory_budget, draft_model, dtype=None, device="cpu",
                          kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None,
-                         trust_remote_code: bool = False):
+                         runtime_floor: int | None = None, trust_remote_code: bool = False):
     """Plan the target's placement under ``memory_budget`` next to ``draft_model``, then load it.
 
-    The budget covers the draft's weights (as loaded), the target's resident tensors and ring, and
-    both KV caches at ``kv_tokens`` positions (default: DEFAULT_KV_TOKENS, capped by the context).
-    Returns the :class:`StreamedTarget` (its ``placement`` is the plan); raises BudgetError (a
-    ValueError) when the budget is too small.
+    The budget covers the runtime (``runtime_floor``; None: llmcad.memory.runtime_floor(), this
+    process's, measured once; 0: not counted), the draft's weights (as loaded), the target's resident tensors and ring, both KV caches
+    at ``kv_tokens`` positions (default: DEFAULT_KV_TOKENS, capped by the context) and the working
+    set of the largest pass (see :func:`plan_budget`). Returns the :class:`StreamedTarget` (its
+    ``placement`` is the plan); raises BudgetError (a ValueError) when the budget is too small.
     """
+    placement = plan_budget(path, memory_budget=memory_budget, draft_config=draft_model.config,
+                            draft_bytes=module_bytes(draft_model), draft_dtype=draft_model.dtype, dtype=dtype,
+                            device=device, kv_tokens=kv_tokens, num_buffers=num_buffers,
+                            streamer_options=streamer_options, runtime_floor=runtime_floor,
+                            trust_remote_code=trust_remote_code)
+    return load_streamed_target(path, placement=placement, dtype=dtype, device=device,
+                                streamer_options=streamer_options, trust_remote_code=trust_remote_code)
+
+
+def plan_budget(path, *, memory_budget, draft_config, draft_bytes: int, draft_dtype, dtype=None, device="cpu",
+                kv_tokens: int | None = None, num_buffers: int = 2, streamer_options: dict | None = None,
+                runtime_floor: int | None = None, trust_remote_code: bool = False) -> Placement:
+    """The placement of target ``path`` under ``memory_budget`` beside a draft of ``draft_config``
+    holding ``draft_bytes`` in ``draft_dtype``; nothing is loaded (callable before the draft loads,
+    with its bytes estimated, to refuse a budget before any weight is read). The working set of a
+    pass (both models' activations and logits chunks, llmcad.streaming.budget.pass_work_bytes) is
+    reserved at the KV positions budgeted. ``runtime_floor``: as for :func:`load_budgeted_target`."""
     from transformers import AutoConfig
 
     index = load_index(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    dtype = dtype or _checkpoint_dtype(index)
+    dtype = dtype or checkpoint_dtype(index)
     if kv_tokens is None:
         kv_tokens = min(DEFAULT_KV_TOKENS, getattr(config, "max_position_embeddings", None) or DEFAULT_KV_TOKENS)
-    kv = kv_cache_bytes(config, kv_tokens, dtype) + kv_cache_bytes(draft_model.config, kv_tokens, draft_model.dtype)
+    kv = kv_cache_bytes(config, kv_tokens, dtype) + kv_cache_bytes(draft_config, kv_tokens, draft_dtype)
     gpu_path = resolve_gpu_path((streamer_options or {}).get("gpu_path", "auto"), device)
-    placement = plan_placement(index, memory_budget=memory_budget, dtype=dtype, draft_bytes=module_bytes(draft_model),
-                               kv_bytes=kv, num_buffers=num_buffers,
-                               device_slots=DEVICE_SLOTS if gpu_path == "copy" else 0)
-    return load_streamed_target(path, placement=placement, dtype=dtype, device=device,
-                                streamer_options=streamer_options, trust_remote_code=trust_remote_code)
+
+    def work(rows):
+        return pass_work_bytes(config, draft_config, rows, kv_tokens, dtype, draft_dtype)
+
+    return plan_placement(index, memory_budget=memory_budget, dtype=dtype, draft_bytes=draft_bytes, kv_bytes=kv,
+                          num_buffers=num_buffers, device_slots=DEVICE_SLOTS if gpu_path == "copy" else 0,
+                          runtime_floor=memory.runtime_floor() if runtime_floor is None else runtime_floor,
+                          work=work)
 
 
 def decoder_layers(model, source=None) -> torch.nn.ModuleList:
@@ -491,7 +514,7 @@ def _same_file(st, stamp) -> bool:
     return now == stamp or (st.st_nlink == 0 and now[:4] == stamp[:4])
 
 
-def _checkpoint_dtype(index: WeightIndex):
+def checkpoint_dtype(index: WeightIndex):
     """The compute dtype from_pretrained(dtype="auto") would pick: config.json's dtype, else the first
     floating tensor's (each tensor is then cast to it, as HF casts a mixed-dtype checkpoint)."""
     configured = _config_dtype(index.directory)

@@ -1,0 +1,168 @@
+"""The memory budget under the kernel: ``llmcad generate`` run in a fresh memory cgroup whose limit is
+its ``--memory-budget`` completes with the target's own greedy tokens and is never OOM-killed, in every
+mode, streamed and resident, with a 512-node tree, a 4k-token prompt and a 2k-token generation.
+
+The tiny pair has a large vocabulary (its logits are what a full tree materialises) and a long
+context. Budgets are the least the engine accepts (from its own refusal) plus 5%: the runtime floor
+of Python and torch is most of it, as on a device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcad.bench import cgroups
+from pair_models import EOS_ID, build_tokenizer
+
+pytestmark = pytest.mark.skipif(cgroups.available() is not None, reason=str(cgroups.available()))
+
+MiB = 2**20
+VOCAB, HIDDEN, LAYERS = 32000, 256, 8  # 7 MiB a layer: 5% of a budget keeps only some resident
+CONTEXT = 8192
+PROMPT = "def add(a, b):\n    return a + b\n"
+LONG_TOKENS = 4096
+
+
+def _long_prompt(tokenizer) -> str:
+    """A text of LONG_TOKENS tokens (BOS included) under ``tokenizer``."""
+    words = [f"x{i % 97} y{i % 89}" for i in range(LONG_TOKENS)]
+    lo, hi = 1, len(words)
+    while lo < hi:  # the most words whose text stays within LONG_TOKENS tokens
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(tokenizer(" ".join(words[:mid]))["input_ids"]) <= LONG_TOKENS else (lo, mid - 1)
+    text = " ".join(words[:lo])
+    return text + " " * (LONG_TOKENS - len(tokenizer(text)["input_ids"]))
+
+
+def _build(out: Path, seed: int, tokenizer) -> Path:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2048, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=LAYERS, max_position_embeddings=CONTEXT,
+                         bos_token_id=0, eos_token_id=EOS_ID, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # peaked distributions: the draft's trees grow deep, and few ties
+        model.lm_head.weight[EOS_ID].fill_(0.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kernel_pair")
+    tokenizer = build_tokenizer()
+    target = _build(root / "target", seed=0, tokenizer=tokenizer)
+    # the draft is the target: trees are accepted deep
+    return {"target": target, "draft": target, "long_prompt": _long_prompt(tokenizer)}
+
+
+def _argv(pair, prompt, max_new, mode="target-only", budget=None, extra=()):
+    argv = [sys.executable, "-m", "llmcad.cli", "generate", "--draft", str(pair["draft"]), "--target",
+            str(pair["target"]), "--mode", mode, "--prompt", prompt, "--max-new-tokens", str(max_new), "--json",
+            *extra]
+    return argv + (["--memory-budget", str(budget)] if budget is not None else [])
+
+
+def _env():
+    python = str(Path(__file__).resolve().parents[1] / "python")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([python, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(argv, timeout=900) -> dict:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _least(pair, prompt, max_new, mode, extra=()) -> int:
+    """The least budget the engine accepts for this run: from its own refusal of 1 byte."""
+    proc = subprocess.run(_argv(pair, prompt, max_new, mode, 1, extra), capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    return int(re.search(r"needs at least [^(]*\((\d+) bytes\)", proc.stderr).group(1))
+
+
+def _limited(pair, prompt, max_new, mode, budget, extra=()) -> dict:
+    """Run generate in a fresh memory cgroup whose limit is its budget; the kernel's verdict and its JSON."""
+    budget = budget // 4096 * 4096  # the kernel keeps a limit in whole pages
+    result = cgroups.run_limited(_argv(pair, prompt, max_new, mode, budget, extra), memory_bytes=budget,
+                                 env=_env(), timeout=1200)
+    assert not result.oom_killed, f"OOM-killed at {budget / MiB:.0f} MiB: {result.stderr[-1500:]}"
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.memory_limit_bytes == budget
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["stats"]["peak_rss_bytes"] <= budget
+    assert out["stats"]["memory_budget_bytes"] == budget
+    return out
+
+
+_references = {}
+
+
+def _reference(pair, prompt, max_new) -> list:
+    """The target's own greedy tokens: target-only, no budget, no cgroup."""
+    key = (prompt, max_new)
+    if key not in _references:
+        _references[key] = _run(_argv(pair, prompt, max_new))["tokens"]
+    return _references[key]
+
+
+def test_a_budget_below_the_floor_plus_the_least_plan_is_refused_naming_both(pair):
+    proc = subprocess.run(_argv(pair, PROMPT, 4, budget="64MiB"), capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert re.search(r"runtime floor measured at start-up \((\d+\.\d) MiB", message), message
+    floor = float(re.search(r"runtime floor measured at start-up \((\d+\.\d) MiB", message).group(1))
+    assert 100 < floor < 2000  # Python + torch + transformers: hundreds of MiB
+    assert "the least plan (" in message
+
+
+@pytest.mark.parametrize("placement", ["streamed", "resident"])
+@pytest.mark.parametrize("mode", ["target-only", "chain", "tree", "llmcad"])
+def test_every_mode_fits_its_budget_under_the_kernel(pair, mode, placement):
+    least = _least(pair, PROMPT, 24, mode)
+    # resident: room for the largest passes and every target layer (8 of 7 MiB) as well
+    budget = int(least * 1.05) if placement == "streamed" else least + 256 * MiB
+    out = _limited(pair, PROMPT, 24, mode, budget)
+    assert out["tokens"] == _reference(pair, PROMPT, 24)
+    streamed = out["stats"]["streamed"]
+    assert (streamed["streamed_layers"] > 0) == (placement == "streamed"), streamed
+
+
+def test_a_512_node_tree_fits_under_the_kernel(pair):
+    extra = ("--max-tree-tokens", "512", "--max-depth", "64")
+    least = _least(pair, PROMPT, 64, "tree", extra)
+    budget = least + 256 * MiB  # room for 512-row passes: two 64 MiB logits chunks and the activations
+    out = _limited(pair, PROMPT, 64, "tree", budget, extra)
+    assert out["tokens"] == _reference(pair, PROMPT, 64)
+    assert out["stats"]["pass_rows"] == 512 and out["stats"]["max_tree_tokens"] == 512
+
+
+def test_a_4k_token_prompt_fits_under_the_kernel(pair):
+    """The least budget for a short prompt plus 512 MiB: the passes the plan then allows (512 rows), the
+    layers it pins, and spare for the KV caches of the prompt's 4096 positions. Without passes of at
+    most 512 rows, the prompt's one pass would hold a 4096 x 4096 mask and its activations."""
+    prompt = pair["long_prompt"]
+    least = _least(pair, PROMPT, 16, "llmcad")
+    out = _limited(pair, prompt, 16, "llmcad", least + 512 * MiB)
+    assert out["stats"]["prompt_tokens"] == LONG_TOKENS
+    assert out["tokens"] == _reference(pair, prompt, 16)
+
+
+def test_a_2k_token_generation_fits_under_the_kernel(pair):
+    least = _least(pair, PROMPT, 2048, "llmcad")
+    out = _limited(pair, PROMPT, 2048, "llmcad", least + 512 * MiB)  # as for the 4k prompt
+    assert len(out["tokens"]) == 2048 and out["stats"]["stop_reason"] == "max_new_tokens"
+    assert out["tokens"] == _reference(pair, PROMPT, 2048)
