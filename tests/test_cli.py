@@ -58,10 +58,19 @@ def test_sampling_flags(tiny_pair_dirs, capsys):
     assert runs[0] == runs[1] and len(runs[0]) == 10
 
 
+def test_temperature_zero_is_greedy(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    runs = []
+    for extra in ([], ["--temperature", "0"], ["--temperature", "0", "--top-k", "5", "--seed", "3"]):
+        assert cli.main(generate_args(dirs, "--json", *extra)) == 0
+        runs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--mode", "chain", "--branch-threshold", "0.2"], "does not take branch_threshold"),
-    (["--temperature", "0"], "temperature"),
+    (["--temperature", "-1"], "temperature"),
     (["--memory-budget", "lots"], "memory_budget"),
 ])
 def test_errors_are_one_line_exit_2(tiny_pair_dirs, capsys, extra, needle):

@@ -108,7 +108,8 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True,
                    help="provisional tokens per verification (default: bounded by the IO waits; 8 on the main "
                    "path of a chain or tree mode)")
     e.add_argument("--bandwidth-cap", type=float, default=None, metavar="BYTES_PER_S",
-                   help="cap the streamer's read bandwidth (emulate slower storage, e.g. 300e6)")
+                   help="cap the streamer's read bandwidth in bytes/s (emulate slower storage, e.g. 300e6; "
+                   "at least 1000)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,10 +144,12 @@ def check_model_arguments(args) -> None:
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
     from llmcad.streaming.budget import parse_size
+    from llmcad.streaming.streamer import check_bandwidth_cap
 
     make_policy(args.mode, **policy_options(args))
     if args.memory_budget is not None:
         parse_size(args.memory_budget)
+    check_bandwidth_cap(args.bandwidth_cap, "--bandwidth-cap")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
 
