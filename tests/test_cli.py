@@ -48,6 +48,22 @@ def test_generate_streams_text_and_writes_a_trace(tiny_pair_dirs, capsys, tmp_pa
     assert sum(e["ph"] == "X" and e["name"] == "verify" for e in events) >= 1
 
 
+def test_ascii_only_terminal_gets_escapes_not_an_abort(tiny_pair_dirs, capsys):
+    """Generated text stdout cannot encode (here U+FFFD from the random tiny model's partial UTF-8
+    bytes) is written with backslash escapes; the generation is never cut short."""
+    dirs = tiny_pair_dirs("llama")
+    argv = generate_args(dirs, "--mode", "target-only", "--max-new-tokens", "40")
+    assert cli.main([*argv, "--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert "\ufffd" in text  # the case under test: not ASCII
+    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": "ascii",
+           "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "llmcad.cli", *argv, "--quiet"], capture_output=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    assert proc.stdout.decode("ascii") == text.encode("ascii", "backslashreplace").decode("ascii") + "\n"
+
+
 def test_sampling_flags(tiny_pair_dirs, capsys):
     dirs = tiny_pair_dirs("llama")
     runs = []

@@ -268,6 +268,7 @@ def bench_help() -> str:
 def main(argv=None) -> int:
     """Entry point of the ``llmcad`` script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _escape_what_stdout_cannot_encode()
     shown = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
@@ -288,6 +289,14 @@ def main(argv=None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown
+
+
+def _escape_what_stdout_cannot_encode() -> None:
+    """Characters stdout's encoding lacks (an ASCII-only terminal: LANG=C, PYTHONIOENCODING=ascii) are
+    written as backslash escapes instead of aborting the generation mid-text."""
+    stream = sys.stdout
+    if stream is not None and hasattr(stream, "reconfigure") and stream.errors in ("strict", "surrogateescape"):
+        stream.reconfigure(errors="backslashreplace")
 
 
 def _stdout_writer(text: str) -> None:
