@@ -335,7 +335,8 @@ class _Run:
         return min(self.output.max_new_tokens, self.output.room) - len(self.output.tokens)
 
     def _kv_room(self):
-        """Draft KV positions left in the memory budget (None: no budget)."""
+        """Draft KV positions left in the memory budget beyond the pending tokens, which ride in with the
+        next root (None: no budget)."""
         if self.engine._draft_kv_positions is None:
             return None
         return max(0, self.engine._draft_kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
@@ -361,8 +362,9 @@ class _Run:
 
     def kv_budget_reached(self) -> bool:
         """Whether the KV positions the memory budget left are used up: the draft's trees and provisional
-        tokens are cut to its room (_kv_room, _provisional_limit), the target verifies at most its own
-        (_target_kv_room); once not even the root fits, the next pass would run past the budget."""
+        tokens are cut to its room (_kv_room, _provisional_limit; out of room, the tree is its root alone),
+        the target verifies at most its own (_target_kv_room); once not even the root fits, the next pass
+        would run past the budget."""
         return self._target_kv_room() < 1
 
     def _target_kv_room(self) -> int:
