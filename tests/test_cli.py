@@ -48,6 +48,22 @@ def test_generate_streams_text_and_writes_a_trace(tiny_pair_dirs, capsys, tmp_pa
     assert sum(e["ph"] == "X" and e["name"] == "verify" for e in events) >= 1
 
 
+def test_ascii_only_terminal_gets_escapes_not_an_abort(tiny_pair_dirs, capsys):
+    """Generated text stdout cannot encode (here U+FFFD from the random tiny model's partial UTF-8
+    bytes) is written with backslash escapes; the generation is never cut short."""
+    dirs = tiny_pair_dirs("llama")
+    argv = generate_args(dirs, "--mode", "target-only", "--max-new-tokens", "40")
+    assert cli.main([*argv, "--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert "\ufffd" in text  # the case under test: not ASCII
+    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": "ascii",
+           "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "llmcad.cli", *argv, "--quiet"], capture_output=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    assert proc.stdout.decode("ascii") == text.encode("ascii", "backslashreplace").decode("ascii") + "\n"
+
+
 def test_sampling_flags(tiny_pair_dirs, capsys):
     dirs = tiny_pair_dirs("llama")
     runs = []
@@ -58,10 +74,94 @@ def test_sampling_flags(tiny_pair_dirs, capsys):
     assert runs[0] == runs[1] and len(runs[0]) == 10
 
 
+def test_temperature_zero_is_greedy(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    runs = []
+    for extra in ([], ["--temperature", "0"], ["--temperature", "0", "--top-k", "5", "--seed", "3"]):
+        assert cli.main(generate_args(dirs, "--json", *extra)) == 0
+        runs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def _generated_tokens(capsys, argv) -> list:
+    assert cli.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["tokens"]
+
+
+def test_prompt_from_stdin_or_a_file(tiny_pair_dirs, capsys, monkeypatch, tmp_path):
+    import io
+
+    dirs = tiny_pair_dirs("llama")
+    expected = _generated_tokens(capsys, generate_args(dirs))
+    path = tmp_path / "prompt.txt"
+    path.write_text(PROMPT, encoding="utf-8")
+    by_file = generate_args(dirs)
+    by_file[by_file.index("--prompt"):by_file.index("--prompt") + 2] = ["--file", str(path)]
+    assert _generated_tokens(capsys, by_file) == expected
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PROMPT.encode())))
+    by_stdin = generate_args(dirs)
+    by_stdin[by_stdin.index(PROMPT)] = "-"
+    assert _generated_tokens(capsys, by_stdin) == expected
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, ": cannot read the prompt: No such file or directory"),
+    (b"def \xff(a):", ": the prompt is not UTF-8 text (byte 4)"),
+    (b"", "prompt is empty (--file "),
+])
+def test_unreadable_prompt_file(tiny_pair_dirs, capsys, tmp_path, content, needle):
+    path = tmp_path / "prompt.txt"
+    if content is not None:
+        path.write_bytes(content)
+    argv = generate_args(tiny_pair_dirs("llama"))
+    argv[argv.index("--prompt"):argv.index("--prompt") + 2] = ["--file", str(path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmcad: error: ") and needle in err and err.count("\n") == 1, err
+    assert cli.main([*argv, "--prompt", "x"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_stop_escapes_are_unescaped():
+    args = cli.build_parser().parse_args(["generate", "--draft", "d", "--target", "t", "--prompt", "p",
+                                          "--stop", r"\n", "--stop", r"a\tb\\n", "--stop", r"\x"])
+    assert args.stop == ["\n", "a\tb\\n", "\\x"]
+
+
+def test_threads(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    before = torch.get_num_threads()
+    try:
+        expected = _generated_tokens(capsys, generate_args(dirs))
+        assert _generated_tokens(capsys, generate_args(dirs, "--threads", "1")) == expected
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli.main(generate_args(dirs, "--threads", "0")) == 2
+    assert "--threads=0: expected an int >= 1" in capsys.readouterr().err
+
+
+def test_generate_help_shows_every_default(capsys):
+    import argparse
+
+    parser = cli.build_parser()
+    generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    formatter = generate._get_formatter()
+    for action in generate._actions:
+        if action.option_strings and action.nargs != 0 and not action.required and action.dest not in ("prompt",
+                                                                                                         "file"):
+            assert "default" in formatter._get_help_string(action), action.option_strings
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 128)", "(default: llmcad)", "(default: cpu)", "(default: cost)", "chain; default: 5)"):
+        assert shown in out, shown
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--mode", "chain", "--branch-threshold", "0.2"], "does not take branch_threshold"),
-    (["--temperature", "0"], "temperature"),
+    (["--temperature", "-1"], "temperature"),
     (["--memory-budget", "lots"], "memory_budget"),
 ])
 def test_errors_are_one_line_exit_2(tiny_pair_dirs, capsys, extra, needle):

@@ -282,6 +282,27 @@ def test_prompt_errors_api(engine):
     assert len(engine.generate(PROMPT, NEW_TOKENS).tokens) == NEW_TOKENS  # still usable
 
 
+@pytest.mark.parametrize("prompt,pattern", [
+    ([5, 1.5, 7], r"prompt token ids must be integers, got 1\.5 \(float\) at index 1"),
+    ([5.0, 6.0], r"prompt token ids must be integers, got 5\.0 \(float\) at index 0"),
+    ([True, 5], r"prompt token ids must be integers, got True \(bool\) at index 0"),
+    ([[5, 6]], r"prompt token ids must be integers, got \[5, 6\] \(list\) at index 0"),
+    (torch.tensor([5.0, 6.0]), r"prompt token ids must be integers, got a tensor of torch\.float32"),
+])
+def test_token_ids_that_are_not_integers(engine, prompt, pattern):
+    with pytest.raises(PromptError, match=pattern):
+        engine.generate(prompt, NEW_TOKENS)
+    assert len(engine.generate(torch.tensor([5, 6, 7]), NEW_TOKENS).tokens) == NEW_TOKENS  # integer tensors do
+
+
+@pytest.mark.parametrize("stop", [5, 2.5, object()])
+def test_stop_that_is_not_text(engine, stop):
+    with pytest.raises(ValueError, match=r"stop=.*: expected a non-empty string or a list of them"):
+        engine.generate(PROMPT, NEW_TOKENS, stop=stop)
+    with pytest.raises(ValueError, match=r"stop=\[5\]: expected a non-empty string or a list of them"):
+        engine.generate(PROMPT, NEW_TOKENS, stop=[5])
+
+
 @pytest.mark.parametrize("prompt,needle", [("", "prompt is empty"), (LONG_PROMPT, "the models' context is 256")])
 def test_prompt_errors_cli(pair, capfd, prompt, needle):
     assert needle in run_cli(capfd, *generate_argv(pair["shared"], pair["target"], prompt=prompt))
@@ -301,12 +322,32 @@ def test_non_positive_max_new_tokens(engine, pair, capfd, bad):
     ("lots", r"memory_budget='lots': expected a size such as '2GiB'"),
     ("-3GiB", r"memory_budget='-3GiB': expected a size"),
     ("0", r"memory_budget='0': must be a positive size"),
+    ("99999999999999999999999999", r"memory_budget='9+': must be a positive size below 2\*\*63 bytes"),
+    ("9" * 400 + "GiB", r"memory_budget='9+GiB': must be a positive size below 2\*\*63 bytes"),
     ("4096", r"memory_budget=0\.0 MiB \(4096 bytes\) is too small: needs at least .* \(\d+ bytes\)"),
 ])
 def test_bad_memory_budget(pair, capfd, budget, pattern):
     with pytest.raises(BudgetError, match=pattern):
         LLMCad.from_pretrained(pair["shared"], pair["target"], memory_budget=budget)
     err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], f"--memory-budget={budget}"))
+    assert re.search(pattern, err), err
+
+
+@pytest.mark.parametrize("cap,pattern", [
+    (1e-9, r"bandwidth.cap=1e-09: below 1000 bytes/s no read ends in useful time; the cap is in bytes per second"),
+    (999.0, r"bandwidth.cap=999\.0: below 1000 bytes/s"),
+    (0.0, r"bandwidth.cap=0\.0: expected a positive number of bytes per second"),
+    (float("inf"), r"bandwidth.cap=inf: expected a positive number of bytes per second"),
+])
+def test_nonsensical_bandwidth_cap(pair, capfd, cap, pattern):
+    """A cap the streamer cannot honour (1e-9 once ran uncapped without a word) is refused up front."""
+    with pytest.raises(ValueError, match=pattern):
+        LLMCad.from_pretrained(pair["shared"], pair["target"], memory_budget="1GiB",
+                               streamer_options={"bandwidth_cap": cap})
+    with pytest.raises(ValueError, match=pattern):
+        WeightStreamer([str(pair["target"] / "model.safetensors")], buffer_bytes=1 << 16, bandwidth_cap=cap)
+    err = run_cli(capfd, *generate_argv(pair["shared"], pair["target"], "--memory-budget", "1GiB",
+                                        "--bandwidth-cap", str(cap)))
     assert re.search(pattern, err), err
 
 
@@ -328,8 +369,9 @@ def test_cuda_without_a_gpu(pair, capfd):
 
 
 @pytest.mark.parametrize("options,flags,pattern", [
-    ({"temperature": -0.5}, ["--temperature", "-0.5"], r"temperature=-0\.5: expected a finite number > 0"),
-    ({"temperature": 0.0}, ["--temperature", "0"], r"temperature=0\.0: expected a finite number > 0"),
+    ({"temperature": -0.5}, ["--temperature", "-0.5"],
+     r"temperature=-0\.5: expected a finite number >= 0 \(0: greedy\)"),
+    ({"temperature": float("nan")}, ["--temperature", "nan"], r"temperature=nan: expected a finite number >= 0"),
     ({"top_p": 0.0}, ["--top-p", "0"], r"top_p=0\.0: expected None or a number in \(0, 1\]"),
     ({"top_p": 1.5}, ["--top-p", "1.5"], r"top_p=1\.5: expected None or a number in \(0, 1\]"),
     ({"top_k": 0}, ["--top-k", "0"], r"top_k=0: expected None or an int >= 1"),

@@ -232,6 +232,41 @@ def test_generation_stops_where_the_budget_leaves_no_kv_room(pair, tiny_models, 
     assert result.tokens == ref[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("mode, streamed, offsets", [
+    ("llmcad", False, range(8, 41, 2)), ("llmcad", True, range(20, 41, 4)), ("tree", False, range(8, 41, 2)),
+    ("chain", False, range(8, 41, 2)), ("target-only", False, range(8, 41, 2))])
+def test_generation_stops_cleanly_wherever_the_kv_room_ends(pair, want, tiny_models, monkeypatch, mode, streamed,
+                                                            offsets):
+    """The KV room ending at many offsets (positions beyond the prompt) against the rounds' trees
+    (best-first, paced, and with a streamed target provisional drafting in lockstep): a memory_budget
+    stop at the last position, the target's own tokens, and neither cache ever past the room."""
+    ids, _ = want
+    ref = tiny_models("llama", "target").generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                  dtype=torch.long), do_sample=False, max_new_tokens=60,
+                                                  eos_token_id=None)[0, len(ids):].tolist()
+    budget = streaming_budget(*pair.values()) if streamed else None
+    with LLMCad.from_pretrained(pair["draft"], pair["target"], memory_budget=budget, mode=mode) as eng:
+        assert eng.pipeline == (mode == "llmcad") and bool(eng.streamed) == streamed
+        eng.eos_token_ids = set()
+        eng.pipeline_lockstep = True
+        peak = {}
+        for name, model in (("draft", eng.draft), ("target", eng.target)):
+            def forward(*args, _name=name, _original=model.forward, **kwargs):
+                out = _original(*args, **kwargs)
+                peak[_name] = max(peak.get(_name, 0), out.past_key_values.get_seq_length())
+                return out
+
+            monkeypatch.setattr(model, "forward", forward)
+        for positions in (len(ids) + k for k in offsets):
+            monkeypatch.setattr(eng, "_draft_kv_positions", positions)  # as if the budget left that many
+            peak.clear()
+            result = eng.generate(ids, 400)
+            assert result.stats["stop_reason"] == "memory_budget", positions
+            assert len(ids) + len(result.tokens) == positions + 1, positions
+            assert result.tokens == ref[:len(result.tokens)], positions
+            assert max(peak.values()) <= positions, (positions, peak)
+
+
 def test_prompt_beyond_the_kv_room_is_a_budget_error(pair, monkeypatch):
     with LLMCad.from_pretrained(pair["draft"], pair["target"], memory_budget=streaming_budget(*pair.values()),
                                 mode="tree") as eng:
@@ -282,6 +317,87 @@ def test_generate_from_two_threads_on_one_engine(pair, want, mode):
             t.join(timeout=120)
         assert not any(t.is_alive() for t in callers), "generate hung"
         assert errors == [] and results == [expected] * 3
+
+
+def run_in_thread(call, timeout=120) -> dict:
+    """``call()`` on a daemon thread: {"value": ...} or {"error": ...}; {"hung": True} past ``timeout``."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return {"hung": True} if thread.is_alive() else outcome
+
+
+def test_generate_from_its_own_streamer_is_refused(pair, want):
+    """A streamer callback that calls generate() on the same engine would wait for itself: it gets
+    EngineBusyError at once, and the outer generation goes on exactly."""
+    from llmcad.errors import EngineBusyError
+
+    ids, expected = want
+    eng = LLMCad.from_pretrained(pair["draft"], pair["target"], mode="tree")  # no `with`: a hang keeps the lock
+    refused = []
+
+    def streamer(text):
+        try:
+            eng.generate(ids, 2)
+        except EngineBusyError as exc:
+            refused.append(str(exc))
+
+    outcome = run_in_thread(lambda: eng.generate(ids, NEW_TOKENS, streamer=streamer).tokens)
+    assert outcome == {"value": expected}
+    assert refused and all("from inside this engine's own generation" in m for m in refused)
+    assert eng.generate(ids, NEW_TOKENS).tokens == expected
+    eng.close()
+
+
+@pytest.mark.parametrize("mode", ["target-only", "llmcad"])
+def test_close_from_another_thread_during_a_pass(pair, want, mode):
+    """close() while a streamed pass waits for a layer: the generation ends with EngineClosedError (not
+    an error of half-released weights), close() returns after it, and the files are released."""
+    from llmcad.errors import EngineClosedError
+
+    ids, _ = want
+    weights = pair["target"] / "model.safetensors"
+    eng = LLMCad.from_pretrained(pair["draft"], pair["target"], memory_budget=streaming_budget(*pair.values()),
+                                 mode=mode, streamer_options={"bandwidth_cap": 4e6})
+    eng.eos_token_ids = set()
+    first, passes, closer = eng.placement.streamed_layers[0], [], []
+
+    def before(layer):  # in the third pass, right before its first streamed layer is acquired
+        if layer == first and len(passes) < 3:
+            passes.append(layer)
+            if len(passes) == 3:
+                closer.append(threading.Thread(target=eng.close, daemon=True))
+                closer[0].start()
+                closer[0].join(timeout=1.0)  # returns at once if close() does not wait for the generation
+
+    eng.streamed.watch_acquire(before, lambda layer: None)
+    outcome = run_in_thread(lambda: eng.generate(ids, 200))
+    assert isinstance(outcome.get("error"), EngineClosedError), outcome
+    closer[0].join(timeout=60)
+    assert not closer[0].is_alive()
+    assert open_files(weights) == 0
+    with pytest.raises(EngineClosedError, match="closed"):
+        eng.generate(ids, NEW_TOKENS)
+
+
+def test_close_from_a_streamer_callback(pair, want):
+    """close() from the generating thread's own callback: the generation ends with EngineClosedError at
+    its next round (close() cannot wait for the generation it runs in)."""
+    from llmcad.errors import EngineClosedError
+
+    ids, _ = want
+    eng = LLMCad.from_pretrained(pair["draft"], pair["target"], mode="tree")
+    eng.eos_token_ids = set()
+    outcome = run_in_thread(lambda: eng.generate(ids, 200, streamer=lambda text: eng.close()))
+    assert isinstance(outcome.get("error"), EngineClosedError), outcome
 
 
 # ---------------------------------------------------------------- Ctrl-C at any storage speed

@@ -76,7 +76,7 @@ def test_sampling_with_top_k_one_is_greedy(tiny_models, tiny_tokenizer):
     assert eng.generate(PROMPT, 12, do_sample=True, top_k=1, seed=3).tokens == greedy.tokens
 
 
-@pytest.mark.parametrize("bad", [{"temperature": 0}, {"temperature": -1.0}, {"top_k": 0}, {"top_k": 2.5},
+@pytest.mark.parametrize("bad", [{"temperature": 1e-9}, {"temperature": -1.0}, {"top_k": 0}, {"top_k": 2.5},
                                  {"top_p": 0.0}, {"top_p": 1.5}, {"seed": -1}])
 def test_bad_sampling_parameters_name_the_parameter(tiny_models, tiny_tokenizer, bad):
     eng = LLMCad(tiny_models("llama", "shared"), tiny_models("llama", "target"), tiny_tokenizer,
@@ -129,3 +129,13 @@ def test_noise_is_keyed_on_seed_and_position_only():
     rows = chooser.choose(logits, [17, 40, 17])
     alone = chooser.choose(logits[2:3], [17])
     assert rows[2] == alone[0]  # a row's pick depends on its logits and position, not on its neighbours
+
+
+def test_temperature_zero_is_greedy(tiny_models, tiny_tokenizer):
+    """As in OpenAI's API and llama.cpp: temperature 0 means greedy, with or without do_sample."""
+    eng = LLMCad(tiny_models("mistral", "shared"), tiny_models("mistral", "target"), tiny_tokenizer,
+                 make_policy("tree"))
+    greedy = eng.generate(PROMPT, 12).tokens
+    assert eng.generate(PROMPT, 12, temperature=0).tokens == greedy
+    for seed in (3, 4):
+        assert eng.generate(PROMPT, 12, do_sample=True, temperature=0, top_k=8, top_p=0.9, seed=seed).tokens == greedy

@@ -4,11 +4,12 @@ A small draft model stays in memory and grows a token tree; the large target mod
 storage layer by layer and verifies the whole tree in one pass. Output is lossless.
 """
 from llmcad._build import __version__, build_info
-from llmcad.errors import (BudgetError, EngineClosedError, LLMCadError, ModelLoadError, OutputError, PromptError,
-                           StreamerIOError, TokenizerMismatchError, WeightFileError)
+from llmcad.errors import (BudgetError, EngineBusyError, EngineClosedError, LLMCadError, ModelLoadError, OutputError,
+                           PromptError, StreamerIOError, TokenizerMismatchError, WeightFileError)
 
 __all__ = ["__version__", "build_info", "LLMCad", "LLMCadError", "ModelLoadError", "TokenizerMismatchError",
-           "WeightFileError", "BudgetError", "PromptError", "StreamerIOError", "EngineClosedError", "OutputError"]
+           "WeightFileError", "BudgetError", "PromptError", "StreamerIOError", "EngineClosedError", "EngineBusyError",
+           "OutputError"]
 
 
 def __getattr__(name):

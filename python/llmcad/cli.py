@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -50,6 +51,17 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default: argparse's "(default: X)" where the default is a value; an option
+    whose default is None (it depends on the mode, the model...) says it in its own help text, and a
+    flag's default is off."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``generate`` in full; the other subcommands only for --help (their own
     parsers are built by their modules when invoked, see :func:`main`)."""
@@ -57,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "tree speculative decoding with a layer-streamed target.")
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_generate_arguments(sub.add_parser("generate", help="generate text from a prompt"))
+    add_generate_arguments(sub.add_parser("generate", help="generate text from a prompt",
+                                          formatter_class=DefaultsFormatter))
     for name, (_, help_text) in EXTERNAL.items():
         sub.add_parser(name, help=help_text)
     sub.add_parser("bench", help=f"benchmarks: bench {{{','.join(BENCH)}}} [...] (each with --json)")
@@ -84,7 +97,7 @@ def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep 
                    "id (default: the demo pair, fetched once as `llmcad demo` does)")
     p.add_argument("--target", default=None, help="target model: a directory, a name `llmcad models` lists, or a "
                    "hub id (default: the demo pair's)")
-    p.add_argument("--mode", choices=MODES, default="llmcad")
+    p.add_argument("--mode", choices=MODES, default="llmcad", help="verification policy (see docs/python-api.md)")
     p.add_argument("--memory-budget", default=None, help="bound on the peak resident memory of the whole process "
                    "(runtime, both models, caches, passes), e.g. 2GiB, or 'auto': the memory cgroup's limit, else "
                    f"MemAvailable, less a margin (default: {budget_default})")
@@ -93,17 +106,21 @@ def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep 
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code a model directory ships "
                    "(auto_map in its config); without it such a model is refused. Read that code first")
-    t = p.add_argument_group("policy (defaults: see llmcad.speculative.policy)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads "
+                   "(default: torch's, one per physical core)")
+    t = p.add_argument_group("policy (each for the modes named)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
-                   "(llmcad, tree)")
-    t.add_argument("--max-depth", type=int, default=None, help="draft tokens per branch (llmcad, tree)")
+                   "(llmcad, tree; default: llmcad sizes it to the device, tree 32, llmcad --alpha-rule paper 32)")
+    t.add_argument("--max-depth", type=int, default=None, help="draft tokens per branch (llmcad, tree; default: "
+                   "llmcad the tree size less one, tree 10, llmcad --alpha-rule paper 10)")
     t.add_argument("--branch-threshold", type=float, default=None, help="draft probability that opens a "
-                   "branch (llmcad, tree; default 0.3)")
+                   "branch (llmcad, tree; default: tree 0.3, llmcad --alpha-rule paper 0.3, llmcad none: a node's "
+                   "children are its top tokens worth drafting)")
     t.add_argument("--alpha-rule", choices=("cost", "paper"), default=None, help="llmcad: verify by the "
-                   "measured cost model (cost, default) or by the paper's alpha equation (paper)")
+                   "measured cost model (cost) or by the paper's alpha equation (paper) (default: cost)")
     t.add_argument("--alpha", type=float, default=None, help="initial fallback threshold (llmcad with "
-                   "--alpha-rule paper; 0.01)")
-    t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain)")
+                   "--alpha-rule paper; default: 0.01)")
+    t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain; default: 5)")
     e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
     e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,
                    help="verify on the main thread, no provisional drafting (default: on in llmcad mode)")
@@ -127,27 +144,43 @@ def add_prompt_cache_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     s = p.add_argument_group("sampling (any of these, or --do-sample, turns sampling on; default greedy)")
-    s.add_argument("--do-sample", action="store_true")
-    s.add_argument("--temperature", type=float, default=None)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    s.add_argument("--do-sample", action="store_true", help="sample from the target's distribution")
+    s.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 1.0 when sampling)")
+    s.add_argument("--top-k", type=int, default=None, help="keep the K likeliest tokens (default: all)")
+    s.add_argument("--top-p", type=float, default=None, help="keep the likeliest tokens whose probabilities sum "
+                   "to P (default: 1.0, all)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples (default: a "
+                   "random one)")
+    p.add_argument("--stop", action="append", default=None, type=unescape, help="stop string (repeatable; "
+                   r"\n, \t, \r and \\ are unescaped; default: none)")
+
+
+def unescape(text: str) -> str:
+    r"""``--stop``'s value with \n, \t, \r and \\ turned into the characters (as a shell user types
+    them); any other backslash stays as it is."""
+    return re.sub(r"\\([nrt\\])", lambda m: _ESCAPES[m[1]], text)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--raw", action="store_true", help="send --prompt as raw text (default: as a user message "
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text; - reads it from stdin")
+    source.add_argument("--file", metavar="PATH", help="read the prompt from a UTF-8 text file")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text (default: as a user message "
                    "through the target's chat template when its tokenizer has one)")
-    p.add_argument("--system", default=None, help="a system message before the prompt (chat template only)")
+    p.add_argument("--system", default=None, help="a system message before the prompt (chat template only; "
+                   "default: none)")
     add_sampling_arguments(p)
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "tokens", "stats"}')
     p.add_argument("--quiet", action="store_true", help="no timing summary on stderr after the text")
     p.add_argument("--trace", default=None, metavar="FILE", help="write the timeline (IO, target compute, draft, "
-                   "verify/commit) as Chrome trace-event JSON (Perfetto; `llmcad trace-plot FILE` draws it)")
+                   "verify/commit) as Chrome trace-event JSON (Perfetto; `llmcad trace-plot FILE` draws it; "
+                   "default: none)")
 
 
 def check_model_arguments(args) -> None:
@@ -160,12 +193,15 @@ def check_model_arguments(args) -> None:
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
     from llmcad.streaming.budget import parse_rate, resolve_budget
+    from llmcad.streaming.streamer import check_bandwidth_cap
 
     make_policy(args.mode, **policy_options(args))
     if args.memory_budget is not None:
         resolve_budget(args.memory_budget)
     if getattr(args, "bandwidth_cap", None) is not None:
-        parse_rate(args.bandwidth_cap, what="--bandwidth-cap")
+        check_bandwidth_cap(parse_rate(args.bandwidth_cap, what="--bandwidth-cap"), "--bandwidth-cap")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads}: expected an int >= 1")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
 
@@ -198,8 +234,12 @@ def sampling_options(args) -> dict:
 
 def open_engine(args):
     """The LLMCad engine the model arguments describe (models loaded)."""
+    import torch
+
     from llmcad.engine import LLMCad
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     options = policy_options(args)
     if args.max_provisional_tokens is not None:
         options["max_provisional_tokens"] = args.max_provisional_tokens
@@ -225,18 +265,40 @@ def generate_prompt(args):
     from llmcad.models.chat import chat_prompt_ids, has_chat_template
     from llmcad.models.loading import load_tokenizer
 
-    if not args.prompt:
-        raise PromptError("prompt is empty (--prompt)")
+    text = prompt_text(args)
+    if not text:
+        raise PromptError(f"prompt is empty ({'--file ' + args.file if args.file is not None else '--prompt'})")
     if args.system is not None and args.raw:
         raise UsageError("--system needs the chat template (drop --raw)")
     tokenizer = None if args.raw else load_tokenizer(args.target, trust_remote_code=trusts_remote_code(args))
     if tokenizer is None or not has_chat_template(tokenizer):
         if args.system is not None:
             raise PromptError(f"{args.target}: --system needs a chat template, and the tokenizer has none")
-        return args.prompt
+        return text
     messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
-        [{"role": "user", "content": args.prompt}]
+        [{"role": "user", "content": text}]
     return chat_prompt_ids(tokenizer, messages)
+
+
+def prompt_text(args) -> str:
+    """--prompt's text, stdin's for ``--prompt -``, or --file's; PromptError when it cannot be read
+    as UTF-8 text."""
+    from llmcad.errors import PromptError
+
+    if args.file is None and args.prompt != "-":
+        return args.prompt
+    where = "stdin (--prompt -)" if args.file is None else f"--file {args.file}"
+    try:
+        if args.file is None:
+            data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        return data.decode("utf-8")
+    except OSError as exc:
+        raise PromptError(f"{where}: cannot read the prompt: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{where}: the prompt is not UTF-8 text (byte {exc.start})") from None
 
 
 def run_generate(args) -> int:
@@ -274,7 +336,7 @@ def run_external(module_name: str, command: str, rest: list) -> int:
             raise
         _error(f"'{command}' is not available in this build")
         return 2
-    parser = Parser(prog=f"llmcad {command}")
+    parser = Parser(prog=f"llmcad {command}", formatter_class=DefaultsFormatter)
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(rest)) or 0)
 
@@ -306,6 +368,7 @@ def bench_help() -> str:
 def main(argv=None) -> int:
     """Entry point of the ``llmcad`` script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _escape_what_stdout_cannot_encode()
     shown = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
@@ -326,6 +389,14 @@ def main(argv=None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown
+
+
+def _escape_what_stdout_cannot_encode() -> None:
+    """Characters stdout's encoding lacks (an ASCII-only terminal: LANG=C, PYTHONIOENCODING=ascii) are
+    written as backslash escapes instead of aborting the generation mid-text."""
+    stream = sys.stdout
+    if stream is not None and hasattr(stream, "reconfigure") and stream.errors in ("strict", "surrogateescape"):
+        stream.reconfigure(errors="backslashreplace")
 
 
 def _stdout_writer(text: str) -> None:

@@ -10,12 +10,13 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmcad import memory
 from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
-from llmcad.errors import BudgetError, EngineClosedError, OutputError, PromptError
+from llmcad.errors import BudgetError, EngineBusyError, EngineClosedError, OutputError, PromptError
 from llmcad.speculative.policy import POLICIES, Policy, make_policy
 from llmcad.models.fetch import resolve_pair
 from llmcad.speculative.prefix_cache import PrefixCache
@@ -90,6 +91,7 @@ class LLMCad:
         self.budget_source = budget_source
         self._closed = False
         self._generating = threading.Lock()  # one generate at a time; others wait their turn
+        self._generating_thread = None  # ident of the thread inside generate (streamer callbacks run there)
         # an engine dropped without close() still releases the streamed target's files, buffers, threads
         self._finalizer = weakref.finalize(self, _release_streamed, streamed)
 
@@ -124,6 +126,10 @@ class LLMCad:
         resolve_dtype(dtype)
         if streamer_options and memory_budget is None:
             raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
+        if streamer_options:
+            from llmcad.streaming.streamer import check_bandwidth_cap
+
+            check_bandwidth_cap(streamer_options.get("bandwidth_cap"))  # before loading anything
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap,
                          trust_remote_code=trust_remote_code, **extra)
@@ -133,11 +139,20 @@ class LLMCad:
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
-        EngineClosedError. Safe to call twice; a resident target has nothing to release."""
+        EngineClosedError. Safe to call twice; a resident target has nothing to release.
+
+        A generation in flight on another thread ends first, with EngineClosedError (a pass waiting on
+        storage is interrupted, a resident one finishes its round); close() returns once it has. From
+        a streamer callback, the generation ends at its next round and releases on its way out."""
         self._closed = True
-        if self.prefix_cache is not None:
-            self.prefix_cache.clear()
-        self._finalizer()
+        if self._generating_thread == threading.get_ident():
+            return
+        if self.streamed is not None:
+            self.streamed.interrupt()
+        with self._generating:
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+            self._finalizer()
 
     def __enter__(self) -> "LLMCad":
         return self
@@ -162,6 +177,8 @@ class LLMCad:
         tokenizer adding special tokens as HF does), a list of token ids, or a conversation, a list of
         ``{"role", "content"}`` messages put through the tokenizer's chat template with the generation
         prompt (``apply_chat_template(messages, add_generation_prompt=True)``, see llmcad.models.chat).
+        ``do_sample`` with ``temperature``, ``top_k``, ``top_p``, ``seed``: sampling as transformers
+        samples (seeded: reproducible in every mode); ``temperature=0`` is greedy, as in OpenAI's API.
 
         Stops at the target's EOS token(s) (included in ``tokens``), at ``max_new_tokens``, at a ``stop``
         string (str or list; stops after the token that completes it), or at the context length.
@@ -171,14 +188,29 @@ class LLMCad:
         ``trace``: a file path; the timeline (IO, target compute, draft, verify/commit lanes) is written
         there as Chrome trace-event JSON (Perfetto, chrome://tracing; ``llmcad trace-plot`` draws it).
 
-        Calls from several threads on one engine run one after the other. With a memory budget, the KV
+        Calls from several threads on one engine run one after the other; a call from this engine's own
+        streamer callback would wait for itself and raises EngineBusyError. With a memory budget, the KV
         caches stay within what the budget leaves them: generation stops with stop reason
         "memory_budget" before a round could exceed it. With the prefix cache (see :class:`LLMCad`),
         ``stats["cached_tokens"]`` counts the prompt's tokens whose KV was reused.
         """
+        if self._generating_thread == threading.get_ident():
+            raise EngineBusyError("generate() was called from inside this engine's own generation (a streamer "
+                                  "callback), which would wait for itself forever; call it after generate returns")
         with self._generating:
-            return self._generate(prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, streamer=streamer, trace=trace)
+            self._generating_thread = threading.get_ident()
+            try:
+                return self._generate(prompt, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, seed=seed, stop=stop, streamer=streamer,
+                                      trace=trace)
+            except BaseException as exc:
+                if self._closed and not isinstance(exc, EngineClosedError):  # a pass cut short by close()
+                    raise EngineClosedError("this LLMCad engine was closed during the generation") from exc
+                raise
+            finally:
+                self._generating_thread = None
+                if self._closed:  # close() came from this generation's own streamer callback
+                    self._finalizer()
 
     def _generate(self, prompt, max_new_tokens, *, do_sample, temperature, top_k, top_p, seed, stop, streamer,
                   trace) -> GenerationResult:
@@ -197,6 +229,8 @@ class LLMCad:
             run.start(stack)
             root = ids[-1]
             while not output.done:
+                if self._closed:
+                    raise EngineClosedError("this LLMCad engine was closed during the generation")
                 root = run.round(root)
                 if not output.done and run.kv_budget_reached():
                     output.stop("memory_budget")
@@ -236,7 +270,7 @@ class LLMCad:
             _check_utf8(prompt)
             ids = list(self.tokenizer(prompt)["input_ids"])
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            ids = [int(t) for t in prompt]
+            ids = _token_ids(prompt)
             vocab = self.target.get_input_embeddings().weight.shape[0]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -386,7 +420,8 @@ class _Run:
         return min(self.output.max_new_tokens, self.output.room) - len(self.output.tokens)
 
     def _kv_room(self):
-        """Draft KV positions left in the memory budget (None: no budget)."""
+        """Draft KV positions left in the memory budget beyond the pending tokens, which ride in with the
+        next root (None: no budget)."""
         if self.kv_positions is None:
             return None
         return max(0, self.kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
@@ -412,8 +447,9 @@ class _Run:
 
     def kv_budget_reached(self) -> bool:
         """Whether the KV positions the memory budget left are used up: the draft's trees and provisional
-        tokens are cut to its room (_kv_room, _provisional_limit), the target verifies at most its own
-        (_target_kv_room); once not even the root fits, the next pass would run past the budget."""
+        tokens are cut to its room (_kv_room, _provisional_limit; out of room, the tree is its root alone),
+        the target verifies at most its own (_target_kv_room); once not even the root fits, the next pass
+        would run past the budget."""
         return self._target_kv_room() < 1
 
     def _target_kv_room(self) -> int:
@@ -553,10 +589,27 @@ def _check_max_new(max_new_tokens) -> int:
     return max_new_tokens
 
 
+def _token_ids(prompt) -> list:
+    """A list/tuple or 1D tensor of token ids as ints; PromptError for anything but integers (a float
+    id is not truncated: it is a mistake, e.g. logits or probabilities passed for ids)."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            raise PromptError(f"prompt token ids must be integers, got a tensor of {prompt.dtype}")
+        return prompt.tolist()
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise PromptError(f"prompt token ids must be integers, got {t!r} ({type(t).__name__}) at index {i}")
+    return [int(t) for t in prompt]
+
+
 def _stops(stop) -> list:
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
+    try:
+        stops = [stop] if isinstance(stop, str) else list(stop)
+    except TypeError:  # not iterable (a number, an object)
+        raise ValueError(f"stop={stop!r}: expected a non-empty string or a list of them, got "
+                         f"{type(stop).__name__}") from None
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop={stop!r}: expected a non-empty string or a list of them")
     return stops

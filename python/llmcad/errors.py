@@ -33,5 +33,10 @@ class EngineClosedError(LLMCadError, RuntimeError):
     """The engine was closed (explicitly or after a fatal fault) and cannot generate."""
 
 
+class EngineBusyError(LLMCadError, RuntimeError):
+    """generate() was called from inside the same engine's generation (a streamer callback on the
+    generating thread): it would wait for itself forever."""
+
+
 class OutputError(LLMCadError, OSError):
     """An output path (trace file, prepared model directory) cannot be written; the message says why."""

@@ -138,7 +138,7 @@ class TreeDrafter:
         self._seed = None  # (tree, nodes run) kept from the last round's provisional drafting
         self._branch_threshold = None  # the current policy's (grow sets it)
         self._alternatives = {}  # provisional node -> [(token, prob)] of the branches it would open
-        self._kv_room = 1 << 30  # draft KV positions this round may still add (grow sets it)
+        self._kv_room = 1 << 30  # draft KV positions this round may still add beyond pending (grow sets it)
 
     @property
     def committed_length(self) -> int:
@@ -147,9 +147,10 @@ class TreeDrafter:
 
     def grow(self, root_token: int, policy, depth_cap: int, kv_room: int | None = None) -> DraftTree:
         """A tree rooted at ``root_token``, grown until ``policy`` asks for verification or a limit
-        (``policy.max_tree_tokens``, ``min(policy.max_depth, depth_cap)``, ``kv_room`` draft KV
-        positions) stops it. Best-first trees come back best first: verify their first
-        ``policy.max_tree_tokens`` nodes."""
+        (``policy.max_tree_tokens``, ``min(policy.max_depth, depth_cap)``, ``kv_room``) stops it.
+        ``kv_room``: draft KV positions left beyond the pending tokens (which ride in with the root);
+        when it is under 1 the root does not run and the tree is the root alone. Best-first trees come
+        back best first: verify their first ``policy.max_tree_tokens`` nodes."""
         tree, ran = self._seed or (DraftTree.rooted(root_token), 0)
         self._seed, self._alternatives = None, {}
         self._branch_threshold = policy.branch_threshold
@@ -161,7 +162,7 @@ class TreeDrafter:
         self._kv_room = (1 << 30) if kv_room is None else kv_room
         if policy.best_first:
             return self._grow_best_first(tree, policy, max_depth)
-        while len(tree) < policy.max_tree_tokens and not policy.should_verify(tree):
+        while len(tree) < policy.max_tree_tokens and self._kv_room >= 1 and not policy.should_verify(tree):
             node = self._pick_leaf(tree, max_depth)
             if node is None:
                 break
@@ -172,7 +173,7 @@ class TreeDrafter:
         """Batched best-first growth until the policy's cost model says verify (see module doc)."""
         t0 = time.perf_counter()
         self._revalue(tree, policy)
-        if tree.slot[0] < 0 and max_depth > 0 and self._kv_room > len(self.pending):
+        if tree.slot[0] < 0 and max_depth > 0 and self._kv_room >= 1:
             typical = not self.pending  # a prompt's prefill is no typical step
             top = self._run(tree, 0)
             if typical:
@@ -233,7 +234,8 @@ class TreeDrafter:
         policy.observe_expansion(mass)
 
     def commit(self, tree: DraftTree, accepted, seed=(), max_nodes: int = 0) -> None:
-        """Keep prefix + the accepted nodes the draft has run; queue the rest (at most the last) as pending.
+        """Keep prefix + the accepted nodes the draft has run; queue the rest as pending (after the
+        pending tokens still uncached when the root did not run, out of KV room).
 
         ``seed``: node ids of a subtree below the last accepted node, root first, every node after its
         parent (its root is the next tree's root; see llmcad.speculative.pipeline) whose tokens and KV start the
@@ -241,10 +243,11 @@ class TreeDrafter:
         """
         ran = [tree.slot[a] for a in accepted if tree.slot[a] >= 0]
         seed_ran = sorted(tree.slot[s] for s in seed if tree.slot[s] >= 0)
-        keep = list(range(self._prefix)) + [self._prefix + s for s in ran + seed_ran]
+        cached = self._prefix - len(self.pending)  # committed positions in the cache (pending: root not run)
+        keep = list(range(cached)) + [self._prefix + s for s in ran + seed_ran]
         if kv.cache_length(self.cache):
             kv.commit(self.cache, keep)
-        self.pending = [tree.tokens[a] for a in accepted if tree.slot[a] < 0]
+        self.pending = self.pending + [tree.tokens[a] for a in accepted if tree.slot[a] < 0]
         if seed:
             if self.pending:
                 raise ValueError("a seed needs every accepted node run by the draft")
@@ -296,7 +299,7 @@ class TreeDrafter:
             inputs = self.pending + [tree.tokens[0]]
             logits = forward_with_mask(self.draft, self.cache, inputs, positions, mask, logits_to_keep=1)
             top_p, top_t = self._top(logits)
-            self._kv_room -= len(self.pending) + 1
+            self._kv_room -= 1  # the pending tokens were counted outside the room
             self.pending = []
             tree.slot[0] = self._ran
             self._ran += 1

@@ -101,15 +101,16 @@ MIN_TEMPERATURE = 1e-6  # logits / temperature stays finite in float32 for any |
 
 
 def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
-    """ValueError naming the first bad sampling parameter."""
+    """ValueError naming the first bad sampling parameter. Temperature 0 is greedy (as in OpenAI's API
+    and llama.cpp)."""
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample={do_sample!r}: expected True or False")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
             or not np.isfinite(temperature):
-        raise ValueError(f"temperature={temperature!r}: expected a finite number > 0")
-    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0: greedy)")
+    if 0 < temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature={temperature!r}: below {MIN_TEMPERATURE:g} the scaled logits overflow "
-                         "(for greedy decoding, turn sampling off)")
+                         "(for greedy decoding, use temperature 0 or turn sampling off)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k={top_k!r}: expected None or an int >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
@@ -123,7 +124,7 @@ def validate_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
 class TargetChooser:
     """The target's token at each node: argmax (greedy) or a sample from the distribution that
     transformers' sampler would use (temperature, then top-k, then top-p, the same warpers in the same
-    order).
+    order). Temperature 0 is greedy, whatever ``do_sample`` says.
 
     A sample is an exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)`` per vocabulary entry (the
     Gumbel-max trick), and the noise of the token at absolute position ``t`` comes from a generator
@@ -133,8 +134,8 @@ class TargetChooser:
 
     def __init__(self, *, do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None):
         validate_sampling(do_sample, temperature, top_k, top_p, seed)
-        self.do_sample = do_sample
-        self.processors = _warpers(temperature, top_k, top_p) if do_sample else None
+        self.do_sample = do_sample and temperature != 0  # temperature 0: greedy
+        self.processors = _warpers(temperature, top_k, top_p) if self.do_sample else None
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
 
     def processed_probs(self, logits: torch.Tensor) -> torch.Tensor:

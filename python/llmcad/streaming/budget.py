@@ -41,11 +41,11 @@ def parse_size(value, what: str = "memory_budget") -> int:
     if isinstance(value, int):
         nbytes = value
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)) and m[2].lower() in _UNITS:
-        nbytes = int(float(m[1]) * _UNITS[m[2].lower()])
+        nbytes = int(min(float(m[1]) * _UNITS[m[2].lower()], 2.0 ** 63))  # inf: too large, not OverflowError
     else:
         raise BudgetError(f"{what}={value!r}: expected a size such as '2GiB', '1.5GB', '800MiB' or bytes")
-    if nbytes <= 0:
-        raise BudgetError(f"{what}={value!r}: must be a positive size")
+    if not 0 < nbytes < 2 ** 63:
+        raise BudgetError(f"{what}={value!r}: must be a positive size below 2**63 bytes (8 EiB)")
     return nbytes
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import errno as _errno
 import functools
+import math
+import numbers
 import os
 import time
 import warnings
@@ -38,7 +40,22 @@ from llmcad import _build
 from llmcad.errors import StreamerIOError
 
 __all__ = ["WeightStreamer", "LayerView", "LoadRecord", "evict_from_page_cache", "layout_bytes", "buffer_bytes_for",
-           "memory_bytes"]
+           "memory_bytes", "check_bandwidth_cap", "MIN_BANDWIDTH_CAP"]
+
+MIN_BANDWIDTH_CAP = 1e3  # bytes/s: a 1 MiB read already takes 17 minutes (and far below, the C++ clock overflows)
+
+
+def check_bandwidth_cap(value, what: str = "bandwidth_cap"):
+    """``value`` in bytes/s as a float (None: uncapped); ValueError naming ``what`` for anything but a
+    finite number >= MIN_BANDWIDTH_CAP (a cap of 1e-9 is a unit mistake, not slow storage)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what}={value!r}: expected a positive number of bytes per second, e.g. 300e6 for 300 MB/s")
+    if value < MIN_BANDWIDTH_CAP:
+        raise ValueError(f"{what}={value!r}: below {MIN_BANDWIDTH_CAP:g} bytes/s no read ends in useful time; the cap "
+                         "is in bytes per second, e.g. 300e6 for 300 MB/s")
+    return float(value)
 
 
 def _translate_io_errors(fn):
@@ -160,8 +177,7 @@ class WeightStreamer:
         paths = [os.fsdecode(p) for p in paths]
         if int(buffer_bytes) <= 0:
             raise ValueError(f"buffer_bytes must be > 0, got {buffer_bytes!r}")
-        if bandwidth_cap is not None and not bandwidth_cap > 0:
-            raise ValueError(f"bandwidth_cap must be > 0 bytes/s or None, got {bandwidth_cap!r}")
+        bandwidth_cap = check_bandwidth_cap(bandwidth_cap)
         pin = {True: "on", False: "off", "auto": "auto"}.get(pinned)
         if pin is None:
             raise ValueError(f"pinned must be 'auto', True or False, got {pinned!r}")
