@@ -91,16 +91,19 @@ def version_text() -> str:
             f"io_uring {'compiled' if info['io_uring_compiled'] else 'not compiled'})")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, budget_default: str = "keep the target resident") -> None:
+DEFAULT_BUDGET = "auto"  # every command's: the memory cgroup's limit, else what is free, less a margin
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The draft/target pair, where and how the target runs, and the verification policy."""
     p.add_argument("--draft", default=None, help="draft model: a directory, a name `llmcad models` lists, or a hub "
                    "id (default: the demo pair, fetched once as `llmcad demo` does)")
     p.add_argument("--target", default=None, help="target model: a directory, a name `llmcad models` lists, or a "
                    "hub id (default: the demo pair's)")
     p.add_argument("--mode", choices=MODES, default="llmcad", help="verification policy (see docs/python-api.md)")
-    p.add_argument("--memory-budget", default=None, help="bound on the peak resident memory of the whole process "
-                   "(runtime, both models, caches, passes), e.g. 2GiB, or 'auto': the memory cgroup's limit, else "
-                   f"MemAvailable, less a margin (default: {budget_default})")
+    p.add_argument("--memory-budget", default=DEFAULT_BUDGET, help="bound on the peak resident memory of the whole "
+                   "process (runtime, both models, caches, passes), e.g. 2.5GiB; 'auto': the memory cgroup's limit, "
+                   "else MemAvailable, less a margin; 'none': keep the target resident, unbounded")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -190,6 +193,8 @@ def check_model_arguments(args) -> None:
     from llmcad.models.loading import check_sources, resolve_device, resolve_dtype
 
     resolve_model_arguments(args)
+    if str(args.memory_budget).strip().lower() == "none":
+        args.memory_budget = None
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
     from llmcad.streaming.budget import parse_rate, resolve_budget

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmcad.cli import DEFAULT_BUDGET  # every command's: auto
 from llmcad.errors import LLMCadError
 from llmcad.stats import format_size
 
@@ -19,7 +20,6 @@ DEFAULT_PROMPT = (
 # for a chat model (the real pair is Qwen2.5-Coder *Instruct*): the same task as a request
 DEFAULT_CHAT_PROMPT = ("Write a Python function quicksort(items: list[int]) -> list[int] that returns a new list "
                        "with the items sorted in ascending order, using quicksort. Reply with the code only.")
-DEFAULT_BUDGET = "2.5GiB"  # below draft + target in bf16 (about 4.8 GB): most target layers stream
 MODES = ("llmcad", "tree", "chain", "target-only")
 DEFAULT_QUANTIZE = "none"
 
@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt as raw text even when "
                    "the target has a chat template (default: a chat model gets it as a user message)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--memory-budget", default=DEFAULT_BUDGET, help=f"bound on all model memory (default "
-                   f"{DEFAULT_BUDGET}); 'none' keeps the target resident")
+    p.add_argument("--memory-budget", default=DEFAULT_BUDGET, help="bound on the peak resident memory of the "
+                   "whole process, e.g. 2.5GiB (default: auto, the memory cgroup's limit, else MemAvailable, less a "
+                   "margin); 'none' keeps the target resident")
     p.add_argument("--mode", choices=MODES, default="llmcad")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

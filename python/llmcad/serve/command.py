@@ -20,13 +20,10 @@ API_KEY_ENV = "LLMCAD_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmcad.demo import DEFAULT_BUDGET
-
     p.description = ("Serve a draft/target pair over an OpenAI-compatible HTTP API (/v1/completions, "
                      "/v1/chat/completions, /v1/models, /health), one generation at a time. With no "
                      "--draft/--target it serves the demo pair, as `llmcad demo` runs it.")
-    add_model_arguments(p, budget_default=f"{DEFAULT_BUDGET} for the demo pair, else keep the "
-                        "target resident; 'none' keeps it resident")
+    add_model_arguments(p)
     add_prompt_cache_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
@@ -60,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue {args.max_queue}: expected an int >= 0")
     limits = _limits(args)
-    _use_demo_pair_unless_given(args)
     check_model_arguments(args)
     name = args.model_name or Path(str(args.target).rstrip("/")).name
     quiet_transformers()
@@ -116,16 +112,6 @@ def bind_warning(host: str, api_key) -> str | None:
                 "on 127.0.0.1.")
     return (f"warning: listening on {host}, beyond this machine; requests need the API key, which plain HTTP "
             "sends unencrypted (put a TLS proxy in front beyond a trusted network).")
-
-
-def _use_demo_pair_unless_given(args) -> None:
-    """Without --draft/--target: the demo pair (fetched and prepared on first use) and its memory budget."""
-    from llmcad.demo import DEFAULT_BUDGET
-
-    if args.draft is None and args.target is None and args.memory_budget is None:
-        args.memory_budget = DEFAULT_BUDGET
-    if str(args.memory_budget).lower() == "none":
-        args.memory_budget = None
 
 
 def _require_extra() -> None:
