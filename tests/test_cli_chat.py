@@ -153,7 +153,7 @@ def test_chat_keeps_the_conversation(chat_dirs, monkeypatch, capsys):
         reply = tokenizer.decode(_greedy(chat_dirs["target"], ids, 6), skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
         expected.append(reply)
-    assert out == "".join(f"{reply}\n" for reply in [*expected, expected[0]])  # /reset: the first reply again
+    assert out == "".join(f"{reply}\n\n" for reply in [*expected, expected[0]])  # piped: a blank line apart  # /reset: the first reply again
 
 
 def test_chat_refuses_a_typed_control_token_and_goes_on(chat_dirs, monkeypatch, capsys):
@@ -168,7 +168,7 @@ def test_chat_refuses_a_typed_control_token_and_goes_on(chat_dirs, monkeypatch, 
     ids = list(tokenizer.apply_chat_template([{"role": "user", "content": "def add(a, b):"}],
                                              add_generation_prompt=True)["input_ids"])
     reply = tokenizer.decode(_greedy(chat_dirs["target"], ids, 6), skip_special_tokens=True)
-    assert captured.out == f"{reply}\n"  # the refused message is not part of the conversation
+    assert captured.out == f"{reply}\n\n"  # the refused message is not part of the conversation
 
 
 def test_chat_reuses_the_conversation_and_answers_as_without(chat_dirs):
@@ -182,7 +182,7 @@ def test_chat_reuses_the_conversation_and_answers_as_without(chat_dirs):
     runs = [subprocess.run(argv + extra, input=stdin, capture_output=True, text=True, env=env, timeout=300)
             for extra in ([], ["--no-prompt-cache"])]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
-    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.count("\n") == 3
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.count("\n") == 6
     reused = [[int(n) for n in re.findall(r"prompt\s*: (\d+) tokens, (\d+) of them reused", r.stderr)[i]]
               for r in runs for i in range(3)]
     with_cache, without = reused[:3], reused[3:]

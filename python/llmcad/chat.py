@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                 messages.pop()
                 print(f"llmcad chat: {' '.join(str(exc).split())}; /reset to start over", file=sys.stderr)
                 continue
-            _write("\n")
+            _write("\n" if sys.stdin.isatty() else "\n\n")  # piped: a blank line between replies
             messages.append({"role": "assistant", "content": result.text})
             if args.stats:
                 print(summary(result.stats), file=sys.stderr)

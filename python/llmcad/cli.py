@@ -309,6 +309,9 @@ def prompt_text(args) -> str:
 def run_generate(args) -> int:
     import time
 
+    from contextlib import nullcontext
+
+    from llmcad.progress import step
     from llmcad.stats import summary
 
     check_model_arguments(args)
@@ -316,7 +319,10 @@ def run_generate(args) -> int:
     check_sampling_arguments(args)
     prompt = generate_prompt(args)
     started = time.perf_counter()
-    with open_engine(args) as engine:
+    loading = nullcontext() if args.quiet or args.json else step("llmcad: loading the models")
+    with loading:
+        engine = open_engine(args)
+    with engine:
         load_s = time.perf_counter() - started
         if not (args.quiet or args.json):  # the load line: the budget, its source, the floor, the plan
             print(f"llmcad: {engine.describe_memory()}", file=sys.stderr)

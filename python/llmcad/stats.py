@@ -97,6 +97,20 @@ def format_size(nbytes) -> str:
     return f"{nbytes} B"
 
 
+def policy_line(stats: dict) -> str:
+    """What the cost rule chose and on what measurements: mean tree, size cap, and whether a pass of
+    that tree is bound by its reads or by its compute (the fitted pass model)."""
+    model = stats.get("target_pass_model_s") or {}
+    fixed, per_token, reads = model.get("fixed") or 0.0, model.get("per_token") or 0.0, model.get("io_bound")
+    mean = stats.get("mean_tree_tokens", 0.0)
+    compute = fixed + per_token * mean
+    bound = "reads" if reads is not None and reads > compute else "compute"
+    cap = stats.get("pass_rows")
+    return (f"trees of {mean:.1f} nodes on average, size cap {stats.get('max_tree_tokens_chosen')}"
+            f"{f' (memory allows {cap})' if cap else ''}; passes bound by {bound} (compute {fixed:.3f} s + "
+            f"{per_token * 1e3:.2f} ms/node{f', reads {reads:.2f} s' if reads is not None else ''})")
+
+
 def summary(stats: dict, load_s: float | None = None) -> str:
     """A short timing summary of one generation, in the spirit of llama.cpp's (lines for stderr)."""
     seconds = stats.get("time_s", {})
@@ -112,6 +126,8 @@ def summary(stats: dict, load_s: float | None = None) -> str:
         ("read", f"{format_size(stats.get('bytes_read', 0))} of target weights from storage"),
         ("peak RSS", format_size(stats.get("peak_rss_bytes", 0))),
     ]
+    if "max_tree_tokens_chosen" in stats:
+        rows.insert(3, ("policy", policy_line(stats)))
     if load_s is not None:
         rows.insert(0, ("load", f"{load_s:.2f} s"))
     width = max(len(name) for name, _ in rows)

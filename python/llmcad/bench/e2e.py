@@ -240,22 +240,25 @@ def end_ids(target) -> list:
 
 
 def tiny_budget(draft, target) -> int:
-    """A budget that holds the draft, the target's non-layer tensors, a few layers and both KV caches (as
-    the streamed target budgets them): the target streams."""
+    """A budget that holds this process's runtime floor (with its slack), the draft, the target's
+    non-layer tensors, a few layers, both KV caches and the least pass (as the streamed target budgets
+    them): the target streams."""
     from transformers import AutoConfig
 
-    from llmcad.streaming.budget import kv_cache_bytes
+    from llmcad import memory
+    from llmcad.streaming.budget import PASS_ROWS, RUNTIME_SLACK, kv_cache_bytes, pass_work_bytes
     from llmcad.streaming.weights import checkpoint_files, load_index
 
     index = load_index(target)
     dtype = index.layers[0][0].torch_dtype
     draft_bytes = sum(f.stat().st_size for f in checkpoint_files(draft))
     largest = max(index.layer_bytes(i) for i in range(index.num_layers))
-    kv = 0
-    for path in (draft, target):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        kv += kv_cache_bytes(config, min(2048, config.max_position_embeddings), dtype)
-    return draft_bytes + index.non_layer_bytes() + int(4.5 * largest) + kv + (64 << 10)
+    configs = [AutoConfig.from_pretrained(path, trust_remote_code=False) for path in (target, draft)]
+    tokens = min(2048, configs[0].max_position_embeddings)
+    kv = sum(kv_cache_bytes(config, tokens, dtype) for config in configs)
+    work = pass_work_bytes(configs[0], configs[1], PASS_ROWS[-1], tokens, dtype, dtype)
+    return (memory.runtime_floor() + RUNTIME_SLACK + draft_bytes + index.non_layer_bytes() + int(4.5 * largest)
+            + kv + work + (64 << 10))
 
 
 def select_rows(args, chain_k: list, schemes: list = ()) -> list:

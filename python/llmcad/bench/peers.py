@@ -5,8 +5,9 @@ budget and an ``offload_folder``: the layers that do not fit stay on disk and ac
 for every forward (transformers 5 reads offloaded weights straight from the checkpoint's safetensors
 files; the folder holds whatever it must convert). With ``draft`` it is transformers' assisted
 generation (``assistant_model=draft``), the peer's speculative decoding. The budget counts what
-llmcad's counts: the draft (held in memory) and KV caches of ``kv_tokens`` positions per model, so the
-target's ``max_memory`` is ``budget - draft weights - KV caches``.
+llmcad's counts: the process's runtime floor with its slack, the draft (held in memory) and KV caches
+of ``kv_tokens`` positions per model, so the target's ``max_memory`` is ``budget - runtime - draft
+weights - KV caches``.
 
 Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from llmcad.streaming.budget import module_bytes, parse_size
+from llmcad import memory
+from llmcad.streaming.budget import PASS_ROWS, RUNTIME_SLACK, module_bytes, parse_size, pass_work_bytes
 from llmcad.errors import BudgetError, ModelLoadError
 from llmcad.models.loading import load_causal_lm, resolve_dtype
 from llmcad.memory import peak_rss_bytes
@@ -46,13 +48,19 @@ class HFOffloadPeer:
         self.draft = load_causal_lm(draft, device=device, dtype=dtype) if draft is not None else None
         draft_bytes = module_bytes(self.draft) if self.draft is not None else 0
         # the same reservation llmcad's budget makes: KV caches of kv_tokens positions per model
-        kv_bytes = _kv_bytes(AutoConfig.from_pretrained(target, trust_remote_code=False), kv_tokens, dtype)
+        config = AutoConfig.from_pretrained(target, trust_remote_code=False)
+        kv_bytes = _kv_bytes(config, kv_tokens, dtype)
         if self.draft is not None:
             kv_bytes += _kv_bytes(self.draft.config, kv_tokens, self.draft.dtype)
-        target_bytes = budget - draft_bytes - kv_bytes
+        # as llmcad's plan counts the process itself and the working set of its least pass
+        runtime = memory.runtime_floor() + RUNTIME_SLACK + pass_work_bytes(
+            config, self.draft.config if self.draft is not None else config, PASS_ROWS[-1],
+            min(kv_tokens, getattr(config, "max_position_embeddings", None) or kv_tokens),
+            resolve_dtype(dtype) or torch.float32, self.draft.dtype if self.draft is not None else torch.float32)
+        target_bytes = budget - runtime - draft_bytes - kv_bytes
         if target_bytes <= 0:
-            raise BudgetError(f"memory_budget={memory_budget!r} leaves nothing for the target after the draft's "
-                              f"{draft_bytes} bytes and {kv_bytes} bytes of KV caches")
+            raise BudgetError(f"memory_budget={memory_budget!r} leaves nothing for the target after the runtime's "
+                              f"{runtime} bytes, the draft's {draft_bytes} bytes and {kv_bytes} bytes of KV caches")
         self.offload_folder = Path(offload_folder)
         self.offload_folder.mkdir(parents=True, exist_ok=True)
         self.target_dir = Path(target)

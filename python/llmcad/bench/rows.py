@@ -77,8 +77,10 @@ def _timed_prompts(runner, job: dict) -> dict:
     tokens, per_prompt = [], []
     kernel = job.get("page_cache") == "kernel"
     with nullcontext() if kernel else Evictor(runner.files(), interval_s=job["evict_interval_s"]) as evictor:
-        # every target pass starts cold: its weights come from storage, whoever reads them
-        hook = None if kernel else runner.target_model().register_forward_pre_hook(lambda *_: evictor.evict_now())
+        # every target pass starts cold: its weights come from storage, whoever reads them (the decoder's
+        # hook: llmcad runs it and the head apart, a CausalLM's forward runs it inside)
+        hook = None if kernel else runner.target_model().get_decoder().register_forward_pre_hook(
+            lambda *_: evictor.evict_now())
         try:
             for i, ids in enumerate(job["prompt_ids"]):
                 runner.reset()
