@@ -34,8 +34,8 @@ def run(draft, target, new_tokens: int) -> dict:
     index = load_index(target)
     least = least_budget(draft, target)
     layer_bytes = sum(index.layer_bytes(i) for i in range(index.num_layers))
-    placements = {"resident": dict(memory_budget=None), "resident-mmap": dict(memory_budget=None, mmap=True),
-                  "least": dict(memory_budget=least), "midpoint": dict(memory_budget=least + layer_bytes // 4)}
+    placements = {"resident": dict(memory_budget=None), "least": dict(memory_budget=least),
+                  "midpoint": dict(memory_budget=least + layer_bytes // 4)}
     results = {}
     for placement, options in placements.items():
         for mode in MODES:
