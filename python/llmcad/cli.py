@@ -136,7 +136,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "path of a chain or tree mode)")
     e.add_argument("--bandwidth-cap", default=None, metavar="RATE",
                    help="cap the streamer's read bandwidth (emulate slower storage): 300MB/s, 1.4GB/s, 300MiB/s "
-                   "or bytes/s")
+                   "or bytes/s, at least 1000 (default: uncapped)")
 
 
 def add_prompt_cache_argument(p: argparse.ArgumentParser) -> None:
