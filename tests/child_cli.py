@@ -25,3 +25,21 @@ def interrupt_and_expect_clean_exit(proc, wait_s: float, ready=lambda: None) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# `llmcad ARGS --memory-budget LEAST` where LEAST is the least budget this very process accepts for the
+# pair named by --draft/--target (the runtime floor is measured once per process, so it is the same
+# floor): every target layer streams
+LLMCAD_AT_THE_LEAST_BUDGET = [sys.executable, "-c", """
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from llmcad import LLMCad
+from llmcad.cli import main
+from llmcad.errors import BudgetError
+args = sys.argv[1:]
+try:
+    LLMCad.from_pretrained(args[args.index("--draft") + 1], args[args.index("--target") + 1], memory_budget=1)
+except BudgetError as err:
+    least = re.search(r"needs at least [^(]*\\((\\d+) bytes\\)", str(err)).group(1)
+sys.exit(main(args + ["--memory-budget", least]))
+"""]

@@ -535,13 +535,14 @@ def test_engine_with_io_uring_refused_generates_through_pread(pair, streaming, m
     assert any("io_uring refused" in w for w in result.stats["streamed"]["streamer"]["warnings"])
 
 
-def test_cli_warning_is_one_line_and_not_an_error(pair, streaming):
+def test_cli_warning_is_one_line_and_not_an_error(pair):
     """The console script in a fresh process: a refused io_uring is one warning line, exit status 0."""
-    budget, _, _ = streaming
+    from child_cli import LLMCAD_AT_THE_LEAST_BUDGET
+
     env = {**os.environ, "LLMCAD_DISABLE_IO_URING": "1",
            "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
-    argv = generate_argv(pair["shared"], pair["target"], "--memory-budget", budget, "--json")
-    proc = subprocess.run([sys.executable, "-m", "llmcad.cli", *argv], capture_output=True, text=True, env=env,
+    argv = generate_argv(pair["shared"], pair["target"], "--json")  # at the least budget: every layer streams
+    proc = subprocess.run([*LLMCAD_AT_THE_LEAST_BUDGET, *argv], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["tokens"]) == NEW_TOKENS
@@ -636,5 +637,5 @@ def test_pickle_checkpoint_holding_objects_is_one_clear_line(pair, tmp_path, cap
                r"object, which llmcad does not load")
     with pytest.raises(ModelLoadError, match=pattern):
         LLMCad.from_pretrained(pair["shared"], target)
-    err = run_cli(capfd, *generate_argv(pair["shared"], target))
+    err = run_cli(capfd, *generate_argv(pair["shared"], target), "--memory-budget", "none")  # resident: .bin loads
     assert re.search(pattern, err) and "\x1b" not in err and "weights_only" not in err and "internal error" not in err

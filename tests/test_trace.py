@@ -56,7 +56,9 @@ def test_generate_trace_has_every_lane_and_draft_fills_io_waits(tiny_pair_dirs, 
     assert len(reads) >= passes * len(streamed)  # every streamed layer of every pass was read
     assert {e["args"]["layer"] for e in reads} == set(streamed)
     layers = [e for e in lanes["target compute"] if e["name"].startswith("L")]
-    assert len(layers) == passes * len(streamed)
+    # every pass computes every streamed layer; a prompt longer than the budget's largest pass is cached
+    # in passes of its own first
+    assert len(layers) >= passes * len(streamed) and len(layers) % len(streamed) == 0
     assert sum(e["name"] == "verify" for e in lanes["verify/commit"]) == passes
     assert {"accept", "commit"} <= {e["name"] for e in lanes["verify/commit"]}
     provisional = [e for e in lanes["draft"] if e["name"] == "provisional"]

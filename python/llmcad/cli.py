@@ -197,14 +197,13 @@ def check_model_arguments(args) -> None:
         args.memory_budget = None
     check_sources(args.draft, args.target)
     from llmcad.speculative.policy import make_policy
-    from llmcad.streaming.budget import parse_rate, resolve_budget
+    from llmcad.streaming.budget import resolve_budget
     from llmcad.streaming.streamer import check_bandwidth_cap
 
     make_policy(args.mode, **policy_options(args))
     if args.memory_budget is not None:
         resolve_budget(args.memory_budget)
-    if getattr(args, "bandwidth_cap", None) is not None:
-        check_bandwidth_cap(parse_rate(args.bandwidth_cap, what="--bandwidth-cap"), "--bandwidth-cap")
+    check_bandwidth_cap(bandwidth_cap(args), "--bandwidth-cap")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads}: expected an int >= 1")
     resolve_device(args.device)
@@ -219,6 +218,20 @@ def resolve_model_arguments(args) -> None:
     if (args.draft is None) != (args.target is None):
         raise UsageError("give both --draft and --target, or neither (to use the demo pair)")
     args.draft, args.target = resolve_pair(args.draft, args.target)
+
+
+def bandwidth_cap(args):
+    """--bandwidth-cap in bytes/s (None: uncapped): a plain number as it is (the streamer's checks name
+    what is wrong with it), else a rate such as 300MB/s."""
+    from llmcad.streaming.budget import parse_rate
+
+    cap = getattr(args, "bandwidth_cap", None)
+    if cap is None:
+        return None
+    try:
+        return float(cap)
+    except ValueError:
+        return parse_rate(cap, what="--bandwidth-cap")
 
 
 def check_sampling_arguments(args) -> None:
@@ -251,7 +264,7 @@ def open_engine(args):
     if args.bandwidth_cap is not None:
         from llmcad.streaming.budget import parse_rate
 
-        options["streamer_options"] = {"bandwidth_cap": parse_rate(args.bandwidth_cap, what="--bandwidth-cap")}
+        options["streamer_options"] = {"bandwidth_cap": bandwidth_cap(args)}
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
                                   prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
@@ -319,12 +332,14 @@ def run_generate(args) -> int:
     check_sampling_arguments(args)
     prompt = generate_prompt(args)
     started = time.perf_counter()
-    loading = nullcontext() if args.quiet or args.json else step("llmcad: loading the models")
+    # a live line on a terminal only: logs and pipes keep stderr for errors and the summary
+    live = not (args.quiet or args.json) and sys.stderr.isatty()
+    loading = step("llmcad: loading the models") if live else nullcontext()
     with loading:
         engine = open_engine(args)
     with engine:
         load_s = time.perf_counter() - started
-        if not (args.quiet or args.json):  # the load line: the budget, its source, the floor, the plan
+        if live:  # the load line: the budget, its source, the floor, the plan (stats carry it everywhere)
             print(f"llmcad: {engine.describe_memory()}", file=sys.stderr)
         result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
                                  streamer=None if args.json else _stdout_writer, **sampling_options(args))

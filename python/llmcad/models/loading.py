@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llmcad.errors import ModelLoadError, TokenizerMismatchError
+from llmcad.errors import BudgetError, ModelLoadError, TokenizerMismatchError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -478,7 +478,7 @@ def _import_model_classes(*sources, trust_remote_code=False) -> None:
             try:
                 config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
                 AutoModelForCausalLM._model_mapping[type(config)]
-            except (KeyError, OSError, ValueError):
+            except (KeyError, OSError, ValueError, TypeError, ZeroDivisionError):
                 pass  # load_causal_lm reports it
 
 
@@ -493,6 +493,8 @@ def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype,
 
     if not (Path(str(draft)).is_dir() and Path(str(target)).is_dir()) or _is_quantized(draft):
         return  # a hub id or a packed draft: the plan after the draft loads is the check
+    for source in (draft, target):  # a bad model is named as without a budget, before any plan of it
+        check_checkpoint(_check_source(source), trust_remote_code=trust_remote_code)
     try:
         index = load_index(draft)
     except (OSError, ValueError):
@@ -505,10 +507,15 @@ def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype,
     except (OSError, ValueError, KeyError):
         return  # load_causal_lm reports it
     draft_bytes = sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers()))
-    plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=config,
-                draft_bytes=draft_bytes, draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
-                device=resolve_device(device), streamer_options=streamer_options, runtime_floor=runtime_floor,
-                trust_remote_code=trust_remote_code)
+    try:
+        plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=config,
+                    draft_bytes=draft_bytes, draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
+                    device=resolve_device(device), streamer_options=streamer_options, runtime_floor=runtime_floor,
+                    trust_remote_code=trust_remote_code)
+    except BudgetError:
+        raise
+    except (ValueError, KeyError, AttributeError, TypeError, ZeroDivisionError, OSError):
+        return  # a model the loader refuses: it names the problem as it does without a budget
 
 
 def _load_target(target, *, device, dtype, memory_budget, draft_model, mmap=False, streamer_options=None,
