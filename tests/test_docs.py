@@ -47,8 +47,9 @@ def demo_cache(tmp_path_factory):
     home = tmp_path_factory.mktemp("docs-home")
     tokenizer = pair_models.build_tokenizer(chat_template=pair_models.CHAT_TEMPLATE)
     target = pair_models.random_model("qwen2", seed=7, hidden=128, layers=4)
-    pair_models.save(truncated_copy(target, 2), tokenizer, home / f"{fetch.DRAFT.name}-bfloat16")
-    pair_models.save(target, tokenizer, home / f"{fetch.TARGET.name}-bfloat16")
+    for model, name in ((truncated_copy(target, 2), fetch.DRAFT.name), (target, fetch.TARGET.name)):
+        model.config.max_position_embeddings = 2048  # the real pair's prompts (HumanEval) fit, as there
+        pair_models.save(model, tokenizer, home / f"{name}-bfloat16")
     return home
 
 
@@ -110,12 +111,12 @@ def _run(cmd, cwd, env, where, code):
 
 
 def _start_server(line, cwd, env, port, where):
-    log = open(Path(cwd) / f"serve-{port}.log", "w")
-    server = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(Path(cwd) / f"serve-{port}.log", "w") as log:  # the child holds its own descriptor
+        server = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        assert server.poll() is None, f"{where}: the server exited:\n{Path(log.name).read_text()[-3000:]}"
+        assert server.poll() is None, f"{where}: the server exited:\n{(Path(cwd) / f'serve-{port}.log').read_text()[-3000:]}"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
                 if answer.status == 200:

@@ -208,7 +208,9 @@ def resolve_pair(args, out: Path) -> tuple:
     if (args.draft is None) != (args.target is None):
         raise ValueError("give both --draft and --target, or neither")
     if args.draft is not None:
-        return Path(args.draft), Path(args.target)
+        from llmcad.models.catalog import resolve
+
+        return Path(resolve(args.draft)), Path(resolve(args.target))
     if args.tiny:
         from llmcad.bench.tiny_pair import build_tiny_pair
 

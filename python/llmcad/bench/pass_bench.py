@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from llmcad.models.catalog import resolve
+
+    args.target = resolve(args.target)
     if args.variant or args.cap:
         from llmcad.bench.pass_variants import run_variants
 
