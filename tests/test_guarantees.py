@@ -430,7 +430,7 @@ CTRL_C = """
             time.sleep(0.1)
 
     if mode.endswith("-while-drafting"):
-        eng.draft.register_forward_hook(while_drafting)
+        eng.draft.get_decoder().register_forward_hook(while_drafting)  # the head runs apart
     else:
         threading.Timer(1.0, interrupt).start()
     try:
