@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from llmcad.speculative.prefix_cache import common_prefix
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmcad.bench.quant_quality", description=__doc__.split("\n")[0])
@@ -54,7 +56,7 @@ def evaluate(args) -> dict:
         row = {"name": name, "path": path, "perplexity": perplexity(model, text_ids, args.window),
                "ppl_tokens": len(text_ids)}
         if name != "base":
-            row["prefix_agreement"] = sum(_shared_prefix(a, b) for a, b in zip(outs, base_out)) / \
+            row["prefix_agreement"] = sum(common_prefix(a, b) for a, b in zip(outs, base_out)) / \
                 sum(len(b) for b in base_out)
             row["teacher_forced_agreement"] = _teacher_forced(model, prompts, base_out)
         rows.append(row)
@@ -98,13 +100,6 @@ def perplexity(model, ids, window) -> float:
     return math.exp(nll / count)
 
 
-def _shared_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _teacher_forced(model, prompts, base_out) -> float:
