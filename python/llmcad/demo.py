@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmcad.models.fetch import MANUAL_HELP, demo_pair  # noqa: F401 (MANUAL_HELP: load errors' hint)
+    from llmcad.models.fetch import MANUAL_HELP, demo_pair
 
     if (args.draft is None) != (args.target is None):
         return _fail("give both --draft and --target, or neither (to use the default real pair)")
