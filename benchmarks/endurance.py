@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 PROMPT = "Write a long story about a lighthouse keeper who learns to program."
 

@@ -1,9 +1,21 @@
 """`llmcad` in a child process that takes Ctrl-C as a terminal user's would: SIGINT raises
 KeyboardInterrupt even when the suite was started with SIGINT ignored (under nohup or `&`), a
 disposition the child would otherwise inherit."""
+import os
 import signal
 import sys
 import time
+from pathlib import Path
+
+import llmcad
+
+def child_env(**overrides: str) -> dict:
+    """os.environ for a child that imports the llmcad under test (source tree or site-packages) and
+    the test helpers, whatever PYTHONPATH the suite was started with."""
+    paths = [str(Path(llmcad.__file__).resolve().parents[1]), str(Path(__file__).resolve().parent),
+             os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **overrides}
+
 
 LLMCAD_WITH_SIGINT = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, "
                       "signal.default_int_handler); from llmcad.cli import main; sys.exit(main(sys.argv[1:]))"]

@@ -130,3 +130,20 @@ def build_family(root: Path, family: str, tokenizer=None) -> dict:
                              root / f"{family}-unrelated")
     dirs["shared"] = save(truncated_copy(target, 2), tokenizer, root / f"{family}-shared")
     return dirs
+
+
+LEAST_BUDGET = r"needs at least [^(]*\((\d+) bytes\)"  # the figure a refused budget names
+
+
+def least_budget(draft, target, **options) -> int:
+    """The least memory budget the engine accepts for this pair: from its own refusal of 1 byte."""
+    import re
+
+    import pytest
+
+    from llmcad import LLMCad
+    from llmcad.errors import BudgetError
+
+    with pytest.raises(BudgetError) as refused:
+        LLMCad.from_pretrained(draft, target, memory_budget=1, **options)
+    return int(re.search(LEAST_BUDGET, str(refused.value)).group(1))

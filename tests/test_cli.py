@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from llmcad import cli
+from child_cli import child_env
 
 PROMPT = "def add(a, b):"
-PYTHON_DIR = Path(cli.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
 
 
 def generate_args(dirs, *extra):
@@ -56,8 +54,7 @@ def test_ascii_only_terminal_gets_escapes_not_an_abort(tiny_pair_dirs, capsys):
     assert cli.main([*argv, "--json"]) == 0
     text = json.loads(capsys.readouterr().out)["text"]
     assert "\ufffd" in text  # the case under test: not ASCII
-    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": "ascii",
-           "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = child_env(LANG="C", LC_ALL="C", PYTHONIOENCODING="ascii")
     proc = subprocess.run([sys.executable, "-m", "llmcad.cli", *argv, "--quiet"], capture_output=True, env=env,
                           timeout=300)
     assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
@@ -200,7 +197,7 @@ def test_subcommand_modules_get_their_arguments(monkeypatch, capsys, tmp_path):
 
 
 def test_console_error_has_no_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "llmcad.cli", "generate", "--draft", str(tmp_path / "missing"),
                            "--target", str(tmp_path / "missing"), "--prompt", "hi"],
                           capture_output=True, text=True, env=env, timeout=120)

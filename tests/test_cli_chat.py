@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import llmcad
 import pair_models
 from llmcad import cli
+from child_cli import child_env
 
 PROMPT = "def add(a, b):"
 
@@ -174,8 +172,7 @@ def test_chat_refuses_a_typed_control_token_and_goes_on(chat_dirs, monkeypatch, 
 def test_chat_reuses_the_conversation_and_answers_as_without(chat_dirs):
     """`llmcad chat` in its own process, messages piped on stdin: the same replies with and without
     --no-prompt-cache, and from the second turn on the prompt's earlier turns come from the cache."""
-    python_dir = Path(llmcad.__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     argv = [sys.executable, "-m", "llmcad.cli", "chat", "--draft", str(chat_dirs["shared"]), "--target",
             str(chat_dirs["target"]), "--max-new-tokens", "6", "--system", "You write Python.", "--stats"]
     stdin = "def add(a, b):\nThe quick brown\nfor i in range(10):\n"

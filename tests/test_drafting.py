@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 import tree_reference as ref
 from llmcad.speculative import kv

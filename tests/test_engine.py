@@ -294,3 +294,16 @@ def test_make_policy_errors():
         make_policy("llmcad", alpha=0.1)
     with pytest.raises(ValueError, match="alpha_rule"):
         make_policy("llmcad", alpha_rule="fast")
+
+
+def test_loading_shows_no_foreign_progress_bar_and_restores_the_setting(tiny_pair_dirs, capfd):
+    """from_pretrained prints no transformers "Loading weights" bar, and leaves the caller's
+    progress-bar setting as it found it."""
+    from transformers.utils import logging
+
+    dirs = tiny_pair_dirs("llama")
+    logging.enable_progress_bar()
+    capfd.readouterr()
+    LLMCad.from_pretrained(dirs["same"], dirs["target"]).close()
+    assert "Loading" not in capfd.readouterr().err
+    assert logging.is_progress_bar_enabled()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +23,10 @@ from llmcad import LLMCad, build_info, cli
 from llmcad.errors import (BudgetError, ModelLoadError, PromptError, StreamerIOError, TokenizerMismatchError,
                            WeightFileError)
 from llmcad.streaming.streamer import WeightStreamer
+from child_cli import child_env
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 6
-PYTHON_DIR = Path(cli.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
 BUDGETS = [pytest.param(None, id="resident"), pytest.param("1GiB", id="budget")]
 
 
@@ -443,7 +442,7 @@ def test_draft_vocabulary_smaller_than_the_target_ids(pair, tiny_tokenizer, tmp_
 
 
 def _cli_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    return child_env()
 
 
 @pytest.mark.parametrize("stdout", ["closed-pipe", "closed"])
@@ -539,8 +538,7 @@ def test_cli_warning_is_one_line_and_not_an_error(pair):
     """The console script in a fresh process: a refused io_uring is one warning line, exit status 0."""
     from child_cli import LLMCAD_AT_THE_LEAST_BUDGET
 
-    env = {**os.environ, "LLMCAD_DISABLE_IO_URING": "1",
-           "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(LLMCAD_DISABLE_IO_URING="1")
     argv = generate_argv(pair["shared"], pair["target"], "--json")  # at the least budget: every layer streams
     proc = subprocess.run([*LLMCAD_AT_THE_LEAST_BUDGET, *argv], capture_output=True, text=True, env=env,
                           timeout=120)

@@ -21,8 +21,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import llmcad
-from child_cli import LLMCAD_WITH_SIGINT, interrupt_and_expect_clean_exit
+from child_cli import LLMCAD_WITH_SIGINT, child_env, interrupt_and_expect_clean_exit
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, EngineClosedError, StreamerIOError, WeightFileError
 from llmcad.streaming.streamed import decoder_layers
@@ -301,11 +300,9 @@ def test_ctrl_c_on_the_command_line_exits_130_quickly(pair, setup):
     """SIGINT to `llmcad generate` while it streams text: exit status 130 within seconds, no traceback
     (the verification worker and the streamer's IO thread do not keep the process alive)."""
     import subprocess
-    from pathlib import Path
 
     budget, _, _ = setup
-    python_dir = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test (source tree or site-packages)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     argv = [*LLMCAD_WITH_SIGINT, "generate", "--draft", str(pair["draft"]), "--target",
             str(pair["target"]), "--prompt", PROMPT, "--max-new-tokens", "200", "--memory-budget", str(budget),
             "--bandwidth-cap", "2e6"]

@@ -14,22 +14,18 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import llmcad
 import pair_models
-from child_cli import LLMCAD_AT_THE_LEAST_BUDGET, LLMCAD_WITH_SIGINT, interrupt_and_expect_clean_exit
+from child_cli import LLMCAD_AT_THE_LEAST_BUDGET, child_env, interrupt_and_expect_clean_exit
 from llmcad import LLMCad
 from llmcad.errors import BudgetError
 
 PROMPT = "def add(a, b):"
 NEW_TOKENS = 8
-PYTHON_DIR = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), str(Path(__file__).parent),
-                                                    os.environ.get("PYTHONPATH", "")])}
+ENV = child_env()
 MODES = ["target-only", "chain", "tree", "llmcad"]
 
 

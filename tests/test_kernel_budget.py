@@ -9,7 +9,6 @@ of Python and torch is most of it, as on a device.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch
 
 from llmcad.bench import cgroups
 from pair_models import EOS_ID, build_tokenizer
+from child_cli import child_env
 
 pytestmark = pytest.mark.skipif(cgroups.available() is not None, reason=str(cgroups.available()))
 
@@ -74,9 +74,7 @@ def _argv(pair, prompt, max_new, mode="target-only", budget=None, extra=()):
 
 
 def _env():
-    python = str(Path(__file__).resolve().parents[1] / "python")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([python, os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 def _run(argv, timeout=900) -> dict:

@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from llmcad.streaming.budget import module_bytes
 from llmcad.speculative.draft import DraftTree
 from llmcad.engine import LLMCad
 from llmcad.errors import BudgetError, StreamerIOError

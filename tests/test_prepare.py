@@ -10,6 +10,7 @@ from llmcad.errors import ModelLoadError, WeightFileError
 from llmcad.models.prepare import add_arguments, prepare, run, verify
 from llmcad.streaming.weights import load_index
 from tiny_models import build_tiny, load_resident
+from child_cli import child_env
 
 
 @pytest.fixture(scope="module")
@@ -219,14 +220,11 @@ def test_disk_full_or_permission_denied_is_one_line(source, tmp_path, monkeypatc
 def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, tmp_path):
     """SIGTERM while the weights are being written: exit 143, no temporary left; a leftover of a killed
     run (its pid gone) is removed by the next run, and an old output it had moved aside comes back."""
-    import os
     import signal
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
-    import llmcad
 
     out = tmp_path / "out"
     slow = ("import sys, time\n"
@@ -237,8 +235,7 @@ def test_sigterm_removes_the_temporary_and_sigkill_leftovers_are_swept(source, t
             "PreTrainedTokenizerBase.save_pretrained = slow\n"
             "from llmcad.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
-    python_dir = Path(llmcad.__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-c", slow, "prepare", str(source), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     try:

@@ -30,9 +30,8 @@ import openai
 import psutil
 import pytest
 
-import llmcad
 import pair_models
-from child_cli import LLMCAD_WITH_SIGINT
+from child_cli import LLMCAD_WITH_SIGINT, child_env
 from llmcad import LLMCad
 from llmcad.errors import BudgetError, ModelLoadError
 from llmcad.models.chat import chat_prompt_ids
@@ -968,8 +967,7 @@ def test_a_weight_file_changed_on_disk_fails_health_and_requests_with_503(pair, 
 
 # ---------------------------------------------------------------- command line
 def _cli_env():
-    python_dir = Path(llmcad.__file__).resolve().parents[1]  # the llmcad under test
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(python_dir), os.environ.get("PYTHONPATH", "")])}
+    return child_env()
 
 
 def test_the_core_does_not_import_the_server():

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from llmcad.errors import PromptError
     from llmcad.models.chat import has_chat_template
     from llmcad.models.loading import load_tokenizer
+    from llmcad.progress import first_pass_progress
     from llmcad.stats import summary
 
     check_model_arguments(args)
@@ -49,13 +50,17 @@ def run(args: argparse.Namespace) -> int:
             if not line:
                 continue
             messages.append({"role": "user", "content": line})
+            write, progress = first_pass_progress(engine, _write, live=sys.stderr.isatty())
             try:
-                result = engine.generate(messages, args.max_new_tokens, stop=args.stop, streamer=_write,
+                result = engine.generate(messages, args.max_new_tokens, stop=args.stop, streamer=write,
                                          **sampling_options(args))
             except PromptError as exc:  # the conversation outgrew the context
                 messages.pop()
                 print(f"llmcad chat: {' '.join(str(exc).split())}; /reset to start over", file=sys.stderr)
                 continue
+            finally:
+                if progress is not None:
+                    progress.close()
             _write("\n" if sys.stdin.isatty() else "\n\n")  # piped: a blank line between replies
             messages.append({"role": "assistant", "content": result.text})
             if args.stats:

@@ -262,8 +262,6 @@ def open_engine(args):
     if args.max_provisional_tokens is not None:
         options["max_provisional_tokens"] = args.max_provisional_tokens
     if args.bandwidth_cap is not None:
-        from llmcad.streaming.budget import parse_rate
-
         options["streamer_options"] = {"bandwidth_cap": bandwidth_cap(args)}
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
@@ -324,7 +322,7 @@ def run_generate(args) -> int:
 
     from contextlib import nullcontext
 
-    from llmcad.progress import step
+    from llmcad.progress import first_pass_progress, step
     from llmcad.stats import summary
 
     check_model_arguments(args)
@@ -341,8 +339,13 @@ def run_generate(args) -> int:
         load_s = time.perf_counter() - started
         if live:  # the load line: the budget, its source, the floor, the plan (stats carry it everywhere)
             print(f"llmcad: {engine.describe_memory()}", file=sys.stderr)
-        result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
-                                 streamer=None if args.json else _stdout_writer, **sampling_options(args))
+        write, progress = first_pass_progress(engine, _stdout_writer, live=live)
+        try:
+            result = engine.generate(prompt, args.max_new_tokens, stop=args.stop, trace=args.trace,
+                                     streamer=None if args.json else write, **sampling_options(args))
+        finally:
+            if progress is not None:
+                progress.close()
     if args.json:
         _write(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}) + "\n")
     else:

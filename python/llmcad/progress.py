@@ -55,3 +55,46 @@ def _is_terminal(file) -> bool:
         return file.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+class FirstPassProgress:
+    """Until a reply's first text: a live ``reading the target: layer i/N`` line on a terminal, moved
+    by the streamed target's layer binds (a cold first pass reads every streamed layer, which takes
+    seconds to minutes on slow storage). ``writer(write)`` wraps a text callback so that the first text
+    clears the line; :meth:`close` clears it too (an empty reply, an error)."""
+
+    def __init__(self, streamed, file=None):
+        self._lock = threading.Lock()
+        self._bar = tqdm(total=len(streamed.layers), desc="llmcad: reading the target", file=file or sys.stderr,
+                         bar_format="{desc}: layer {n_fmt}/{total_fmt} {elapsed}", leave=False)
+        self._handle = streamed.watch_acquire(lambda i: None, self._bound)
+
+    def _bound(self, layer: int) -> None:  # on the verification thread, before layer `layer` computes
+        with self._lock:
+            if self._bar is not None:
+                self._bar.n = layer + 1
+                self._bar.refresh()
+
+    def writer(self, write):
+        def first_text_clears(text: str) -> None:
+            self.close()
+            write(text)
+        return first_text_clears
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is None:
+                return
+            self._handle.remove()
+            self._bar.close()
+            self._bar = None
+
+
+def first_pass_progress(engine, write, *, live: bool):
+    """(text callback, progress or None): ``write`` wrapped by a :class:`FirstPassProgress` when the
+    line is ``live`` and the engine streams its target, else ``write`` itself."""
+    streamed = engine.streamed if live else None
+    if streamed is None or not streamed.placement.streamed_layers:
+        return write, None
+    progress = FirstPassProgress(streamed)
+    return progress.writer(write), progress

@@ -1,7 +1,7 @@
 """``llmcad bench chat``: a scripted multi-turn conversation, each turn answered with and without the prompt
 prefix cache, in one run on one engine.
 
-The script (default: benchmarks/chat_script.json in the repository) is ``{"system": str, "turns": [str,
+The script (default: llmcad/bench/data/chat_script.json, shipped with the package) is ``{"system": str, "turns": [str,
 ...]}``: each turn is a user message; the conversation so far (the replies included) goes through the
 target's chat template. Per turn: prompt tokens, tokens reused from the cache, time to first token
 (from the generate call to the first generated token reaching the streamer) and tokens/s, without and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmcad.errors import PromptError
 
-DEFAULT_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "chat_script.json"
+DEFAULT_SCRIPT = Path(__file__).resolve().parent / "data" / "chat_script.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,8 +60,7 @@ def load_script(path) -> dict:
     """The conversation script, checked: a system message (may be empty) and at least one user turn."""
     path = Path(path) if path is not None else DEFAULT_SCRIPT
     if not path.is_file():
-        raise PromptError(f"--script {path}: no such file" + ("" if path != DEFAULT_SCRIPT else
-                                                               " (outside the repository, give --script)"))
+        raise PromptError(f"--script {path}: no such file")
     try:
         script = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -130,8 +130,3 @@ def _cold_streamed_pass(streamed, index, inputs) -> float:
                        position_ids=inputs["position_ids"], **cache_kwargs(streamed.model, cache), use_cache=True)
     return time.perf_counter() - start
 
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="llmcad bench pass")
-    add_arguments(p)
-    raise SystemExit(run(p.parse_args()))

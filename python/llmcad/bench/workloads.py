@@ -2,7 +2,7 @@
 
 A workload is a dict: ``name`` ("humaneval", "mt-bench", "tiny"), ``flag`` (what was asked),
 ``prompt_ids`` (token ids per prompt, the target's tokenizer), ``labels``, ``question_ids`` and
-``categories`` (Spec-Bench's fields). MT-Bench questions (benchmarks/mt_bench/question.jsonl, ids
+``categories`` (Spec-Bench's fields). MT-Bench questions (llmcad/bench/data/mt_bench/question.jsonl, ids
 81-160) go through the target's chat template as one user turn, their first. Ids 81-120 are for
 tuning and results; 121-160 are held out and refused without ``--held-out``.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llmcad.errors import PromptError
 
-MT_BENCH_FILE = Path(__file__).resolve().parents[3] / "benchmarks" / "mt_bench" / "question.jsonl"
+MT_BENCH_FILE = Path(__file__).resolve().parent / "data" / "mt_bench" / "question.jsonl"
 MT_BENCH_IDS = range(81, 161)
 HELD_OUT = range(121, 161)
 
@@ -109,8 +109,7 @@ def mt_bench(tokenizer, ids: list, path, flag: str) -> dict:
 
     path = Path(path or MT_BENCH_FILE)
     if not path.is_file():
-        raise PromptError(f"MT-Bench questions not found at {path} (benchmarks/mt_bench/question.jsonl of a "
-                          "checkout; or --mt-bench-file)")
+        raise PromptError(f"MT-Bench questions not found at {path} (give --mt-bench-file)")
     if not has_chat_template(tokenizer):
         raise PromptError("MT-Bench prompts go through the target's chat template, and its tokenizer has none")
     questions = {q["question_id"]: q for q in map(json.loads, path.read_text(encoding="utf-8").splitlines())}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,21 @@ def hub_reachable(timeout: float = 1.0) -> bool:
         return False
 
 
+@contextmanager
+def no_loading_bars():
+    """transformers' "Loading weights" progress bar off for the duration (llmcad reports loading
+    itself); the caller's setting is restored afterwards."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False, trust_remote_code=False) -> torch.nn.Module:
     """A decoder-only causal LM in eval mode; ``dtype=None``: config.json's dtype, else the checkpoint's.
     ``trust_remote_code``: run Python code the model directory ships (auto_map); never without it.
@@ -140,10 +156,12 @@ def load_causal_lm(source, *, device="cpu", dtype=None, mmap=False, trust_remote
     try:
         if local and not mmap and any(Path(where).glob("*.safetensors")) \
                 and type(config) in AutoModelForCausalLM._model_mapping:
-            model = _load_owned(where, config, resolve_dtype(dtype))
+            with no_loading_bars():
+                model = _load_owned(where, config, resolve_dtype(dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto",
-                                                         trust_remote_code=trust_remote_code)
+            with no_loading_bars():
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=resolve_dtype(dtype) or "auto",
+                                                             trust_remote_code=trust_remote_code)
             if not mmap:
                 _own(model)
     except ModelLoadError:
