@@ -8,6 +8,7 @@ of Python and torch is most of it, as on a device.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from llmcad.bench import cgroups
-from pair_models import EOS_ID, build_tokenizer
+from pair_models import EOS_ID, LEAST_BUDGET, build_tokenizer
 from child_cli import child_env
 
 pytestmark = pytest.mark.skipif(cgroups.available() is not None, reason=str(cgroups.available()))
@@ -77,18 +78,16 @@ def _env():
     return child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def _run(argv, timeout=900) -> dict:
-    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+@functools.lru_cache(maxsize=None)
+def _least_of(argv: tuple) -> int:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    return int(re.search(LEAST_BUDGET, proc.stderr).group(1))
 
 
 def _least(pair, prompt, max_new, mode, extra=()) -> int:
     """The least budget the engine accepts for this run: from its own refusal of 1 byte."""
-    proc = subprocess.run(_argv(pair, prompt, max_new, mode, 1, extra), capture_output=True, text=True,
-                          env=_env(), timeout=600)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    return int(re.search(r"needs at least [^(]*\((\d+) bytes\)", proc.stderr).group(1))
+    return _least_of(tuple(_argv(pair, prompt, max_new, mode, 1, extra)))
 
 
 def _limited(pair, prompt, max_new, mode, budget, extra=()) -> dict:
@@ -109,10 +108,16 @@ _references = {}
 
 
 def _reference(pair, prompt, max_new) -> list:
-    """The target's own greedy tokens: target-only, no budget, no cgroup."""
+    """The target's own greedy tokens: transformers' generate in this process, no budget, no cgroup."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     key = (prompt, max_new)
     if key not in _references:
-        _references[key] = _run(_argv(pair, prompt, max_new))["tokens"]
+        model = AutoModelForCausalLM.from_pretrained(pair["target"], dtype=torch.float32).eval()
+        ids = torch.tensor([AutoTokenizer.from_pretrained(pair["target"])(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
+        _references[key] = out[0, ids.shape[1]:].tolist()
     return _references[key]
 
 

@@ -287,8 +287,8 @@ def odd_pairs(tiny_tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_odd_dimensions_in_every_mode_and_placement(odd_pairs, tmp_path, monkeypatch, dtype):
-    """int8 and int4 targets of hidden 48 / 64 / 80 / 96, resident, every layer streamed
-    at the engine's least budget, and partly streamed above it, in every mode. fp32: every run equals the
+    """int8 and int4 targets of hidden 48 / 64 / 80 / 96, resident, every layer streamed at the engine's
+    least budget (every mode), and partly streamed above it (see quantized_child). fp32: every run equals the
     resident target-only run. bfloat16 (prepare's default; its int8 kernel's aligned loads once crashed on
     streamed views): every run completes and target-only gives the same tokens in every placement. The
     bfloat16 checkpoints are written 8-byte aligned, as prepare wrote them before, so views are misaligned."""

@@ -332,6 +332,22 @@ def test_bench_pass_runs_on_a_tiny_model(checkpoints):
     assert result["overlap_ratio"] == result["wall_s"] / max(result["io_s"], result["compute_s"])
 
 
+
+def test_bench_pass_beside_a_draft_places_the_target_as_the_engine_does(tiny_pair_dirs):
+    """`llmcad bench pass --draft D --memory-budget B` measures the placement the engine runs at B,
+    not the target alone holding all of B."""
+    from llmcad.bench.pass_measure import measure
+    from llmcad.engine import LLMCad
+    from pair_models import least_budget
+
+    dirs = tiny_pair_dirs("qwen2")
+    budget = least_budget(dirs["shared"], dirs["target"])  # every layer streams beside the draft
+    with LLMCad.from_pretrained(dirs["shared"], dirs["target"], memory_budget=budget) as engine:
+        engine_resident = len(engine.placement.resident_layers)
+    beside = measure(dirs["target"], memory_budget=budget, draft=dirs["shared"], tree_nodes=5, prefix_len=3, repeats=1)
+    alone = measure(dirs["target"], memory_budget=budget, tree_nodes=5, prefix_len=3, repeats=1)
+    assert beside["resident_layers"] == engine_resident < alone["resident_layers"]
+
 KV_TOKENS = 64  # prompt + 16 new tokens + a tree: the cache positions these tests budget for
 
 

@@ -328,13 +328,13 @@ def parse_ints(text: str, flag: str) -> list:
     return values
 
 
-def git_commit() -> str | None:
-    """The commit of the source tree measured (None outside a git checkout)."""
+def git_commit(tree=None) -> str | None:
+    """The commit of the source tree measured (``tree``: another checkout; None outside a git checkout)."""
+    where = Path(tree) if tree is not None else Path(__file__).resolve().parent
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     commit = done.stdout.strip() if done.returncode == 0 else None

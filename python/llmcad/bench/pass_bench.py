@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="streamable safetensors directory (llmcad prepare)")
     parser.add_argument("--memory-budget", default=None,
                         help="plan placement under this budget (default: stream every layer)")
+    parser.add_argument("--draft", default=None,
+                        help="with --memory-budget: place the target as the engine does beside this draft "
+                        "(runtime, draft, KV caches and pass working set counted; default: the target alone)")
     parser.add_argument("--tree-nodes", type=int, default=32, help="nodes in the verified tree")
     parser.add_argument("--prefix", type=int, default=64, help="tokens already in the KV cache")
     parser.add_argument("--repeats", type=int, default=5)
@@ -35,11 +38,12 @@ def run(args) -> int:
     from llmcad.models.catalog import resolve
 
     args.target = resolve(args.target)
+    args.draft = resolve(args.draft) if args.draft is not None else None
     if args.variant or args.cap:
         from llmcad.bench.pass_variants import run_variants
 
         return run_variants(args)
-    result = measure(args.target, memory_budget=args.memory_budget, tree_nodes=args.tree_nodes,
+    result = measure(args.target, memory_budget=args.memory_budget, draft=args.draft, tree_nodes=args.tree_nodes,
                      prefix_len=args.prefix, repeats=args.repeats, num_buffers=args.num_buffers,
                      backend=args.backend, dtype=args.dtype, seed=args.seed)
     if args.json:

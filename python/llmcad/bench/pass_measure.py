@@ -21,20 +21,21 @@ import torch
 
 from llmcad.speculative.forward import cache_kwargs
 from llmcad.streaming.budget import plan_placement, resident_placement
-from llmcad.streaming.streamed import load_streamed_target
+from llmcad.models.loading import draft_footprint
+from llmcad.streaming.streamed import load_streamed_target, plan_budget
 from llmcad.streaming.weights import load_index
 
-def measure(target, *, memory_budget=None, tree_nodes=32, prefix_len=64, repeats=5, num_buffers=2,
+def measure(target, *, memory_budget=None, draft=None, tree_nodes=32, prefix_len=64, repeats=5, num_buffers=2,
             backend="auto", dtype=None, seed=0, bandwidth_cap=None) -> dict:
     """Median wall/io/compute seconds of a cold tree pass; see the module docstring.
-    ``bandwidth_cap``: bytes/s for the streamer (None: uncapped)."""
+    ``bandwidth_cap``: bytes/s for the streamer (None: uncapped). ``draft``: with ``memory_budget``,
+    the target is placed as the engine places it beside this draft (the runtime floor, the draft, both
+    KV caches and the pass working set counted); without, the budget holds the target alone."""
     if tree_nodes < 1 or repeats < 1:
         raise ValueError("--tree-nodes and --repeats must be >= 1")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     index = load_index(target)
-    budget = memory_budget if memory_budget is not None else 1 << 50
-    placement = plan_placement(index, memory_budget=budget, dtype=dtype, num_buffers=num_buffers,
-                               max_resident_layers=None if memory_budget is not None else 0)
+    placement = _placement(target, index, memory_budget, draft, dtype, num_buffers)
     options = {"backend": backend, "bandwidth_cap": bandwidth_cap}
     resident = load_streamed_target(target, placement=resident_placement(index), dtype=dtype).model
     streamed = load_streamed_target(target, placement=placement, dtype=dtype, streamer_options=options)
@@ -56,8 +57,18 @@ def measure(target, *, memory_budget=None, tree_nodes=32, prefix_len=64, repeats
             "overlap_ratio_paired": paired, "walls_s": walls, "ios_s": ios, "computes_s": computes, "tree_nodes": tree_nodes,
             "prefix": prefix_len, "resident_layers": len(placement.resident_layers),
             "streamed_layers": len(placement.streamed_layers), "bytes_per_pass": placement.bytes_per_pass,
-            "num_buffers": placement.num_buffers, "backend": stats.get("backend"), "direct": stats.get("direct"),
+            "num_buffers": placement.num_buffers, "draft": str(draft) if draft is not None else None, "backend": stats.get("backend"), "direct": stats.get("direct"),
             "dtype": str(resident.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}
+
+
+def _placement(target, index, memory_budget, draft, dtype, num_buffers):
+    if memory_budget is not None and draft is not None:
+        config, draft_bytes, draft_dtype = draft_footprint(draft, dtype)
+        return plan_budget(target, memory_budget=memory_budget, draft_config=config, draft_bytes=draft_bytes,
+                           draft_dtype=draft_dtype, dtype=dtype, num_buffers=num_buffers)
+    budget = memory_budget if memory_budget is not None else 1 << 50
+    return plan_placement(index, memory_budget=budget, dtype=dtype, num_buffers=num_buffers,
+                          max_resident_layers=None if memory_budget is not None else 0)
 
 
 def _tree_inputs(model, n, prefix_len, seed):

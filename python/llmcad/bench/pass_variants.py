@@ -31,7 +31,7 @@ def run_variants(args) -> int:
     records = []
     for setting, cap in settings:
         for name, path in targets:
-            result = measure(path, memory_budget=args.memory_budget, tree_nodes=args.tree_nodes,
+            result = measure(path, memory_budget=args.memory_budget, draft=args.draft, tree_nodes=args.tree_nodes,
                              prefix_len=args.prefix, repeats=args.repeats, num_buffers=args.num_buffers,
                              backend=args.backend, dtype=args.dtype, seed=args.seed, bandwidth_cap=cap)
             result.update(variant=name, target=str(path), setting=setting, cap=cap, quantize=_scheme(path),

@@ -500,31 +500,35 @@ def _import_model_classes(*sources, trust_remote_code=False) -> None:
                 pass  # load_causal_lm reports it
 
 
+def draft_footprint(draft, dtype=None, *, trust_remote_code=False) -> tuple:
+    """(config, bytes, dtype) of draft directory ``draft`` as it will be loaded in ``dtype`` (None: the
+    checkpoint's), from its config and weight files alone: the shapes, no weight read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcad.streaming.streamed import checkpoint_dtype
+    from llmcad.streaming.weights import load_index
+
+    draft_dtype = resolve_dtype(dtype) or checkpoint_dtype(load_index(draft))
+    config = AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # shapes only: the bytes module_bytes will count once it is loaded
+        meta = AutoModelForCausalLM.from_config(config, dtype=draft_dtype)
+    return config, sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers())), draft_dtype
+
+
 def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype, runtime_floor, streamer_options,
                                  trust_remote_code=False):
     """Plan the budget with the draft's bytes taken from its weight files (no weight read): BudgetError,
     naming the runtime floor and the least plan, before anything loads."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from llmcad.streaming.streamed import checkpoint_dtype, plan_budget
-    from llmcad.streaming.weights import load_index
+    from llmcad.streaming.streamed import plan_budget
 
     if not (Path(str(draft)).is_dir() and Path(str(target)).is_dir()) or _is_quantized(draft):
         return  # a hub id or a packed draft: the plan after the draft loads is the check
     for source in (draft, target):  # a bad model is named as without a budget, before any plan of it
         check_checkpoint(_check_source(source), trust_remote_code=trust_remote_code)
     try:
-        index = load_index(draft)
-    except (OSError, ValueError):
-        return  # load_causal_lm reports it
-    draft_dtype = resolve_dtype(dtype) or checkpoint_dtype(index)
-    config = AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code)
-    try:
-        with torch.device("meta"):  # shapes only: the bytes module_bytes will count once it is loaded
-            meta = AutoModelForCausalLM.from_config(config, dtype=draft_dtype)
+        config, draft_bytes, draft_dtype = draft_footprint(draft, dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError):
         return  # load_causal_lm reports it
-    draft_bytes = sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers()))
     try:
         plan_budget(_check_source(target), memory_budget=memory_budget, draft_config=config,
                     draft_bytes=draft_bytes, draft_dtype=draft_dtype, dtype=resolve_dtype(dtype),
