@@ -29,10 +29,11 @@ PROMPT = "Write a Python function that checks whether a number is prime."
 GiB = 2**30
 
 
-def generate(tree: Path, draft: str, target: str, budget: str, limit: int, max_new: int) -> dict:
+def generate(tree: Path, draft: str, target: str, budget: str, limit: int, max_new: int, extra=()) -> dict:
+    """``extra``: the old code's flags for the same prompt (it took --chat; the chat template is now the default)."""
     argv = [sys.executable, "-m", "llmcad.cli", "generate", "--draft", draft, "--target", target, "--prompt", PROMPT,
-            "--max-new-tokens", str(max_new), "--memory-budget", budget, "--json", "--threads", "1"]
-    env = {**os.environ, "PYTHONPATH": str(tree / "python")}
+            "--max-new-tokens", str(max_new), "--memory-budget", budget, "--json", *extra]
+    env = {**os.environ, "PYTHONPATH": str(tree / "python"), "OMP_NUM_THREADS": "1"}  # one thread in both
     result = cgroups.run_limited(argv, memory_bytes=limit, env=env, timeout=3600)
     row = {"tree": str(tree), "commit": git_commit(tree), "memory_budget": budget, "limit_bytes": limit,
            "oom_killed": result.oom_killed, "returncode": result.returncode, "cgroup_peak_bytes": result.peak_bytes}
@@ -74,7 +75,7 @@ def main() -> int:
     report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "commit": git_commit(here),
               "limit": args.limit, "rows": {}}
     report["rows"]["old"] = generate(args.old_tree.resolve(), args.old_draft, args.target, args.old_budget, limit,
-                                     args.max_new_tokens)
+                                     args.max_new_tokens, extra=("--chat",))
     report["rows"]["new"] = generate(here, args.draft, args.target, args.limit, limit, args.max_new_tokens)
     report["rows"]["new_bench_pass"] = bench_pass(args.draft, args.target, args.limit, limit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
