@@ -40,22 +40,69 @@ class AcceptanceCalibration:
         self.accepted[b] += 1.0 if accepted else 0.0
 
     def observe_tree(self, tree, accepted) -> None:
-        """Every node whose parent was accepted was tested by the target: accepted or not."""
-        on_path = {int(a) for a in accepted}
-        for node in range(1, len(tree)):
-            if tree.parents[node] in on_path:
-                self.observe(tree.probs[node], node in on_path)
+        """Every node whose parent was accepted was tested by the target: accepted or not. A node of draft
+        probability 0 is no draft proposal (only prompt lookup proposed it): :class:`LookupCalibration`."""
+        for node, accepted_node in tested_nodes(tree, accepted):
+            if tree.probs[node] > 0:
+                self.observe(tree.probs[node], accepted_node)
+
+
+class LookupCalibration:
+    """P(target accepts a prompt-lookup token | its key), learned from verified nodes like
+    :class:`AcceptanceCalibration`. Key: (length of the matched suffix, place along the copied
+    continuation, from 1), places beyond ``places`` pooled. Beta posteriors with a prior of
+    ``prior_weight`` pseudo-observations at ``prior``."""
+
+    def __init__(self, places: int = 8, prior: float = 0.3, prior_weight: float = 2.0):
+        self.places, self.prior, self.prior_weight = places, prior, prior_weight
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = {}  # key -> [accepted, seen]
+
+    def _key(self, key) -> tuple:
+        n, place = key
+        return int(n), min(int(place), self.places)
+
+    def __call__(self, key) -> float:
+        accepted, seen = self.counts.get(self._key(key), (0.0, 0.0))
+        return (accepted + self.prior_weight * self.prior) / (seen + self.prior_weight)
+
+    def observe(self, key, accepted: bool) -> None:
+        counts = self.counts.setdefault(self._key(key), [0.0, 0.0])
+        counts[0] += 1.0 if accepted else 0.0
+        counts[1] += 1.0
+
+    def observe_tree(self, tree, accepted) -> None:
+        """Every lookup node whose parent was accepted: accepted or not."""
+        for node, accepted_node in tested_nodes(tree, accepted):
+            if tree.lookup[node] is not None:
+                self.observe(tree.lookup[node], accepted_node)
+
+
+def tested_nodes(tree, accepted):
+    """(node, whether the target accepted it) for every node the target tested: those whose parent it
+    accepted."""
+    on_path = {int(a) for a in accepted}
+    return [(node, node in on_path) for node in range(1, len(tree)) if tree.parents[node] in on_path]
 
 
 class LinearCost:
     """Seconds as ``fixed + per_row * rows``, a least-squares fit of recent measurements that starts
-    from a prior (``fixed``, ``per_row``) worth ``prior_weight`` observations at 1 and ``prior_rows``."""
+    from a prior (``fixed``, ``per_row``) worth ``prior_weight`` observations at 1 and ``prior_rows``.
+
+    Robust to one odd measurement: once ``settle`` measurements are in, each is bounded to within
+    ``clip`` times the fit's prediction for its rows (a pass slowed by another job counts as at most
+    ``clip`` times the expected one). A lasting change still gets through, ``clip``-fold a measurement
+    at most, and older measurements fade (``memory``)."""
 
     def __init__(self, fixed: float, per_row: float, prior_rows: int = 16, prior_weight: float = 1.0,
-                 memory: float = 0.9):
+                 memory: float = 0.9, clip: float = 3.0, settle: int = 3):
         self.memory = memory  # older measurements fade (the machine's load changes)
+        self.clip, self.settle = clip, settle
         self._sums = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
         self.observations = 0
+        self.clipped = 0  # measurements bounded so far
         for rows in (1, prior_rows):
             self._add(rows, fixed + per_row * rows, prior_weight)
         self._prior = (fixed, per_row)
@@ -68,6 +115,12 @@ class LinearCost:
     def observe(self, rows: int, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
+        if self.observations >= self.settle:
+            expected = self(rows)
+            if expected > 0:
+                bounded = min(max(seconds, expected / self.clip), expected * self.clip)
+                self.clipped += bounded != seconds
+                seconds = bounded
         self._sums = [s * self.memory for s in self._sums]
         self._add(float(rows), float(seconds), 1.0)
         self.observations += 1
@@ -83,6 +136,11 @@ class LinearCost:
     def __call__(self, rows: int) -> float:
         fixed, per_row = self.coefficients()
         return fixed + per_row * rows
+
+    def describe(self) -> dict:
+        """The fit and what it rests on (JSON-ready)."""
+        fixed, per_row = self.coefficients()
+        return {"fixed": fixed, "per_row": per_row, "observations": self.observations, "clipped": self.clipped}
 
 
 def ema(old, sample, weight: float = 0.3):
