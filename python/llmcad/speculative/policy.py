@@ -107,8 +107,8 @@ class LLMCadPolicy(Policy):
     (llmcad.speculative.lookup) join the tree as branches at no draft forward, each node valued by its
     own calibrated acceptance (:class:`LookupCalibration`), so the rule prices them like draft nodes.
 
-    Robust under load: a pass that carried the prompt's prefill is kept out of the pass model, every
-    measurement is bounded by the fit (:class:`LinearCost`), and below ``FLOOR_TREE_TOKENS`` nodes
+    Robust under load: a pass that carried the prompt's prefill is kept out of the pass model, the
+    costs are median-based fits of recent measurements (:class:`LinearCost`), and below ``FLOOR_TREE_TOKENS`` nodes
     (what the chain mode verifies) the tree keeps growing whatever the costs while its best unexpanded
     node's path value is at least ``CONFIDENT_VALUE``.
 
@@ -159,8 +159,8 @@ class LLMCadPolicy(Policy):
         passes and draft forwards cost carry over (they describe the hardware, not the text)."""
         self.alpha = self.initial_alpha
         self.sizes = {"verified_tree_tokens": [], "draft_rows": []}
-        # lookup nodes the target verified, accepted, and accepted with no draft proposal for the token
-        self.lookup_counts = {"verified": 0, "accepted": 0, "accepted_lookup_only": 0}
+        # lookup nodes in verified trees, accepted, and accepted with no draft proposal for the token
+        self.lookup_counts = {"proposed": 0, "accepted": 0, "accepted_lookup_only": 0}
         self.floor_steps = 0  # draft forwards the floor asked for beyond what the costs would
         self.prefill_passes = 0  # passes kept out of the pass model (they carried prompt tokens)
 
@@ -204,9 +204,9 @@ class LLMCadPolicy(Policy):
     # ---- the cost rule
     def value(self, parent_value: float, prob: float, lookup=None) -> float:
         """A child's path value: its parent's times the calibrated acceptance of its token: of the draft's
-        probability ``prob`` (0: no draft proposal), of the prompt-lookup key ``lookup`` (None: none),
+        probability ``prob`` (0 with a lookup key: no draft proposal), of the prompt-lookup key ``lookup`` (None: none),
         the better of the two."""
-        accept = self.calibration(prob) if prob > 0 else 0.0
+        accept = self.calibration(prob) if prob > 0 or lookup is None else 0.0
         if lookup is not None:
             accept = max(accept, self.lookup_calibration(lookup))
         return parent_value * accept
@@ -291,15 +291,14 @@ class LLMCadPolicy(Policy):
         counts, on_path = self.lookup_counts, {int(a) for a in accepted}
         for node in range(1, len(tree)):
             if tree.lookup[node] is not None:
-                counts["verified"] += 1
+                counts["proposed"] += 1
                 if node in on_path:
                     counts["accepted"] += 1
                     counts["accepted_lookup_only"] += tree.probs[node] <= 0
 
     def report(self) -> dict:
         """What the rule chose in the last generation and on what measurements (JSON-ready): sizes, the
-        fitted pass and draft-forward models (seconds; their observations and how many were bounded as
-        outliers), prefill passes kept out, the floor's extra draft forwards, and the lookup nodes."""
+        fitted pass and draft-forward models (seconds; measurements seen and in the fit's window), prefill passes kept out, the floor's extra draft forwards, and the lookup nodes."""
         trees, rows = self.sizes["verified_tree_tokens"], self.sizes["draft_rows"]
         target, draft = self.target_cost.describe(), self.draft_cost.describe()
         return {"alpha_rule": self.alpha_rule, "max_tree_tokens_chosen": self.max_tree_tokens,
@@ -309,7 +308,7 @@ class LLMCadPolicy(Policy):
                 "draft_forwards": len(rows),
                 "target_pass_model_s": {"fixed": target["fixed"], "per_token": target["per_row"],
                                         "io_bound": self.io_bound_s, "observations": target["observations"],
-                                        "clipped": target["clipped"], "prefill_passes_left_out": self.prefill_passes},
+                                        "window": target["window"], "prefill_passes_left_out": self.prefill_passes},
                 "draft_model_s": draft,
                 "floor_tree_tokens": self.floor_tree_tokens, "floor_draft_steps": self.floor_steps,
                 "prompt_lookup": self.prompt_lookup,
