@@ -95,7 +95,8 @@ class LinearCost:
     cost the median of what each measurement leaves beside it. One odd measurement (a pass slowed by
     another job) moves neither; a lasting change of the machine's load takes over once it holds most
     of the window (about three quarters). Until ``settle`` measurements are in, a prior (``fixed``,
-    ``per_row``) joins them as two points, at 1 and ``prior_rows`` rows; with no two rows apart, the slope is the prior's."""
+    ``per_row``) joins them as two points, at 1 and ``prior_rows`` rows; with no two rows apart, the
+    slope is the prior's."""
 
     def __init__(self, fixed: float, per_row: float, prior_rows: int = 16, window: int = 12, settle: int = 4):
         self._prior = (fixed, per_row)
