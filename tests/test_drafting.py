@@ -348,7 +348,7 @@ def test_slow_phase_keeps_the_chain_floor_and_recovers(monkeypatch):
 def test_floor_only_for_confident_nodes():
     """Below the floor the rule drafts whatever the costs, but not a node the target would hardly take."""
     policy = calibrated_policy(0.1, 1.0, max_tree_tokens=64)  # every token adds a second: drafting never pays
-    state = dict(floor=0.0, tree_value=5.0, tree_tokens=2, draft_s=0.5)
+    state = {"floor": 0.0, "tree_value": 5.0, "tree_tokens": 2, "draft_s": 0.5}
     assert not policy._pays([0.5], **state)
     assert policy.keep_drafting([0.5], **state, confident_nodes=1)
     assert not policy.keep_drafting([0.5], **state, confident_nodes=LLMCadPolicy.FLOOR_TREE_TOKENS - 1)
@@ -388,9 +388,13 @@ def test_lookup_branches_merge_into_draft_children(monkeypatch):
         assert len(kids) == len(set(kids)), (node, kids)
         if tree.slot[node] > 0:
             assert 0 <= tree.slot[tree.parents[node]] < tree.slot[node]
-    path = lambda tokens: next(u for u in range(len(tree))  # noqa: E731
-                               if [tree.tokens[a] for a in tree.ancestors(u)[1:]] + [tree.tokens[u]] == tokens
-                               and tree.depth[u] == len(tokens))
+
+    def path(tokens):  # the node reached from the root by ``tokens``
+        node = 0
+        for token in tokens:
+            node = tree.child(node, token)
+        return node
+
     merged, seven = path([0, 1]), path([0, 1, 7])
     assert tree.lookup[merged] == (2, 2) and tree.probs[merged] == pytest.approx(0.2)
     assert tree.lookup[seven] == (2, 3) and tree.probs[seven] == 0.0

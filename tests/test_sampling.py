@@ -146,7 +146,7 @@ def test_seeded_sampling_with_lookup_branches_equals_target_only(tiny_models, ti
     the seed and the position only, so sampled output is target-only's with them in the trees too."""
     target, draft = tiny_models("llama", "target"), tiny_models("llama", "unrelated")
     prompt = "for i in range(10):\n    print(i * i)\n" * 4 + "for i in range(10):\n"
-    sampling = dict(do_sample=True, temperature=0.3, top_k=5, seed=2)
+    sampling = {"do_sample": True, "temperature": 0.3, "top_k": 5, "seed": 2}
     want = LLMCad(draft, target, tiny_tokenizer, make_policy("target-only")).generate(prompt, 32, **sampling).tokens
     got = LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad")).generate(prompt, 32, **sampling)
     assert got.tokens == want

@@ -24,7 +24,7 @@ class PromptLookup:
             raise ValueError(f"max_ngram={max_ngram}, max_tokens={max_tokens}: expected both >= 1")
         self.max_ngram, self.max_tokens = max_ngram, max_tokens
         self.tokens: list = []
-        self._ends = [dict() for _ in range(max_ngram + 1)]  # [n]: n-gram tuple -> end of latest occurrence
+        self._ends = [{} for _ in range(max_ngram + 1)]  # [n]: n-gram tuple -> end of latest occurrence
         self.extend(tokens)
 
     def __len__(self) -> int:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import math
 
-from llmcad.speculative.costs import AcceptanceCalibration, LinearCost, LookupCalibration, ema
+from llmcad.speculative.costs import (
+    AcceptanceCalibration,
+    LinearCost,
+    LookupCalibration,
+    ema,
+)
 
 
 class Policy:
