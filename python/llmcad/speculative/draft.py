@@ -10,6 +10,9 @@ most valuable unexpanded nodes together (B and when to stop: the policy's cost m
 top tokens as children when their value clears the bar (the value of the tree's last place when it is
 full). Before verification the tree is reordered best first, and the target verifies its first
 ``max_tree_tokens`` nodes; the rest (and nodes grown while the target verifies) may seed the next tree.
+With ``policy.prompt_lookup``, copies of the text so far (llmcad.speculative.lookup) join the tree
+under the root at no draft forward, valued by their own calibration; the draft may expand them later
+like any node, and a token it proposes that is already a child merges into that child.
 
 Paced growth (``tree`` and ``chain`` modes, the paper's rule): one node a step.
 - branching: the argmax token becomes the main child; every other token whose probability exceeds

@@ -113,9 +113,9 @@ class LLMCadPolicy(Policy):
     own calibrated acceptance (:class:`LookupCalibration`), so the rule prices them like draft nodes.
 
     Robust under load: a pass that carried the prompt's prefill is kept out of the pass model, the
-    costs are median-based fits of recent measurements (:class:`LinearCost`), and below ``FLOOR_TREE_TOKENS`` nodes
-    (what the chain mode verifies) the tree keeps growing whatever the costs while its best unexpanded
-    node's path value is at least ``CONFIDENT_VALUE``.
+    costs are median-based fits of recent measurements (:class:`LinearCost`), and below
+    ``FLOOR_TREE_TOKENS`` nodes (what the chain mode verifies) of path value at least ``CONFIDENT_VALUE``
+    the tree keeps growing whatever the costs, while its best unexpanded node is that confident.
 
     ``alpha_rule="paper"``: the paper's equation. Verify once the tree confidence T_c = max_i C_i drops
     below ``alpha``; after a verification, on the branch that matched best (the one holding the
@@ -209,8 +209,8 @@ class LLMCadPolicy(Policy):
     # ---- the cost rule
     def value(self, parent_value: float, prob: float, lookup=None) -> float:
         """A child's path value: its parent's times the calibrated acceptance of its token: of the draft's
-        probability ``prob`` (0 with a lookup key: no draft proposal), of the prompt-lookup key ``lookup`` (None: none),
-        the better of the two."""
+        probability ``prob`` (0 with a lookup key: no draft proposal), of the prompt-lookup key ``lookup``
+        (None: none), the better of the two."""
         accept = self.calibration(prob) if prob > 0 or lookup is None else 0.0
         if lookup is not None:
             accept = max(accept, self.lookup_calibration(lookup))
@@ -303,7 +303,8 @@ class LLMCadPolicy(Policy):
 
     def report(self) -> dict:
         """What the rule chose in the last generation and on what measurements (JSON-ready): sizes, the
-        fitted pass and draft-forward models (seconds; measurements seen and in the fit's window), prefill passes kept out, the floor's extra draft forwards, and the lookup nodes."""
+        fitted pass and draft-forward models (seconds; measurements seen and in the fit's window),
+        prefill passes kept out, the floor's extra draft forwards, and the lookup nodes."""
         trees, rows = self.sizes["verified_tree_tokens"], self.sizes["draft_rows"]
         target, draft = self.target_cost.describe(), self.draft_cost.describe()
         return {"alpha_rule": self.alpha_rule, "max_tree_tokens_chosen": self.max_tree_tokens,
@@ -313,7 +314,8 @@ class LLMCadPolicy(Policy):
                 "draft_forwards": len(rows),
                 "target_pass_model_s": {"fixed": target["fixed"], "per_token": target["per_row"],
                                         "io_bound": self.io_bound_s, "observations": target["observations"],
-                                        "window": target["window"], "prefill_passes_left_out": self.prefill_passes},
+                                        "window": target["window"],
+                                        "prefill_passes_left_out": self.prefill_passes},
                 "draft_model_s": draft,
                 "floor_tree_tokens": self.floor_tree_tokens, "floor_draft_steps": self.floor_steps,
                 "prompt_lookup": self.prompt_lookup,
