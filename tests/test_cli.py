@@ -32,6 +32,14 @@ def test_generate_json_matches_target_greedy(tiny_pair_dirs, tiny_models, tiny_t
     assert out["stats"]["target_passes"] >= 1
 
 
+def test_prompt_lookup_switches(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    for flag, on in (("--prompt-lookup", True), ("--no-prompt-lookup", False)):
+        assert cli.main(generate_args(dirs, "--json", flag)) == 0
+        stats = json.loads(capsys.readouterr().out)["stats"]
+        assert stats["prompt_lookup"] is on and (on or stats["lookup_nodes_proposed"] == 0)
+
+
 def test_generate_streams_text_and_writes_a_trace(tiny_pair_dirs, capsys, tmp_path):
     dirs = tiny_pair_dirs("llama")
     trace = tmp_path / "trace.json"
@@ -160,6 +168,8 @@ def test_generate_help_shows_every_default(capsys):
     (["--mode", "chain", "--branch-threshold", "0.2"], "does not take branch_threshold"),
     (["--temperature", "-1"], "temperature"),
     (["--memory-budget", "lots"], "memory_budget"),
+    (["--mode", "chain", "--prompt-lookup"], "does not take prompt_lookup"),
+    (["--alpha-rule", "paper", "--prompt-lookup"], "prompt_lookup needs alpha_rule='cost'"),
 ])
 def test_errors_are_one_line_exit_2(tiny_pair_dirs, capsys, extra, needle):
     assert cli.main(generate_args(tiny_pair_dirs("llama"), *extra)) == 2

@@ -8,8 +8,9 @@ import torch
 
 import tree_reference as ref
 from llmcad.speculative import kv
-from llmcad.speculative.costs import AcceptanceCalibration, LinearCost
+from llmcad.speculative.costs import AcceptanceCalibration, LinearCost, LookupCalibration
 from llmcad.speculative.draft import DraftTree, TreeDrafter, rows_mask
+from llmcad.speculative.lookup import PromptLookup
 from llmcad.speculative.pipeline import bonus_subtree
 from llmcad.speculative.policy import LLMCadPolicy, make_policy
 
@@ -294,3 +295,138 @@ def test_learned_costs_and_calibration_outlive_a_generation():
     policy.forget()
     assert policy.io_bound_s is None
     assert policy.calibration(0.95) == pytest.approx(0.95)
+
+
+# ---- stable under load: the learned costs survive a slow phase and one odd pass
+
+
+def size_grown(policy, monkeypatch, dist=(0.6, 0.2, 0.1)):
+    """(tree nodes the target would verify, draft forwards) of one simulated round."""
+    tree, steps = grow_simulated(policy, list(dist), monkeypatch)
+    return min(len(tree), policy.max_tree_tokens), steps
+
+
+def test_one_odd_pass_moves_no_cost():
+    """A pass 60 times too slow (another job took the cores) leaves the fit where it was."""
+    policy = calibrated_policy(1.0, 0.004)
+    before = policy.target_cost.coefficients()
+    policy.observe_pass(20, 60.0)
+    assert policy.target_cost.coefficients() == pytest.approx(before, rel=0.02)
+    cost = LinearCost(0.05, 0.002)
+    for rows in (1, 4, 16) * 6:
+        cost.observe(rows, 0.05 + 0.002 * rows)
+    cost.observe(4, 5.0)
+    cost.observe(16, 1e-6)
+    assert cost.coefficients() == pytest.approx((0.05, 0.002), rel=0.02)
+
+
+def test_pass_model_leaves_the_prefill_out():
+    """A pass that carried 500 prompt tokens is no typical pass: the model learns nothing from it."""
+    policy = calibrated_policy(1.0, 0.004)
+    before, seen = policy.target_cost.coefficients(), policy.target_cost.observations
+    policy.observe_pass(16, 30.0, pending=500)
+    assert policy.target_cost.coefficients() == before and policy.target_cost.observations == seen
+    assert policy.report()["target_pass_model_s"]["prefill_passes_left_out"] == 1
+
+
+def test_slow_phase_keeps_the_chain_floor_and_recovers(monkeypatch):
+    """Passes measured as all per-token cost, 15x the quiet one (the fit a loaded machine gave): the
+    tree keeps at least the chain's size, and once quiet passes hold the fit's window again the
+    rule chooses what it chose before."""
+    policy = calibrated_policy(1.0, 0.004)
+    quiet = size_grown(policy, monkeypatch)
+    for n in (4, 6, 3, 5, 4, 2, 6, 3) * 2:
+        policy.observe_pass(n, 0.058 * n)
+    slow_nodes, slow_steps = size_grown(policy, monkeypatch)
+    assert slow_nodes >= LLMCadPolicy.FLOOR_TREE_TOKENS and slow_steps >= 1
+    assert policy.report()["floor_draft_steps"] >= 1
+    for n in (4, 8, 16, 20) * 3:  # the fit's window is quiet again
+        policy.observe_pass(n, 1.0 + 0.004 * n)
+    assert size_grown(policy, monkeypatch) == pytest.approx(quiet, rel=0.1)
+
+
+def test_floor_only_for_confident_nodes():
+    """Below the floor the rule drafts whatever the costs, but not a node the target would hardly take."""
+    policy = calibrated_policy(0.1, 1.0, max_tree_tokens=64)  # every token adds a second: drafting never pays
+    state = {"floor": 0.0, "tree_value": 5.0, "tree_tokens": 2, "draft_s": 0.5}
+    assert not policy._pays([0.5], **state)
+    assert policy.keep_drafting([0.5], **state, confident_nodes=1)
+    assert not policy.keep_drafting([0.5], **state, confident_nodes=LLMCadPolicy.FLOOR_TREE_TOKENS - 1)
+    assert not policy.keep_drafting([LLMCadPolicy.CONFIDENT_VALUE / 2], **state, confident_nodes=1)
+
+
+def test_report_says_what_the_rule_measured():
+    policy = calibrated_policy(1.0, 0.004)
+    report = policy.report()
+    model = report["target_pass_model_s"]
+    assert model["fixed"] == pytest.approx(1.0) and model["per_token"] == pytest.approx(0.004)
+    assert model["observations"] == 40 and model["window"] == 12
+    assert report["draft_model_s"]["per_row"] == pytest.approx(0.002) and report["draft_model_s"]["observations"] == 6
+    assert report["floor_tree_tokens"] == LLMCadPolicy.FLOOR_TREE_TOKENS
+
+
+# ---- prompt lookup: free branches
+
+
+def grow_with_history(policy, history, root, monkeypatch, dist=(0.6, 0.2, 0.1)):
+    drafter = SimulatedDraftDrafter(list(dist))
+    drafter.history = PromptLookup(history)
+    monkeypatch.setattr("llmcad.speculative.draft.time.perf_counter", lambda: 0.0)
+    return drafter.grow(root, policy, depth_cap=200)
+
+
+def test_lookup_branches_merge_into_draft_children(monkeypatch):
+    """The simulated draft proposes tokens 0, 1, 2 under every node; the text so far continues the
+    root 0 with 0 1 7 9 (after "9 0") and 1 7 9 0 (after "0"). Lookup tokens the draft also proposes
+    merge into its children: no two siblings share a token, a merged node has the draft's probability
+    and a lookup key, a lookup-only node probability 0; values follow both calibrations; the draft
+    runs a lookup node only after its parent."""
+    policy = calibrated_policy(8.0, 0.02, max_tree_tokens=40)
+    tree = grow_with_history(policy, [9, 0, 0, 1, 7, 9], 0, monkeypatch)
+    for node in range(len(tree)):
+        kids = [tree.tokens[c] for c in tree.children[node]]
+        assert len(kids) == len(set(kids)), (node, kids)
+        if tree.slot[node] > 0:
+            assert 0 <= tree.slot[tree.parents[node]] < tree.slot[node]
+
+    def path(tokens):  # the node reached from the root by ``tokens``
+        node = 0
+        for token in tokens:
+            node = tree.child(node, token)
+        return node
+
+    merged, seven = path([0, 1]), path([0, 1, 7])
+    assert tree.lookup[merged] == (2, 2) and tree.probs[merged] == pytest.approx(0.2)
+    assert tree.lookup[seven] == (2, 3) and tree.probs[seven] == 0.0
+    assert tree.value[seven] == pytest.approx(tree.value[merged] * policy.lookup_calibration((2, 3)))
+    assert tree.lookup[path([1])] == (1, 1) and tree.probs[path([1])] == pytest.approx(0.2)
+    assert tree.value[merged] == pytest.approx(tree.value[path([0])] * max(
+        policy.calibration(0.2), policy.lookup_calibration((2, 2))))
+
+
+def test_lookup_branches_stay_within_the_caps(monkeypatch):
+    """A long copy under a tight size and depth: the tree the target verifies keeps to both."""
+    policy = calibrated_policy(8.0, 0.02, max_tree_tokens=5, max_depth=3)
+    history = list(range(10, 40)) + [5] + list(range(10, 40))
+    tree = grow_with_history(policy, history, 5, monkeypatch)
+    assert max(tree.depth) <= 3
+    assert any(key is not None for key in tree.lookup)
+    off = grow_with_history(calibrated_policy(8.0, 0.02, max_tree_tokens=5, max_depth=3, prompt_lookup=False),
+                            history, 5, monkeypatch)
+    assert all(key is None for key in off.lookup)
+
+
+def test_lookup_calibration_learns_per_key():
+    cal = LookupCalibration(places=4, prior=0.3, prior_weight=2)
+    assert cal((3, 1)) == pytest.approx(0.3)
+    t = DraftTree.rooted(0)
+    a = t.add(0, 5, 0.0, lookup=(3, 1))
+    t.add(a, 6, 0.0, lookup=(3, 2))
+    t.add(0, 7, 0.4)  # a draft node: not the lookup's to learn from
+    for _ in range(8):
+        cal.observe_tree(t, [0, a])  # (3, 1) accepted, (3, 2) tested and rejected
+    assert cal((3, 1)) == pytest.approx((8 + 0.6) / 10) and cal((3, 2)) == pytest.approx(0.6 / 10)
+    assert cal((3, 9)) == cal((3, 4)) and cal((2, 1)) == pytest.approx(0.3)  # places beyond 4 pooled
+    draft_cal = AcceptanceCalibration()
+    draft_cal.observe_tree(t, [0, a])
+    assert sum(draft_cal.seen) == 1  # only the draft's node 7

@@ -307,3 +307,27 @@ def test_loading_shows_no_foreign_progress_bar_and_restores_the_setting(tiny_pai
     LLMCad.from_pretrained(dirs["same"], dirs["target"]).close()
     assert "Loading" not in capfd.readouterr().err
     assert logging.is_progress_bar_enabled()
+
+
+REPEATS = "for i in range(10):\n    print(i * i)\n" * 4 + "for i in range(10):\n"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prompt_lookup_branches_are_accepted_and_exact(tiny_models, tiny_tokenizer, family):
+    """A prompt of repeats and a draft that agrees with the target on almost nothing: the lookup's
+    copies of the text so far are what the target accepts, and greedy output is still the target's."""
+    target = tiny_models(family, "target")
+    ids = tiny_tokenizer(REPEATS)["input_ids"]
+    expected = reference(target, ids, 32)
+    on = engine(tiny_models, tiny_tokenizer, family, "unrelated", "llmcad").generate(REPEATS, 32)
+    assert on.tokens == expected
+    assert on.stats["prompt_lookup"] is True
+    assert on.stats["lookup_nodes_accepted_lookup_only"] > 0
+    assert on.stats["lookup_nodes_proposed"] >= on.stats["lookup_nodes_accepted"] > 0
+    off = engine(tiny_models, tiny_tokenizer, family, "unrelated", "llmcad", prompt_lookup=False).generate(REPEATS, 32)
+    assert off.tokens == expected and off.stats["lookup_nodes_proposed"] == 0
+    assert on.stats["target_passes"] < off.stats["target_passes"]
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        make_policy("llmcad", alpha_rule="paper", prompt_lookup=True)
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        make_policy("chain", prompt_lookup=True)

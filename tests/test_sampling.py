@@ -139,3 +139,15 @@ def test_temperature_zero_is_greedy(tiny_models, tiny_tokenizer):
     assert eng.generate(PROMPT, 12, temperature=0).tokens == greedy
     for seed in (3, 4):
         assert eng.generate(PROMPT, 12, do_sample=True, temperature=0, top_k=8, top_p=0.9, seed=seed).tokens == greedy
+
+
+def test_seeded_sampling_with_lookup_branches_equals_target_only(tiny_models, tiny_tokenizer):
+    """Lookup nodes carry no draft probability, and need none: the target's sample at a node depends on
+    the seed and the position only, so sampled output is target-only's with them in the trees too."""
+    target, draft = tiny_models("llama", "target"), tiny_models("llama", "unrelated")
+    prompt = "for i in range(10):\n    print(i * i)\n" * 4 + "for i in range(10):\n"
+    sampling = {"do_sample": True, "temperature": 0.3, "top_k": 5, "seed": 2}
+    want = LLMCad(draft, target, tiny_tokenizer, make_policy("target-only")).generate(prompt, 32, **sampling).tokens
+    got = LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad")).generate(prompt, 32, **sampling)
+    assert got.tokens == want
+    assert got.stats["lookup_nodes_accepted"] > 0

@@ -37,7 +37,8 @@ BENCH_HELP = {
     "chat": "a scripted conversation: each turn's time to first token with and without the prompt cache",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
-POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "chain_length")
+POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "prompt_lookup",
+                "chain_length")
 
 
 class UsageError(ValueError):
@@ -123,6 +124,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "measured cost model (cost) or by the paper's alpha equation (paper) (default: cost)")
     t.add_argument("--alpha", type=float, default=None, help="initial fallback threshold (llmcad with "
                    "--alpha-rule paper; default: 0.01)")
+    t.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=None, help="llmcad "
+                   "(cost rule): copies of the prompt and the text so far join the tree as free branches "
+                   "(default: on)")
     t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain; default: 5)")
     e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
     e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,

@@ -5,7 +5,9 @@ Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llm
 """
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 
 
 class AcceptanceCalibration:
@@ -40,49 +42,99 @@ class AcceptanceCalibration:
         self.accepted[b] += 1.0 if accepted else 0.0
 
     def observe_tree(self, tree, accepted) -> None:
-        """Every node whose parent was accepted was tested by the target: accepted or not."""
-        on_path = {int(a) for a in accepted}
-        for node in range(1, len(tree)):
-            if tree.parents[node] in on_path:
-                self.observe(tree.probs[node], node in on_path)
+        """Every node whose parent was accepted was tested by the target: accepted or not. A node of draft
+        probability 0 is no draft proposal (only prompt lookup proposed it): :class:`LookupCalibration`."""
+        for node, accepted_node in tested_nodes(tree, accepted):
+            if tree.probs[node] > 0 or tree.lookup[node] is None:
+                self.observe(tree.probs[node], accepted_node)
+
+
+class LookupCalibration:
+    """P(target accepts a prompt-lookup token | its key), learned from verified nodes like
+    :class:`AcceptanceCalibration`. Key: (length of the matched suffix, place along the copied
+    continuation, from 1), places beyond ``places`` pooled. Beta posteriors with a prior of
+    ``prior_weight`` pseudo-observations at ``prior``."""
+
+    def __init__(self, places: int = 8, prior: float = 0.3, prior_weight: float = 2.0):
+        self.places, self.prior, self.prior_weight = places, prior, prior_weight
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = {}  # key -> [accepted, seen]
+
+    def _key(self, key) -> tuple:
+        n, place = key
+        return int(n), min(int(place), self.places)
+
+    def __call__(self, key) -> float:
+        accepted, seen = self.counts.get(self._key(key), (0.0, 0.0))
+        return (accepted + self.prior_weight * self.prior) / (seen + self.prior_weight)
+
+    def observe(self, key, accepted: bool) -> None:
+        counts = self.counts.setdefault(self._key(key), [0.0, 0.0])
+        counts[0] += 1.0 if accepted else 0.0
+        counts[1] += 1.0
+
+    def observe_tree(self, tree, accepted) -> None:
+        """Every lookup node whose parent was accepted: accepted or not."""
+        for node, accepted_node in tested_nodes(tree, accepted):
+            if tree.lookup[node] is not None:
+                self.observe(tree.lookup[node], accepted_node)
+
+
+def tested_nodes(tree, accepted):
+    """(node, whether the target accepted it) for every node the target tested: those whose parent it
+    accepted."""
+    on_path = {int(a) for a in accepted}
+    return [(node, node in on_path) for node in range(1, len(tree)) if tree.parents[node] in on_path]
 
 
 class LinearCost:
-    """Seconds as ``fixed + per_row * rows``, a least-squares fit of recent measurements that starts
-    from a prior (``fixed``, ``per_row``) worth ``prior_weight`` observations at 1 and ``prior_rows``."""
+    """Seconds as ``fixed + per_row * rows``, a robust fit of the last ``window`` measurements: the
+    slope is the median of the slopes between measurements of different rows (Theil-Sen), the fixed
+    cost the median of what each measurement leaves beside it. One odd measurement (a pass slowed by
+    another job) moves neither; a lasting change of the machine's load takes over once it holds most
+    of the window (about three quarters). Until ``settle`` measurements are in, a prior (``fixed``,
+    ``per_row``) joins them as two points, at 1 and ``prior_rows`` rows; with no two rows apart, the
+    slope is the prior's."""
 
-    def __init__(self, fixed: float, per_row: float, prior_rows: int = 16, prior_weight: float = 1.0,
-                 memory: float = 0.9):
-        self.memory = memory  # older measurements fade (the machine's load changes)
-        self._sums = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
-        self.observations = 0
-        for rows in (1, prior_rows):
-            self._add(rows, fixed + per_row * rows, prior_weight)
+    def __init__(self, fixed: float, per_row: float, prior_rows: int = 16, window: int = 12, settle: int = 4):
         self._prior = (fixed, per_row)
-
-    def _add(self, rows: float, seconds: float, weight: float) -> None:
-        w, sx, sy, sxx, sxy = self._sums
-        self._sums = [w + weight, sx + weight * rows, sy + weight * seconds, sxx + weight * rows * rows,
-                      sxy + weight * rows * seconds]
+        self._prior_points = [(1.0, fixed + per_row), (float(prior_rows), fixed + per_row * prior_rows)]
+        self.window, self.settle = window, settle
+        self._recent = collections.deque(maxlen=window)  # (rows, seconds), oldest first
+        self.observations = 0
+        self._fit = None  # cached coefficients (None: to compute)
 
     def observe(self, rows: int, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
-        self._sums = [s * self.memory for s in self._sums]
-        self._add(float(rows), float(seconds), 1.0)
+        self._recent.append((float(rows), float(seconds)))
         self.observations += 1
+        self._fit = None
 
     def coefficients(self) -> tuple[float, float]:
         """(fixed seconds, seconds per row), both >= 0."""
-        w, sx, sy, sxx, sxy = self._sums
-        var = sxx - sx * sx / w
-        slope = (sxy - sx * sy / w) / var if var > 1e-12 else self._prior[1]
-        slope = max(slope, 0.0)
-        return max(sy / w - slope * sx / w, 0.0), slope
+        if self._fit is None:
+            points = list(self._recent)
+            if self.observations < self.settle:
+                points += self._prior_points
+            slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]
+                      if x2 != x1]
+            slope = max(statistics.median(slopes), 0.0) if slopes else self._prior[1]
+            fixed = max(statistics.median(y - slope * x for x, y in points), 0.0)
+            self._fit = (fixed, slope)
+        return self._fit
 
     def __call__(self, rows: int) -> float:
         fixed, per_row = self.coefficients()
         return fixed + per_row * rows
+
+    def describe(self) -> dict:
+        """The fit and what it rests on (JSON-ready): measurements seen, and in the window."""
+        fixed, per_row = self.coefficients()
+        return {"fixed": fixed, "per_row": per_row, "observations": self.observations,
+                "window": len(self._recent)}
 
 
 def ema(old, sample, weight: float = 0.3):

@@ -10,6 +10,9 @@ most valuable unexpanded nodes together (B and when to stop: the policy's cost m
 top tokens as children when their value clears the bar (the value of the tree's last place when it is
 full). Before verification the tree is reordered best first, and the target verifies its first
 ``max_tree_tokens`` nodes; the rest (and nodes grown while the target verifies) may seed the next tree.
+With ``policy.prompt_lookup``, copies of the text so far (llmcad.speculative.lookup) join the tree
+under the root at no draft forward, valued by their own calibration; the draft may expand them later
+like any node, and a token it proposes that is already a child merges into that child.
 
 Paced growth (``tree`` and ``chain`` modes, the paper's rule): one node a step.
 - branching: the argmax token becomes the main child; every other token whose probability exceeds
@@ -29,6 +32,7 @@ import torch
 from llmcad.speculative import kv
 from llmcad.speculative.forward import forward_with_mask, pending_tree_inputs, prefill
 from llmcad.speculative.costs import ema
+from llmcad.speculative.lookup import PromptLookup
 
 MAX_CHILDREN = 8  # bound on tokens examined per step (at most 1/threshold can pass anyway)
 TOP_CHILDREN = 4  # best-first: tokens examined per expanded node
@@ -46,16 +50,20 @@ class DraftTree:
     slot: list = field(default_factory=list)  # index among the draft's forwarded tree nodes, -1 if not run
     children: list = field(default_factory=list)
     value: list = field(default_factory=list)  # best-first: calibrated acceptance of the path (root: 1)
+    # prompt lookup's key (match length, place along its continuation) of the nodes it proposed, else None;
+    # a node only the lookup proposed has draft probability 0
+    lookup: list = field(default_factory=list)
 
     @classmethod
     def rooted(cls, root_token: int) -> "DraftTree":
-        return cls([int(root_token)], [-1], [1.0], [1.0], [0], [-1], [[]], [1.0])
+        return cls([int(root_token)], [-1], [1.0], [1.0], [0], [-1], [[]], [1.0], [None])
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, parent: int, token: int, prob: float, value: float | None = None) -> int:
+    def add(self, parent: int, token: int, prob: float, value: float | None = None, lookup=None) -> int:
         node = len(self.tokens)
+        self.lookup.append(lookup)
         self.value.append(self.cum[parent] * prob if value is None else value)
         self.tokens.append(int(token))
         self.parents.append(parent)
@@ -67,11 +75,15 @@ class DraftTree:
         self.children[parent].append(node)
         return node
 
+    def child(self, node: int, token: int):
+        """The child of ``node`` whose token is ``token`` (None: no such child)."""
+        return next((c for c in self.children[node] if self.tokens[c] == int(token)), None)
+
     def head(self, n: int) -> "DraftTree":
         """A copy of the first ``n`` nodes (e.g. the tree as verified, without provisional nodes)."""
         keep = lambda kids: [c for c in kids if c < n]  # noqa: E731
         return DraftTree(self.tokens[:n], self.parents[:n], self.probs[:n], self.cum[:n], self.depth[:n],
-                         self.slot[:n], [keep(k) for k in self.children[:n]], self.value[:n])
+                         self.slot[:n], [keep(k) for k in self.children[:n]], self.value[:n], self.lookup[:n])
 
     def select(self, nodes) -> "DraftTree":
         """The nodes ``nodes`` (root first, every node after its parent) as a tree of their own,
@@ -82,7 +94,8 @@ class DraftTree:
         out.slot[0] = self.slot[root]
         for node in nodes[1:]:
             child = out.add(index[self.parents[node]], self.tokens[node], self.probs[node],
-                            self.value[node] / self.value[root] if self.value[root] > 0 else 0.0)
+                            self.value[node] / self.value[root] if self.value[root] > 0 else 0.0,
+                            self.lookup[node])
             out.slot[child] = self.slot[node]
         return out
 
@@ -131,6 +144,7 @@ class TreeDrafter:
         self.cache = DynamicCache() if cache is None else cache
         self._prefix = kv.cache_length(self.cache)
         self.pending = list(prompt_ids[self._prefix:-1])  # committed tokens not in the cache yet
+        self.history = PromptLookup(prompt_ids[:-1])  # committed tokens before the root (prompt lookup)
         self.steps = 0  # draft forwards, all rounds
         self.tracer = None  # llmcad.trace.Tracer: one "draft" span per forward
         self.step_ema_s = None  # typical one-token draft forward, seconds (moving average; the pipeline)
@@ -179,18 +193,36 @@ class TreeDrafter:
             if typical:
                 policy.observe_draft(1, time.perf_counter() - t0)
             self._add_best_children(tree, 0, top, policy, bar=0.0)
+        if getattr(policy, "prompt_lookup", False):
+            self._add_lookup(tree, policy, max_depth)
         while True:
             limit = policy.max_tree_tokens
             ranked = sorted(tree.value, reverse=True)
             floor = ranked[limit - 1] if len(tree) >= limit else 0.0
             values, nodes = self._frontier(tree, max_depth)
             rows = min(policy.rows(values), self._kv_room, self.max_pass_rows or len(nodes))
+            confident = sum(1 for v in ranked[1:limit] if v >= policy.CONFIDENT_VALUE)
             if rows <= 0 or not policy.keep_drafting(values[:rows], floor, sum(ranked[1:limit]), len(tree),
-                                                     time.perf_counter() - t0):
+                                                     time.perf_counter() - t0, confident):
                 break
             self.expand(tree, nodes[:rows], policy, bar=floor)
         order = tree.best_first_order(max_depth)
         return tree.select(order)
+
+    def _add_lookup(self, tree: DraftTree, policy, max_depth: int) -> None:
+        """Prompt-lookup continuations of the text so far and the root join the tree as branches under
+        the root, at no draft forward; a token already a child merges into it. Values: see
+        :meth:`_revalue`."""
+        for n, continuation in self.history.propose([tree.tokens[0]]):
+            node = 0
+            for place, token in enumerate(continuation[:max_depth], start=1):
+                child = tree.child(node, token)
+                if child is None:
+                    child = tree.add(node, token, 0.0, 0.0, lookup=(n, place))
+                elif tree.lookup[child] is None:
+                    tree.lookup[child] = (n, place)
+                node = child
+        self._revalue(tree, policy)
 
     def expand(self, tree: DraftTree, nodes, policy, bar: float = 0.0, name: str = "draft") -> None:
         """One draft forward of ``nodes`` (unexpanded, not the root); their top tokens become children."""
@@ -205,22 +237,25 @@ class TreeDrafter:
 
     @staticmethod
     def _frontier(tree: DraftTree, max_depth: int) -> tuple[list, list]:
-        """(values, node ids) of the unexpanded nodes above ``max_depth``, best first."""
-        nodes = [i for i in range(1, len(tree)) if tree.slot[i] < 0 and tree.depth[i] < max_depth]
+        """(values, node ids) of the unexpanded nodes above ``max_depth`` whose parent the draft has run
+        (a lookup branch's deeper nodes wait for the nodes above them), best first."""
+        nodes = [i for i in range(1, len(tree)) if tree.slot[i] < 0 and tree.depth[i] < max_depth
+                 and tree.slot[tree.parents[i]] >= 0]
         nodes.sort(key=lambda i: (-tree.value[i], i))
         return [tree.value[i] for i in nodes], nodes
 
     @staticmethod
     def _revalue(tree: DraftTree, policy) -> None:
-        """Path values from the current calibration (a seeded tree's came from the previous one)."""
+        """Path values from the current calibrations (a seeded tree's came from the previous one)."""
         tree.value[0] = 1.0
         for node in range(1, len(tree)):
-            tree.value[node] = policy.value(tree.value[tree.parents[node]], tree.probs[node])
+            tree.value[node] = policy.value(tree.value[tree.parents[node]], tree.probs[node], tree.lookup[node])
 
     @staticmethod
     def _add_best_children(tree: DraftTree, node: int, top, policy, bar: float) -> None:
         """Children: the top tokens (``top``: probabilities and tokens, best first) whose value clears
-        ``bar`` (with ``policy.branch_threshold``: the argmax and tokens above it)."""
+        ``bar`` (with ``policy.branch_threshold``: the argmax and tokens above it). A token already a child
+        (a lookup branch) merges into it: it gets the draft's probability, and the better value."""
         top_p, top_t = top[0][:TOP_CHILDREN], top[1][:TOP_CHILDREN]
         threshold, mass = policy.branch_threshold, 0.0
         for rank, (p, t) in enumerate(zip(top_p.tolist(), top_t.tolist())):
@@ -229,7 +264,11 @@ class TreeDrafter:
             if threshold is not None and rank > 0 and p <= threshold:
                 break
             value = tree.value[node] * accept
-            if value > bar:
+            child = tree.child(node, t)
+            if child is not None:
+                tree.probs[child], tree.cum[child] = p, tree.cum[node] * p
+                tree.value[child] = max(tree.value[child], value)
+            elif value > bar:
                 tree.add(node, t, p, value)
         policy.observe_expansion(mass)
 
@@ -241,6 +280,7 @@ class TreeDrafter:
         parent (its root is the next tree's root; see llmcad.speculative.pipeline) whose tokens and KV start the
         next tree, with the branches provisional main-path steps would have opened, up to ``max_nodes``.
         """
+        self.history.extend(tree.tokens[a] for a in accepted)
         ran = [tree.slot[a] for a in accepted if tree.slot[a] >= 0]
         seed_ran = sorted(tree.slot[s] for s in seed if tree.slot[s] >= 0)
         cached = self._prefix - len(self.pending)  # committed positions in the cache (pending: root not run)

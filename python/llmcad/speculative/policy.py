@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import math
 
-from llmcad.speculative.costs import AcceptanceCalibration, LinearCost, ema
+from llmcad.speculative.costs import (
+    AcceptanceCalibration,
+    LinearCost,
+    LookupCalibration,
+    ema,
+)
 
 
 class Policy:
@@ -103,6 +108,14 @@ class LLMCadPolicy(Policy):
     the pass's fixed cost).
     ``branch_threshold``: None: a node's children are its top tokens whose path value clears the
     current bar; a number: the argmax plus tokens above it (the paper's rule).
+    ``prompt_lookup`` (cost rule only; default on): prompt-lookup continuations of the text so far
+    (llmcad.speculative.lookup) join the tree as branches at no draft forward, each node valued by its
+    own calibrated acceptance (:class:`LookupCalibration`), so the rule prices them like draft nodes.
+
+    Robust under load: a pass that carried the prompt's prefill is kept out of the pass model, the
+    costs are median-based fits of recent measurements (:class:`LinearCost`), and below
+    ``FLOOR_TREE_TOKENS`` nodes (what the chain mode verifies) of path value at least ``CONFIDENT_VALUE``
+    the tree keeps growing whatever the costs, while its best unexpanded node is that confident.
 
     ``alpha_rule="paper"``: the paper's equation. Verify once the tree confidence T_c = max_i C_i drops
     below ``alpha``; after a verification, on the branch that matched best (the one holding the
@@ -115,13 +128,20 @@ class LLMCadPolicy(Policy):
     IO_BOUND_SHARE = 0.05  # a pass that waited on reads this share of its time was bound by them
     AUTO_TREE_TOKENS = (16, 512)  # bounds of the device-sized tree
     MAX_ROWS = 64  # bound on the rows of one draft forward
+    FLOOR_TREE_TOKENS = 6  # the chain mode's tree (5 draft tokens and the root)
+    CONFIDENT_VALUE = 0.1  # path value of a node worth drafting below the floor
 
     def __init__(self, max_tree_tokens=None, max_depth=None, branch_threshold=None, alpha=None,
-                 alpha_rule: str = "cost"):
+                 alpha_rule: str = "cost", prompt_lookup=None):
         if alpha_rule not in ("cost", "paper"):
             raise ValueError(f"alpha_rule={alpha_rule!r}: expected 'cost' or 'paper'")
+        if prompt_lookup is not None and not isinstance(prompt_lookup, bool):
+            raise ValueError(f"prompt_lookup={prompt_lookup!r}: expected True, False or None")
+        if prompt_lookup and alpha_rule != "cost":
+            raise ValueError("prompt_lookup needs alpha_rule='cost' (the paper's rule grows no valued branches)")
         self.alpha_rule = alpha_rule
         self.best_first = alpha_rule == "cost"
+        self.prompt_lookup = self.best_first if prompt_lookup is None else prompt_lookup
         if not self.best_first:
             max_tree_tokens = 32 if max_tree_tokens is None else max_tree_tokens
             max_depth = 10 if max_depth is None else max_depth
@@ -136,6 +156,7 @@ class LLMCadPolicy(Policy):
                                                                                 branch_threshold)
         self.initial_alpha = None if alpha is None else _fraction("alpha", alpha)
         self.calibration = AcceptanceCalibration()
+        self.lookup_calibration = LookupCalibration()
         self.forget()
 
     def reset(self) -> None:
@@ -143,10 +164,15 @@ class LLMCadPolicy(Policy):
         passes and draft forwards cost carry over (they describe the hardware, not the text)."""
         self.alpha = self.initial_alpha
         self.sizes = {"verified_tree_tokens": [], "draft_rows": []}
+        # lookup nodes in verified trees, accepted, and accepted with no draft proposal for the token
+        self.lookup_counts = {"proposed": 0, "accepted": 0, "accepted_lookup_only": 0}
+        self.floor_steps = 0  # draft forwards the floor asked for beyond what the costs would
+        self.prefill_passes = 0  # passes kept out of the pass model (they carried prompt tokens)
 
     def forget(self) -> None:
         """Back to the priors: calibration and costs unlearned."""
         self.calibration.reset()
+        self.lookup_calibration.reset()
         # priors: a 1-row draft forward 50 ms + 2 ms a row; a target pass's compute 1 s + 20 ms a token
         self.draft_cost = LinearCost(0.05, 0.002)
         self.target_cost = LinearCost(1.0, 0.02, prior_rows=64)  # compute (with no read waits: the pass)
@@ -181,9 +207,14 @@ class LLMCadPolicy(Policy):
         return tree.confidence() < self.alpha
 
     # ---- the cost rule
-    def value(self, parent_value: float, prob: float) -> float:
-        """A child's path value: its parent's times the calibrated acceptance of its token."""
-        return parent_value * self.calibration(prob)
+    def value(self, parent_value: float, prob: float, lookup=None) -> float:
+        """A child's path value: its parent's times the calibrated acceptance of its token: of the draft's
+        probability ``prob`` (0 with a lookup key: no draft proposal), of the prompt-lookup key ``lookup``
+        (None: none), the better of the two."""
+        accept = self.calibration(prob) if prob > 0 or lookup is None else 0.0
+        if lookup is not None:
+            accept = max(accept, self.lookup_calibration(lookup))
+        return parent_value * accept
 
     def rows(self, values) -> int:
         """How many of the unexpanded nodes of ``values`` (path values, best first) to expand in the next
@@ -196,12 +227,29 @@ class LLMCadPolicy(Policy):
                 best, best_rate = b, rate
         return best
 
-    def keep_drafting(self, values, floor: float, tree_value: float, tree_tokens: int, draft_s: float) -> bool:
-        """Whether expanding the nodes of ``values`` beats the round so far in tokens per second.
+    def keep_drafting(self, values, floor: float, tree_value: float, tree_tokens: int, draft_s: float,
+                      confident_nodes: int | None = None) -> bool:
+        """Whether expanding the nodes of ``values`` beats the round so far in tokens per second, or the
+        tree is below the floor: fewer than ``floor_tree_tokens - 1`` ``confident_nodes`` (nodes of path
+        value at least ``CONFIDENT_VALUE``; None: every node but the root) while the best of ``values``
+        is confident too.
 
         ``floor``: the value a new node must beat to enter a full tree; ``tree_value``: the sum of the
         verified tree's path values (expected accepted draft tokens); ``draft_s``: this round's draft time.
         """
+        if self._pays(values, floor, tree_value, tree_tokens, draft_s):
+            return True
+        confident_nodes = tree_tokens - 1 if confident_nodes is None else confident_nodes
+        if confident_nodes < self.floor_tree_tokens - 1 and values and values[0] >= self.CONFIDENT_VALUE:
+            self.floor_steps += 1  # never a smaller tree than a chain of the draft's confident tokens
+            return True
+        return False
+
+    @property
+    def floor_tree_tokens(self) -> int:
+        return min(self.FLOOR_TREE_TOKENS, self.max_tree_tokens)
+
+    def _pays(self, values, floor: float, tree_value: float, tree_tokens: int, draft_s: float) -> bool:
         children = self.child_mass * sum(values)
         gain = max(0.0, children - floor * len(values)) if floor > 0 else children
         if gain <= 0:
@@ -222,13 +270,19 @@ class LLMCadPolicy(Policy):
 
     def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0, io_wait_s: float = 0.0,
                      draft_wait_s: float = 0.0) -> None:
-        self.target_cost.observe(tree_tokens + pending, seconds - io_wait_s - draft_wait_s)
+        if pending:  # a prefill: no typical pass
+            self.prefill_passes += 1
+            self.sizes["verified_tree_tokens"].append(tree_tokens)
+            return
+        self.target_cost.observe(tree_tokens, seconds - io_wait_s - draft_wait_s)
         if io_wait_s > self.IO_BOUND_SHARE * seconds:
             self.io_bound_s = ema(self.io_bound_s, seconds - draft_wait_s)
         self.sizes["verified_tree_tokens"].append(tree_tokens)
 
     def observe(self, tree, accepted) -> None:
         self.calibration.observe_tree(tree, accepted)
+        self.lookup_calibration.observe_tree(tree, accepted)
+        self._count_lookup(tree, accepted)
         if self.best_first:
             return
         n_correct = len(accepted) - 1
@@ -238,21 +292,39 @@ class LLMCadPolicy(Policy):
         else:
             self.alpha = (n_all - n_correct) / n_all
 
+    def _count_lookup(self, tree, accepted) -> None:
+        counts, on_path = self.lookup_counts, {int(a) for a in accepted}
+        for node in range(1, len(tree)):
+            if tree.lookup[node] is not None:
+                counts["proposed"] += 1
+                if node in on_path:
+                    counts["accepted"] += 1
+                    counts["accepted_lookup_only"] += tree.probs[node] <= 0
+
     def report(self) -> dict:
-        """The sizes chosen in the last generation (JSON-ready)."""
+        """What the rule chose in the last generation and on what measurements (JSON-ready): sizes, the
+        fitted pass and draft-forward models (seconds; measurements seen and in the fit's window),
+        prefill passes kept out, the floor's extra draft forwards, and the lookup nodes."""
         trees, rows = self.sizes["verified_tree_tokens"], self.sizes["draft_rows"]
-        fixed, per_token = self.target_cost.coefficients()
+        target, draft = self.target_cost.describe(), self.draft_cost.describe()
         return {"alpha_rule": self.alpha_rule, "max_tree_tokens_chosen": self.max_tree_tokens,
                 "max_depth_chosen": self.max_depth,
                 "mean_tree_tokens": sum(trees) / len(trees) if trees else 0.0,
                 "mean_draft_rows": sum(rows) / len(rows) if rows else 0.0,
                 "draft_forwards": len(rows),
-                "target_pass_model_s": {"fixed": fixed, "per_token": per_token, "io_bound": self.io_bound_s}}
+                "target_pass_model_s": {"fixed": target["fixed"], "per_token": target["per_row"],
+                                        "io_bound": self.io_bound_s, "observations": target["observations"],
+                                        "window": target["window"],
+                                        "prefill_passes_left_out": self.prefill_passes},
+                "draft_model_s": draft,
+                "floor_tree_tokens": self.floor_tree_tokens, "floor_draft_steps": self.floor_steps,
+                "prompt_lookup": self.prompt_lookup,
+                **{f"lookup_nodes_{k}": v for k, v in self.lookup_counts.items()}}
 
     def describe(self) -> dict:
         return {"mode": self.name, "alpha_rule": self.alpha_rule, "max_tree_tokens": self.fixed_tree_tokens,
                 "max_depth": self.fixed_depth, "branch_threshold": self.branch_threshold,
-                "alpha": self.initial_alpha}
+                "alpha": self.initial_alpha, "prompt_lookup": self.prompt_lookup}
 
 
 def best_branch_length(tree, last_accepted: int) -> int:
@@ -266,7 +338,7 @@ def best_branch_length(tree, last_accepted: int) -> int:
 
 POLICIES = {"llmcad": LLMCadPolicy, "tree": TreePolicy, "chain": ChainPolicy, "target-only": TargetOnlyPolicy}
 OPTIONS = {
-    "llmcad": ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule"),
+    "llmcad": ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "prompt_lookup"),
     "tree": ("max_tree_tokens", "max_depth", "branch_threshold"),
     "chain": ("chain_length",),
     "target-only": (),
