@@ -750,3 +750,35 @@ def test_llama_rows_count_passes_and_accepted_tokens(tiny_pair, tmp_path, fake_l
 def test_llama_rows_are_not_capped_by_the_streamer(tiny_pair, tmp_path):
     plan = {"rows": bench_e2e.LLAMA_ROWS, "settings": [("cap300", 3e8)]}
     assert bench_e2e.row_groups(plan) == []
+
+
+def test_the_hf_peer_measures_the_runtime_floor_before_its_draft_loads(tiny_pair_dirs, tmp_path, monkeypatch):
+    """The peer's budget counts the runtime as the engine does: measured before any weight loads (after
+    the draft, the floor would count the draft twice and leave the target nothing)."""
+    from llmcad import memory
+    from llmcad.bench import peers
+
+    monkeypatch.setattr(memory, "_FLOOR", [])
+    floors_at_draft_load, load = [], peers.load_causal_lm
+
+    def spy(*args, **kwargs):
+        floors_at_draft_load.append(list(memory._FLOOR))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(peers, "load_causal_lm", spy)
+    dirs = tiny_pair_dirs("llama")
+    peers.HFOffloadPeer(dirs["target"], memory_budget="4GiB", offload_folder=tmp_path / "offload", draft=dirs["same"])
+    assert len(floors_at_draft_load) == 1 and floors_at_draft_load[0]  # measured already when the draft loaded
+
+
+def test_the_hf_peer_refuses_a_budget_that_leaves_its_target_nothing_to_hold(tiny_pair_dirs, tmp_path):
+    """A budget that leaves the target a few bytes: accelerate would offload the whole model to disk and
+    fail inside generate; the peer says so when it loads, naming the figures."""
+    from llmcad.bench import peers
+    from llmcad.errors import BudgetError
+
+    dirs = tiny_pair_dirs("llama")
+    roomy = peers.HFOffloadPeer(dirs["target"], memory_budget="4GiB", offload_folder=tmp_path / "a", draft=dirs["same"])
+    others = roomy.budget_bytes - roomy.target_budget_bytes  # runtime, draft and KV caches
+    with pytest.raises(BudgetError, match="leaves 1000 bytes for the target.*offloads the whole model"):
+        peers.HFOffloadPeer(dirs["target"], memory_budget=others + 1000, offload_folder=tmp_path / "b", draft=dirs["same"])

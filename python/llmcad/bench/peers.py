@@ -45,6 +45,7 @@ class HFOffloadPeer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         budget = parse_size(memory_budget)
+        floor = memory.runtime_floor()  # before any weight loads, as the engine measures it
         self.draft = load_causal_lm(draft, device=device, dtype=dtype) if draft is not None else None
         draft_bytes = module_bytes(self.draft) if self.draft is not None else 0
         # the same reservation llmcad's budget makes: KV caches of kv_tokens positions per model
@@ -53,7 +54,7 @@ class HFOffloadPeer:
         if self.draft is not None:
             kv_bytes += _kv_bytes(self.draft.config, kv_tokens, self.draft.dtype)
         # as llmcad's plan counts the process itself and the working set of its least pass
-        runtime = memory.runtime_floor() + RUNTIME_SLACK + pass_work_bytes(
+        runtime = floor + RUNTIME_SLACK + pass_work_bytes(
             config, self.draft.config if self.draft is not None else config, PASS_ROWS[-1],
             min(kv_tokens, getattr(config, "max_position_embeddings", None) or kv_tokens),
             resolve_dtype(dtype) or torch.float32, self.draft.dtype if self.draft is not None else torch.float32)
@@ -71,6 +72,11 @@ class HFOffloadPeer:
                 offload_folder=str(self.offload_folder), trust_remote_code=False).eval()
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load {target} with disk offload: {' '.join(str(exc).split())}") from exc
+        if set(getattr(self.target, "hf_device_map", {"": "cpu"}).values()) == {"disk"}:
+            # accelerate cannot run a model offloaded whole (its top module's inputs stay on meta)
+            raise BudgetError(f"memory_budget={memory_budget!r} leaves {target_bytes} bytes for the target after the "
+                              f"runtime's {runtime}, the draft's {draft_bytes} and {kv_bytes} of KV caches: accelerate "
+                              "offloads the whole model to disk and cannot run it")
         self.budget_bytes, self.target_budget_bytes, self.kv_bytes = budget, target_bytes, kv_bytes
         self.passes = 0
         self.draft_steps = 0
