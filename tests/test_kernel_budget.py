@@ -169,3 +169,52 @@ def test_a_2k_token_generation_fits_under_the_kernel(pair):
     out = _limited(pair, PROMPT, 2048, "llmcad", least + 512 * MiB)  # as for the 4k prompt
     assert len(out["tokens"]) == 2048 and out["stats"]["stop_reason"] == "max_new_tokens"
     assert out["tokens"] == _reference(pair, PROMPT, 2048)
+
+
+def test_serve_answers_four_concurrent_streams_under_the_kernel(pair):
+    """`llmcad serve` inside a memory cgroup whose limit is its budget: four clients stream at once (the
+    server queues them), each gets the target's own greedy text, and the kernel never kills it."""
+    import threading
+
+    import httpx
+
+    from llmcad import LLMCad
+
+    budget = (_least(pair, PROMPT, 24, "llmcad") + 128 * MiB) // 4096 * 4096
+    argv = [sys.executable, "-m", "llmcad.cli", "serve", "--draft", str(pair["draft"]), "--target", str(pair["target"]),
+            "--port", "0", "--model-name", "tiny", "--memory-budget", str(budget)]
+    texts, errors = [], []
+
+    def stream(url):
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            texts.append("".join(json.loads(e)["choices"][0]["text"] for e in events if e != "[DONE]"))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(exc))
+
+    with cgroups.started_limited(argv, memory_bytes=budget, env=_env(), stderr=subprocess.PIPE, text=True) as server:
+        url = None
+        for line in server.proc.stderr:
+            if (found := re.search(r"running on (http://\S+)", line)):
+                url = found.group(1)
+                break
+        assert url, "the server never said where it runs"
+        drain = threading.Thread(target=lambda: [None for _ in server.proc.stderr], daemon=True)
+        drain.start()  # a full pipe would block the server
+        while httpx.get(url + "/health", timeout=30).status_code != 200:  # 503 while the models load
+            assert server.proc.poll() is None, "the server exited while loading"
+        clients = [threading.Thread(target=stream, args=(url,)) for _ in range(4)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(900)
+    drain.join(30)
+    server.proc.stderr.close()
+    assert not server.oom_killed, f"OOM-killed at {budget / MiB:.0f} MiB"
+    assert server.memory_limit_bytes == budget and server.peak_bytes <= budget
+    assert errors == []
+    with LLMCad.from_pretrained(pair["draft"], pair["target"]) as engine:  # resident, no budget, no cgroup
+        want = engine.generate(PROMPT, 24).text
+    assert texts == [want] * 4

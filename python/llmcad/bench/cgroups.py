@@ -6,6 +6,9 @@ read_bps=..., read_path=...)`` creates the cgroup(s) below this process's own, w
 starts ``cmd`` already inside them (the child writes itself into ``cgroup.procs`` before exec), and
 returns a :class:`LimitedResult`: exit status, output, whether the OOM killer struck, the cgroup's
 peak charge, and the limits read back from the cgroup files. The cgroups are removed afterwards.
+``started_limited(cmd, memory_bytes=...)`` does the same for a command that keeps running (a server):
+a context manager yielding a :class:`LimitedProcess` to talk to; on exit everything in the cgroup
+is killed and ``.verdict()`` says whether the OOM killer struck and the cgroup's peak.
 
 cgroup v1 (``memory.limit_in_bytes``, ``blkio.throttle.read_bps_device``; swap is limited too where
 ``memory.memsw.limit_in_bytes`` exists) and v2 (``memory.max``, ``memory.swap.max``, ``io.max``).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from contextlib import contextmanager
 import signal
 import subprocess
 import time
@@ -94,13 +98,59 @@ def run_limited(cmd, *, memory_bytes=None, read_bps=None, read_path=None, timeou
             group.remove()
 
 
-def _run(cmd, groups, mem, io, timeout, env, cwd) -> LimitedResult:
+@dataclass
+class LimitedProcess:
+    """A command running in its own memory cgroup (see :func:`started_limited`)."""
+
+    proc: subprocess.Popen
+    _mem: "_Group"
+    oom_killed: bool | None = None  # set once the command ended
+    peak_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+
+    def _finish(self) -> None:
+        self._mem.kill_all()
+        self.proc.wait()
+        self.oom_killed = self._mem.oom_killed(self.proc.returncode)
+        self.peak_bytes, self.memory_limit_bytes = self._mem.peak_bytes(), self._mem.memory_limit()
+
+
+@contextmanager
+def started_limited(cmd, *, memory_bytes: int, env=None, cwd=None, **popen):
+    """``cmd`` started inside a fresh memory cgroup limited to ``memory_bytes`` (``popen``: Popen's
+    stdout/stderr/text...); yields a :class:`LimitedProcess`. On exit every process in the cgroup is
+    killed, the verdict (OOM kill, peak, limit) is filled in, and the cgroup is removed."""
+    if os.geteuid() != 0:
+        raise RuntimeError("not root: creating cgroups needs root")
+    mem = _Group("memory")
+    try:
+        mem.create()
+        mem.limit_memory(int(memory_bytes))
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, preexec_fn=_joiner([mem]), start_new_session=True, **popen)
+    except _Unavailable as exc:
+        mem.remove()
+        raise RuntimeError(str(exc)) from None
+    running = LimitedProcess(proc, mem)
+    try:
+        yield running
+    finally:
+        running._finish()
+        mem.remove()
+
+
+def _joiner(groups):
+    """A preexec_fn: the child writes itself into every group's cgroup.procs between fork and exec."""
     procs_files = [str(g.path / "cgroup.procs") for g in groups]
 
-    def join_cgroups():  # in the child, between fork and exec
+    def join_cgroups():
         for name in procs_files:
             with open(name, "w") as f:
                 f.write(str(os.getpid()))
+    return join_cgroups
+
+
+def _run(cmd, groups, mem, io, timeout, env, cwd) -> LimitedResult:
+    join_cgroups = _joiner(groups)
 
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
