@@ -6,7 +6,8 @@ process) and then answers under ``--memory-budget auto``, which reads the cgroup
 
 DIR holds qwen2.5-coder-0.5b-instruct.gguf and qwen2.5-coder-1.5b-instruct.gguf (their sha256 is
 checked as on a real first run). Prints and writes one JSON object: the kernel's verdict, the
-cgroup's peak charge (page cache included) against the limit, the exit status, and the summary lines.
+cgroup's peak charge (page cache included) against the limit, the exit status, the answer and the
+last lines of stderr.
 """
 from __future__ import annotations
 
@@ -45,11 +46,12 @@ def main() -> int:
     report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "commit": git_commit(),
               "limit_bytes": limit, "memory_limit_read_back": result.memory_limit_bytes,
               "oom_killed": result.oom_killed, "returncode": result.returncode,
-              "cgroup_peak_bytes": result.peak_bytes, "stderr_tail": result.stderr[-2500:].splitlines()}
+              "cgroup_peak_bytes": result.peak_bytes, "stdout_tail": result.stdout[-1500:].splitlines(),
+              "stderr_tail": result.stderr[-2500:].splitlines()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "stderr_tail"}))
-    print("\n".join(report["stderr_tail"][-8:]))
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_tail")}))
+    print("\n".join(report["stdout_tail"] + report["stderr_tail"][-8:]))
     return 0 if result.returncode == 0 and not result.oom_killed else 1
 
 
