@@ -57,15 +57,16 @@ def kv_bytes_per_token(engine) -> int:
 
 
 def run(draft, target, *, memory_budget, tokens: int, warmup_fraction: float, ignore_eos: bool,
-        prompt: str = PROMPT, mode: str = "llmcad") -> dict:
-    """One generation of ``tokens`` tokens; returns the growth of RSS and fds after the warm-up part."""
+        prompt: str = PROMPT, mode: str = "llmcad", sample_every: int = 8) -> dict:
+    """One generation of ``tokens`` tokens; returns the growth of RSS and fds after the warm-up part.
+    ``sample_every``: committed chunks (one a target pass) between samples."""
     from llmcad import LLMCad
 
     with LLMCad.from_pretrained(draft, target, mode=mode, memory_budget=memory_budget) as engine:
         if ignore_eos:
             engine.eos_token_ids = set()
         engine.generate(prompt, 8)  # first-use allocations (thread pools, allocator arenas)
-        sampler = Sampler()
+        sampler = Sampler(sample_every)
         start = time.perf_counter()
         result = engine.generate(prompt, tokens, streamer=sampler)
         elapsed = time.perf_counter() - start

@@ -43,13 +43,11 @@ def long_context_pair(tmp_path_factory, tiny_tokenizer):
 
 def test_long_streamed_generation_leaks_nothing(long_context_pair):
     draft, target = long_context_pair
-    with pytest.raises(BudgetError) as err:
-        LLMCad.from_pretrained(draft, target, memory_budget=1)
-    budget = int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(err.value)).group(1))
+    budget = pair_models.least_budget(draft, target)
     report = endurance.run(draft, target, memory_budget=budget, tokens=TOKENS, warmup_fraction=0.1,
-                           ignore_eos=True, prompt="def add(a, b):")
+                           ignore_eos=True, prompt="def add(a, b):", sample_every=2)
     assert report["tokens"] == TOKENS and report["stop_reason"] == "max_new_tokens"
-    assert report["samples"] >= 20
+    assert report["samples"] >= 20  # a sample every 2 passes: the repeats of random text accept long runs
     assert report["fds_growth"] <= 0 and report["fds_max"] <= report["fds_after_warmup"], report
     # no growth; fewer is fine (e.g. tqdm's monitor thread from loading ends on its own)
     assert report["threads_end"] <= report["threads_after_warmup"], report
