@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from llmcad import memory
 
 MiB = 2**20
@@ -38,3 +40,26 @@ def test_mem_available_and_cgroup_limit_are_sizes_or_none():
 
 def test_malloc_trim_runs():
     assert memory.malloc_trim() in (True, False)
+
+
+def test_a_budgeted_load_returns_large_frees_to_the_kernel(tiny_pair_dirs):
+    """With a budget, a freed allocation of MMAP_THRESHOLD bytes or more leaves the resident set at
+    once (glibc's threshold is fixed, not raised by earlier large frees)."""
+    import ctypes
+
+    from llmcad import LLMCad, memory
+
+    if memory._libc() is None:
+        pytest.skip("not glibc")
+    dirs = tiny_pair_dirs("llama")
+    with LLMCad.from_pretrained(dirs["shared"], dirs["target"], memory_budget="4GiB"):
+        libc = memory._libc()
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        size = 3 * memory.MMAP_THRESHOLD
+        for _ in range(3):  # a freed mapped block would raise a dynamic threshold above `size`
+            block = libc.malloc(size)
+            ctypes.memset(block, 1, size)
+            before = memory.rss_bytes()
+            libc.free(block)
+            assert before - memory.rss_bytes() >= size * 9 // 10

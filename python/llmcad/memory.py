@@ -135,6 +135,22 @@ def malloc_trim() -> bool:
     return bool(libc.malloc_trim(0))
 
 
+MMAP_THRESHOLD = 4 << 20  # bytes: allocations this large are mapped and returned to the kernel on free
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc map every allocation of ``threshold`` bytes or more and unmap it on free, at a fixed
+    threshold. By default glibc raises the threshold (up to 32 MiB) each time a mapped block is
+    freed, after which a pass's large intermediates come from the heaps of the threads that ran it
+    and stay resident once freed (the target's pass runs on one thread, drafting on another, each
+    with its own heap). False where not glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
 _LIBC = []
 
 
@@ -143,6 +159,7 @@ def _libc():
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         except (OSError, AttributeError):
             lib = None
         _LIBC.append(lib)

@@ -444,7 +444,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
     ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm).
     ``trust_remote_code``: run Python code a model directory ships; never without it (default False)."""
-    from llmcad.memory import malloc_trim, runtime_floor
+    from llmcad.memory import malloc_trim, return_large_frees, runtime_floor
 
     trust = {"trust_remote_code": bool(trust_remote_code)}
     target_tokenizer = load_tokenizer(target, **trust)
@@ -458,6 +458,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     _import_model_classes(draft, target, **trust)  # part of the runtime, not of the weights
     floor = runtime_floor()
     if memory_budget is not None:
+        return_large_frees()  # freed pass intermediates leave the resident set (the budget is a bound)
         _check_budget_before_loading(draft, target, memory_budget=memory_budget, device=device, dtype=dtype,
                                      runtime_floor=floor, streamer_options=streamer_options, **trust)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
