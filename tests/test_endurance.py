@@ -6,14 +6,11 @@ The same measurement for any pair: benchmarks/endurance.py.
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 
 import pytest
 
 import pair_models
-from llmcad import LLMCad
-from llmcad.errors import BudgetError
 
 
 def _load_script(path: Path):
@@ -59,9 +56,7 @@ def test_many_engines_with_faults_leak_nothing(tiny_pair_dirs):
     """Engines in turn, each with one fault (EIO, Ctrl-C inside a pass, two threads, dropped without
     close()): every one ends as documented and answers exactly afterwards; nothing accumulates."""
     dirs = tiny_pair_dirs("llama")
-    with pytest.raises(BudgetError) as err:
-        LLMCad.from_pretrained(dirs["shared"], dirs["target"], memory_budget=1)
-    budget = int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(err.value)).group(1))
+    budget = pair_models.least_budget(dirs["shared"], dirs["target"])
     report = endurance.run_faults(dirs["shared"], dirs["target"], memory_budget=budget, engines=12)
     assert report["all_exact"], report
     assert report["fds_growth"] <= 0, report

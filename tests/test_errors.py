@@ -468,9 +468,7 @@ def test_unparsable_number_on_the_command_line_is_one_line(pair, capfd):
 # ---------------------------------------------------------------- storage fallbacks
 def _streaming_budget(draft, target) -> int:
     """The smallest budget the planner accepts: every target layer streamed."""
-    with pytest.raises(BudgetError) as err:
-        LLMCad.from_pretrained(draft, target, memory_budget=1)
-    return int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(err.value)).group(1))
+    return pair_models.least_budget(draft, target)
 
 
 @pytest.fixture(scope="module")
