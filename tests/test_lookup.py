@@ -31,7 +31,8 @@ def test_index_matches_brute_force(length, vocab, max_ngram, max_tokens):
     tokens = rng.integers(0, vocab, size=length).tolist()
     lookup = PromptLookup(tokens[:length // 3], max_ngram, max_tokens)
     lookup.extend(tokens[length // 3:])  # in two parts, as prompt then generated text
-    for suffix in ([], [int(rng.integers(0, vocab))], [tokens[-1]] if tokens else [0]):
+    for suffix in ([], [int(rng.integers(0, vocab))], [tokens[-1]] if tokens else [0],
+                   rng.integers(0, vocab, size=4).tolist()):  # matches and copies inside the suffix too
         assert lookup.propose(suffix) == reference(tokens + suffix, max_ngram, max_tokens), suffix
 
 

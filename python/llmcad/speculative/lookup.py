@@ -42,20 +42,29 @@ class PromptLookup:
         """Continuations of the committed tokens followed by ``suffix`` (e.g. the next tree's root):
         ``[(n, tokens)]``, one per suffix length n from ``max_ngram`` down to 1 whose most recent earlier
         occurrence is found, each distinct and at most ``max_tokens`` long, longest match first."""
-        context = self.tokens + [int(t) for t in suffix]
+        suffix = [int(t) for t in suffix]
+        indexed = len(self.tokens)
+        total = indexed + len(suffix)
+        # the last max_ngram committed tokens and the suffix: every key, and every end after the index's
+        tail_start = max(0, indexed - self.max_ngram)
+        tail = self.tokens[tail_start:] + suffix
         out, seen = [], set()
-        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
-            key = tuple(context[-n:])
-            end = _latest_in_suffix(context, n, len(self.tokens))  # more recent than any indexed one
-            if end is None:
-                end = self._ends[n].get(key)
+        for n in range(min(self.max_ngram, total - 1), 0, -1):
+            key = tail[-n:]
+            end = _latest_in_suffix(tail, n, indexed - tail_start)  # more recent than any indexed one
+            end = end + tail_start if end is not None else self._ends[n].get(tuple(key))
             if end is None:
                 continue
-            continuation = tuple(context[end:end + self.max_tokens])
+            continuation = tuple(self._window(suffix, end, self.max_tokens))
             if continuation and continuation not in seen:
                 seen.add(continuation)
                 out.append((n, list(continuation)))
         return out
+
+    def _window(self, suffix: list, start: int, count: int) -> list:
+        """(committed tokens + ``suffix``)[start:start + count], without joining the two."""
+        head = self.tokens[start:start + count]
+        return head + suffix[max(0, start - len(self.tokens)):][:count - len(head)]
 
 
 def _latest_in_suffix(context: list, n: int, indexed: int):
@@ -66,4 +75,3 @@ def _latest_in_suffix(context: list, n: int, indexed: int):
         if context[end - n:end] == key:
             return end
     return None
-
