@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import logging
 import os
 import queue
 import re
@@ -38,6 +39,7 @@ from llmcad.models.chat import chat_prompt_ids
 from llmcad.serve.limits import Limits
 from llmcad.serve.server import make_server
 from llmcad.serve.textstream import TextStream, cut_at_stop, held_back
+from llmcad.serve import worker as worker_module
 from llmcad.serve.worker import GenerationWorker
 
 MODEL = "tiny"
@@ -660,6 +662,31 @@ def test_stopping_mid_stream_ends_the_stream_and_closes_the_engine(pair, streami
         assert time.monotonic() - t0 < 20 and not running.thread.is_alive()
     assert engines[0]._closed and running.worker.state == "stopped"
     assert threads_settle(threads) == set()
+
+
+def test_the_log_names_each_request_and_the_first_pass_layers_it_reads(pair, streaming_budget, caplog,
+                                                                       monkeypatch):
+    """No silent wait in the server's log: a line when a request starts, the layer the first pass reads
+    (every FIRST_PASS_LOG_EVERY_S; 0 here, so every layer), and one when it ends, with its pace."""
+    monkeypatch.setattr(worker_module, "FIRST_PASS_LOG_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="llmcad.serve")
+
+    def load():
+        return LLMCad.from_pretrained(pair["draft"], pair["target"], memory_budget=streaming_budget)
+
+    with running_server(load) as running:
+        layers = len(running.worker.engine.streamed.layers)
+        assert len(running.worker.engine.streamed.placement.streamed_layers) == layers
+        running.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request 1:")]
+    assert re.fullmatch(r"request 1: [1-9][0-9]* prompt tokens, up to 16 new", lines[0])
+    reading = [line for line in lines if "reading the target" in line]
+    sweep = [f"request 1: reading the target: layer {i}/{layers}" for i in range(1, layers + 1)]
+    passes_before_text = len(reading) // layers
+    assert reading == sweep * passes_before_text and 1 <= passes_before_text <= 2  # then the first text stops it
+    done = re.fullmatch(r"request 1: ([0-9]+) tokens in [0-9.]+ s \(([0-9.]+) tok/s, ([0-9.]+) tokens a pass\)",
+                        lines[-1])
+    assert done and round(int(done[1]) / float(done[3])) > passes_before_text  # later passes logged nothing
 
 
 # ---------------------------------------------------------------- who may use the server, and how much

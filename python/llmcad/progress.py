@@ -90,6 +90,32 @@ class FirstPassProgress:
             self._bar = None
 
 
+class FirstPassLog:
+    """The first pass's progress as log lines, for a server's log: ``report(layers_read, layers)`` at
+    most every ``every_s`` seconds while the streamed target binds its layers, until :meth:`close`
+    (the first text, or the end of the generation)."""
+
+    def __init__(self, streamed, report, every_s: float = 2.0):
+        self._lock = threading.Lock()
+        self._report, self._every_s, self._layers = report, every_s, len(streamed.layers)
+        self._next_report = time.monotonic() + every_s
+        self._handle = streamed.watch_acquire(lambda i: None, self._bound)
+
+    def _bound(self, layer: int) -> None:  # on the verification thread, before layer `layer` computes
+        now = time.monotonic()
+        with self._lock:
+            if self._handle is None or now < self._next_report:
+                return
+            self._next_report = now + self._every_s
+        self._report(layer + 1, self._layers)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
+
+
 def first_pass_progress(engine, write, *, live: bool):
     """(text callback, progress or None): ``write`` wrapped by a :class:`FirstPassProgress` when the
     line is ``live`` and the engine streams its target, else ``write`` itself."""

@@ -9,15 +9,18 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from llmcad.errors import EngineClosedError, PromptError, WeightFileError
+from llmcad.progress import FirstPassLog
 from llmcad.serve import errors
 from llmcad.serve.prompts import Frontend
 from llmcad.serve.schemas import Params
 from llmcad.serve.textstream import TextStream
 
 log = logging.getLogger("llmcad.serve")
+FIRST_PASS_LOG_EVERY_S = 2.0  # at most this long without a line while a reply's first pass reads the target
 
 
 class Cancelled(Exception):
@@ -224,8 +227,11 @@ class GenerationWorker:
             job.post("error", job.cancel_error or errors.shutting_down())
             return
         job.post("start")
+        self.counts["started"] += 1
+        number, started = self.counts["started"], time.perf_counter()
+        log.info("request %d: %d prompt tokens, up to %d new", number, job.prompt_tokens, job.max_new_tokens)
         text = TextStream(self.engine.tokenizer, job.params.stop)
-        streamer = _JobStreamer(job, text)
+        streamer = _JobStreamer(job, text, self._first_pass_log(number))
         try:
             result = self.engine.generate(job.prompt, job.max_new_tokens, streamer=streamer,
                                           **job.params.engine_kwargs())
@@ -246,11 +252,23 @@ class GenerationWorker:
             log.exception("generation failed")
             job.post("error", errors.internal(exc))
             return
+        finally:
+            streamer.first_text()
+        log.info("request %d: %d tokens in %.1f s (%s)", number, len(result.tokens), time.perf_counter() - started,
+                 _pace(result.stats))
         tail = text.finish()
         if tail and job.params.stream:
             job.post("text", tail)
         self.counts["finished"] += 1
         job.post("done", _outcome(text, result, job.prompt_tokens))
+
+    def _first_pass_log(self, number: int):
+        """A log line every 2 s while a streamed target reads its layers before the first text."""
+        streamed = getattr(self.engine, "streamed", None)
+        if streamed is None or not streamed.placement.streamed_layers:
+            return None
+        return FirstPassLog(streamed, lambda read, layers: log.info(
+            "request %d: reading the target: layer %d/%d", number, read, layers), every_s=FIRST_PASS_LOG_EVERY_S)
 
     def _fail(self, exc: BaseException) -> errors.APIError:
         """The engine is broken: refuse new jobs, fail the waiting ones; returns the jobs' error."""
@@ -268,8 +286,14 @@ class _JobStreamer:
     """The engine's streamer for one job (put()/end() protocol: the prompt ids first, then each pass's
     committed tokens): it sends text deltas and raises Cancelled once the job is cancelled."""
 
-    def __init__(self, job: Job, text: TextStream):
+    def __init__(self, job: Job, text: TextStream, first_pass=None):
         self.job, self.text, self.prompt_seen = job, text, False
+        self.first_pass = first_pass  # a FirstPassLog, closed by the first committed tokens
+
+    def first_text(self) -> None:
+        if self.first_pass is not None:
+            self.first_pass.close()
+            self.first_pass = None
 
     def put(self, token_ids) -> None:
         if self.job.cancelled.is_set():
@@ -277,12 +301,18 @@ class _JobStreamer:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
+        self.first_text()
         delta = self.text.push(token_ids.tolist())
         if delta and self.job.params.stream:
             self.job.post("text", delta)
 
     def end(self) -> None:
         pass
+
+
+def _pace(stats: dict) -> str:
+    """tok/s and tokens a pass for the log, from the engine's stats."""
+    return f"{stats.get('tokens_per_s', 0.0):.2f} tok/s, {stats.get('tokens_per_pass', 0.0):.1f} tokens a pass"
 
 
 def _one_line(exc: BaseException) -> str:
