@@ -3,6 +3,7 @@ text clears."""
 from __future__ import annotations
 
 import io
+import time
 
 from llmcad import LLMCad
 from llmcad.progress import FirstPassProgress, step
@@ -38,3 +39,18 @@ def test_the_first_pass_shows_the_layer_it_reads_until_the_first_text(tiny_pair_
     assert f"llmcad: reading the target: layer {layers}/{layers}" in shown
     assert all(f"layer {i}/{layers}" in shown for i in range(1, layers + 1))
     assert line.getvalue().count(f"layer {layers}/{layers}") == shown.count(f"layer {layers}/{layers}")  # cleared
+
+
+def test_without_streamed_layers_the_first_pass_line_names_the_prompt_and_its_time_ticks():
+    """A resident target binds no layer: the line still says what runs, and its elapsed time is redrawn
+    between events, so a long first pass never looks frozen."""
+    line = io.StringIO()
+    progress = FirstPassProgress(None, file=line, interval=0.01)
+    time.sleep(0.2)
+    shown = line.getvalue()
+    texts = []
+    progress.writer(texts.append)("hi")
+    assert texts == ["hi"] and shown.count("llmcad: reading the prompt") >= 5
+    size = len(line.getvalue())
+    time.sleep(0.05)
+    assert len(line.getvalue()) == size  # closed by the first text: no more redraws

@@ -23,23 +23,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmcad.cli import (check_model_arguments, check_sampling_arguments, open_engine, quiet_transformers,
-                            sampling_options, trusts_remote_code)
+    from llmcad.cli import (check_model_arguments, check_sampling_arguments, fetch_demo_pair_once, loading_line,
+                            open_engine, quiet_transformers, sampling_options, trusts_remote_code)
     from llmcad.errors import PromptError
     from llmcad.models.chat import has_chat_template
     from llmcad.models.loading import load_tokenizer
     from llmcad.progress import first_pass_progress
     from llmcad.stats import summary
 
-    check_model_arguments(args)
-    quiet_transformers()
-    check_sampling_arguments(args)
-    if not has_chat_template(load_tokenizer(args.target, trust_remote_code=trusts_remote_code(args))):
-        raise PromptError(f"{args.target}: the tokenizer has no chat template, so `llmcad chat` cannot format a "
-                          "conversation for it; use `llmcad generate --prompt` for a base model")
+    fetch_demo_pair_once(args)
+    with loading_line(sys.stderr.isatty()):
+        check_model_arguments(args)
+        quiet_transformers()
+        check_sampling_arguments(args)
+        if not has_chat_template(load_tokenizer(args.target, trust_remote_code=trusts_remote_code(args))):
+            raise PromptError(f"{args.target}: the tokenizer has no chat template, so `llmcad chat` cannot format "
+                              "a conversation for it; use `llmcad generate --prompt` for a base model")
+        engine = open_engine(args)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
-    with open_engine(args) as engine:
+    with engine:
         print(f"llmcad chat: {HELP}", file=sys.stderr)
         while (line := _read_message()) is not None:
             if line in ("/exit", "/quit"):

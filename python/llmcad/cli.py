@@ -214,6 +214,15 @@ def check_model_arguments(args) -> None:
     resolve_dtype(args.dtype)
 
 
+def fetch_demo_pair_once(args) -> None:
+    """With neither --draft nor --target and the demo pair not in the cache yet: fetch and import it now,
+    with progress lines of its own (so no loading line runs over them)."""
+    from llmcad.models.fetch import demo_pair, pair_in_cache
+
+    if args.draft is None and args.target is None and not pair_in_cache():
+        demo_pair()
+
+
 def resolve_model_arguments(args) -> None:
     """``args.draft``/``args.target`` as loadable sources: cache names resolved, the demo pair when
     neither is given."""
@@ -278,14 +287,25 @@ def trusts_remote_code(args) -> bool:
     return bool(getattr(args, "trust_remote_code", False))
 
 
-def generate_prompt(args):
+def loading_line(live: bool):
+    """``llmcad: loading the models`` with a ticking elapsed time while the block runs, on a terminal
+    (``live``); nothing elsewhere."""
+    from contextlib import nullcontext
+
+    from llmcad.progress import step
+
+    return step("llmcad: loading the models") if live else nullcontext()
+
+
+def generate_prompt(args, text: str | None = None):
     """The prompt generate gets: the ids of the conversation through the target's chat template when its
-    tokenizer has one (the default), else or with --raw the text itself."""
+    tokenizer has one (the default), else or with --raw the text itself. ``text``: the prompt's text
+    when already read (else :func:`prompt_text`)."""
     from llmcad.errors import PromptError
     from llmcad.models.chat import chat_prompt_ids, has_chat_template
     from llmcad.models.loading import load_tokenizer
 
-    text = prompt_text(args)
+    text = prompt_text(args) if text is None else text
     if not text:
         raise PromptError(f"prompt is empty ({'--file ' + args.file if args.file is not None else '--prompt'})")
     if args.system is not None and args.raw:
@@ -324,20 +344,19 @@ def prompt_text(args) -> str:
 def run_generate(args) -> int:
     import time
 
-    from contextlib import nullcontext
-
-    from llmcad.progress import first_pass_progress, step
+    from llmcad.progress import first_pass_progress
     from llmcad.stats import summary
 
-    check_model_arguments(args)
-    quiet_transformers()
-    check_sampling_arguments(args)
-    prompt = generate_prompt(args)
+    fetch_demo_pair_once(args)
+    text = prompt_text(args)  # before the loading line: stdin may be the terminal
     started = time.perf_counter()
     # a live line on a terminal only: logs and pipes keep stderr for errors and the summary
     live = not (args.quiet or args.json) and sys.stderr.isatty()
-    loading = step("llmcad: loading the models") if live else nullcontext()
-    with loading:
+    with loading_line(live):
+        check_model_arguments(args)
+        quiet_transformers()
+        check_sampling_arguments(args)
+        prompt = generate_prompt(args, text)
         engine = open_engine(args)
     with engine:
         load_s = time.perf_counter() - started

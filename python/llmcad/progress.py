@@ -58,22 +58,38 @@ def _is_terminal(file) -> bool:
 
 
 class FirstPassProgress:
-    """Until a reply's first text: a live ``reading the target: layer i/N`` line on a terminal, moved
-    by the streamed target's layer binds (a cold first pass reads every streamed layer, which takes
-    seconds to minutes on slow storage). ``writer(write)`` wraps a text callback so that the first text
-    clears the line; :meth:`close` clears it too (an empty reply, an error)."""
+    """Until a reply's first text, a live line on a terminal: ``reading the target: layer i/N`` moved by
+    a streamed target's layer binds (a cold first pass reads every streamed layer, which takes seconds
+    to minutes on slow storage), else ``reading the prompt``; its elapsed time ticks between binds.
+    ``writer(write)`` wraps a text callback so that the first text clears the line; :meth:`close`
+    clears it too (an empty reply, an error)."""
 
-    def __init__(self, streamed, file=None):
+    def __init__(self, streamed=None, file=None, interval: float = 0.5):
         self._lock = threading.Lock()
-        self._bar = tqdm(total=len(streamed.layers), desc="llmcad: reading the target", file=file or sys.stderr,
-                         bar_format="{desc}: layer {n_fmt}/{total_fmt} {elapsed}", leave=False)
-        self._handle = streamed.watch_acquire(lambda i: None, self._bound)
+        file = file or sys.stderr
+        if streamed is None:
+            self._bar = tqdm(total=None, desc="llmcad: reading the prompt", file=file, bar_format="{desc} {elapsed}",
+                             leave=False)
+            self._handle = None
+        else:
+            self._bar = tqdm(total=len(streamed.layers), desc="llmcad: reading the target", file=file,
+                             bar_format="{desc}: layer {n_fmt}/{total_fmt} {elapsed}", leave=False)
+            self._handle = streamed.watch_acquire(lambda i: None, self._bound)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, args=(interval,), daemon=True, name="llmcad-first-pass")
+        self._ticker.start()
 
     def _bound(self, layer: int) -> None:  # on the verification thread, before layer `layer` computes
         with self._lock:
             if self._bar is not None:
                 self._bar.n = layer + 1
                 self._bar.refresh()
+
+    def _tick(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with self._lock:
+                if self._bar is not None:
+                    self._bar.refresh()
 
     def writer(self, write):
         def first_text_clears(text: str) -> None:
@@ -85,9 +101,13 @@ class FirstPassProgress:
         with self._lock:
             if self._bar is None:
                 return
-            self._handle.remove()
+            if self._handle is not None:
+                self._handle.remove()
             self._bar.close()
             self._bar = None
+        self._stop.set()
+        if self._ticker is not threading.current_thread():
+            self._ticker.join()
 
 
 class FirstPassLog:
@@ -118,9 +138,9 @@ class FirstPassLog:
 
 def first_pass_progress(engine, write, *, live: bool):
     """(text callback, progress or None): ``write`` wrapped by a :class:`FirstPassProgress` when the
-    line is ``live`` and the engine streams its target, else ``write`` itself."""
-    streamed = engine.streamed if live else None
-    if streamed is None or not streamed.placement.streamed_layers:
+    line is ``live`` (a terminal), else ``write`` itself."""
+    if not live:
         return write, None
-    progress = FirstPassProgress(streamed)
+    streamed = engine.streamed
+    progress = FirstPassProgress(streamed if streamed is not None and streamed.placement.streamed_layers else None)
     return progress.writer(write), progress

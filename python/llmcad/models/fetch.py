@@ -197,10 +197,15 @@ def sha256_of(path: Path) -> str:
 
 def prepared_pair(dtype: str = "bfloat16"):
     """(draft_dir, target_dir) when both are prepared in the cache (brought up to date), else None."""
-    dirs = [cache_dir() / f"{model.name}-{dtype}" for model in (DRAFT, TARGET)]
-    if not all((d / "config.json").is_file() and any(d.glob("*.safetensors")) for d in dirs):
+    if not pair_in_cache(dtype):
         return None
     return ensure_real_pair(dtype)
+
+
+def pair_in_cache(dtype: str = "bfloat16") -> bool:
+    """Whether both demo models are prepared in the cache (a look at the files, nothing loaded)."""
+    dirs = [cache_dir() / f"{model.name}-{dtype}" for model in (DRAFT, TARGET)]
+    return all((d / "config.json").is_file() and any(d.glob("*.safetensors")) for d in dirs)
 
 
 def demo_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
