@@ -408,3 +408,17 @@ def test_quantized_tensor_by_tensor_equals_the_whole_model_quantization(source, 
     for name, tensor in want.items():
         assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
     quant.verify_written(out, want, record)
+
+
+def test_a_gguf_source_names_its_quantization_types_as_the_file_does(tmp_path):
+    """The requantization note's type names come from the source already read, equal to a fresh read."""
+    from llmcad.models import convert
+    from llmcad.models.quantize import gguf_tensor_types
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "m.gguf")
+    source = convert.gguf_source(gguf, torch.bfloat16)
+    try:
+        assert source.tensor_types and list(source.tensor_types) == gguf_tensor_types(gguf)
+    finally:
+        source.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -48,6 +49,7 @@ class Source:
     slices: Callable[[], Iterator]
     dtype: torch.dtype
     note: str = ""  # said once the model is written (e.g. which tensor a tied embedding kept)
+    tensor_types: tuple = ()  # a GGUF's quantization type names (Q4_K, ...), sorted
     _close: Callable = field(default=lambda: None)
 
     def close(self) -> None:
@@ -124,7 +126,7 @@ def gguf_source(path: Path, dtype: torch.dtype, tie_embeddings: bool = False) ->
                 yield name, start, converted
 
     note = "--tie-embeddings: the output tensor's values are written once, as the embedding" if tie_embeddings else ""
-    return Source(model, shapes, slices, dtype, note)
+    return Source(model, shapes, slices, dtype, note, tuple(sorted({t.tensor_type.name for t in tensors})))
 
 
 def _check_tieable(tensors, path) -> None:
@@ -332,15 +334,20 @@ class SafetensorsWriter:
 def write_source(source: Source, out: Path, transform=None, specs: dict | None = None) -> dict:
     """Write ``source`` into ``out``/model.safetensors; returns the digests. ``transform(name, tensor)``
     maps one whole tensor to {name: tensor} (quantization) with ``specs`` the resulting layout."""
+    from tqdm import tqdm
+
     specs = specs or {n: (source.dtype, s) for n, s in source.shapes.items()}
     writer = SafetensorsWriter(Path(out) / "model.safetensors", specs)
+    total = sum(math.prod(shape) for shape in source.shapes.values()) * source.dtype.itemsize  # bytes read
     try:
-        for name, _, part in source.slices():
-            if transform is None:
-                writer.write(name, part)
-            else:
-                for key, value in transform(name, part).items():
-                    writer.write(key, value)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="prepare: tensors", leave=False) as bar:
+            for name, _, part in source.slices():
+                if transform is None:
+                    writer.write(name, part)
+                else:
+                    for key, value in transform(name, part).items():
+                        writer.write(key, value)
+                bar.update(part.numel() * source.dtype.itemsize)
     except BaseException:
         os.close(writer._fd)
         raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import os
 import shutil
@@ -94,16 +95,18 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
         tokenizer = _load_tokenizer(src, gguf_file)
         source = _open_source(src, gguf_file, dtype, tie_embeddings)
         if source is not None:
-            _keep_end_of_generation(source.model, tokenizer, src / gguf_file if gguf_file else None)
-            temp.mkdir(parents=True)
-            tokenizer.save_pretrained(temp)
-            del tokenizer  # not needed to convert the weights (a real vocabulary holds hundreds of MB)
+            with step("prepare: writing the tokenizer"):
+                _keep_end_of_generation(source.model, tokenizer, src / gguf_file if gguf_file else None)
+                temp.mkdir(parents=True)
+                tokenizer.save_pretrained(temp)
+                del tokenizer  # not needed to convert the weights (a real vocabulary holds hundreds of MB)
+                gc.collect()
             _write_converted(source, temp, out, quantize, group_size)
             _write_stamp(temp, src / gguf_file if gguf_file else src, dtype, quantize, group_size)
             _swap_into_place(temp, out, checked)
             if source.note:
                 print(f"note: {source.note}")
-            return _requantized_note(out, src, gguf_file, quantize)
+            return _requantized_note(out, src, gguf_file, quantize, source.tensor_types)
         if tie_embeddings:
             raise ModelLoadError(f"--tie-embeddings: {src / (gguf_file or '')} is not a GGUF file prepare converts "
                                  "tensor by tensor")
@@ -134,11 +137,13 @@ def prepare(src, out, dtype: str = "bfloat16", gguf_file: str | None = None, qua
     return _requantized_note(out, src, gguf_file, quantize)
 
 
-def _requantized_note(out: Path, src: Path, gguf_file, quantize) -> Path:
+def _requantized_note(out: Path, src: Path, gguf_file, quantize, tensor_types=()) -> Path:
+    """``out``, after a note when a GGUF's quantized tensors were requantized (``tensor_types``: the
+    GGUF's type names when known, else read from the file)."""
     if quantize is not None and gguf_file:
         from llmcad.models import quantize as quant
 
-        types = "/".join(quant.gguf_tensor_types(src / gguf_file)) or "its types"
+        types = "/".join(tensor_types or quant.gguf_tensor_types(src / gguf_file)) or "its types"
         print(f"note: {gguf_file} ({types}) was dequantized and requantized to {quantize}: "
               "not bit-exact to the GGUF's own quantization")
     return out
@@ -166,9 +171,6 @@ def _write_converted(source, temp: Path, out: Path, quantize, group_size) -> Non
     from llmcad.models import convert
     from llmcad.models.loading import check_checkpoint
 
-    import gc
-
-    gc.collect()
     model = source.model
     try:
         with step(f"prepare: converting to {quantize or source.dtype} tensor by tensor into {out}", spinner=False):
