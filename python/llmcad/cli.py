@@ -287,14 +287,14 @@ def trusts_remote_code(args) -> bool:
     return bool(getattr(args, "trust_remote_code", False))
 
 
-def loading_line(live: bool):
-    """``llmcad: loading the models`` with a ticking elapsed time while the block runs, on a terminal
-    (``live``); nothing elsewhere."""
+def loading_line(live: bool, text: str = "llmcad: loading the models"):
+    """``text`` with a ticking elapsed time while the block runs, on a terminal (``live``); nothing
+    elsewhere."""
     from contextlib import nullcontext
 
     from llmcad.progress import step
 
-    return step("llmcad: loading the models") if live else nullcontext()
+    return step(text) if live else nullcontext()
 
 
 def generate_prompt(args, text: str | None = None):

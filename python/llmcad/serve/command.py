@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from llmcad.cli import (add_model_arguments, add_prompt_cache_argument, check_model_arguments, open_engine,
-                        quiet_transformers)
+from llmcad.cli import (add_model_arguments, add_prompt_cache_argument, check_model_arguments, fetch_demo_pair_once,
+                        loading_line, open_engine, quiet_transformers)
 from llmcad.errors import LLMCadError, ModelLoadError
 
 DEFAULT_MAX_QUEUE = 16
@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue {args.max_queue}: expected an int >= 0")
     limits = _limits(args)
-    check_model_arguments(args)
+    fetch_demo_pair_once(args)
+    with loading_line(sys.stderr.isatty(), "llmcad serve: checking the models"):
+        check_model_arguments(args)
     name = args.model_name or Path(str(args.target).rstrip("/")).name
     quiet_transformers()
     _log_to_stderr(args.log_level)
