@@ -55,8 +55,17 @@ def run(args: argparse.Namespace) -> int:
         _check_input(args, budget)
     except ValueError as exc:
         return _fail(_one_line(exc))
+    from llmcad.models.fetch import pair_in_cache
+    from llmcad.progress import first_pass_progress, step
+
     try:
-        draft, target = (args.draft, args.target) if args.draft else demo_pair()
+        if args.draft:
+            draft, target = args.draft, args.target
+        elif not pair_in_cache():
+            draft, target = demo_pair()  # fetched and imported once, with lines of its own
+        else:
+            with step("llmcad demo: finding the demo pair"):
+                draft, target = demo_pair()
     except (LLMCadError, OSError) as exc:
         return _fail(_one_line(exc))
     from llmcad.cli import quiet_transformers
@@ -67,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         except (LLMCadError, OSError) as exc:
             return _fail(f"could not prepare the {args.quantize} target: {_one_line(exc)}")
     from llmcad.engine import LLMCad
-    from llmcad.progress import step
 
     quiet_transformers()
 
@@ -83,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
     with engine:
         prompt, shown = _prompt(engine.tokenizer, args)
         _write(shown)
-        result = engine.generate(prompt, args.max_new_tokens, streamer=_write)
+        write, progress = first_pass_progress(engine, _write, live=sys.stderr.isatty())
+        try:
+            result = engine.generate(prompt, args.max_new_tokens, streamer=write)
+        finally:
+            if progress is not None:
+                progress.close()
     _write("\n")
     print(stats_table(result.stats, engine.placement, args.mode))
     return 0
