@@ -33,17 +33,20 @@ from llmcad.errors import ModelLoadError
 SHIPPED = Path(__file__).parent / "data" / "draft_vocab"
 
 
-def parse_draft_vocab(value) -> int | None:
-    """None for the full vocabulary (None, 0, "none", "full"), else a positive int N."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "full", "0", "")):
+def parse_draft_vocab(value, name: str = "draft_vocab") -> int | None:
+    """None for the full vocabulary (None, 0, "none", "full"), else a positive int N; ValueError naming
+    ``name`` for anything else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "full", "0")):
         return None
+    bad = ValueError(f"{name}={value!r}: expected a number of tokens, 0 or 'none' (the full vocabulary)")
+    if isinstance(value, (bool, float)):
+        raise bad
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"draft_vocab={value!r}: expected a number of tokens, 0 or 'none' (full vocabulary)") \
-            from None
-    if isinstance(value, float) or n < 0:
-        raise ValueError(f"draft_vocab={value!r}: expected a number of tokens, 0 or 'none' (full vocabulary)")
+        raise bad from None
+    if n < 0:
+        raise bad
     return n or None
 
 
