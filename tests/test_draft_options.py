@@ -212,3 +212,31 @@ def test_cli_draft_vocab(tied, expected, capsys):
     assert json.loads(capsys.readouterr().out)["tokens"] == want
     assert main(base + ["--draft-vocab", "many"]) == 2
     assert "--draft-vocab='many'" in capsys.readouterr().err
+
+
+def test_bench_draft_reports_each_configuration_against_the_full_draft(tied, capsys):
+    from llmcad.cli import main
+
+    argv = ["bench", "draft", "--draft", str(tied["float"]), "--target", str(tied["target"]), "--variant",
+            f"int8={tied['int8']}", "--draft-vocab", f"{PRUNED},0", "--rows", "1,4", "--kv-length", "20",
+            "--warmup", "1", "--repeats", "2", "--new-tokens", "6", "--tiny", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    records = report["records"]
+    assert [(r["draft"], r["draft_vocab"], r["quantize"]) for r in records] == [
+        ("fp32", None, None), ("fp32", PRUNED, None), ("int8", None, "int8"), ("int8", PRUNED, "int8")]
+    base = records[0]
+    assert base["speedup"] == {"1": 1.0, "4": 1.0} and base["agreement_ratio"] == 1.0
+    for r in records:
+        assert set(r["forward_s"]) == {"1", "4"} and all(t > 0 for t in r["forward_s"].values())
+        assert 0 <= r["agreement"] <= 1 and 0 <= r["agreement_generated"] <= 1
+        assert r["agreement_ratio"] == pytest.approx(r["agreement"] / base["agreement"])
+    assert records[1]["weight_bytes"] == base["weight_bytes"] + PRUNED * 64 * 4  # tied: the kept rows added
+    assert records[2]["weight_bytes"] < base["weight_bytes"]
+    # the tiny prompts and their continuations (6 tokens each), every position but each sequence's last
+    from llmcad.bench.tiny_pair import PROMPTS
+    tokenizer = loading.load_tokenizer(tied["target"])
+    assert report["positions"] == sum(len(tokenizer(p)["input_ids"]) + 6 - 1 for p in PROMPTS)
+    argv[argv.index("--json")] = "--quiet-none"
+    assert main(argv[:-1]) == 0
+    assert "| fp32 | full |" in capsys.readouterr().out

@@ -29,12 +29,14 @@ BENCH = {
     "pass": "llmcad.bench.pass_bench",
     "e2e": "llmcad.bench.e2e",
     "chat": "llmcad.bench.chat_bench",
+    "draft": "llmcad.bench.draft_bench",
 }
 BENCH_HELP = {
     "streamer": "cold-read throughput of the weight streamer against a raw O_DIRECT read",
     "pass": "one cold streamed target pass over a token tree, against IO and compute alone",
     "e2e": "llmcad against the peers a user would pick, on the real pair (or --tiny)",
     "chat": "a scripted conversation: each turn's time to first token with and without the prompt cache",
+    "draft": "a draft's forward time by rows and agreement with the target, packed and pruned variants",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
 POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "prompt_lookup",

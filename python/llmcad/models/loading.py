@@ -465,7 +465,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
                                      runtime_floor=floor, streamer_options=streamer_options, draft_vocab=draft_vocab,
                                      **trust)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
-    vocab_ids = _prune_draft_vocab(draft_model, draft_tokenizer, draft_vocab, target)
+    vocab_ids = prune_draft_vocab(draft_model, draft_tokenizer, draft_vocab, target)
     malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
@@ -476,7 +476,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source, vocab_ids)
 
 
-def _prune_draft_vocab(draft_model, tokenizer, draft_vocab, target):
+def prune_draft_vocab(draft_model, tokenizer, draft_vocab, target):
     """The draft's output layer cut to ``draft_vocab`` rows (llmcad.models.vocab); returns their token
     ids, or None when nothing is cut (None, or at least as many rows as the layer has)."""
     from llmcad.models.eos import end_of_generation_ids, stored_end_ids
