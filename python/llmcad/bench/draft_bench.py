@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -67,14 +68,11 @@ def run(args) -> int:
         [(name, resolve(path)) for name, path in map(_parse_variant, args.variant)]
     target = resolve(args.target)
     sequences, generated_from = teacher_forced(target, workloads.load(args, target), args.new_tokens, args.dtype)
-    records = []
-    for name, path in drafts:
-        for n in vocabs:
-            record = measure_draft(path, target, n, sequences, generated_from, rows, args)
-            record.update(draft=name, path=str(path))
-            records.append(record)
-            print(f"  {name} vocab {n or 'full'}: 1 row {record['forward_s'][str(rows[0])]:.4f}s, agreement "
-                  f"{record['agreement']:.3f}", file=sys.stderr, flush=True)
+    configs = [config for name, path in drafts for config in draft_configs(name, path, target, vocabs, args.dtype)]
+    times = forward_seconds(configs, rows, args)
+    agreements = agreement(configs, sequences, generated_from)
+    records = [{"draft": c.name, "path": str(c.path), "quantize": _scheme(c.path), "draft_vocab": c.vocab,
+                "weight_bytes": c.weight_bytes, "forward_s": t, **a} for c, t, a in zip(configs, times, agreements)]
     add_ratios(records)
     report = {"command": _command(), "commit": _commit(), "threads": torch.get_num_threads(),
               "kv_length": args.kv_length, "rows": rows, "repeats": args.repeats, "warmup": args.warmup,
@@ -84,8 +82,48 @@ def run(args) -> int:
     return 0
 
 
+@dataclass
+class Config:
+    """One draft with one output layer: ``head`` [N or vocab, hidden], ``ids`` its rows' token ids (None:
+    row i is token i). The configurations of one draft share its loaded model and swap ``lm_head``."""
+
+    name: str
+    path: object
+    vocab: int | None
+    model: torch.nn.Module
+    head: torch.nn.Module
+    ids: object
+    weight_bytes: int = 0
+
+    def use(self) -> torch.nn.Module:
+        self.model.lm_head = self.head
+        return self.model
+
+
+def draft_configs(name, path, target, vocabs: list, dtype) -> list:
+    """The draft at ``path`` loaded once, with its full output layer and each pruned one."""
+    from llmcad.models.loading import draft_vocab_ids, load_causal_lm, load_tokenizer
+    from llmcad.models.vocab import pruned_head
+    from llmcad.streaming.budget import module_bytes
+
+    model = load_causal_lm(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    configs = []
+    full = model.lm_head
+    for n in vocabs:
+        ids = draft_vocab_ids(model, tokenizer, n, target)
+        config = Config(name, path, n if ids is not None else None, model, full if ids is None else
+                        pruned_head(model, ids), ids)
+        config.weight_bytes = module_bytes(config.use())  # the full layer counts once: it is tied, or replaced
+        configs.append(config)
+        print(f"  {name} vocab {n or 'full'}: {config.weight_bytes / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    configs[0].use()
+    return configs
+
+
 def teacher_forced(target, loaded: list, new_tokens: int, dtype) -> tuple[list, list]:
-    """(token sequences: each prompt then the target's greedy continuation, where each continuation starts)."""
+    """([(token sequence: a prompt then the target's greedy continuation, the target's top-1 after each
+    prefix)], where each continuation starts)."""
     from llmcad.models.loading import load_causal_lm
 
     model = load_causal_lm(target, dtype=dtype)
@@ -98,73 +136,85 @@ def teacher_forced(target, loaded: list, new_tokens: int, dtype) -> tuple[list, 
                                      do_sample=False) if new_tokens else t
             sequences.append(out[0].tolist())
             starts.append(len(ids))
-    tops = [top1(model, seq, None) for seq in sequences]
+    print(f"  target: {len(sequences)} sequences", file=sys.stderr, flush=True)
+    tops = [_top1(_causal_logits(model, seq), None) for seq in sequences]
     del model
     gc.collect()
     return list(zip(sequences, tops)), starts
 
 
-def top1(model, seq: list, vocab_ids) -> torch.Tensor:
-    """The model's top-1 token after each prefix of ``seq`` (one causal forward), int64 [len(seq)]."""
+def _causal_logits(model, seq: list):
+    """RowLogits of one causal forward over ``seq`` (an empty cache)."""
     from transformers import DynamicCache
 
     from llmcad.speculative.forward import causal_rows, forward_with_mask
 
     weight = model.get_input_embeddings().weight
     mask = causal_rows(0, len(seq), len(seq), weight.dtype, weight.device)
-    logits = forward_with_mask(model, DynamicCache(), seq, torch.arange(len(seq)), mask)
+    return forward_with_mask(model, DynamicCache(), seq, torch.arange(len(seq)), mask)
+
+
+def _top1(logits, vocab_ids) -> torch.Tensor:
     rows = torch.cat([chunk.argmax(-1) for _, chunk in logits.chunks()]).cpu()
     return rows if vocab_ids is None else vocab_ids[rows]
 
 
-def measure_draft(path, target, n, sequences, generated_from, rows, args) -> dict:
-    """One configuration: its weights' bytes, forward seconds by rows, agreement with the target."""
-    from llmcad.models.loading import load_causal_lm, load_tokenizer, prune_draft_vocab
-    from llmcad.streaming.budget import module_bytes
+def agreement(configs: list, sequences: list, generated_from: list) -> list:
+    """Per configuration: {"agreement", "agreement_generated"} (see the module doc). One decoder forward
+    per draft and sequence; each output layer is applied to its hidden states."""
+    from llmcad.speculative.forward import RowLogits
 
-    model = load_causal_lm(path, dtype=args.dtype)
-    ids = prune_draft_vocab(model, load_tokenizer(path), n, target)
-    record = {"draft_vocab": n, "quantize": _scheme(path), "weight_bytes": module_bytes(model),
-              "forward_s": forward_seconds(model, ids, rows, args)}
-    agree = total = agree_gen = total_gen = 0
+    counts = {id(c): [0, 0, 0, 0] for c in configs}
     for (seq, target_top), start in zip(sequences, generated_from):
-        same = (top1(model, seq, ids) == target_top)[:-1]  # the last position predicts past the sequence
-        agree, total = agree + int(same.sum()), total + len(same)
-        agree_gen, total_gen = agree_gen + int(same[start - 1:].sum()), total_gen + len(same[start - 1:])
-    record.update(agreement=agree / max(total, 1), agreement_generated=agree_gen / total_gen if total_gen else None)
-    del model
-    gc.collect()
-    return record
+        for model in {id(c.model): c.model for c in configs}.values():
+            mine = [c for c in configs if c.model is model]
+            logits = _causal_logits(mine[0].use(), seq)
+            for c in mine:
+                head = RowLogits(c.head, logits.hidden) if logits.head is not None else _causal_logits(c.use(), seq)
+                same = (_top1(head, c.ids) == target_top)[:-1]  # the last position predicts past the sequence
+                n = counts[id(c)]
+                n[0], n[1] = n[0] + int(same.sum()), n[1] + len(same)
+                n[2], n[3] = n[2] + int(same[start - 1:].sum()), n[3] + len(same[start - 1:])
+    return [{"agreement": a / max(t, 1), "agreement_generated": g / tg if tg else None}
+            for a, t, g, tg in (counts[id(c)] for c in configs)]
 
 
-def forward_seconds(model, vocab_ids, rows: list, args) -> dict:
-    """{rows: median seconds} of the drafter's forward of that many rows after ``args.kv_length`` keys."""
+def forward_seconds(configs: list, rows: list, args) -> list:
+    """Per configuration, {rows: median seconds} of the drafter's forward of that many rows after
+    ``args.kv_length`` keys. Rounds interleave the configurations (a load that drifts hits them all)."""
     from transformers import DynamicCache
 
     from llmcad.speculative.draft import TreeDrafter
     from llmcad.speculative.forward import forward_with_mask, prefill
 
     generator = torch.Generator().manual_seed(args.seed)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    cache = DynamicCache()
-    prefill(model, cache, torch.randint(0, vocab, (args.kv_length,), generator=generator).tolist(), 64)
-    drafter = TreeDrafter(model, [0], vocab_ids=vocab_ids)  # its top-token selection, as it runs it
-    dtype = model.get_input_embeddings().weight.dtype
-    out = {}
-    for r in rows:
-        mask = torch.zeros((1, 1, r, args.kv_length + r), dtype=dtype)
-        mask[0, 0, :, args.kv_length:] = float("-inf")
-        mask[0, 0, :, args.kv_length:].fill_diagonal_(0)  # siblings: each row sees the prefix and itself
-        positions = torch.full((r,), args.kv_length)
-        times = []
-        for i in range(args.warmup + args.repeats):
+    caches = {}
+    for c in configs:  # one KV cache per draft model (what it holds does not depend on the output layer)
+        if id(c.model) not in caches:
+            vocab = c.model.get_input_embeddings().weight.shape[0]
+            caches[id(c.model)] = DynamicCache()
+            prefill(c.model, caches[id(c.model)],
+                    torch.randint(0, vocab, (args.kv_length,), generator=generator).tolist(), 64)
+    drafters = [TreeDrafter(c.model, [0], vocab_ids=c.ids) for c in configs]  # their top-token selection
+    times = [{str(r): [] for r in rows} for _ in configs]
+    vocab = min(c.model.get_input_embeddings().weight.shape[0] for c in configs)
+    for round_ in range(args.warmup + args.repeats):
+        for r in rows:
             tokens = torch.randint(0, vocab, (r,), generator=generator).tolist()
-            t0 = time.perf_counter()
-            drafter._top(forward_with_mask(model, cache, tokens, positions, mask))
-            times.append(time.perf_counter() - t0)
-            cache.crop(-r)
-        out[str(r)] = statistics.median(times[args.warmup:])
-    return out
+            positions = torch.full((r,), args.kv_length)
+            for c, drafter, mine in zip(configs, drafters, times):
+                dtype = c.model.get_input_embeddings().weight.dtype
+                mask = torch.zeros((1, 1, r, args.kv_length + r), dtype=dtype)
+                mask[0, 0, :, args.kv_length:] = float("-inf")
+                mask[0, 0, :, args.kv_length:].fill_diagonal_(0)  # siblings: each row sees the prefix and itself
+                model, cache = c.use(), caches[id(c.model)]
+                t0 = time.perf_counter()
+                drafter._top(forward_with_mask(model, cache, tokens, positions, mask))
+                seconds = time.perf_counter() - t0
+                cache.crop(-r)
+                if round_ >= args.warmup:
+                    mine[str(r)].append(seconds)
+    return [{k: statistics.median(v) for k, v in mine.items()} for mine in times]
 
 
 def add_ratios(records: list) -> None:

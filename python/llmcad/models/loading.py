@@ -479,8 +479,19 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
 def prune_draft_vocab(draft_model, tokenizer, draft_vocab, target):
     """The draft's output layer cut to ``draft_vocab`` rows (llmcad.models.vocab); returns their token
     ids, or None when nothing is cut (None, or at least as many rows as the layer has)."""
+    from llmcad.models.vocab import prune_output_layer
+
+    ids = draft_vocab_ids(draft_model, tokenizer, draft_vocab, target)
+    if ids is not None:
+        prune_output_layer(draft_model, ids)
+    return ids
+
+
+def draft_vocab_ids(draft_model, tokenizer, draft_vocab, target):
+    """The sorted token ids a draft cut to ``draft_vocab`` rows keeps (None: nothing to cut): the ranked
+    tokens, its tokenizer's special tokens and both models' end-of-generation ids."""
     from llmcad.models.eos import end_of_generation_ids, stored_end_ids
-    from llmcad.models.vocab import kept_ids, parse_draft_vocab, prune_output_layer
+    from llmcad.models.vocab import kept_ids, parse_draft_vocab
 
     n = parse_draft_vocab(draft_vocab)
     rows = draft_model.get_output_embeddings().weight.shape[0]
@@ -488,9 +499,7 @@ def prune_draft_vocab(draft_model, tokenizer, draft_vocab, target):
         return None
     ends = end_of_generation_ids(draft_model, tokenizer)
     ends += stored_end_ids(target) if Path(str(target)).is_dir() else []
-    ids = kept_ids(tokenizer, n, rows, always=ends)
-    prune_output_layer(draft_model, ids)
-    return ids
+    return kept_ids(tokenizer, n, rows, always=ends)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

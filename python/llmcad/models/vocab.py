@@ -121,20 +121,24 @@ def kept_ids(tokenizer, n: int, rows: int, always=()) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(chosen)).to(torch.long)
 
 
-def prune_output_layer(model, ids: torch.Tensor) -> None:
-    """Replace ``model.lm_head`` by an nn.Linear of its rows ``ids`` (a new [N, hidden] tensor; a full
-    layer tied to the input embeddings stays as those, an untied one is dropped)."""
+def pruned_head(model, ids: torch.Tensor) -> torch.nn.Linear:
+    """An nn.Linear holding rows ``ids`` of ``model``'s output layer (a new [N, hidden] tensor)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "lm_head"):
         raise ModelLoadError(f"{type(model).__name__}: draft vocabulary pruning needs an nn.Linear lm_head")
     weight = head.weight.detach()
+    ids = ids.to(weight.device)
     pruned = torch.nn.Linear(weight.shape[1], len(ids), bias=head.bias is not None, device="meta")
-    with torch.no_grad():
-        pruned.weight = torch.nn.Parameter(weight.index_select(0, ids.to(weight.device)), requires_grad=False)
-        if head.bias is not None:
-            pruned.bias = torch.nn.Parameter(head.bias.detach().index_select(0, ids.to(weight.device)),
-                                             requires_grad=False)
-    model.lm_head = pruned
+    pruned.weight = torch.nn.Parameter(weight.index_select(0, ids), requires_grad=False)
+    if head.bias is not None:
+        pruned.bias = torch.nn.Parameter(head.bias.detach().index_select(0, ids), requires_grad=False)
+    return pruned
+
+
+def prune_output_layer(model, ids: torch.Tensor) -> None:
+    """Replace ``model.lm_head`` by :func:`pruned_head` (a full layer tied to the input embeddings stays
+    as those, an untied one is dropped)."""
+    model.lm_head = pruned_head(model, ids)
     model.config.tie_word_embeddings = False  # transformers must never tie the [N, hidden] rows back
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
     if text is not None and text is not model.config:
