@@ -93,6 +93,8 @@ def test_greedy_output_is_the_targets_in_every_mode(tied, expected, draft, vocab
             assert eng.generate(ids, NEW_TOKENS).tokens == want, (draft, vocab, budget, mode)
             if budget is not None:
                 assert eng.placement.streamed_layers  # the least budget streams the target
+            again = eng.generate(ids, NEW_TOKENS)  # from the prefix cache's KV of the first generation
+            assert again.tokens == want and again.stats["cached_tokens"] > 0, (draft, vocab, budget, mode)
 
 
 @pytest.mark.parametrize("budget", [None, "least"])
@@ -240,3 +242,14 @@ def test_bench_draft_reports_each_configuration_against_the_full_draft(tied, cap
     argv[argv.index("--json")] = "--quiet-none"
     assert main(argv[:-1]) == 0
     assert "| fp32 | full |" in capsys.readouterr().out
+
+
+def test_vocab_ids_must_name_one_increasing_id_per_output_row(tiny_models, tiny_tokenizer):
+    from llmcad.speculative.policy import make_policy
+
+    draft, target = tiny_models("qwen2", "shared"), tiny_models("qwen2", "target")
+    rows = draft.lm_head.weight.shape[0]
+    for bad in (torch.arange(rows - 1), torch.arange(rows).flip(0), [0, 1]):
+        with pytest.raises(ValueError, match="draft_vocab_ids"):
+            LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad"), draft_vocab_ids=bad)
+    LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad"), draft_vocab_ids=torch.arange(rows))
