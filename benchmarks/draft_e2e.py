@@ -1,5 +1,5 @@
 """One end-to-end comparison of drafts on the real pair: the bf16 draft, a packed draft and a pruned
-output layer, each through ``llmcad generate`` (a fresh process per run) on the same HumanEval prompts,
+output layer (on each draft), each through ``llmcad generate`` (a fresh process per run) on the same HumanEval prompts,
 fp32 greedy, so every run must give the same tokens.
 
     PYTHONPATH=python python benchmarks/draft_e2e.py --draft /work/pair/draft-tied \\
@@ -29,13 +29,14 @@ def main() -> int:
     p.add_argument("--draft", required=True)
     p.add_argument("--target", required=True)
     p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--vocab", action="append", default=[], metavar="N", help="also --draft with --draft-vocab N")
+    p.add_argument("--vocab", action="append", default=[], metavar="N", help="also every draft with --draft-vocab N")
     p.add_argument("--prompts", default="0:2")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/draft_e2e.json"))
     args = p.parse_args()
-    configs = [("bf16", args.draft, None)] + [(*v.split("=", 1), None) for v in args.variant] + \
-        [(f"bf16-vocab{n}", args.draft, n) for n in args.vocab]
+    drafts = [("bf16", args.draft)] + [tuple(v.split("=", 1)) for v in args.variant]
+    configs = [(name, path, None) for name, path in drafts] + \
+        [(f"{name}-vocab{n}", path, n) for n in args.vocab for name, path in drafts]
     texts, labels = humaneval(args.prompts)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
