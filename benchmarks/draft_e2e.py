@@ -1,12 +1,12 @@
 """One end-to-end comparison of drafts on the real pair: the bf16 draft, a packed draft and a pruned
 output layer (on each draft), each through ``llmcad generate`` (a fresh process per run) on the same HumanEval prompts,
-fp32 greedy, so every run must give the same tokens.
+fp32 greedy (``--dtype``), so every run must give the same tokens.
 
     PYTHONPATH=python python benchmarks/draft_e2e.py --draft /work/pair/draft-tied \\
         --variant int8=/work/pair/draft-int8 --vocab 16384 --target /work/pair/target-bf16 --prompts 0:2
 
 Each run: ``llmcad generate --draft D --target T --memory-budget none --mode llmcad --max-new-tokens 64
---json --threads 1 --dtype float32 --raw --file PROMPT [--draft-vocab N]``. Prints and writes one JSON
+--json --threads 1 --dtype DTYPE --raw --file PROMPT [--draft-vocab N]``. Prints and writes one JSON
 object: per run its tok/s and tokens per pass, and per configuration the ratios of their sums against
 the first (the plain ``--draft``); ``same_tokens`` says whether every configuration gave the first's tokens.
 """
@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--vocab", action="append", default=[], metavar="N", help="also every draft with --draft-vocab N")
     p.add_argument("--prompts", default="0:2")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32: every run must give the same "
+                   "tokens; bfloat16, as the demo runs: tree passes may round apart)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/draft_e2e.json"))
     args = p.parse_args()
     drafts = [("bf16", args.draft)] + [tuple(v.split("=", 1)) for v in args.variant]
@@ -46,7 +48,7 @@ def main() -> int:
             for name, draft, vocab in configs:  # configurations interleaved per prompt: drifting load hits all
                 argv = ["llmcad", "generate", "--draft", draft, "--target", args.target, "--memory-budget", "none",
                         "--mode", "llmcad", "--max-new-tokens", str(args.max_new_tokens), "--json", "--threads",
-                        "1", "--dtype", "float32", "--raw", "--file", str(prompt)]
+                        "1", "--dtype", args.dtype, "--raw", "--file", str(prompt)]
                 argv += ["--draft-vocab", str(vocab)] if vocab else []
                 out = subprocess.run([sys.executable, "-m", "llmcad.cli", *argv[1:]], capture_output=True, text=True)
                 if out.returncode:

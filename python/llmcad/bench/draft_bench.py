@@ -62,6 +62,7 @@ def run(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    commit = _commit()  # the code measured, read before the run (a long run may outlive a checkout)
     rows = _ints(args.rows, "--rows")
     vocabs = [None] + [n for n in (parse_draft_vocab(v, "--draft-vocab") for v in args.draft_vocab.split(",")) if n]
     drafts = [(_label(resolve(args.draft)), resolve(args.draft))] + \
@@ -74,7 +75,7 @@ def run(args) -> int:
     records = [{"draft": c.name, "path": str(c.path), "quantize": _scheme(c.path), "draft_vocab": c.vocab,
                 "weight_bytes": c.weight_bytes, "forward_s": t, **a} for c, t, a in zip(configs, times, agreements)]
     add_ratios(records)
-    report = {"command": _command(), "commit": _commit(), "threads": torch.get_num_threads(),
+    report = {"command": _command(), "commit": commit, "threads": torch.get_num_threads(),
               "kv_length": args.kv_length, "rows": rows, "repeats": args.repeats, "warmup": args.warmup,
               "seed": args.seed, "new_tokens": args.new_tokens, "dtype": args.dtype, "target": str(target),
               "positions": sum(len(seq) - 1 for seq, _ in sequences), "records": records}
