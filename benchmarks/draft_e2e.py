@@ -39,6 +39,7 @@ def main() -> int:
     drafts = [("bf16", args.draft)] + [tuple(v.split("=", 1)) for v in args.variant]
     configs = [(name, path, None) for name, path in drafts] + \
         [(f"{name}-vocab{n}", path, n) for n in args.vocab for name, path in drafts]
+    commit = git_commit()  # the code measured, read before the runs
     texts, labels = humaneval(args.prompts)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +63,7 @@ def main() -> int:
                              "target_passes": stats.get("target_passes")})
                 print(f"  {labels[i]} {name}: {stats['tokens_per_s']:.3f} tok/s, {stats['tokens_per_pass']:.2f} "
                       "tokens/pass", file=sys.stderr, flush=True)
-    report = {"command": shlex.join(["python", *sys.argv]), "commit": git_commit(), "runs": runs,
+    report = {"command": shlex.join(["python", *sys.argv]), "commit": commit, "runs": runs,
               "summary": summary(runs, [c[0] for c in configs])}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["summary"], indent=1))
