@@ -537,11 +537,10 @@ def draft_footprint(draft, dtype=None, *, trust_remote_code=False, draft_vocab=N
     from its config and weight files alone: the shapes, no weight read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmcad.streaming.streamed import checkpoint_dtype
-    from llmcad.streaming.weights import load_index
-
     from llmcad.models.vocab import parse_draft_vocab, pruned_head_bytes
     from llmcad.streaming.quantized import quantize_modules, scheme_of
+    from llmcad.streaming.streamed import checkpoint_dtype
+    from llmcad.streaming.weights import load_index
 
     draft_dtype = resolve_dtype(dtype) or checkpoint_dtype(load_index(draft))
     config = AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code)
