@@ -191,3 +191,39 @@ def test_demo_quantize_streams_the_int4_targets_greedy_text(tiny_pair, tmp_path,
 
     ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
     assert capsys.readouterr().out.startswith(PROMPT + tokenizer.decode(ref, skip_special_tokens=True) + "\n")
+
+
+def test_demo_int8_draft_is_prepared_once_and_gives_the_targets_greedy_text(tiny_pair, tmp_path, monkeypatch, capsys):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("LLMCAD_HOME", str(tmp_path))
+    draft, target = tiny_pair
+    argv = ["demo", "--draft", str(draft), "--target", str(target), "--prompt", PROMPT, "--max-new-tokens", "8",
+            "--memory-budget", "none", "--draft-quantize", "int8"]
+    assert cli.main(argv) == 0
+    packed = next((tmp_path / "quantized").iterdir())
+    assert packed.name == f"{draft.resolve().name}-int8"
+    assert json.loads((packed / "config.json").read_text())["llmcad_quantization"]["scheme"] == "int8"
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    captured = capsys.readouterr()
+    assert captured.out.startswith(PROMPT + tokenizer.decode(ref, skip_special_tokens=True) + "\n")
+    assert f"int8 draft in {packed}" in captured.err
+
+
+@pytest.mark.parametrize("given,dtype,want", [
+    ({}, None, "int8"), ({}, "bfloat16", "int8"), ({}, "float32", "none"),
+    ({"draft": "D"}, None, "none"), ({"draft": "D", "draft_quantize": "int4"}, None, "int4"),
+    ({"draft_quantize": "none"}, None, "none")])
+def test_demo_pairs_draft_is_int8_unless_given_or_float32(given, dtype, want):
+    import argparse
+
+    from llmcad.demo import draft_scheme
+
+    args = argparse.Namespace(**{"draft": None, "draft_quantize": "auto", "dtype": dtype, **given})
+    assert draft_scheme(args) == want

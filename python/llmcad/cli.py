@@ -29,12 +29,14 @@ BENCH = {
     "pass": "llmcad.bench.pass_bench",
     "e2e": "llmcad.bench.e2e",
     "chat": "llmcad.bench.chat_bench",
+    "draft": "llmcad.bench.draft_bench",
 }
 BENCH_HELP = {
     "streamer": "cold-read throughput of the weight streamer against a raw O_DIRECT read",
     "pass": "one cold streamed target pass over a token tree, against IO and compute alone",
     "e2e": "llmcad against the peers a user would pick, on the real pair (or --tiny)",
     "chat": "a scripted conversation: each turn's time to first token with and without the prompt cache",
+    "draft": "a draft's forward time by rows and agreement with the target, packed and pruned variants",
 }
 MODES = ("llmcad", "tree", "chain", "target-only")
 POLICY_FLAGS = ("max_tree_tokens", "max_depth", "branch_threshold", "alpha", "alpha_rule", "prompt_lookup",
@@ -128,6 +130,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "(cost rule): copies of the prompt and the text so far join the tree as free branches "
                    "(default: on)")
     t.add_argument("--chain-length", type=int, default=None, help="draft tokens per pass (chain; default: 5)")
+    t.add_argument("--draft-vocab", default=None, metavar="N", help="the draft proposes only the N most frequent "
+                   "tokens of a calibration corpus (a cheaper draft forward, the same output; every drafting "
+                   "mode); 0 or 'none': the full vocabulary (default: none)")
     e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
     e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,
                    help="verify on the main thread, no provisional drafting (default: on in llmcad mode)")
@@ -195,6 +200,7 @@ def check_model_arguments(args) -> None:
     reachable), policy options, memory budget, device, dtype. Names from the model cache become their
     directories; with neither --draft nor --target, the demo pair (fetched and prepared on first use)."""
     from llmcad.models.loading import check_sources, resolve_device, resolve_dtype
+    from llmcad.models.vocab import parse_draft_vocab
 
     resolve_model_arguments(args)
     if str(args.memory_budget).strip().lower() == "none":
@@ -205,6 +211,7 @@ def check_model_arguments(args) -> None:
     from llmcad.streaming.streamer import check_bandwidth_cap
 
     make_policy(args.mode, **policy_options(args))
+    parse_draft_vocab(getattr(args, "draft_vocab", None), "--draft-vocab")
     if args.memory_budget is not None:
         resolve_budget(args.memory_budget)
     check_bandwidth_cap(bandwidth_cap(args), "--bandwidth-cap")
@@ -279,7 +286,8 @@ def open_engine(args):
     return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
                                   device=args.device, dtype=args.dtype, pipeline=args.pipeline,
                                   prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
-                                  prefix_cache=getattr(args, "prompt_cache", True), **options)
+                                  prefix_cache=getattr(args, "prompt_cache", True),
+                                  draft_vocab=getattr(args, "draft_vocab", None), **options)
 
 
 def trusts_remote_code(args) -> bool:

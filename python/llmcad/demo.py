@@ -22,6 +22,9 @@ DEFAULT_CHAT_PROMPT = ("Write a Python function quicksort(items: list[int]) -> l
                        "with the items sorted in ascending order, using quicksort. Reply with the code only.")
 MODES = ("llmcad", "tree", "chain", "target-only")
 DEFAULT_QUANTIZE = "none"
+# the demo pair's draft: int8 was measured faster at equal acceptance in bf16 (benchmarks/results/draft_forward.md);
+# in float32 torch's int8 kernel is slower than a float matmul on CPU, so the draft stays float there
+DEFAULT_DRAFT_QUANTIZE = "int8"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default=DEFAULT_QUANTIZE,
                    help=f"stream the target as int8 or int4 weights, prepared once into the cache (default "
                    f"{DEFAULT_QUANTIZE}; see the README's quantization section)")
+    p.add_argument("--draft-quantize", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help=f"run the draft as int8 or int4 weights, prepared once into the cache (default auto: "
+                   f"{DEFAULT_DRAFT_QUANTIZE} for the demo pair, none with --draft or --dtype float32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,11 +76,15 @@ def run(args: argparse.Namespace) -> int:
         return _fail(_one_line(exc))
     from llmcad.cli import quiet_transformers
 
-    if args.quantize != "none":
-        try:
-            target = _quantized(target, args.quantize)
-        except (LLMCadError, OSError) as exc:
-            return _fail(f"could not prepare the {args.quantize} target: {_one_line(exc)}")
+    for role, scheme in (("target", args.quantize), ("draft", draft_scheme(args))):
+        if scheme != "none":
+            try:
+                if role == "target":
+                    target = _quantized(target, scheme, role)
+                else:
+                    draft = _quantized(draft, scheme, role)
+            except (LLMCadError, OSError) as exc:
+                return _fail(f"could not prepare the {scheme} {role}: {_one_line(exc)}")
     from llmcad.engine import LLMCad
 
     quiet_transformers()
@@ -102,15 +112,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantized(target, scheme: str):
-    """The target prepared with ``scheme``, cached under $LLMCAD_HOME/quantized (made on first use)."""
+def draft_scheme(args) -> str:
+    """--draft-quantize, "auto" resolved: the default for the demo pair, none for a draft given or float32."""
+    if args.draft_quantize != "auto":
+        return args.draft_quantize
+    return "none" if args.draft is not None or args.dtype == "float32" else DEFAULT_DRAFT_QUANTIZE
+
+
+def _quantized(target, scheme: str, role: str = "target"):
+    """The model ``target`` prepared with ``scheme``, cached under $LLMCAD_HOME/quantized (made on first use)."""
     from pathlib import Path
 
     from llmcad.models.catalog import cache_dir
     from llmcad.models.prepare import quantized_copy
 
     dest = cache_dir() / "quantized" / f"{Path(target).resolve().name}-{scheme}"
-    print(f"llmcad demo: {scheme} target in {dest}", file=sys.stderr)
+    print(f"llmcad demo: {scheme} {role} in {dest}", file=sys.stderr)
     return quantized_copy(target, scheme, dest)
 
 

@@ -22,6 +22,7 @@ from llmcad.models.fetch import resolve_pair
 from llmcad.speculative.prefix_cache import PrefixCache
 from llmcad.models.chat import chat_prompt_ids, is_messages
 from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
+from llmcad.models.vocab import parse_draft_vocab
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
                                   VerifyWorker, bonus_subtree, install_target_hooks, main_path, reconcile)
 from llmcad.stats import StatsRecorder
@@ -59,17 +60,22 @@ class LLMCad:
     and start a prompt that shares a prefix with one of them from there, prefilling only the rest
     (llmcad.speculative.prefix_cache); within the memory budget's KV positions. False: every generate
     starts from scratch.
+
+    ``draft_vocab_ids``: the sorted token ids of the draft's output rows when its output layer holds only
+    those (llmcad.models.vocab, ``from_pretrained(draft_vocab=N)``); None: the full vocabulary.
     """
 
     modes = tuple(POLICIES)
 
     def __init__(self, draft, target, tokenizer, policy: Policy, *, streamed=None, placement=None, pipeline=None,
                  prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS, prefix_cache=True,
-                 runtime_floor=None, budget_source=None):
+                 runtime_floor=None, budget_source=None, draft_vocab_ids=None):
         _check_prefix_cache(prefix_cache)
+        _check_vocab_ids(draft, draft_vocab_ids)
         if streamed is not None and streamed.model is not target:
             raise ValueError("streamed.model must be the target model")
         self.draft = draft
+        self.draft_vocab_ids = draft_vocab_ids
         self.target = target
         self.streamed = streamed
         self.tokenizer = tokenizer
@@ -99,7 +105,7 @@ class LLMCad:
     def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
                         streamer_options=None, mmap=False, trust_remote_code=False, prefix_cache=True,
-                        **policy_options) -> "LLMCad":
+                        draft_vocab=None, **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
         with neither, the demo pair (fetched and prepared on first use).
 
@@ -116,9 +122,12 @@ class LLMCad:
         load, but truncating a mapped file kills the process (SIGBUS) and editing it changes the outputs.
         ``trust_remote_code``: run Python code a model directory ships (``auto_map``); without it (the
         default) such a model is refused, never run and never asked about on stdin.
-        ``prefix_cache``: see :class:`LLMCad`.
+        ``prefix_cache``: see :class:`LLMCad`. ``draft_vocab``: N restricts the draft's output layer to
+        the N most frequent tokens of a calibration corpus (llmcad.models.vocab): a cheaper draft
+        forward, the same output; None or 0: the full vocabulary.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
+        parse_draft_vocab(draft_vocab)
         draft, target = resolve_pair(draft, target)
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
         _check_prefix_cache(prefix_cache)
@@ -132,10 +141,11 @@ class LLMCad:
             check_bandwidth_cap(streamer_options.get("bandwidth_cap"))  # before loading anything
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap,
-                         trust_remote_code=trust_remote_code, **extra)
+                         trust_remote_code=trust_remote_code, draft_vocab=draft_vocab, **extra)
         return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
                    pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens,
-                   prefix_cache=prefix_cache, runtime_floor=pair.runtime_floor, budget_source=pair.budget_source)
+                   prefix_cache=prefix_cache, runtime_floor=pair.runtime_floor, budget_source=pair.budget_source,
+                   draft_vocab_ids=pair.draft_vocab)
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
@@ -325,7 +335,8 @@ class _Run:
         self.verifier = TargetVerifier(engine.target, ids, engine.pass_rows, engine.chunk_rows["target"],
                                        cache=reuse.target if reuse else None)
         self.drafter = (TreeDrafter(engine.draft, ids, engine.pass_rows, engine.chunk_rows["draft"],
-                                    cache=reuse.draft if reuse else None) if self.policy.drafts else None)
+                                    cache=reuse.draft if reuse else None, vocab_ids=engine.draft_vocab_ids)
+                        if self.policy.drafts else None)
         if self.drafter is not None:
             self.drafter.tracer = tracer
         self.controller = engine.streamed
@@ -640,6 +651,17 @@ def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):
 def _check_prefix_cache(prefix_cache) -> None:
     if not isinstance(prefix_cache, bool):
         raise ValueError(f"prefix_cache={prefix_cache!r}: expected True or False")
+
+
+def _check_vocab_ids(draft, ids) -> None:
+    """``ids``: None, or one sorted token id per row of the draft's output layer."""
+    if ids is None:
+        return
+    rows = draft.get_output_embeddings().weight.shape[0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or len(ids) != rows or \
+            (len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all())):
+        raise ValueError(f"draft_vocab_ids: expected {rows} increasing token ids, one per row of the draft's "
+                         "output layer")
 
 
 def _kv_position_bytes(draft, target) -> int:

@@ -32,6 +32,7 @@ class ModelPair:
     streamed: object = None  # llmcad.streaming.streamed.StreamedTarget (its model is target) with a budget
     runtime_floor: int = 0  # bytes resident before the weights loaded (llmcad.memory.runtime_floor)
     budget_source: str | None = None  # how the memory budget was found ("given", or what "auto" read)
+    draft_vocab: object = None  # sorted int64 token ids of the draft's pruned output rows (None: full vocabulary)
 
 
 def resolve_dtype(dtype):
@@ -436,14 +437,15 @@ def _tokenizer_origin(draft_tokenizer, target_tokenizer) -> str:
 
 
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
-              mmap=False, trust_remote_code=False) -> ModelPair:
+              mmap=False, trust_remote_code=False, draft_vocab=None) -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
     ``memory_budget``: None (the target resident, nothing bounded), a size or "auto"
     (llmcad.streaming.budget.resolve_budget); a budget below the runtime floor plus the least plan is
     refused before any weight loads.
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
     ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm).
-    ``trust_remote_code``: run Python code a model directory ships; never without it (default False)."""
+    ``trust_remote_code``: run Python code a model directory ships; never without it (default False).
+    ``draft_vocab``: N keeps only the draft's N most frequent output rows (llmcad.models.vocab); None: all."""
     from llmcad.memory import malloc_trim, return_large_frees, runtime_floor
 
     trust = {"trust_remote_code": bool(trust_remote_code)}
@@ -460,8 +462,10 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     if memory_budget is not None:
         return_large_frees()  # freed pass intermediates leave the resident set (the budget is a bound)
         _check_budget_before_loading(draft, target, memory_budget=memory_budget, device=device, dtype=dtype,
-                                     runtime_floor=floor, streamer_options=streamer_options, **trust)
+                                     runtime_floor=floor, streamer_options=streamer_options, draft_vocab=draft_vocab,
+                                     **trust)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
+    vocab_ids = prune_draft_vocab(draft_model, draft_tokenizer, draft_vocab, target)
     malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
@@ -469,7 +473,33 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     malloc_trim()
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
-    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source)
+    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source, vocab_ids)
+
+
+def prune_draft_vocab(draft_model, tokenizer, draft_vocab, target):
+    """The draft's output layer cut to ``draft_vocab`` rows (llmcad.models.vocab); returns their token
+    ids, or None when nothing is cut (None, or at least as many rows as the layer has)."""
+    from llmcad.models.vocab import prune_output_layer
+
+    ids = draft_vocab_ids(draft_model, tokenizer, draft_vocab, target)
+    if ids is not None:
+        prune_output_layer(draft_model, ids)
+    return ids
+
+
+def draft_vocab_ids(draft_model, tokenizer, draft_vocab, target):
+    """The sorted token ids a draft cut to ``draft_vocab`` rows keeps (None: nothing to cut): the ranked
+    tokens, its tokenizer's special tokens and both models' end-of-generation ids."""
+    from llmcad.models.eos import end_of_generation_ids, stored_end_ids
+    from llmcad.models.vocab import kept_ids, parse_draft_vocab
+
+    n = parse_draft_vocab(draft_vocab)
+    rows = draft_model.get_output_embeddings().weight.shape[0]
+    if n is None or n >= rows:
+        return None
+    ends = end_of_generation_ids(draft_model, tokenizer)
+    ends += stored_end_ids(target) if Path(str(target)).is_dir() else []
+    return kept_ids(tokenizer, n, rows, always=ends)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -501,11 +531,14 @@ def _import_model_classes(*sources, trust_remote_code=False) -> None:
                 pass  # load_causal_lm reports it
 
 
-def draft_footprint(draft, dtype=None, *, trust_remote_code=False) -> tuple:
+def draft_footprint(draft, dtype=None, *, trust_remote_code=False, draft_vocab=None) -> tuple:
     """(config, bytes, dtype) of draft directory ``draft`` as it will be loaded in ``dtype`` (None: the
-    checkpoint's), from its config and weight files alone: the shapes, no weight read."""
+    checkpoint's), packed linears as stored, output layer cut to ``draft_vocab`` rows (None: all),
+    from its config and weight files alone: the shapes, no weight read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmcad.models.vocab import parse_draft_vocab, pruned_head_bytes
+    from llmcad.streaming.quantized import quantize_modules, scheme_of
     from llmcad.streaming.streamed import checkpoint_dtype
     from llmcad.streaming.weights import load_index
 
@@ -513,21 +546,29 @@ def draft_footprint(draft, dtype=None, *, trust_remote_code=False) -> tuple:
     config = AutoConfig.from_pretrained(draft, trust_remote_code=trust_remote_code)
     with torch.device("meta"):  # shapes only: the bytes module_bytes will count once it is loaded
         meta = AutoModelForCausalLM.from_config(config, dtype=draft_dtype)
-    return config, sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers())), draft_dtype
+    record = scheme_of(config)
+    if record is not None:  # a packed draft holds its linears as stored (int8 / int4 codes, scales, zeros)
+        quantize_modules(meta, record, draft_dtype)
+    total = sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers()))
+    n = parse_draft_vocab(draft_vocab)
+    if n is not None and n < meta.get_output_embeddings().weight.shape[0]:
+        total += pruned_head_bytes(meta.config, n, draft_dtype)
+    return config, total, draft_dtype
 
 
 def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype, runtime_floor, streamer_options,
-                                 trust_remote_code=False):
+                                 draft_vocab=None, trust_remote_code=False):
     """Plan the budget with the draft's bytes taken from its weight files (no weight read): BudgetError,
     naming the runtime floor and the least plan, before anything loads."""
     from llmcad.streaming.streamed import plan_budget
 
-    if not (Path(str(draft)).is_dir() and Path(str(target)).is_dir()) or _is_quantized(draft):
-        return  # a hub id or a packed draft: the plan after the draft loads is the check
+    if not (Path(str(draft)).is_dir() and Path(str(target)).is_dir()):
+        return  # a hub id: the plan after the draft loads is the check
     for source in (draft, target):  # a bad model is named as without a budget, before any plan of it
         check_checkpoint(_check_source(source), trust_remote_code=trust_remote_code)
     try:
-        config, draft_bytes, draft_dtype = draft_footprint(draft, dtype, trust_remote_code=trust_remote_code)
+        config, draft_bytes, draft_dtype = draft_footprint(draft, dtype, trust_remote_code=trust_remote_code,
+                                                           draft_vocab=draft_vocab)
     except (OSError, ValueError, KeyError):
         return  # load_causal_lm reports it
     try:

@@ -133,13 +133,17 @@ class TreeDrafter:
     """Grows trees with the draft model and keeps its KV cache in step with the committed text."""
 
     def __init__(self, draft, prompt_ids, max_pass_rows: int | None = None, chunk_rows: int | None = None,
-                 cache=None):
+                 cache=None, vocab_ids=None):
         """``max_pass_rows``: rows of the largest forward (a longer prompt is cached in passes of its own;
         None: no bound); ``chunk_rows``: logits rows made at once (only each row's top tokens are kept);
-        ``cache``: a DynamicCache already holding the prompt's first tokens (fewer than all)."""
+        ``cache``: a DynamicCache already holding the prompt's first tokens (fewer than all);
+        ``vocab_ids``: int64 [N], the token id of each row of the draft's output layer when it holds only
+        N of the vocabulary's rows (None: row i is token i). The draft then proposes only those tokens,
+        with their probabilities renormalised over them."""
         from transformers import DynamicCache
 
         self.draft = draft
+        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(self._device_dtype()[0])
         self.max_pass_rows, self.chunk_rows = max_pass_rows, chunk_rows
         self.cache = DynamicCache() if cache is None else cache
         self._prefix = kv.cache_length(self.cache)
@@ -363,10 +367,12 @@ class TreeDrafter:
 
     def _top(self, logits):
         """Each row's MAX_CHILDREN most probable tokens: (probabilities, tokens) [rows, k], made from the
-        logits a chunk of rows at a time (a softmax over the whole vocabulary, then top-k)."""
+        logits a chunk of rows at a time (a softmax over the output layer's rows, then top-k; row ids
+        mapped to token ids through ``vocab_ids``)."""
         k = min(MAX_CHILDREN, logits.shape[1])
         tops = [torch.topk(torch.softmax(rows, dim=-1), k=k) for _, rows in logits.chunks()]
-        return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+        rows = torch.cat([t.indices for t in tops])
+        return torch.cat([t.values for t in tops]), rows if self.vocab_ids is None else self.vocab_ids[rows]
 
     def _run_rows(self, tree: DraftTree, nodes, policy, name: str = "draft"):
         """One draft forward of the tokens of ``nodes`` (none the root) as rows: their top probabilities
