@@ -213,7 +213,9 @@ def test_demo_int8_draft_is_prepared_once_and_gives_the_targets_greedy_text(tiny
     ref = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
     captured = capsys.readouterr()
     assert captured.out.startswith(PROMPT + tokenizer.decode(ref, skip_special_tokens=True) + "\n")
-    assert f"int8 draft in {packed}" in captured.err
+    assert f"preparing the int8 draft once, in {packed}" in captured.err
+    assert cli.main(argv) == 0
+    assert "preparing" not in capsys.readouterr().err  # once
 
 
 @pytest.mark.parametrize("given,dtype,want", [

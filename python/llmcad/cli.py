@@ -222,12 +222,12 @@ def check_model_arguments(args) -> None:
 
 
 def fetch_demo_pair_once(args) -> None:
-    """With neither --draft nor --target and the demo pair not in the cache yet: fetch and import it now,
-    with progress lines of its own (so no loading line runs over them)."""
-    from llmcad.models.fetch import demo_pair, pair_in_cache
+    """With neither --draft nor --target: the demo pair, fetched, imported and its draft packed now the
+    first time, with progress lines of their own (so no loading line runs over them)."""
+    from llmcad.models.fetch import demo_pair_ready, resolve_pair
 
-    if args.draft is None and args.target is None and not pair_in_cache():
-        demo_pair()
+    if args.draft is None and args.target is None and not demo_pair_ready(args.dtype):
+        resolve_pair(None, None, args.dtype)
 
 
 def resolve_model_arguments(args) -> None:
@@ -237,7 +237,7 @@ def resolve_model_arguments(args) -> None:
 
     if (args.draft is None) != (args.target is None):
         raise UsageError("give both --draft and --target, or neither (to use the demo pair)")
-    args.draft, args.target = resolve_pair(args.draft, args.target)
+    args.draft, args.target = resolve_pair(args.draft, args.target, getattr(args, "dtype", None))
 
 
 def bandwidth_cap(args):

@@ -11,6 +11,7 @@ import sys
 
 from llmcad.cli import DEFAULT_BUDGET  # every command's: auto
 from llmcad.errors import LLMCadError
+from llmcad.models.fetch import DEMO_DRAFT_SCHEME, demo_draft_scheme
 from llmcad.stats import format_size
 
 DEFAULT_PROMPT = (
@@ -22,9 +23,6 @@ DEFAULT_CHAT_PROMPT = ("Write a Python function quicksort(items: list[int]) -> l
                        "with the items sorted in ascending order, using quicksort. Reply with the code only.")
 MODES = ("llmcad", "tree", "chain", "target-only")
 DEFAULT_QUANTIZE = "none"
-# the demo pair's draft: int8 was measured faster at equal acceptance in bf16 (benchmarks/results/draft_forward.md);
-# in float32 torch's int8 kernel is slower than a float matmul on CPU, so the draft stays float there
-DEFAULT_DRAFT_QUANTIZE = "int8"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_QUANTIZE}; see the README's quantization section)")
     p.add_argument("--draft-quantize", choices=("auto", "none", "int8", "int4"), default="auto",
                    help=f"run the draft as int8 or int4 weights, prepared once into the cache (default auto: "
-                   f"{DEFAULT_DRAFT_QUANTIZE} for the demo pair, none with --draft or --dtype float32)")
+                   f"{DEMO_DRAFT_SCHEME} for the demo pair, none with --draft or --dtype float32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         _check_input(args, budget)
     except ValueError as exc:
         return _fail(_one_line(exc))
-    from llmcad.models.fetch import pair_in_cache
+    from llmcad.models.fetch import packed_in_cache, pair_in_cache
     from llmcad.progress import first_pass_progress, step
 
     try:
@@ -80,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         if scheme != "none":
             try:
                 if role == "target":
-                    target = _quantized(target, scheme, role)
+                    target = packed_in_cache(target, scheme, role)
                 else:
-                    draft = _quantized(draft, scheme, role)
+                    draft = packed_in_cache(draft, scheme, role)
             except (LLMCadError, OSError) as exc:
                 return _fail(f"could not prepare the {scheme} {role}: {_one_line(exc)}")
     from llmcad.engine import LLMCad
@@ -116,19 +114,7 @@ def draft_scheme(args) -> str:
     """--draft-quantize, "auto" resolved: the default for the demo pair, none for a draft given or float32."""
     if args.draft_quantize != "auto":
         return args.draft_quantize
-    return "none" if args.draft is not None or args.dtype == "float32" else DEFAULT_DRAFT_QUANTIZE
-
-
-def _quantized(target, scheme: str, role: str = "target"):
-    """The model ``target`` prepared with ``scheme``, cached under $LLMCAD_HOME/quantized (made on first use)."""
-    from pathlib import Path
-
-    from llmcad.models.catalog import cache_dir
-    from llmcad.models.prepare import quantized_copy
-
-    dest = cache_dir() / "quantized" / f"{Path(target).resolve().name}-{scheme}"
-    print(f"llmcad demo: {scheme} {role} in {dest}", file=sys.stderr)
-    return quantized_copy(target, scheme, dest)
+    return "none" if args.draft is not None else demo_draft_scheme(args.dtype)
 
 
 def _check_input(args, budget) -> None:

