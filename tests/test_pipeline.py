@@ -188,6 +188,8 @@ def test_partly_agreeing_draft_counts_add_up(tiny_pair_dirs, tiny_models, tiny_t
     assert s["provisional_reused"] == sum(p.get("provisional_reused", 0) for p in per_pass)
     last = per_pass[-1]["provisional"]
     assert s["provisional_reused"] + s["provisional_dropped"] == s["provisional_drafted"] - last
+    assert s["provisional_followed"] == s["provisional_drafted"] - last
+    assert s["provisional_reuse"] == pytest.approx(s["provisional_reused"] / s["provisional_followed"])
     for p in per_pass[:-1]:  # a pass keeps all its provisional tokens or none (no cut at these limits)
         assert p.get("provisional_reused", 0) in (0, p["provisional"])
 
@@ -330,3 +332,14 @@ def test_seeded_sampling_streamed_and_pipelined_equals_target_only(tiny_pair_dir
             result = engine.generate(ids, NEW_TOKENS, **sampling)
         assert result.tokens == want, lockstep
         assert result.stats["pipeline"] is True
+
+
+def test_summary_reports_the_provisional_nodes_the_next_trees_used():
+    from llmcad.stats import summary
+
+    stats = {"pipeline": True, "provisional_drafted": 40, "provisional_followed": 32, "provisional_reused": 8,
+             "provisional_reuse": 0.25}
+    line = [x for x in summary(stats).splitlines() if "provisional" in x]
+    assert line == ["llmcad: provisional : 40 nodes grown during reads; of the 32 in passes a later pass followed, "
+                    "8 started the next tree (25%)"]
+    assert "provisional" not in summary({"pipeline": False})

@@ -390,7 +390,7 @@ class _Run:
         emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])
         self.record.record_pass(n, len(accepted) - 1, emitted)
         if output.done:
-            self.record.record_provisional(len(provisional), 0, 0)
+            self.record.record_provisional(len(provisional), 0, 0, followed=False)
             return bonus
         with self._span("commit"):
             self.verifier.commit(accepted)

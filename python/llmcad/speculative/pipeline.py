@@ -33,6 +33,7 @@ Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llm
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -255,7 +256,7 @@ class VerifyWorker:
         nodes = []
         try:
             if policy is not None and policy.best_first:
-                nodes = self._draft_best_first(tree, max_provisional, policy, max_depth)
+                nodes = self._draft_best_first(tree, n, max_provisional, policy, max_depth)
             else:
                 nodes = self._draft(tree, max_provisional)
         except BaseException:
@@ -299,12 +300,15 @@ class VerifyWorker:
             nodes.append(node)
         return nodes
 
-    def _draft_best_first(self, tree, max_provisional: int, policy, max_depth: int) -> list:
-        """Grow ``tree`` best-first under the likely bonus tokens: each step expands the most valuable
-        unexpanded nodes (verified or not) while the expected draft forward fits in the IO wait."""
+    def _draft_best_first(self, tree, n: int, max_provisional: int, policy, max_depth: int) -> list:
+        """Grow ``tree`` (its first ``n`` nodes verified) best-first under the likely bonus tokens: each
+        step expands the most valuable candidates (:func:`provisional_candidates`) while the expected
+        draft forward fits in the IO wait."""
         start = len(tree)
+        weigh_unverified(tree, n, policy)
         while len(tree) - start < max_provisional and self.gate.draft_turn():
-            rows = self.drafter.best_frontier(tree, policy, max_depth)
+            ranked = provisional_candidates(tree, n, self.drafter.spare, policy, max_depth)
+            rows = ranked[:self.drafter.row_room(policy.rows([value for value, _ in ranked]))]
             if not rows:
                 self.gate.draft_step_done()
                 break
@@ -312,10 +316,70 @@ class VerifyWorker:
                 self.gate.draft_yield()
                 continue
             try:
-                self.drafter.expand(tree, rows, policy, name="provisional")
+                nodes = [grow_candidate(tree, self.drafter.spare, c) for c in rows]
+                # a verified node's tokens are candidate roots: they enter the tree when they run (spare)
+                bars = [math.inf if node < n else 0.0 for node in nodes]
+                self.drafter.expand(tree, nodes, policy, bar=bars, name="provisional")
             finally:
                 self.gate.draft_step_done()
         return list(range(start, len(tree)))
+
+
+def acceptance(tree, node: int, policy) -> float:
+    """Calibrated probability that the target emits ``node``'s token at its parent."""
+    return policy.value(1.0, tree.probs[node], tree.lookup[node])
+
+
+def stop_mass(tree, node: int, n: int, policy) -> float:
+    """Probability that the target, at verified ``node``, emits a token none of its verified children (ids
+    below ``n``) holds: 1 less their calibrated acceptances (at least 0)."""
+    return max(0.0, 1.0 - sum(acceptance(tree, c, policy) for c in tree.children[node] if c < n))
+
+
+def weigh_unverified(tree, n: int, policy) -> None:
+    """Values of the nodes beyond the verified first ``n`` as the probability that the accepted path of
+    this pass and the next reaches them: a child c of a verified node u becomes the next root with
+    P(reach u) * P(emit c), that emission at most u's :func:`stop_mass`; below c, calibrated acceptance
+    as in any tree. The first ``n`` keep theirs (P(reach)). Parents come before children."""
+    stops = {}
+    for node in range(n, len(tree)):
+        parent = tree.parents[node]
+        accept = acceptance(tree, node, policy)
+        if parent < n:
+            if parent not in stops:
+                stops[parent] = stop_mass(tree, parent, n, policy)
+            accept = min(accept, stops[parent])
+        tree.value[node] = tree.value[parent] * accept
+
+
+def provisional_candidates(tree, n: int, spare: dict, policy, max_depth: int) -> list:
+    """What provisional drafting may expand next, best first, as (value, candidate): unexpanded nodes
+    above ``max_depth`` whose parent has run (candidate: the node id), and the ``spare`` top tokens of run
+    nodes that are not children yet (candidate: (parent, token, prob)), valued as
+    :func:`weigh_unverified` would value them as children: the interior nodes' alternatives, where the
+    target's bonus token lands when it rejects every verified child."""
+    ranked = [(tree.value[u], u) for u in range(1, len(tree))
+              if tree.slot[u] < 0 and tree.depth[u] < max_depth and tree.slot[tree.parents[u]] >= 0]
+    for parent, tokens in spare.items():
+        if parent >= len(tree) or tree.depth[parent] + 1 >= max_depth or not tokens:
+            continue
+        stop = stop_mass(tree, parent, n, policy) if parent < n else 1.0
+        for token, prob in tokens:
+            if tree.child(parent, token) is None:
+                ranked.append((tree.value[parent] * min(policy.value(1.0, prob), stop), (parent, token, prob)))
+    ranked.sort(key=lambda c: (-c[0], c[1] if isinstance(c[1], int) else len(tree) + c[1][0]))
+    return ranked
+
+
+def grow_candidate(tree, spare: dict, candidate) -> int:
+    """The node id of a :func:`provisional_candidates` entry, adding a spare token to the tree as a child
+    (and taking it out of ``spare``)."""
+    value, key = candidate
+    if isinstance(key, int):
+        return key
+    parent, token, prob = key
+    spare[parent] = [(t, p) for t, p in spare[parent] if t != token]
+    return tree.add(parent, token, prob, value)
 
 
 def main_path(tree) -> list:
