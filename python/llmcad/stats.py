@@ -106,7 +106,18 @@ def provisional_line(stats: dict) -> str:
     return (f"{stats.get('provisional_drafted', 0)} nodes grown during reads; of the "
             f"{stats.get('provisional_followed', 0)} in passes a later pass followed, "
             f"{stats.get('provisional_reused', 0)} started the next tree"
-            f"{f' ({share:.0%})' if share is not None else ''}")
+            f"{f' ({share:.0%})' if share is not None else ''}{beside_text(stats.get('draft_beside_compute'))}")
+
+
+def beside_text(rule) -> str:
+    """What the rule for drafting beside the target's compute decided, and on what slowdowns."""
+    if not rule:
+        return ""
+    target, draft, bar = rule.get("target_slowdown"), rule.get("draft_slowdown"), rule.get("threshold")
+    measured = (f" (beside each other the target computes {target:.2f}x and the draft {draft:.2f}x slower: pays for "
+                f"path values above {bar:.2f}; {rule.get('steps_beside', 0)} steps beside)"
+                if target is not None and draft is not None else "")
+    return f"; draft beside compute: {rule.get('mode')}{measured}"
 
 
 def format_size(nbytes) -> str:

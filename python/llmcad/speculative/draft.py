@@ -238,10 +238,11 @@ class TreeDrafter:
                 node = child
         self._revalue(tree, policy)
 
-    def expand(self, tree: DraftTree, nodes, policy, bar=0.0, name: str = "draft") -> None:
+    def expand(self, tree: DraftTree, nodes, policy, bar=0.0, name: str = "draft", timed: bool = True) -> None:
         """One draft forward of ``nodes`` (unexpanded, not the root); their top tokens become children
-        (``bar``: see :meth:`_add_best_children`; a list: one per node)."""
-        top_p, top_t = self._run_rows(tree, nodes, policy, name)
+        (``bar``: see :meth:`_add_best_children`; a list: one per node). ``timed``: the forward's time
+        joins the policy's draft cost model (not for a forward beside the target's compute)."""
+        top_p, top_t = self._run_rows(tree, nodes, policy if timed else None, name)
         bars = bar if isinstance(bar, (list, tuple)) else [bar] * len(nodes)
         for row, node in enumerate(nodes):
             self.spare[node] = self._add_best_children(tree, node, (top_p[row], top_t[row]), policy, bars[row])
