@@ -2,6 +2,8 @@
 forwards, tree bookkeeping, and the cost rule's decisions with a simulated draft of known acceptance."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -513,3 +515,35 @@ def test_provisional_drafting_grows_an_interior_alternative_and_the_next_tree_st
     drafter.commit(tree, [0], seed)
     nxt = drafter.grow(5, policy, depth_cap=1)
     assert nxt.tokens[0] == 5 and sorted(nxt.tokens[1:5]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("slowdowns, beside", [((1.05, 1.1), True), ((2.1, 2.2), False)])
+def test_provisional_steps_beside_compute_only_where_the_measured_slowdowns_pay(slowdowns, beside):
+    """A target that never waits on a read: the draft grows provisional nodes beside its compute when the
+    rule measured small slowdowns (a device with room), and none when it measured a contended one."""
+    from llmcad.speculative.costs import BesideCompute
+    from llmcad.speculative.pipeline import ComputeGate, VerifyWorker
+
+    rule = BesideCompute()
+    rule.observe_probe([0.1] * 3, [0.1 * slowdowns[0]] * 3)
+    rule.observe_step(0.24 * slowdowns[1], 0.24)
+    assert rule.mode() == ("on" if beside else "off")
+    policy = calibrated_policy(8.0, 0.02)
+    drafter = SimulatedDraftDrafter([0.6, 0.2, 0.1, 0.05])
+    tree = DraftTree.rooted(9)
+    a = tree.add(0, 0, 0.6, 0.6)
+    tree.slot[0], drafter._ran, drafter.pending = 0, 1, []
+    gate = ComputeGate(layers=4)
+
+    class Verifier:
+        def run(self, tokens, parents):
+            for _ in range(4):  # every layer read in time: compute only
+                gate.target_waits_for_io(True)
+                gate.target_resumes()
+                time.sleep(0.02)
+            return torch.zeros(len(tokens), 8)
+
+    with VerifyWorker(Verifier(), drafter, gate, layer_ready=lambda: True, beside=rule) as worker:
+        _, provisional = worker.verify(tree, 2, 8, policy, max_depth=10)
+    assert bool(provisional) is beside and (rule.steps_beside > 0) is beside
+    assert tree.slot[a] >= 0 if beside else tree.slot[a] < 0
