@@ -184,9 +184,11 @@ class BesideCompute:
             return "probe" if self.probes < self.PROBE_PASSES else "off"
         return "on" if threshold < 1.0 else "off"
 
-    def observe_probe(self, alone: list, beside: list) -> None:
-        """A probe pass's layer compute seconds, alone and with a draft step beside each."""
-        self.probes += 1
+    def observe_probe(self, alone: list, beside: list, probe: bool = True) -> None:
+        """A pass's layer compute seconds, alone and with a draft step beside each: a probe, or a pass
+        of drafting beside compute (its declined steps leave layers alone: the ratio keeps up with the
+        machine's load)."""
+        self.probes += probe
         if len(alone) >= self.MIN_LAYERS and len(beside) >= self.MIN_LAYERS:
             self.target_ratios.append(statistics.median(beside) / max(statistics.median(alone), 1e-9))
 

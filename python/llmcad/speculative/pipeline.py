@@ -339,8 +339,9 @@ class VerifyWorker:
         try:
             return self._verify_threaded(tree, n, tokens, parents, max_provisional, policy, max_depth)
         finally:
-            if beside == "probe":
-                self.beside.observe_probe(self.gate.pass_layers["alone"], self.gate.pass_layers["beside"])
+            if beside is not None:
+                self.beside.observe_probe(self.gate.pass_layers["alone"], self.gate.pass_layers["beside"],
+                                          probe=beside == "probe")
 
     def _beside_mode(self, policy):
         """How this verification's draft may step beside the target's compute: "probe", "on" or None."""
