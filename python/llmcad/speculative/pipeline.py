@@ -313,6 +313,7 @@ class VerifyWorker:
         self.abort = abort  # () -> None: makes the verification's layer wait raise (Ctrl-C while drafting)
         self.beside = beside  # llmcad.speculative.costs.BesideCompute: steps beside the target's compute
         self.threaded_passes = 0  # verifications run on the worker (the others ran inline)
+        self._io_steps = True  # this verification's IO waits are worth draft steps (_worth_drafting)
         self._pool = None
 
     def __enter__(self) -> "VerifyWorker":
@@ -329,8 +330,8 @@ class VerifyWorker:
         ``max_depth``) or steps down its main path. Returns (logits [n, vocab], provisional node ids);
         an error of the verification is raised here, after the draft has stopped and the worker is idle."""
         tokens, parents = list(tree.tokens[:n]), list(tree.parents[:n])
-        beside = self._beside_mode(policy)
-        if max_provisional <= 0 or not (beside or self._worth_drafting()):  # inline: no hand-offs to pay for
+        beside, self._io_steps = self._beside_mode(policy), self._worth_drafting()
+        if max_provisional <= 0 or not (beside or self._io_steps):  # inline: no hand-offs to pay for
             self.gate.begin_verification()
             self.gate.draft_stops()  # no draft step this time (lockstep must not wait for one)
             return self._run(tokens, parents), []
@@ -412,7 +413,7 @@ class VerifyWorker:
                 gate.draft_step_done()
                 break
             beside = self._steps_beside(rows)
-            if not gate.lockstep and not beside and (not gate.io_waiting() or self.layer_ready()
+            if not gate.lockstep and not beside and (not self._io_steps or not gate.io_waiting() or self.layer_ready()
                                                       or not gate.step_fits(policy.draft_cost(len(rows)))):
                 gate.draft_yield()
                 continue
