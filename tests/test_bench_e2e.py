@@ -155,6 +155,10 @@ def test_summarize_io_floor_hand_worked():
     assert row["floor_s_per_token"] == pytest.approx(0.05)
     assert row["floor_ratio"] == pytest.approx(10.0)
     assert row["decode_tokens_per_s"] == pytest.approx((20 - 4) / (10.0 - 2.0))
+    assert row["provisional"]["reuse"] is None
+    raw.update(provisional_drafted=50, provisional_followed=40, provisional_reused=10, provisional_dropped=30)
+    assert bench_report.summarize(raw, bandwidth_bps=2e9)["provisional"] == {
+        "drafted": 50, "followed": 40, "reused": 10, "dropped": 30, "reuse": 0.25}
 
 
 def test_compare_against_baseline_of_the_same_setting():

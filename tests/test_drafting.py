@@ -2,6 +2,8 @@
 forwards, tree bookkeeping, and the cost rule's decisions with a simulated draft of known acceptance."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -430,3 +432,118 @@ def test_lookup_calibration_learns_per_key():
     draft_cal = AcceptanceCalibration()
     draft_cal.observe_tree(t, [0, a])
     assert sum(draft_cal.seen) == 1  # only the draft's node 7
+
+
+# ---- provisional drafting: where the next root may land
+
+
+class _ProductPolicy:
+    """Calibration = the draft's probability (weights by hand)."""
+
+    @staticmethod
+    def value(parent_value, prob, lookup=None):
+        return parent_value * prob
+
+
+def test_unverified_nodes_weigh_the_chance_that_the_next_root_is_theirs():
+    """A child c of a verified node u becomes the next root with P(reach u) * P(emit c), the emission at
+    most what u's verified children leave; below c, acceptance as in any tree; verified nodes keep P(reach)."""
+    from llmcad.speculative.pipeline import stop_mass, weigh_unverified
+
+    t = DraftTree.rooted(9)
+    a = t.add(0, 1, 0.7)
+    b = t.add(a, 2, 0.6)  # the verified tree: root, a, b
+    c = t.add(0, 3, 0.5)  # beside a: the root's verified children leave 0.3
+    d = t.add(c, 4, 0.5)
+    e = t.add(b, 5, 0.9)  # under the verified leaf b: nothing taken
+    f = t.add(a, 6, 0.2)  # beside b: a's verified children leave 0.4
+    policy = _ProductPolicy()
+    assert stop_mass(t, 0, 3, policy) == pytest.approx(0.3) and stop_mass(t, b, 3, policy) == 1.0
+    weigh_unverified(t, 3, policy)
+    assert t.value[:3] == pytest.approx([1.0, 0.7, 0.42])
+    assert t.value[c] == pytest.approx(0.3) and t.value[d] == pytest.approx(0.15)
+    assert t.value[e] == pytest.approx(0.42 * 0.9) and t.value[f] == pytest.approx(0.7 * 0.2)
+
+
+def test_best_first_growth_keeps_the_top_tokens_left_out(monkeypatch):
+    """Every run node of the verified tree keeps (under its id in that tree) the top tokens of its forward
+    that did not become its children: those past the children examined, and those under the bar."""
+    policy = calibrated_policy(8.0, 0.02, max_tree_tokens=12)
+    drafter = SimulatedDraftDrafter([0.4, 0.25, 0.15, 0.1, 0.05, 0.03])
+    monkeypatch.setattr("llmcad.speculative.draft.time.perf_counter", lambda: 0.0)
+    tree = drafter.grow(0, policy, depth_cap=200)
+    assert drafter.spare and 0 in drafter.spare
+    for node, tokens in drafter.spare.items():
+        assert tree.slot[node] >= 0
+        kids = {tree.tokens[c] for c in tree.children[node]}
+        left_out = {t for t, _ in tokens}
+        assert {4, 5} <= left_out and not left_out & kids and kids | left_out == set(range(6))
+        assert all(p == pytest.approx(drafter.dist[t]) for t, p in tokens)
+
+
+def test_provisional_drafting_grows_an_interior_alternative_and_the_next_tree_starts_there(monkeypatch):
+    """Verified: root -> a -> b (b not run). The root's left-out token 5 (p 0.4, within the 0.45 its child
+    a leaves) is a likelier next root than a child of b (0.55 * 0.55): with one row a step, provisional
+    drafting runs token 5 under the root first. The target stops at the root with bonus 5: the next tree
+    is that subtree, its drafted children included."""
+    from llmcad.speculative.pipeline import ComputeGate, VerifyWorker, bonus_subtree
+
+    policy = calibrated_policy(8.0, 0.02)
+    monkeypatch.setattr(policy, "rows", lambda values: 1)
+    drafter = SimulatedDraftDrafter([0.6, 0.2, 0.1, 0.05])
+    tree = DraftTree.rooted(9)
+    a = tree.add(0, 0, 0.55, 0.55)
+    b = tree.add(a, 0, 0.55, 0.55 * 0.55)
+    tree.slot[0], tree.slot[a], drafter._ran, drafter.pending = 0, 1, 2, []
+    drafter.spare = {0: [(5, 0.4)], a: [(6, 0.05)]}
+    gate = ComputeGate(lockstep=True)
+
+    class Verifier:
+        def run(self, tokens, parents):
+            gate.target_waits_for_io(False)
+            gate.target_resumes()  # lockstep: once the draft has stopped
+            return torch.zeros(len(tokens), 8)
+
+    with VerifyWorker(Verifier(), drafter, gate, layer_ready=lambda: False) as worker:
+        _, provisional = worker.verify(tree, 3, 1, policy, max_depth=10)
+    five = tree.child(0, 5)
+    assert five is not None and tree.slot[five] >= 0 and tree.slot[b] < 0
+    assert provisional == [five, *tree.children[five]] and len(tree.children[five]) == 4
+    assert drafter.spare[0] == []
+    seed = bonus_subtree(tree, [0], 5, max_depth=10)
+    assert seed == [five, *tree.children[five]]
+    drafter.commit(tree, [0], seed)
+    nxt = drafter.grow(5, policy, depth_cap=1)
+    assert nxt.tokens[0] == 5 and sorted(nxt.tokens[1:5]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("slowdowns, beside", [((1.05, 1.1), True), ((2.1, 2.2), False)])
+def test_provisional_steps_beside_compute_only_where_the_measured_slowdowns_pay(slowdowns, beside):
+    """A target that never waits on a read: the draft grows provisional nodes beside its compute when the
+    rule measured small slowdowns (a device with room), and none when it measured a contended one."""
+    from llmcad.speculative.costs import BesideCompute
+    from llmcad.speculative.pipeline import ComputeGate, VerifyWorker
+
+    rule = BesideCompute()
+    rule.observe_probe([0.1] * 3, [0.1 * slowdowns[0]] * 3)
+    rule.observe_step(0.24 * slowdowns[1], 0.24)
+    assert rule.mode() == ("on" if beside else "off")
+    policy = calibrated_policy(8.0, 0.02)
+    drafter = SimulatedDraftDrafter([0.6, 0.2, 0.1, 0.05])
+    tree = DraftTree.rooted(9)
+    a = tree.add(0, 0, 0.6, 0.6)
+    tree.slot[0], drafter._ran, drafter.pending = 0, 1, []
+    gate = ComputeGate(layers=4)
+
+    class Verifier:
+        def run(self, tokens, parents):
+            for _ in range(4):  # every layer read in time: compute only
+                gate.target_waits_for_io(True)
+                gate.target_resumes()
+                time.sleep(0.02)
+            return torch.zeros(len(tokens), 8)
+
+    with VerifyWorker(Verifier(), drafter, gate, layer_ready=lambda: True, beside=rule) as worker:
+        _, provisional = worker.verify(tree, 2, 8, policy, max_depth=10)
+    assert bool(provisional) is beside and (rule.steps_beside > 0) is beside
+    assert tree.slot[a] >= 0 if beside else tree.slot[a] < 0

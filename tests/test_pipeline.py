@@ -188,6 +188,8 @@ def test_partly_agreeing_draft_counts_add_up(tiny_pair_dirs, tiny_models, tiny_t
     assert s["provisional_reused"] == sum(p.get("provisional_reused", 0) for p in per_pass)
     last = per_pass[-1]["provisional"]
     assert s["provisional_reused"] + s["provisional_dropped"] == s["provisional_drafted"] - last
+    assert s["provisional_followed"] == s["provisional_drafted"] - last
+    assert s["provisional_reuse"] == pytest.approx(s["provisional_reused"] / s["provisional_followed"])
     for p in per_pass[:-1]:  # a pass keeps all its provisional tokens or none (no cut at these limits)
         assert p.get("provisional_reused", 0) in (0, p["provisional"])
 
@@ -330,3 +332,69 @@ def test_seeded_sampling_streamed_and_pipelined_equals_target_only(tiny_pair_dir
             result = engine.generate(ids, NEW_TOKENS, **sampling)
         assert result.tokens == want, lockstep
         assert result.stats["pipeline"] is True
+
+
+def test_summary_reports_the_provisional_nodes_the_next_trees_used():
+    from llmcad.stats import summary
+
+    stats = {"pipeline": True, "provisional_drafted": 40, "provisional_followed": 32, "provisional_reused": 8,
+             "provisional_reuse": 0.25}
+    line = [x for x in summary(stats).splitlines() if "provisional" in x]
+    assert line == ["llmcad: provisional : 40 nodes grown during reads; of the 32 in passes a later pass followed, "
+                    "8 started the next tree (25%)"]
+    assert "provisional" not in summary({"pipeline": False})
+
+
+def test_beside_compute_rule_finds_a_contended_device_slower_and_a_free_one_faster():
+    """Fed what a 2-core CPU shows (target and draft about 2x slower beside each other) the rule turns
+    drafting beside compute off; fed a device with room (5% and 10%), on for steps worth more than the
+    compute they cost; unmeasured after its probes, off."""
+    from llmcad.speculative.costs import BesideCompute
+
+    contended, free, silent = BesideCompute(), BesideCompute(), BesideCompute()
+    assert contended.mode() == "probe" and contended.pays(0.0)
+    contended.observe_probe([0.10, 0.11, 0.10, 0.50], [0.22, 0.21, 0.23])  # one odd layer alone
+    contended.observe_step(0.53, 0.24)
+    assert contended.slowdowns()[0] == pytest.approx(0.22 / 0.105)
+    assert contended.threshold() > 1 and contended.mode() == "off" and not contended.pays(0.99)
+    free.observe_probe([0.10, 0.10, 0.10], [0.105, 0.105, 0.105])
+    free.observe_step(0.264, 0.24)
+    assert free.mode() == "on" and free.threshold() == pytest.approx(1.1 * (1 - 1 / 1.05))
+    assert free.pays(0.3) and not free.pays(0.02)
+    for _ in range(BesideCompute.PROBE_PASSES):
+        assert silent.mode() == "probe"
+        silent.observe_probe([0.1], [])  # too few layers to compare
+    assert silent.mode() == "off"
+    assert BesideCompute(enabled=False).mode() == "disabled"
+    described = contended.describe()
+    assert described["mode"] == "off" and described["target_measurements"] == 1
+
+
+def test_gate_lets_the_draft_step_beside_compute_in_the_first_half_of_a_probe():
+    """A probe over 4 streamed layers: while the target computes its first two, the draft may step beside
+    it (the target does not wait for that step); from the third, only in IO waits. Layers are filed
+    alone or beside by the draft steps that overlapped them."""
+    gate = ComputeGate(layers=4)
+    gate.begin_verification("probe")
+    assert gate.may_step_beside() and gate.draft_turn() is True  # the target computes: beside
+    gate.step_beside = True
+    gate.target_waits_for_io(ready=True)  # layer 1, ready at once
+    gate.target_resumes()  # does not wait for the step in flight
+    time.sleep(0.02)
+    gate.target_waits_for_io(ready=True)  # layer 2
+    assert gate.pass_layers["beside"] and not gate.pass_layers["alone"]
+    gate.target_resumes()
+    assert gate.draft_step_done() > 0.5
+    gate.target_waits_for_io(ready=True)  # layer 3: past half-way
+    assert not gate.may_step_beside()
+    gate.target_resumes()
+    turns = []
+    drafter = threading.Thread(target=lambda: turns.append(gate.draft_turn()))
+    drafter.start()
+    drafter.join(timeout=0.2)
+    assert drafter.is_alive() and turns == []  # the target computes: no step
+    gate.target_waits_for_io(ready=True)
+    assert len(gate.pass_layers["alone"]) == 1
+    gate.end_verification()
+    drafter.join(timeout=10)
+    assert turns == [False]

@@ -62,7 +62,8 @@ def test_generate_trace_has_every_lane_and_draft_fills_io_waits(tiny_pair_dirs, 
     assert sum(e["name"] == "verify" for e in lanes["verify/commit"]) == passes
     assert {"accept", "commit"} <= {e["name"] for e in lanes["verify/commit"]}
     provisional = [e for e in lanes["draft"] if e["name"] == "provisional"]
-    # one span a provisional draft forward; each forward adds one node or more (best-first: a node's top tokens)
+    # one span a provisional draft forward; forwards add more nodes than they are (best-first: a run candidate
+    # and its top tokens; a verified node's tokens join the tree when a later forward runs them)
     assert 0 < len(provisional) <= result.stats["provisional_drafted"]
     assert len(lanes["draft"]) == result.stats["draft_steps"]
     # provisional steps run inside verifications and never overlap a target layer's compute

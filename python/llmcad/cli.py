@@ -140,6 +140,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="pipeline a chain or tree mode too")
     e.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not read the next pass's layers while the draft drafts")
+    e.add_argument("--no-draft-beside-compute", dest="draft_beside_compute", action="store_false",
+                   help="the draft steps only while the target waits on reads (default: also while it computes, "
+                   "where the measured slowdowns say that pays)")
     e.add_argument("--max-provisional-tokens", type=int, default=None,
                    help="provisional tokens per verification (default: bounded by the IO waits; 8 on the main "
                    "path of a chain or tree mode)")
@@ -283,11 +286,13 @@ def open_engine(args):
         options["max_provisional_tokens"] = args.max_provisional_tokens
     if args.bandwidth_cap is not None:
         options["streamer_options"] = {"bandwidth_cap": bandwidth_cap(args)}
-    return LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
-                                  device=args.device, dtype=args.dtype, pipeline=args.pipeline,
-                                  prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
-                                  prefix_cache=getattr(args, "prompt_cache", True),
-                                  draft_vocab=getattr(args, "draft_vocab", None), **options)
+    engine = LLMCad.from_pretrained(args.draft, args.target, mode=args.mode, memory_budget=args.memory_budget,
+                                    device=args.device, dtype=args.dtype, pipeline=args.pipeline,
+                                    prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
+                                    prefix_cache=getattr(args, "prompt_cache", True),
+                                    draft_vocab=getattr(args, "draft_vocab", None), **options)
+    engine.draft_beside_compute = getattr(args, "draft_beside_compute", True)
+    return engine
 
 
 def trusts_remote_code(args) -> bool:

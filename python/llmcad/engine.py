@@ -17,6 +17,7 @@ from llmcad import memory
 from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineBusyError, EngineClosedError, OutputError, PromptError
+from llmcad.speculative.costs import BesideCompute
 from llmcad.speculative.policy import POLICIES, Policy, make_policy
 from llmcad.models.fetch import resolve_pair
 from llmcad.speculative.prefix_cache import PrefixCache
@@ -54,7 +55,9 @@ class LLMCad:
     IO waits (llmcad.speculative.pipeline); None = on in mode "llmcad" only. It needs a streamed target (nothing
     waits on IO otherwise) and a drafting mode. ``prefetch``: read the next pass's first layers while
     the draft drafts (False: a pass's reads start when it begins). ``max_provisional_tokens``: bound
-    on provisional tokens per verification (0: none).
+    on provisional tokens per verification (0: none). ``draft_beside_compute`` (attribute, default True):
+    the pipelined cost rule may let the draft step while the target computes too, where its measured
+    slowdowns say it pays (llmcad.speculative.costs.BesideCompute; False: only during IO waits).
 
     ``prefix_cache``: keep the draft's and the target's KV of earlier generations (prompt and answer)
     and start a prompt that shares a prefix with one of them from there, prefilling only the rest
@@ -84,6 +87,8 @@ class LLMCad:
         self.pipeline, self.prefetch, self.max_provisional_tokens = _pipeline_options(
             policy, pipeline, prefetch, max_provisional_tokens)
         self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
+        self.draft_beside_compute = True
+        self.beside_rule = BesideCompute()  # measured across generations (the machine's, not the text's)
         self.eos_token_ids = _eos_ids(target)
         self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
         self.prefix_cache = PrefixCache(self._draft_kv_positions, position_bytes=_kv_position_bytes(draft, target)) \
@@ -344,7 +349,8 @@ class _Run:
         streams = self.controller is not None and bool(self.controller.placement.streamed_layers)
         self.streams = streams
         self.pipelined = engine.pipeline and self.drafter is not None and streams
-        self.gate = ComputeGate(lockstep=engine.pipeline_lockstep) if self.pipelined else None
+        self.gate = (ComputeGate(lockstep=engine.pipeline_lockstep, layers=len(self.controller.placement.streamed_layers))
+                     if self.pipelined else None)
         self.worker = None
         self.record = StatsRecorder(engine.streamed, len(ids), self.policy.describe())
 
@@ -361,9 +367,10 @@ class _Run:
             stack.enter_context(io_lane(self.tracer, self.controller))
         if self.pipelined:
             stack.push(self._reset_ring_after_error)  # runs once the worker has been joined
+            beside = self.engine.beside_rule if self.engine.draft_beside_compute else None
             self.worker = stack.enter_context(VerifyWorker(self.verifier, self.drafter, self.gate,
                                                            self.controller.next_layer_ready, self.tracer,
-                                                           abort=self.controller.interrupt))
+                                                           abort=self.controller.interrupt, beside=beside))
             stack.push(self._stop_worker_on_error)  # runs first: the worker may wait for a slow read
 
     def _stop_worker_on_error(self, exc_type, exc, tb) -> bool:
@@ -402,7 +409,7 @@ class _Run:
         emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])
         self.record.record_pass(n, len(accepted) - 1, emitted)
         if output.done:
-            self.record.record_provisional(len(provisional), 0, 0)
+            self.record.record_provisional(len(provisional), 0, 0, followed=False)
             return bonus
         with self._span("commit"):
             self.verifier.commit(accepted)
@@ -479,7 +486,9 @@ class _Run:
         return {**self.policy.report(), "pipeline": self.pipelined, "prefetch": self.engine.prefetch,
                 "max_provisional_tokens": self.engine.max_provisional_tokens,
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
-                "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0}
+                "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0,
+                "draft_beside_compute": (self.engine.beside_rule.describe() if self.engine.draft_beside_compute
+                                         else {"mode": "disabled"})}
 
 
 class _Output:

@@ -33,9 +33,11 @@ class StatsRecorder:
         self.accepted_hist = Counter()  # draft tokens accepted per pass -> passes
         self.target_passes = 0
         self.trace = []  # one dict per target pass
-        # pipeline (llmcad.speculative.pipeline): provisional tokens drafted during verifications, how many seeded
-        # the next tree, how many were dropped (a mismatch, or beyond the next tree's limits)
-        self.provisional = {"provisional_drafted": 0, "provisional_reused": 0, "provisional_dropped": 0}
+        # pipeline (llmcad.speculative.pipeline): provisional tokens drafted during verifications, how many of
+        # them in passes a later pass followed (not the generation's last), how many seeded the next tree,
+        # how many were dropped (a mismatch, or beyond the next tree's limits)
+        self.provisional = {"provisional_drafted": 0, "provisional_followed": 0, "provisional_reused": 0,
+                            "provisional_dropped": 0}
 
     def _bytes_read(self) -> int:
         """Bytes the target has read from storage so far (0 for a resident target)."""
@@ -56,8 +58,10 @@ class StatsRecorder:
                            "accepted": accepted_drafts, "emitted": emitted,
                            "t": round(time.perf_counter() - self._start, 6)})
 
-    def record_provisional(self, drafted: int, reused: int, dropped: int) -> None:
-        for key, n in (("drafted", drafted), ("reused", reused), ("dropped", dropped)):
+    def record_provisional(self, drafted: int, reused: int, dropped: int, followed: bool = True) -> None:
+        """One pass's provisional tokens: ``followed``: a later pass follows this one."""
+        for key, n in (("drafted", drafted), ("followed", drafted if followed else 0), ("reused", reused),
+                       ("dropped", dropped)):
             self.provisional[f"provisional_{key}"] += n
         if self.trace:
             self.trace[-1].update(provisional=drafted, provisional_reused=reused)
@@ -76,6 +80,7 @@ class StatsRecorder:
             "accepted_length_hist": {str(k): v for k, v in sorted(self.accepted_hist.items())},
             "draft_steps": draft_steps,
             **self.provisional,
+            "provisional_reuse": reuse_fraction(self.provisional),
             "tokens_per_s": generated / total if total > 0 else 0.0,
             "bytes_read": self._bytes_read() - self._bytes_at_start,
             "peak_rss_bytes": peak_rss_bytes(),
@@ -86,6 +91,33 @@ class StatsRecorder:
             **(extra or {}),
             **streamed,
         }
+
+
+def reuse_fraction(counts: dict):
+    """Of the provisional tokens drafted in followed passes, the share that started the next tree (None:
+    none drafted)."""
+    followed = counts.get("provisional_followed") or 0
+    return counts.get("provisional_reused", 0) / followed if followed else None
+
+
+def provisional_line(stats: dict) -> str:
+    """Provisional drafting: nodes grown during the target's reads and how many the next trees used."""
+    share = stats.get("provisional_reuse")
+    return (f"{stats.get('provisional_drafted', 0)} nodes grown during reads; of the "
+            f"{stats.get('provisional_followed', 0)} in passes a later pass followed, "
+            f"{stats.get('provisional_reused', 0)} started the next tree"
+            f"{f' ({share:.0%})' if share is not None else ''}{beside_text(stats.get('draft_beside_compute'))}")
+
+
+def beside_text(rule) -> str:
+    """What the rule for drafting beside the target's compute decided, and on what slowdowns."""
+    if not rule:
+        return ""
+    target, draft, bar = rule.get("target_slowdown"), rule.get("draft_slowdown"), rule.get("threshold")
+    measured = (f" (beside each other the target computes {target:.2f}x and the draft {draft:.2f}x slower: pays for "
+                f"path values above {bar:.2f}; {rule.get('steps_beside', 0)} steps beside)"
+                if target is not None and draft is not None else "")
+    return f"; draft beside compute: {rule.get('mode')}{measured}"
 
 
 def format_size(nbytes) -> str:
@@ -129,6 +161,8 @@ def summary(stats: dict, load_s: float | None = None) -> str:
         ("read", f"{format_size(stats.get('bytes_read', 0))} of target weights from storage"),
         ("peak RSS", format_size(stats.get("peak_rss_bytes", 0))),
     ]
+    if stats.get("pipeline"):
+        rows.insert(4, ("provisional", provisional_line(stats)))
     if "max_tree_tokens_chosen" in stats:
         rows.insert(3, ("policy", policy_line(stats)))
     if load_s is not None:

@@ -80,7 +80,8 @@ class CountingLlama:
         return out, {"generated": len(out), "seconds": seconds, "passes": len(accepted), "bytes_read": read,
                      "io_read_bytes": read, "draft_steps": 0, "first_pass_s": first_s,
                      "first_pass_tokens": first_tokens, "accept_lengths": accepted, "tree_tokens": None,
-                     "provisional_drafted": None, "provisional_reused": None, "provisional_dropped": None}
+                     "provisional_drafted": None, "provisional_followed": None, "provisional_reused": None,
+                     "provisional_dropped": None}
 
 
 def row_record(job: dict) -> dict:

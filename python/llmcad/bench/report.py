@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import platform
 
+from llmcad.stats import reuse_fraction
+
 BASELINE = "target-only"
 JSON_KEYS = ("name", "setting", "tokens_per_s", "ratio_vs_target_only", "tokens_per_pass", "bytes_per_token",
              "floor_ratio", "peak_rss_bytes", "agreement")
@@ -37,7 +39,8 @@ def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     split, tree_tokens = raw.get("time_split_s") or {}, raw.get("tree_tokens")
     row["draft_s_per_token"] = split["draft"] / generated if generated and "draft" in split else None
     row["mean_tree_tokens"] = tree_tokens / passes if tree_tokens and passes else None
-    row["provisional"] = {k: raw.get(f"provisional_{k}") for k in ("drafted", "reused", "dropped")}
+    row["provisional"] = {k: raw.get(f"provisional_{k}") for k in ("drafted", "followed", "reused", "dropped")}
+    row["provisional"]["reuse"] = reuse_fraction(raw)
     # after the prompt's pass: decode speed without the prefill, which costs every row about the same
     first_s, first_tokens = raw.get("first_pass_s"), raw.get("first_pass_tokens")
     row["first_pass_s"] = first_s

@@ -73,7 +73,7 @@ def _timed_prompts(runner, job: dict) -> dict:
     runner.generate(job["prompt_ids"][0], job["warmup_tokens"])
     totals = {"generated": 0, "seconds": 0.0, "passes": 0, "bytes_read": 0, "draft_steps": 0, "io_read_bytes": 0,
               "first_pass_s": 0.0, "first_pass_tokens": 0, "tree_tokens": 0, "provisional_drafted": 0,
-              "provisional_reused": 0, "provisional_dropped": 0}
+              "provisional_followed": 0, "provisional_reused": 0, "provisional_dropped": 0}
     tokens, per_prompt = [], []
     kernel = job.get("page_cache") == "kernel"
     with nullcontext() if kernel else Evictor(runner.files(), interval_s=job["evict_interval_s"]) as evictor:
@@ -194,8 +194,8 @@ class EngineRow:
             "bytes_read": self._bytes() - before if self.streamed is not None else s.get("bytes_read", 0),
             "draft_steps": s.get("draft_steps", 0),
             "io_read_bytes": io1 - io0 if io0 is not None and io1 is not None else None,
-            "provisional_drafted": s.get("provisional_drafted"), "provisional_reused": s.get("provisional_reused"),
-            "provisional_dropped": s.get("provisional_dropped"),
+            "provisional_drafted": s.get("provisional_drafted"), "provisional_followed": s.get("provisional_followed"),
+            "provisional_reused": s.get("provisional_reused"), "provisional_dropped": s.get("provisional_dropped"),
             "tree_tokens": sum(p.get("tree_tokens", 0) for p in result.trace),
             "sizes": {k: s[k] for k in ("max_tree_tokens_chosen", "mean_tree_tokens", "mean_draft_rows") if k in s},
             "time_s": s.get("time_s"), "accept_lengths": [p.get("emitted") for p in result.trace],
@@ -242,7 +242,8 @@ class PeerRow:
         start = time.perf_counter()
         tokens, s = self.peer.generate(ids, max_new_tokens)
         return tokens, {"generated": len(tokens), "seconds": time.perf_counter() - start, "tree_tokens": None,
-                        "provisional_drafted": None, "provisional_reused": None, "provisional_dropped": None,
+                        "provisional_drafted": None, "provisional_followed": None, "provisional_reused": None,
+                        "provisional_dropped": None,
                         "passes": s["target_passes"], "bytes_read": s["bytes_read"], "draft_steps": s["draft_steps"],
                         "io_read_bytes": s["bytes_read"], "first_pass_s": s["first_pass_s"],
                         "first_pass_tokens": s["first_pass_tokens"], "accept_lengths": s["accept_lengths"]}

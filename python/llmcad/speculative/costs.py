@@ -140,3 +140,86 @@ class LinearCost:
 def ema(old, sample, weight: float = 0.3):
     """Exponential moving average: ``sample`` when there is no ``old`` value yet."""
     return sample if old is None else (1 - weight) * old + weight * sample
+
+
+class BesideCompute:
+    """Whether the draft should step while the target computes (beside it, on what the target leaves of
+    the device), decided on this run's own measurements.
+
+    A *probe* pass lets the draft step beside the target's first half of streamed layers (the layers of
+    one pass do the same work): the target's slowdown is the median compute of a layer with a draft step
+    beside it over the median of one alone, in that pass; the draft's slowdown the median over steps
+    beside compute of their seconds over the draft cost model's (alone) seconds for as many rows. Medians
+    of the pass ratios and step ratios: one odd layer or step moves neither.
+
+    A step beside compute is worth the serial draft time it saves: its rows' cost alone times the
+    probability that they start the next tree (``weight``: their mean path value); it costs the target
+    the compute it loses while the step runs: the step's seconds beside x (1 - 1 / target slowdown). So it
+    pays when ``weight > draft slowdown * (1 - 1 / target slowdown)`` (:meth:`pays`). Without enough
+    measurements after ``PROBE_PASSES`` probes, the draft stays beside the IO waits only.
+    """
+
+    PROBE_PASSES = 2
+    MIN_LAYERS = 3  # layers of each kind a probe pass needs
+    WINDOW = 16
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.forget()
+
+    def forget(self) -> None:
+        self.target_ratios = collections.deque(maxlen=self.WINDOW)  # per probe pass: beside / alone layer
+        self.draft_ratios = collections.deque(maxlen=self.WINDOW)  # per step beside: seconds / alone model
+        self.probes = 0
+        self.steps_beside = 0  # draft steps taken beside compute
+        self.steps_declined = 0  # steps the rule kept beside the IO waits (their weight did not pay)
+
+    def mode(self) -> str:
+        """"probe", "on" (steps beside compute when they pay), "off" (they never would, or not measured
+        after the probes) or "disabled"."""
+        if not self.enabled:
+            return "disabled"
+        threshold = self.threshold()
+        if threshold is None:
+            return "probe" if self.probes < self.PROBE_PASSES else "off"
+        return "on" if threshold < 1.0 else "off"
+
+    def observe_probe(self, alone: list, beside: list, probe: bool = True) -> None:
+        """A pass's layer compute seconds, alone and with a draft step beside each: a probe, or a pass
+        of drafting beside compute (its declined steps leave layers alone: the ratio keeps up with the
+        machine's load)."""
+        self.probes += probe
+        if len(alone) >= self.MIN_LAYERS and len(beside) >= self.MIN_LAYERS:
+            self.target_ratios.append(statistics.median(beside) / max(statistics.median(alone), 1e-9))
+
+    def observe_step(self, seconds: float, alone_seconds: float) -> None:
+        """A draft step beside compute took ``seconds``; the draft cost model expects ``alone_seconds``."""
+        if seconds > 0 and alone_seconds > 0:
+            self.draft_ratios.append(seconds / alone_seconds)
+
+    def slowdowns(self):
+        """(target slowdown, draft slowdown), None where not measured yet."""
+        target = statistics.median(self.target_ratios) if self.target_ratios else None
+        draft = statistics.median(self.draft_ratios) if self.draft_ratios else None
+        return target, draft
+
+    def threshold(self):
+        """The path value a step beside compute must beat (None: not measured)."""
+        target, draft = self.slowdowns()
+        if target is None or draft is None:
+            return None
+        return draft * max(0.0, 1.0 - 1.0 / target)
+
+    def pays(self, weight: float) -> bool:
+        """Whether a step whose rows' mean path value is ``weight`` should run beside compute now."""
+        mode = self.mode()
+        if mode == "probe":
+            return True
+        return mode == "on" and weight > self.threshold()
+
+    def describe(self) -> dict:
+        target, draft = self.slowdowns()
+        return {"mode": self.mode(), "target_slowdown": target, "draft_slowdown": draft,
+                "threshold": self.threshold(), "probe_passes": self.probes,
+                "target_measurements": len(self.target_ratios), "draft_measurements": len(self.draft_ratios),
+                "steps_beside": self.steps_beside, "steps_declined": self.steps_declined}

@@ -156,6 +156,9 @@ class TreeDrafter:
         self._seed = None  # (tree, nodes run) kept from the last round's provisional drafting
         self._branch_threshold = None  # the current policy's (grow sets it)
         self._alternatives = {}  # provisional node -> [(token, prob)] of the branches it would open
+        # best-first: run node -> [(token, prob)] of its top tokens that did not become children (the
+        # pipeline grows them while the target reads: the target's bonus token may be one of them)
+        self.spare = {}
         self._kv_room = 1 << 30  # draft KV positions this round may still add beyond pending (grow sets it)
 
     @property
@@ -170,6 +173,8 @@ class TreeDrafter:
         when it is under 1 the root does not run and the tree is the root alone. Best-first trees come
         back best first: verify their first ``policy.max_tree_tokens`` nodes."""
         tree, ran = self._seed or (DraftTree.rooted(root_token), 0)
+        if self._seed is None:
+            self.spare = {}
         self._seed, self._alternatives = None, {}
         self._branch_threshold = policy.branch_threshold
         if tree.tokens[0] != int(root_token):
@@ -196,7 +201,7 @@ class TreeDrafter:
             top = self._run(tree, 0)
             if typical:
                 policy.observe_draft(1, time.perf_counter() - t0)
-            self._add_best_children(tree, 0, top, policy, bar=0.0)
+            self.spare[0] = self._add_best_children(tree, 0, top, policy, bar=0.0)
         if getattr(policy, "prompt_lookup", False):
             self._add_lookup(tree, policy, max_depth)
         while True:
@@ -211,7 +216,16 @@ class TreeDrafter:
                 break
             self.expand(tree, nodes[:rows], policy, bar=floor)
         order = tree.best_first_order(max_depth)
+        self._renumber_spare(order)
         return tree.select(order)
+
+    def _renumber_spare(self, nodes) -> None:
+        """``spare`` for the tree ``select(nodes)``: keyed by the nodes' new ids."""
+        self.spare = {i: self.spare[u] for i, u in enumerate(nodes) if u in self.spare}
+
+    def row_room(self, rows: int) -> int:
+        """``rows`` within the draft KV room and the largest forward."""
+        return max(0, min(rows, self._kv_room, self.max_pass_rows or rows))
 
     def _add_lookup(self, tree: DraftTree, policy, max_depth: int) -> None:
         """Prompt-lookup continuations of the text so far and the root join the tree as branches under
@@ -228,16 +242,19 @@ class TreeDrafter:
                 node = child
         self._revalue(tree, policy)
 
-    def expand(self, tree: DraftTree, nodes, policy, bar: float = 0.0, name: str = "draft") -> None:
-        """One draft forward of ``nodes`` (unexpanded, not the root); their top tokens become children."""
-        top_p, top_t = self._run_rows(tree, nodes, policy, name)
+    def expand(self, tree: DraftTree, nodes, policy, bar=0.0, name: str = "draft", timed: bool = True) -> None:
+        """One draft forward of ``nodes`` (unexpanded, not the root); their top tokens become children
+        (``bar``: see :meth:`_add_best_children`; a list: one per node). ``timed``: the forward's time
+        joins the policy's draft cost model (not for a forward beside the target's compute)."""
+        top_p, top_t = self._run_rows(tree, nodes, policy if timed else None, name)
+        bars = bar if isinstance(bar, (list, tuple)) else [bar] * len(nodes)
         for row, node in enumerate(nodes):
-            self._add_best_children(tree, node, (top_p[row], top_t[row]), policy, bar)
+            self.spare[node] = self._add_best_children(tree, node, (top_p[row], top_t[row]), policy, bars[row])
 
     def best_frontier(self, tree: DraftTree, policy, max_depth: int) -> list:
-        """The unexpanded nodes the policy would expand next (provisional drafting), within the KV room."""
+        """The unexpanded nodes the policy would expand next, within the KV room."""
         values, nodes = self._frontier(tree, max_depth)
-        return nodes[:min(policy.rows(values), self._kv_room, self.max_pass_rows or len(nodes))]
+        return nodes[:self.row_room(policy.rows(values))]
 
     @staticmethod
     def _frontier(tree: DraftTree, max_depth: int) -> tuple[list, list]:
@@ -256,25 +273,30 @@ class TreeDrafter:
             tree.value[node] = policy.value(tree.value[tree.parents[node]], tree.probs[node], tree.lookup[node])
 
     @staticmethod
-    def _add_best_children(tree: DraftTree, node: int, top, policy, bar: float) -> None:
+    def _add_best_children(tree: DraftTree, node: int, top, policy, bar: float) -> list:
         """Children: the top tokens (``top``: probabilities and tokens, best first) whose value clears
         ``bar`` (with ``policy.branch_threshold``: the argmax and tokens above it). A token already a child
-        (a lookup branch) merges into it: it gets the draft's probability, and the better value."""
-        top_p, top_t = top[0][:TOP_CHILDREN], top[1][:TOP_CHILDREN]
-        threshold, mass = policy.branch_threshold, 0.0
-        for rank, (p, t) in enumerate(zip(top_p.tolist(), top_t.tolist())):
-            accept = policy.calibration(p)
-            mass += accept
-            if threshold is not None and rank > 0 and p <= threshold:
-                break
-            value = tree.value[node] * accept
+        (a lookup branch) merges into it: it gets the draft's probability, and the better value.
+        Returns the other top tokens, [(token, prob)], best first."""
+        threshold, mass, spare, stopped = policy.branch_threshold, 0.0, [], False
+        for rank, (p, t) in enumerate(zip(top[0].tolist(), top[1].tolist())):
             child = tree.child(node, t)
-            if child is not None:
-                tree.probs[child], tree.cum[child] = p, tree.cum[node] * p
-                tree.value[child] = max(tree.value[child], value)
-            elif value > bar:
-                tree.add(node, t, p, value)
+            if rank < TOP_CHILDREN and not stopped:
+                accept = policy.calibration(p)
+                mass += accept
+                value = tree.value[node] * accept
+                stopped = threshold is not None and rank > 0 and p <= threshold
+                if not stopped and child is not None:
+                    tree.probs[child], tree.cum[child] = p, tree.cum[node] * p
+                    tree.value[child] = max(tree.value[child], value)
+                    continue
+                if not stopped and value > bar:
+                    tree.add(node, t, p, value)
+                    continue
+            if child is None and p > 0:
+                spare.append((int(t), float(p)))
         policy.observe_expansion(mass)
+        return spare
 
     def commit(self, tree: DraftTree, accepted, seed=(), max_nodes: int = 0) -> None:
         """Keep prefix + the accepted nodes the draft has run; queue the rest as pending (after the
@@ -296,6 +318,7 @@ class TreeDrafter:
             if self.pending:
                 raise ValueError("a seed needs every accepted node run by the draft")
             self._seed = (self._seed_tree(tree, list(seed), max(max_nodes, len(seed))), len(seed_ran))
+            self._renumber_spare(list(seed))
 
     def _seed_tree(self, tree: DraftTree, seed: list, max_nodes: int) -> DraftTree:
         """The subtree ``seed`` as a new tree (its run nodes get slots 0, 1, ... in the order they ran),
