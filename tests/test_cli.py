@@ -40,6 +40,16 @@ def test_prompt_lookup_switches(tiny_pair_dirs, capsys):
         assert stats["prompt_lookup"] is on and (on or stats["lookup_nodes_proposed"] == 0)
 
 
+def test_drafting_beside_compute_can_be_turned_off(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    assert cli.main(generate_args(dirs, "--json", "--no-draft-beside-compute")) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["stats"]["draft_beside_compute"] == {"mode": "disabled"}
+    assert cli.main(generate_args(dirs, "--json")) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert on["stats"]["draft_beside_compute"]["mode"] != "disabled" and on["tokens"] == off["tokens"]
+
+
 def test_generate_streams_text_and_writes_a_trace(tiny_pair_dirs, capsys, tmp_path):
     dirs = tiny_pair_dirs("llama")
     trace = tmp_path / "trace.json"
