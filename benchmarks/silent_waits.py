@@ -1,7 +1,8 @@
 """Silent waits of the everyday commands, as a user at a terminal sees them: each command runs with
 stderr on a pseudo-terminal (so its live lines draw) and stdout on a pipe (the generated text); the
 report gives, per command, the longest time with no output at all before the first generated text
-(the stages: loading, the first pass) and after it (between passes, while text streams).
+(the stages: loading, the first pass) and after it (between passes, while text streams). For
+``serve`` the first text is its ``models loaded: ready`` line (after it, an idle server is silent).
 
     PYTHONPATH=python python benchmarks/silent_waits.py [--max-new-tokens 24] [--only generate,chat] \
         [--out benchmarks/results/silent_waits.json]
@@ -29,6 +30,9 @@ from pathlib import Path
 from llmcad.bench.e2e import git_commit
 
 LLMCAD = [sys.executable, "-m", "llmcad.cli"]
+
+
+READY = b"models loaded: ready"  # serve's first output that answers a user: it counts as its first text
 
 
 def commands(tokens: int) -> dict:
@@ -67,7 +71,7 @@ def watch(argv: list, stdin_text: str, stop_after: float | None) -> dict:
                 sel.unregister(key.fileobj)
                 open_streams -= 1
                 continue
-            events.append((time.monotonic() - started, key.data))
+            events.append((time.monotonic() - started, "stdout" if READY in data else key.data))
     proc.wait()
     return {"exit_status": proc.returncode, "seconds": time.monotonic() - started, "events": events}
 
@@ -82,7 +86,7 @@ def gaps(run: dict) -> dict:
             before = max(before, (b - a, b))
         else:
             after = max(after, (b - a, b))
-    return {"first_text_s": first_text, "longest_before_text_s": round(before[0], 2), "ended_at_s": round(before[1], 1),
+    return {"first_text_s": None if first_text is None else round(first_text, 1), "longest_before_text_s": round(before[0], 2), "ended_at_s": round(before[1], 1),
             "longest_while_text_streams_s": round(after[0], 2)}
 
 

@@ -665,6 +665,21 @@ def test_stopping_mid_stream_ends_the_stream_and_closes_the_engine(pair, streami
     assert threads_settle(threads) == set()
 
 
+def test_the_log_says_the_models_are_loading_until_they_are(pair, caplog, monkeypatch):
+    monkeypatch.setattr(worker_module, "LOADING_LOG_EVERY_S", 0.05)
+    caplog.set_level(logging.INFO, logger="llmcad.serve")
+
+    def load():
+        time.sleep(0.5)
+        return LLMCad.from_pretrained(pair["draft"], pair["target"])
+
+    with running_server(load):
+        pass
+    lines = [r.getMessage() for r in caplog.records]
+    loading = [i for i, line in enumerate(lines) if re.fullmatch(r"loading the models: [0-9]+ s", line)]
+    assert len(loading) >= 3 and max(loading) < lines.index("models loaded: ready")
+
+
 def test_the_log_names_each_request_and_the_first_pass_layers_it_reads(pair, streaming_budget, caplog,
                                                                        monkeypatch):
     """No silent wait in the server's log: a line when a request starts, the layer the first pass reads

@@ -20,7 +20,8 @@ from llmcad.serve.schemas import Params
 from llmcad.serve.textstream import TextStream
 
 log = logging.getLogger("llmcad.serve")
-FIRST_PASS_LOG_EVERY_S = 2.0  # at most this long without a line while a reply's first pass reads the target
+FIRST_PASS_LOG_EVERY_S = 2.0  # at most this long without a log line in a reply's first pass
+LOADING_LOG_EVERY_S = 2.0  # and while the models load
 
 
 class Cancelled(Exception):
@@ -185,7 +186,14 @@ class GenerationWorker:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ on the worker thread
+    def _log_while_loading(self) -> None:
+        """A log line every LOADING_LOG_EVERY_S while the models load (ends when loading ends)."""
+        started = time.perf_counter()
+        while not self.ready.wait(LOADING_LOG_EVERY_S):
+            log.info("loading the models: %.0f s", time.perf_counter() - started)
+
     def _main(self) -> None:
+        threading.Thread(target=self._log_while_loading, name="llmcad-serve-loading", daemon=True).start()
         try:
             engine = self._load_engine()
             try:
