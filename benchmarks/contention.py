@@ -13,16 +13,14 @@ is a ratio within this command: busy against quiet for one mode, llmcad against 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
-from generate_runs import generate, humaneval_prompt_files
+from generate_runs import generate, humaneval_prompt_files, write_report
 from llmcad.bench.e2e import git_commit
 
 
@@ -124,12 +122,9 @@ def main(argv=None) -> int:
     if not 0 <= args.busy_core < (os.cpu_count() or 1):
         raise SystemExit(f"--busy-core {args.busy_core}: this machine has cores 0-{(os.cpu_count() or 1) - 1}")
     report = {"command": "python benchmarks/contention.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "git_commit": git_commit(), "cores": os.cpu_count(), "busy_core": args.busy_core, **run(args)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+              "git_commit": git_commit(), "cores": os.cpu_count(), "busy_core": args.busy_core}
+    report.update(run(args))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

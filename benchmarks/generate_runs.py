@@ -1,5 +1,6 @@
-"""What the scripts beside this one share: HumanEval prompts as files, and one ``llmcad generate --json``
-run in its own process, reduced to its tokens and the figures the scripts compare."""
+"""What the scripts beside this one share: HumanEval prompts as files, one ``llmcad generate --json``
+run in its own process, reduced to its tokens and the figures the scripts compare, and the report's
+JSON and markdown files."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,15 @@ def humaneval_prompt_files(span: str):
             path.write_text(text, encoding="utf-8")
             files.append((labels[i], str(path)))
         yield files
+
+
+def write_report(out, report: dict, markdown: str) -> None:
+    """``report`` as JSON at ``out`` and ``markdown`` beside it (.md), and the markdown on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def generate(options: list, prompt_file: str, what: str) -> dict:

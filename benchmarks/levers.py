@@ -15,12 +15,10 @@ Figures are ratios within this command: each row's tok/s against the full run's 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-from pathlib import Path
 
-from generate_runs import generate, humaneval_prompt_files
+from generate_runs import generate, humaneval_prompt_files, write_report
 from llmcad.bench.e2e import git_commit
 
 LEVERS = {"no prompt lookup": ["--no-prompt-lookup"], "no provisional drafting": ["--no-pipeline"],
@@ -107,15 +105,11 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = run(args)
-    add_ratios(results)
     report = {"command": "python benchmarks/levers.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "git_commit": git_commit(), "rows": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+              "git_commit": git_commit()}  # read before the runs: the commit measured
+    report["rows"] = run(args)
+    add_ratios(report["rows"])
+    write_report(args.out, report, markdown(report))
     return 0
 
 
