@@ -20,16 +20,13 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
-from generate_runs import generate, humaneval_prompt_files, write_report
+from generate_runs import add_run_arguments, generate, humaneval_prompt_files, write_report
 from llmcad.bench.e2e import git_commit
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--draft", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--prompts", default="0:2", help="HumanEval problems START:END (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_run_arguments(p)
     p.add_argument("--modes", default="llmcad,chain")
     p.add_argument("--memory-budget", default="none", help="the runs' --memory-budget (default: none, so that "
                    "compute, which the busy core slows, is what a pass costs)")

@@ -29,6 +29,14 @@ def humaneval_prompt_files(span: str):
         yield files
 
 
+def add_run_arguments(p) -> None:
+    """The arguments every script here takes: the pair, the HumanEval problems, the tokens a prompt."""
+    p.add_argument("--draft", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--prompts", default="0:2", help="HumanEval problems START:END (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+
 def write_report(out, report: dict, markdown: str) -> None:
     """``report`` as JSON at ``out`` and ``markdown`` beside it (.md), and the markdown on stdout."""
     out = Path(out)

@@ -18,7 +18,7 @@ import argparse
 import shlex
 import sys
 
-from generate_runs import generate, humaneval_prompt_files, write_report
+from generate_runs import add_run_arguments, generate, humaneval_prompt_files, write_report
 from llmcad.bench.e2e import git_commit
 
 LEVERS = {"no prompt lookup": ["--no-prompt-lookup"], "no provisional drafting": ["--no-pipeline"],
@@ -27,10 +27,7 @@ LEVERS = {"no prompt lookup": ["--no-prompt-lookup"], "no provisional drafting":
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--draft", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--prompts", default="0:2", help="HumanEval problems START:END (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_run_arguments(p)
     p.add_argument("--target-only-tokens", type=int, default=8,
                    help="tokens a prompt for target-only, whose tok/s does not depend on the count (default 8)")
     p.add_argument("--settings", default="native,300MB/s")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from llmcad.bench import workloads
+from llmcad.bench.e2e import parse_ints
 from llmcad.bench.pass_variants import _commit, _label, _parse_variant
 
 DEFAULT_ROWS = "1,2,4,8,16,32"
@@ -63,7 +64,7 @@ def run(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     commit = _commit()  # the code measured, read before the run (a long run may outlive a checkout)
-    rows = _ints(args.rows, "--rows")
+    rows = parse_ints(args.rows, "--rows")
     vocabs = [None] + [n for n in (parse_draft_vocab(v, "--draft-vocab") for v in args.draft_vocab.split(",")) if n]
     drafts = [(_label(resolve(args.draft)), resolve(args.draft))] + \
         [(name, resolve(path)) for name, path in map(_parse_variant, args.variant)]
@@ -247,16 +248,6 @@ def _scheme(path):
     from llmcad.bench.pass_variants import _scheme as scheme
 
     return scheme(path)
-
-
-def _ints(text: str, flag: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} {text!r}: expected positive integers, e.g. {DEFAULT_ROWS}")
-    return values
 
 
 def _command() -> str:

@@ -70,7 +70,7 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     """A prepared safetensors directory for ``model`` in the cache (made on first use)."""
     from llmcad.models.prepare import prepare
 
-    out = cache_dir() / f"{model.name}-{dtype}"
+    out = prepared_dir(model, dtype)
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         update_end_ids(out)
         return out
@@ -206,7 +206,7 @@ def prepared_pair(dtype: str = "bfloat16"):
 
 def pair_in_cache(dtype: str = "bfloat16") -> bool:
     """Whether both demo models are prepared in the cache (a look at the files, nothing loaded)."""
-    dirs = [cache_dir() / f"{model.name}-{dtype}" for model in (DRAFT, TARGET)]
+    dirs = [prepared_dir(model, dtype) for model in (DRAFT, TARGET)]
     return all((d / "config.json").is_file() and any(d.glob("*.safetensors")) for d in dirs)
 
 
@@ -234,8 +234,9 @@ def resolve_pair(draft, target, dtype=None) -> tuple:
         raise ModelLoadError("give both draft and target, or neither (to use the demo pair)")
     if draft is None:
         draft, target = demo_pair("bfloat16")
-        if demo_draft_scheme(dtype) != "none":
-            draft = packed_in_cache(draft, demo_draft_scheme(dtype), "draft")
+        scheme = demo_draft_scheme(dtype)
+        if scheme != "none":
+            draft = packed_in_cache(draft, scheme, "draft")
     return resolve(draft), resolve(target)
 
 
@@ -243,7 +244,7 @@ def demo_pair_ready(dtype=None) -> bool:
     """Whether the demo pair, its draft packed as for ``dtype``, is in the cache (files looked at,
     nothing loaded)."""
     scheme = demo_draft_scheme(dtype)
-    packed = cache_dir() / "quantized" / f"{DRAFT.name}-bfloat16-{scheme}" / "llmcad-source.json"
+    packed = packed_dir(prepared_dir(DRAFT), scheme) / "llmcad-source.json"
     return pair_in_cache() and (scheme == "none" or packed.is_file())
 
 
@@ -252,10 +253,20 @@ def packed_in_cache(model_dir, scheme: str, role: str) -> Path:
     saying so)."""
     from llmcad.models.prepare import quantized_copy
 
-    dest = cache_dir() / "quantized" / f"{Path(model_dir).resolve().name}-{scheme}"
+    dest = packed_dir(model_dir, scheme)
     if not (dest / "llmcad-source.json").is_file():
         print(f"llmcad: preparing the {scheme} {role} once, in {dest}", file=sys.stderr)
     return quantized_copy(model_dir, scheme, dest)
+
+
+def prepared_dir(model: RealModel, dtype: str = "bfloat16") -> Path:
+    """Where ``model`` prepared in ``dtype`` lives in the cache."""
+    return cache_dir() / f"{model.name}-{dtype}"
+
+
+def packed_dir(model_dir, scheme: str) -> Path:
+    """Where ``model_dir`` packed with ``scheme`` lives in the cache."""
+    return cache_dir() / "quantized" / f"{Path(model_dir).resolve().name}-{scheme}"
 
 
 def demo_draft_scheme(dtype) -> str:
