@@ -150,6 +150,36 @@ def test_linear_cost_fits_measurements():
     assert cost(10) == pytest.approx(0.23, rel=0.05)
 
 
+def test_linear_cost_keeps_the_prior_shape_when_sizes_are_alike():
+    """Passes of nearly one size cannot tell a slope from their noise: the fit keeps the prior's shape
+    (per row / fixed) at the measured level, never a zero per-row cost (which grew 512-node trees)."""
+    cost = LinearCost(1.0, 0.02)
+    for rows, seconds in ((75, 0.93), (72, 0.95), (78, 0.90)):  # seconds fall as rows rise: noise
+        cost.observe(rows, seconds)
+    fixed, per_row = cost.coefficients()
+    scale = 0.93 / (1.0 + 0.02 * 75)  # the median measurement over the prior's line
+    assert fixed == pytest.approx(scale) and per_row == pytest.approx(0.02 * scale)
+    assert cost.describe()["slope_from"] == "prior shape"
+    for rows, seconds in ((20, 0.40), (40, 0.60)):  # sizes apart: the slope is measured
+        cost.observe(rows, seconds)
+    assert cost.describe()["slope_from"] == "measured" and cost.coefficients()[1] > 0
+
+
+def test_linear_cost_rejects_a_prior_of_no_cost():
+    with pytest.raises(ValueError, match="fixed=0"):
+        LinearCost(0.0, 0.0)
+
+
+def test_same_size_passes_do_not_grow_the_largest_tree():
+    """Three passes of about 75 tokens at 0.93 s (a resident target on a quiet CPU): the device-sized
+    tree is what fits the fixed cost at the scaled prior's slope, not the 512-node bound."""
+    policy = make_policy("llmcad")
+    for tokens, seconds in ((75, 0.93), (72, 0.95), (78, 0.90)):
+        policy.observe_pass(tokens, seconds)
+    assert policy.tree_tokens == 50  # fixed / per_token = 1 / 0.02
+    assert policy.report()["target_pass_model_s"]["slope_from"] == "prior shape"
+
+
 class SimulatedDraftDrafter(TreeDrafter):
     """A draft whose every distribution is ``dist`` (top token first; its top tokens are 0, 1, ...): no
     model, slots kept as a real forward would keep them. The target accepts a token of probability p with probability p

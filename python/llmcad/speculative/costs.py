@@ -90,51 +90,73 @@ def tested_nodes(tree, accepted):
 
 
 class LinearCost:
-    """Seconds as ``fixed + per_row * rows``, a robust fit of the last ``window`` measurements: the
-    slope is the median of the slopes between measurements of different rows (Theil-Sen), the fixed
+    """Seconds as ``fixed + per_row * rows``, a robust fit of the last ``window`` measurements.
+
+    The slope is the median of the slopes between measurements whose rows differ by at least
+    ``SPREAD`` times (Theil-Sen on pairs far enough apart that a slope is not their noise), the fixed
     cost the median of what each measurement leaves beside it. One odd measurement (a pass slowed by
     another job) moves neither; a lasting change of the machine's load takes over once it holds most
-    of the window (about three quarters). Until ``settle`` measurements are in, a prior (``fixed``,
-    ``per_row``) joins them as two points, at 1 and ``prior_rows`` rows; with no two rows apart, the
-    slope is the prior's."""
+    of the window (about three quarters).
 
-    def __init__(self, fixed: float, per_row: float, prior_rows: int = 16, window: int = 12, settle: int = 4):
+    With fewer than ``MIN_SLOPES`` such pairs, or a median slope <= 0 (no work gets cheaper with more
+    rows: the sizes are too alike to tell), the prior's shape is kept and scaled to the measurements:
+    the prior's line times the median of the measurements' seconds over the prior's for their rows. So
+    same-size measurements set the level and never a zero slope; before any, the prior (``fixed``,
+    ``per_row``) itself.
+    """
+
+    SPREAD = 1.25
+    MIN_SLOPES = 3
+
+    def __init__(self, fixed: float, per_row: float, window: int = 12):
+        if not (fixed >= 0 and per_row >= 0 and fixed + per_row > 0):
+            raise ValueError(f"LinearCost prior fixed={fixed}, per_row={per_row}: expected both >= 0, "
+                             "one > 0")
         self._prior = (fixed, per_row)
-        self._prior_points = [(1.0, fixed + per_row), (float(prior_rows), fixed + per_row * prior_rows)]
-        self.window, self.settle = window, settle
+        self.window = window
         self._recent = collections.deque(maxlen=window)  # (rows, seconds), oldest first
         self.observations = 0
-        self._fit = None  # cached coefficients (None: to compute)
+        self._fit = None  # cached (fixed, per_row, how) (None: to compute)
 
     def observe(self, rows: int, seconds: float) -> None:
-        if not (seconds > 0 and math.isfinite(seconds)):
+        if not (rows > 0 and seconds > 0 and math.isfinite(seconds)):
             return
         self._recent.append((float(rows), float(seconds)))
         self.observations += 1
         self._fit = None
 
+    def _spread_slopes(self, points) -> list:
+        return [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]
+                if max(x1, x2) >= self.SPREAD * min(x1, x2)]
+
+    def _fitted(self) -> tuple[float, float, str]:
+        points = list(self._recent)
+        if not points:
+            return (*self._prior, "prior")
+        slopes = self._spread_slopes(points)
+        slope = statistics.median(slopes) if len(slopes) >= self.MIN_SLOPES else 0.0
+        if slope > 0:
+            return max(statistics.median(y - slope * x for x, y in points), 0.0), slope, "measured"
+        fixed, per_row = self._prior
+        scale = statistics.median(y / (fixed + per_row * x) for x, y in points)
+        return scale * fixed, scale * per_row, "prior shape"
+
     def coefficients(self) -> tuple[float, float]:
         """(fixed seconds, seconds per row), both >= 0."""
         if self._fit is None:
-            points = list(self._recent)
-            if self.observations < self.settle:
-                points += self._prior_points
-            slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]
-                      if x2 != x1]
-            slope = max(statistics.median(slopes), 0.0) if slopes else self._prior[1]
-            fixed = max(statistics.median(y - slope * x for x, y in points), 0.0)
-            self._fit = (fixed, slope)
-        return self._fit
+            self._fit = self._fitted()
+        return self._fit[:2]
 
     def __call__(self, rows: int) -> float:
         fixed, per_row = self.coefficients()
         return fixed + per_row * rows
 
     def describe(self) -> dict:
-        """The fit and what it rests on (JSON-ready): measurements seen, and in the window."""
+        """The fit and what it rests on (JSON-ready): measurements seen and in the window, and whether
+        the slope was ``measured``, the ``prior shape`` scaled to the measurements, or the ``prior``."""
         fixed, per_row = self.coefficients()
-        return {"fixed": fixed, "per_row": per_row, "observations": self.observations,
-                "window": len(self._recent)}
+        return {"fixed": fixed, "per_row": per_row, "slope_from": self._fit[2],
+                "observations": self.observations, "window": len(self._recent)}
 
 
 def ema(old, sample, weight: float = 0.3):

@@ -175,7 +175,7 @@ class LLMCadPolicy(Policy):
         self.lookup_calibration.reset()
         # priors: a 1-row draft forward 50 ms + 2 ms a row; a target pass's compute 1 s + 20 ms a token
         self.draft_cost = LinearCost(0.05, 0.002)
-        self.target_cost = LinearCost(1.0, 0.02, prior_rows=64)  # compute (with no read waits: the pass)
+        self.target_cost = LinearCost(1.0, 0.02)  # compute (with no read waits: the pass)
         self.io_bound_s = None  # length of a pass bound by its reads (moving average); None: none seen
         self.child_mass = 0.8  # calibrated acceptance summed over an expanded node's children (average)
         self.reset()
@@ -313,7 +313,8 @@ class LLMCadPolicy(Policy):
                 "mean_draft_rows": sum(rows) / len(rows) if rows else 0.0,
                 "draft_forwards": len(rows),
                 "target_pass_model_s": {"fixed": target["fixed"], "per_token": target["per_row"],
-                                        "io_bound": self.io_bound_s, "observations": target["observations"],
+                                        "io_bound": self.io_bound_s, "slope_from": target["slope_from"],
+                                        "observations": target["observations"],
                                         "window": target["window"],
                                         "prefill_passes_left_out": self.prefill_passes},
                 "draft_model_s": draft,
