@@ -15,6 +15,7 @@ from llmcad.speculative.draft import DraftTree, TreeDrafter, rows_mask
 from llmcad.speculative.lookup import PromptLookup
 from llmcad.speculative.pipeline import bonus_subtree
 from llmcad.speculative.policy import LLMCadPolicy, make_policy
+from llmcad.stats import policy_line
 
 PROMPT = "def add(a, b):"
 
@@ -177,7 +178,10 @@ def test_same_size_passes_do_not_grow_the_largest_tree():
     for tokens, seconds in ((75, 0.93), (72, 0.95), (78, 0.90)):
         policy.observe_pass(tokens, seconds)
     assert policy.tree_tokens == 50  # fixed / per_token = 1 / 0.02
-    assert policy.report()["target_pass_model_s"]["slope_from"] == "prior shape"
+    report = policy.report()
+    assert report["target_pass_model_s"]["slope_from"] == "prior shape"
+    line = policy_line(report)
+    assert "fitted on 3 passes (sizes too alike for a slope" in line and "20.00 ms/node" not in line
 
 
 class SimulatedDraftDrafter(TreeDrafter):
