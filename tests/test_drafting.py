@@ -581,3 +581,29 @@ def test_provisional_steps_beside_compute_only_where_the_measured_slowdowns_pay(
         _, provisional = worker.verify(tree, 2, 8, policy, max_depth=10)
     assert bool(provisional) is beside and (rule.steps_beside > 0) is beside
     assert tree.slot[a] >= 0 if beside else tree.slot[a] < 0
+
+
+def test_io_bound_pass_prices_the_compute_its_reads_cannot_hide():
+    policy = LLMCadPolicy()
+    policy.unhidden_share = 0.25
+    for tokens in (20, 40, 80):  # compute 0.2 s + 10 ms a token, 8 s of reads the rest hides
+        compute = 0.2 + 0.01 * tokens
+        policy.observe_pass(tokens, compute + 8.0 - 0.75 * compute, io_wait_s=8.0 - 0.75 * compute)
+    assert policy.io_bound_s == pytest.approx(8.0)
+    assert policy.pass_seconds(100) == pytest.approx(0.25 * 1.2 + 8.0)
+    assert policy.pass_seconds(300) - policy.pass_seconds(200) == pytest.approx(0.25 * 1.0)
+    hidden_fits = policy.tree_tokens  # the hidden compute fits in the reads: 0.75 * (0.2 + 0.01 t) <= 8
+    assert hidden_fits == min(LLMCadPolicy.AUTO_TREE_TOKENS[1], int((8.0 / 0.75 - 0.2) / 0.01))
+    policy.unhidden_share = 0.0  # every node's compute hidden: a tree token costs an IO-bound pass nothing
+    assert policy.pass_seconds(300) == policy.pass_seconds(200)
+
+
+def test_unhidden_share_is_the_resident_part_of_the_weights():
+    from types import SimpleNamespace
+
+    from llmcad.engine import unhidden_compute_share
+
+    streamed = SimpleNamespace(resident_bytes=300, placement=SimpleNamespace(bytes_per_pass=900))
+    assert unhidden_compute_share(streamed) == pytest.approx(0.25)
+    assert unhidden_compute_share(None) == 0.0
+    assert unhidden_compute_share(SimpleNamespace(resident_bytes=300, placement=SimpleNamespace(bytes_per_pass=0))) == 0.0

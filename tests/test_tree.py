@@ -198,3 +198,77 @@ def test_property_any_parent_array_is_valid_or_a_value_error(parents):
                 routine(parents)
         return
     np.testing.assert_array_equal(tree.depths(parents), ref.depths(np.asarray(parents, dtype=np.int32)))
+
+
+@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
+def test_subtree_mask(name, parents):
+    rng = np.random.default_rng(len(parents))
+    for node in {0, len(parents) - 1, int(rng.integers(len(parents)))}:
+        expected = np.zeros(len(parents), dtype=bool)
+        for u in range(len(parents)):
+            v = u
+            while v > node:
+                v = parents[v]
+            expected[u] = v == node
+        np.testing.assert_array_equal(tree.subtree_mask(parents, node), expected)
+
+
+class _CountingHead(torch.nn.Linear):
+    """An output layer that counts the rows it ran on."""
+
+    rows = 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return super().forward(x)
+
+
+def _lazy_case(n, seed, vocab=11):
+    """A tree whose tokens are the argmax of its own rows' logits along a long path, so the walk goes
+    deep; values favour that path (informative) or the opposite (misleading)."""
+    from llmcad.speculative.forward import RowLogits
+
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    parents = ref.random_tree(rng, n, max_branch=3)
+    head = _CountingHead(8, vocab, bias=False)
+    hidden = torch.randn(n, 8, generator=g)
+    choice = head(hidden).argmax(-1).numpy().astype(np.int32)
+    head.rows = 0
+    tokens = rng.integers(0, vocab, n).astype(np.int32)
+    node, path = 0, {0}
+    while True:  # the first child of each node on the path carries its parent's choice
+        kids = [c for c in range(n) if parents[c] == node]
+        if not kids:
+            break
+        tokens[kids[0]] = choice[node]
+        for other in kids[1:]:
+            tokens[other] = (choice[node] + 1 + other) % vocab
+        node = kids[0]
+        path.add(node)
+    return RowLogits(head, hidden, chunk_rows=5), head, parents, tokens, path
+
+
+class _HostVerifier:
+    def accept(self, parents, tokens, choice):
+        return tree.accept(parents, tokens, choice)
+
+
+@pytest.mark.parametrize("n", [1, 17, 64, 257])
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("values_follow_path", [True, False])
+def test_lazy_walk_equals_choosing_every_row(n, do_sample, values_follow_path):
+    from llmcad.speculative.verify import TargetChooser, choose_and_accept
+
+    logits, head, parents, tokens, path = _lazy_case(n, seed=n)
+    values = [1.0] + [(0.9 if (u in path) == values_follow_path else 0.01) for u in range(1, n)]
+    positions = list(range(100, 100 + n))
+    chooser = TargetChooser(do_sample=do_sample, temperature=0.7, seed=3)
+    want = tree.accept(parents, tokens, chooser.choose(logits, positions))
+    head.rows = 0
+    got = choose_and_accept(chooser, _HostVerifier(), logits, parents, tokens, positions, values)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1]
+    if n > 64 and values_follow_path and not do_sample:
+        assert len(want[0]) > 3  # the walk went deep, yet the head ran on far fewer rows than the tree's
+        assert head.rows < n // 2

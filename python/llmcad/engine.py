@@ -29,7 +29,7 @@ from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PA
 from llmcad.stats import StatsRecorder
 from llmcad.streaming.budget import logits_chunk_rows
 from llmcad.trace import Tracer, io_lane
-from llmcad.speculative.verify import TargetChooser, TargetVerifier, validate_sampling
+from llmcad.speculative.verify import TargetChooser, TargetVerifier, choose_and_accept, validate_sampling
 
 
 @dataclass
@@ -96,6 +96,7 @@ class LLMCad:
         # the memory budget's largest pass: trees and prompt passes stay within it; logits come in chunks
         self.pass_rows = getattr(self.placement, "pass_rows", None)
         policy.memory_cap = self.pass_rows
+        policy.unhidden_share = unhidden_compute_share(streamed)
         self.chunk_rows = {name: min(logits_chunk_rows(m.config, m.dtype), self.pass_rows or 1 << 30)
                            for name, m in (("target", target), ("draft", draft))}
         self.runtime_floor = memory.runtime_floor() if runtime_floor is None else runtime_floor
@@ -392,22 +393,25 @@ class _Run:
             tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room()) if self.drafter
                     else DraftTree.rooted(root))
         n, created = min(len(tree), policy.max_tree_tokens, self._target_kv_room()), len(tree)
+        expected = sum(tree.value[1:n]) if policy.best_first else None  # the rule's expected accepted drafts
         pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
         with self.record.timed("target"):
             logits, provisional = self._verify(tree, n)
         # seconds the target sat blocked: on reads (IO-bound passes) and on draft steps
         gate = self.gate
         io_wait, draft_wait = (gate.pass_io_wait_s, gate.pass_draft_wait_s) if gate is not None else (0.0, 0.0)
-        policy.observe_pass(n, time.perf_counter() - t0, pending, io_wait_s=io_wait, draft_wait_s=draft_wait)
         verified = tree.head(n)
         # node u chooses the token at absolute position committed + depth(u): the key of its sampling noise
         committed = self.prompt_length + len(output.tokens)
         with self._span("accept"):
             # on CUDA the walk runs on the device; only the accepted ids and the bonus come back
-            choice = self.chooser.choose(logits, [committed + d for d in verified.depth])
-            accepted, bonus = self.verifier.accept(verified.parents, verified.tokens, choice)
+            accepted, bonus = choose_and_accept(self.chooser, self.verifier, logits, verified.parents,
+                                                verified.tokens, [committed + d for d in verified.depth],
+                                                verified.value)
+        # the pass's cost includes the output head, which runs on the rows the walk chose
+        policy.observe_pass(n, time.perf_counter() - t0, pending, io_wait_s=io_wait, draft_wait_s=draft_wait)
         emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])
-        self.record.record_pass(n, len(accepted) - 1, emitted)
+        self.record.record_pass(n, len(accepted) - 1, emitted, expected)
         if output.done:
             self.record.record_provisional(len(provisional), 0, 0, followed=False)
             return bonus
@@ -640,6 +644,15 @@ def _check_streamer(streamer):
     if streamer is None or hasattr(streamer, "put") or callable(streamer):
         return streamer
     raise ValueError(f"streamer={streamer!r}: expected an object with put()/end() or a callable taking text")
+
+
+def unhidden_compute_share(streamed) -> float:
+    """Share of a streamed target's pass compute its reads cannot hide: the resident layers' and output
+    head's, by bytes (compute follows the weights' size); 0 for a resident target."""
+    streamed_bytes = streamed.placement.bytes_per_pass if streamed is not None else 0
+    if streamed_bytes <= 0:
+        return 0.0
+    return streamed.resident_bytes / (streamed.resident_bytes + streamed_bytes)
 
 
 def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):

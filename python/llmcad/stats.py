@@ -51,12 +51,15 @@ class StatsRecorder:
         finally:
             self.seconds[part] += time.perf_counter() - t0
 
-    def record_pass(self, tree_size: int, accepted_drafts: int, emitted: int) -> None:
+    def record_pass(self, tree_size: int, accepted_drafts: int, emitted: int, expected=None) -> None:
+        """One target pass; ``expected``: the draft tokens the policy expected it to accept (None: no
+        estimate)."""
         self.target_passes += 1
         self.accepted_hist[accepted_drafts] += 1
         self.trace.append({"pass": self.target_passes, "tree_tokens": tree_size,
                            "accepted": accepted_drafts, "emitted": emitted,
-                           "t": round(time.perf_counter() - self._start, 6)})
+                           "t": round(time.perf_counter() - self._start, 6),
+                           **({"expected_accepted": round(expected, 3)} if expected is not None else {})})
 
     def record_provisional(self, drafted: int, reused: int, dropped: int, followed: bool = True) -> None:
         """One pass's provisional tokens: ``followed``: a later pass follows this one."""

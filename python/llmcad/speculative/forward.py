@@ -82,6 +82,11 @@ class RowLogits:
                     rows = self.head(rows)
             yield start, rows.float()
 
+    def select(self, rows) -> "RowLogits":
+        """The logits of the rows ``rows`` (ids, in that order) alone: the output layer runs on them only."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.hidden.device)
+        return RowLogits(self.head, self.hidden.index_select(0, index), self.chunk_rows)
+
     def full(self) -> torch.Tensor:
         """Every row's logits at once, float32 [n, vocab] (tests and small vocabularies)."""
         return torch.cat([rows for _, rows in self.chunks()]) if self.shape[0] else torch.empty(self.shape)

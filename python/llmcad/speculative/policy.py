@@ -26,6 +26,9 @@ class Policy:
     tree_tokens = 1  # the mode's own tree size; max_tree_tokens is it within the memory cap
     max_depth = 0
     memory_cap = None  # tree tokens the memory budget's largest pass holds (the engine sets it); None: no cap
+    # share of a streamed pass's compute its reads cannot hide (resident layers, output head: the engine
+    # sets it from their bytes); 0: a pass lasts max(compute, reads)
+    unhidden_share = 0.0
 
     @property
     def max_tree_tokens(self) -> int:
@@ -99,12 +102,13 @@ class LLMCadPolicy(Policy):
     The next expansion (the ``rows`` most valuable unexpanded nodes, in one draft forward) is made
     while its expected gain in accepted tokens per second it costs (draft forward + the target compute
     its new nodes add) beats the expected tokens per second of the round so far; both costs are
-    measured while generating: a pass lasts max(its compute, its reads), compute linear in the tree's
-    tokens (:class:`LinearCost`), the reads measured on passes that waited for them; while a pass is
-    IO-bound, more tree tokens cost it nothing. This is the paper's "verify when the tree's
+    measured while generating: compute linear in the tree's tokens (:class:`LinearCost`), the reads
+    measured on passes that waited for them; a streamed pass lasts the compute its reads cannot hide
+    (``unhidden_share``: its resident layers' and output head's) plus max(the rest, the reads), so
+    while it is IO-bound a tree token costs only that unhidden share of its compute. This is the paper's "verify when the tree's
     confidence drops below alpha", with alpha set by the hardware. ``max_tree_tokens`` /
     ``max_depth`` None: sized to the device, the tree grows while the target's pass stays IO-bound
-    (its compute fits in the reads' time; with no read waits seen, while the tokens' compute fits in
+    (its hidden compute fits in the reads' time; with no read waits seen, while the tokens' compute fits in
     the pass's fixed cost).
     ``branch_threshold``: None: a node's children are its top tokens whose path value clears the
     current bar; a number: the argmax plus tokens above it (the paper's rule).
@@ -189,14 +193,18 @@ class LLMCadPolicy(Policy):
             return self.INITIAL_TREE_TOKENS
         fixed, per_token = self.target_cost.coefficients()
         low, high = self.AUTO_TREE_TOKENS
-        # tokens whose compute fits in the reads' time (or, never IO-bound, in the fixed cost)
-        room = fixed if self.io_bound_s is None else self.io_bound_s - fixed
+        # tokens whose hidden compute fits in the reads' time (or, never IO-bound, in the fixed cost)
+        room = fixed if self.io_bound_s is None else self.io_bound_s / (1.0 - self.unhidden_share) - fixed
         return high if per_token <= 0 else int(min(high, max(low, room / per_token)))
 
     def pass_seconds(self, tokens: int) -> float:
-        """Expected seconds of a target pass over ``tokens`` tree tokens: max(compute, reads)."""
+        """Expected seconds of a target pass over ``tokens`` tree tokens: its compute; while IO-bound,
+        the compute its reads cannot hide plus max(the rest, the reads)."""
         compute = self.target_cost(tokens)
-        return compute if self.io_bound_s is None else max(compute, self.io_bound_s)
+        if self.io_bound_s is None:
+            return compute
+        unhidden = self.unhidden_share * compute
+        return unhidden + max(compute - unhidden, self.io_bound_s)
 
     @property
     def max_depth(self) -> int:
@@ -274,9 +282,10 @@ class LLMCadPolicy(Policy):
             self.prefill_passes += 1
             self.sizes["verified_tree_tokens"].append(tree_tokens)
             return
-        self.target_cost.observe(tree_tokens, seconds - io_wait_s - draft_wait_s)
-        if io_wait_s > self.IO_BOUND_SHARE * seconds:
-            self.io_bound_s = ema(self.io_bound_s, seconds - draft_wait_s)
+        compute = seconds - io_wait_s - draft_wait_s
+        self.target_cost.observe(tree_tokens, compute)
+        if io_wait_s > self.IO_BOUND_SHARE * seconds:  # the reads and the compute they hide
+            self.io_bound_s = ema(self.io_bound_s, seconds - draft_wait_s - self.unhidden_share * compute)
         self.sizes["verified_tree_tokens"].append(tree_tokens)
 
     def observe(self, tree, accepted) -> None:
@@ -313,7 +322,8 @@ class LLMCadPolicy(Policy):
                 "mean_draft_rows": sum(rows) / len(rows) if rows else 0.0,
                 "draft_forwards": len(rows),
                 "target_pass_model_s": {"fixed": target["fixed"], "per_token": target["per_row"],
-                                        "io_bound": self.io_bound_s, "slope_from": target["slope_from"],
+                                        "io_bound": self.io_bound_s, "unhidden_share": self.unhidden_share,
+                                        "slope_from": target["slope_from"],
                                         "observations": target["observations"],
                                         "window": target["window"],
                                         "prefill_passes_left_out": self.prefill_passes},
