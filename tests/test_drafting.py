@@ -606,4 +606,5 @@ def test_unhidden_share_is_the_resident_part_of_the_weights():
     streamed = SimpleNamespace(resident_bytes=300, placement=SimpleNamespace(bytes_per_pass=900))
     assert unhidden_compute_share(streamed) == pytest.approx(0.25)
     assert unhidden_compute_share(None) == 0.0
-    assert unhidden_compute_share(SimpleNamespace(resident_bytes=300, placement=SimpleNamespace(bytes_per_pass=0))) == 0.0
+    nothing_streamed = SimpleNamespace(resident_bytes=300, placement=SimpleNamespace(bytes_per_pass=0))
+    assert unhidden_compute_share(nothing_streamed) == 0.0

@@ -200,19 +200,6 @@ def test_property_any_parent_array_is_valid_or_a_value_error(parents):
     np.testing.assert_array_equal(tree.depths(parents), ref.depths(np.asarray(parents, dtype=np.int32)))
 
 
-@pytest.mark.parametrize("name,parents", TREES, ids=IDS)
-def test_subtree_mask(name, parents):
-    rng = np.random.default_rng(len(parents))
-    for node in {0, len(parents) - 1, int(rng.integers(len(parents)))}:
-        expected = np.zeros(len(parents), dtype=bool)
-        for u in range(len(parents)):
-            v = u
-            while v > node:
-                v = parents[v]
-            expected[u] = v == node
-        np.testing.assert_array_equal(tree.subtree_mask(parents, node), expected)
-
-
 class _CountingHead(torch.nn.Linear):
     """An output layer that counts the rows it ran on."""
 
@@ -226,6 +213,7 @@ class _CountingHead(torch.nn.Linear):
 def _lazy_case(n, seed, vocab=11):
     """A tree whose tokens are the argmax of its own rows' logits along a long path, so the walk goes
     deep; values favour that path (informative) or the opposite (misleading)."""
+    from llmcad.speculative.draft import DraftTree
     from llmcad.speculative.forward import RowLogits
 
     g = torch.Generator().manual_seed(seed)
@@ -246,7 +234,10 @@ def _lazy_case(n, seed, vocab=11):
             tokens[other] = (choice[node] + 1 + other) % vocab
         node = kids[0]
         path.add(node)
-    return RowLogits(head, hidden, chunk_rows=5), head, parents, tokens, path
+    verified = DraftTree.rooted(int(tokens[0]))
+    for u in range(1, n):  # parents come before children: ids stay the same
+        verified.add(int(parents[u]), int(tokens[u]), 0.5, 0.9 if u in path else 0.01)
+    return RowLogits(head, hidden, chunk_rows=5), head, verified, path
 
 
 class _HostVerifier:
@@ -260,13 +251,14 @@ class _HostVerifier:
 def test_lazy_walk_equals_choosing_every_row(n, do_sample, values_follow_path):
     from llmcad.speculative.verify import TargetChooser, choose_and_accept
 
-    logits, head, parents, tokens, path = _lazy_case(n, seed=n)
-    values = [1.0] + [(0.9 if (u in path) == values_follow_path else 0.01) for u in range(1, n)]
+    logits, head, verified, path = _lazy_case(n, seed=n)
+    if not values_follow_path:
+        verified.value = [1.0] + [0.01 if u in path else 0.9 for u in range(1, n)]
     positions = list(range(100, 100 + n))
     chooser = TargetChooser(do_sample=do_sample, temperature=0.7, seed=3)
-    want = tree.accept(parents, tokens, chooser.choose(logits, positions))
+    want = tree.accept(verified.parents, verified.tokens, chooser.choose(logits, positions))
     head.rows = 0
-    got = choose_and_accept(chooser, _HostVerifier(), logits, parents, tokens, positions, values)
+    got = choose_and_accept(chooser, _HostVerifier(), logits, verified, positions)
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1] == want[1]
     if n > 64 and values_follow_path and not do_sample:

@@ -405,9 +405,8 @@ class _Run:
         committed = self.prompt_length + len(output.tokens)
         with self._span("accept"):
             # on CUDA the walk runs on the device; only the accepted ids and the bonus come back
-            accepted, bonus = choose_and_accept(self.chooser, self.verifier, logits, verified.parents,
-                                                verified.tokens, [committed + d for d in verified.depth],
-                                                verified.value)
+            accepted, bonus = choose_and_accept(self.chooser, self.verifier, logits, verified,
+                                                [committed + d for d in verified.depth])
         # the pass's cost includes the output head, which runs on the rows the walk chose
         policy.observe_pass(n, time.perf_counter() - t0, pending, io_wait_s=io_wait, draft_wait_s=draft_wait)
         emitted = output.extend([verified.tokens[a] for a in accepted[1:]] + [bonus])

@@ -108,16 +108,6 @@ def accept(parents, tokens, choice):
     return accepted, int(bonus)
 
 
-def subtree_mask(parents, node: int) -> np.ndarray:
-    """bool [n]: whether each node is ``node`` or below it (parents before children)."""
-    array = np.asarray(parents)
-    below = np.zeros(len(array), dtype=bool)
-    below[node] = True
-    for u in range(node + 1, len(array)):
-        below[u] = below[array[u]]
-    return below
-
-
 def commit_indices(accepted, prefix_len: int) -> np.ndarray:
     """KV slots kept by a commit: ``[0, prefix_len)`` then ``prefix_len + accepted[j]``: int64."""
     array = _int32_vector(accepted, "accepted")

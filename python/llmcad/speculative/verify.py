@@ -104,30 +104,31 @@ FIRST_ROWS = 16  # the least rows of a lazy walk's first batch
 MORE_ROWS = 16  # rows a batch adds where the walk reached a node whose choice is unknown
 
 
-def choose_and_accept(chooser, verifier, logits, parents, tokens, positions, values):
-    """The target's choices and the acceptance walk: ``(accepted, bonus)`` as :meth:`TargetVerifier.accept`.
+def choose_and_accept(chooser, verifier, logits, verified, positions):
+    """The target's choices and the acceptance walk over ``verified`` (a DraftTree, one row of ``logits``
+    a node): ``(accepted, bonus)`` as :meth:`TargetVerifier.accept`.
 
     The walk visits one node a depth, so on host logits made by an output layer (:class:`RowLogits` with
-    a head) that layer runs only on rows the walk may visit: the most valuable first (``values``: path
-    values; twice the expected accepted length and ``FIRST_ROWS`` more), then ``MORE_ROWS`` of the
-    subtree where the walk reached a node not chosen yet (an unknown choice is -1, a token no child
-    holds, so the walk stops there), until it ends on a chosen node. The walk and the choices are those
-    of every row chosen at once. Elsewhere (CUDA, logits already made) every row is chosen at once.
+    a head) that layer runs only on rows the walk may visit: the most valuable first (path values; twice
+    the expected accepted length and ``FIRST_ROWS`` more), then ``MORE_ROWS`` of the subtree where the
+    walk reached a node not chosen yet (an unknown choice is -1, a token no child holds, so the walk
+    stops there), until it ends on a chosen node. The walk and the choices are those of every row chosen
+    at once. Elsewhere (CUDA, logits already made) every row is chosen at once.
     ``positions``: each row's absolute position (the key of its sampling noise)."""
-    n = len(parents)
+    parents, tokens, values, n = verified.parents, verified.tokens, verified.value, len(verified)
     if not _head_on_host(logits) or n <= FIRST_ROWS:
         return verifier.accept(parents, tokens, chooser.choose(logits, positions))
     order = sorted(range(n), key=lambda u: -values[u])  # stable: ties in tree order
     choice = np.full(n, -1, dtype=np.int32)
-    batch = order[:FIRST_ROWS + 2 * int(np.ceil(sum(values[1:n])))]
+    batch = order[:FIRST_ROWS + 2 * int(np.ceil(sum(values[1:])))]
     while True:
         rows = [u for u in batch if choice[u] < 0]
         choice[rows] = chooser.choose(logits.select(rows), [positions[u] for u in rows])
         accepted, bonus = verifier.accept(parents, tokens, choice)
         if bonus >= 0:
             return accepted, bonus
-        below = tree.subtree_mask(parents, int(accepted[-1]))
-        batch = [u for u in order if below[u] and choice[u] < 0][:MORE_ROWS]
+        below = set(verified.subtree(int(accepted[-1])))
+        batch = [u for u in order if u in below and choice[u] < 0][:MORE_ROWS]
 
 
 def _head_on_host(logits) -> bool:
