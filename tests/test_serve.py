@@ -680,6 +680,26 @@ def test_the_log_says_the_models_are_loading_until_they_are(pair, caplog, monkey
     assert len(loading) >= 3 and max(loading) < lines.index("models loaded: ready")
 
 
+def test_no_loading_line_follows_the_ready_line(pair, caplog, monkeypatch):
+    """A tick that has passed its wait when loading ends logs before "models loaded: ready"."""
+    monkeypatch.setattr(worker_module, "LOADING_LOG_EVERY_S", 0.01)
+    caplog.set_level(logging.INFO, logger="llmcad.serve")
+    info = worker_module.log.info
+
+    def slow_tick(message, *args):
+        if message.startswith("loading the models"):
+            time.sleep(0.2)  # the tick's line lands after the models are ready
+        info(message, *args)
+
+    monkeypatch.setattr(worker_module.log, "info", slow_tick)
+    with running_server(lambda: LLMCad.from_pretrained(pair["draft"], pair["target"])):
+        pass
+    time.sleep(0.5)  # a tick still sleeping would log by now
+    lines = [r.getMessage() for r in caplog.records]
+    ready = lines.index("models loaded: ready")
+    assert not [line for line in lines[ready:] if line.startswith("loading the models")], lines
+
+
 def test_the_log_names_each_request_and_the_first_pass_layers_it_reads(pair, streaming_budget, caplog,
                                                                        monkeypatch):
     """No silent wait in the server's log: a line when a request starts, the layer the first pass reads

@@ -193,7 +193,8 @@ class GenerationWorker:
             log.info("loading the models: %.0f s", time.perf_counter() - started)
 
     def _main(self) -> None:
-        threading.Thread(target=self._log_while_loading, name="llmcad-serve-loading", daemon=True).start()
+        ticker = threading.Thread(target=self._log_while_loading, name="llmcad-serve-loading", daemon=True)
+        ticker.start()
         try:
             engine = self._load_engine()
             try:
@@ -206,6 +207,7 @@ class GenerationWorker:
             with self._lock:
                 self.state = "failed" if self.state == "loading" else self.state
             self.ready.set()
+            ticker.join()  # a tick already past its wait logs before the outcome does
             log.error("could not load the models: %s", self.failure)
             if self.on_load_error is not None:
                 self.on_load_error(exc)
@@ -215,6 +217,7 @@ class GenerationWorker:
             stopped = self.state == "stopped"
             self.state = "stopped" if stopped else "ready"
         self.ready.set()
+        ticker.join()
         log.info("models loaded: ready")
         try:
             while not stopped and (job := self.queue.get()) is not None:
