@@ -143,6 +143,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-draft-beside-compute", dest="draft_beside_compute", action="store_false",
                    help="the draft steps only while the target waits on reads (default: also while it computes, "
                    "where the measured slowdowns say that pays)")
+    e.add_argument("--no-prefill-beside", dest="prefill_beside", action="store_const", const=False, default=None,
+                   help="a resident target caches the prompt in the first pass, after the draft's first tree "
+                   "(default: on a thread of its own beside the draft, where torch's threads leave a core free)")
     e.add_argument("--max-provisional-tokens", type=int, default=None,
                    help="provisional tokens per verification (default: bounded by the IO waits; 8 on the main "
                    "path of a chain or tree mode)")
@@ -292,6 +295,7 @@ def open_engine(args):
                                     prefix_cache=getattr(args, "prompt_cache", True),
                                     draft_vocab=getattr(args, "draft_vocab", None), **options)
     engine.draft_beside_compute = getattr(args, "draft_beside_compute", True)
+    engine.prefill_beside = getattr(args, "prefill_beside", None)
     return engine
 
 

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ from llmcad.stats import StatsRecorder
 from llmcad.streaming.budget import logits_chunk_rows
 from llmcad.trace import Tracer, io_lane
 from llmcad.speculative.verify import TargetChooser, TargetVerifier, choose_and_accept, validate_sampling
+
+# prompt tokens below which a prefill of their own costs more (a pass's fixed cost) than it hides
+PREFILL_BESIDE_MIN_TOKENS = 32
 
 
 @dataclass
@@ -58,6 +62,10 @@ class LLMCad:
     on provisional tokens per verification (0: none). ``draft_beside_compute`` (attribute, default True):
     the pipelined cost rule may let the draft step while the target computes too, where its measured
     slowdowns say it pays (llmcad.speculative.costs.BesideCompute; False: only during IO waits).
+    ``prefill_beside`` (attribute): a resident target caches a long prompt on a thread of its own while
+    the draft prefills it and drafts the first tree, and the first pass holds the tree alone; None (the
+    default): where a CPU core is left free by torch's threads; True/False: always/never. A streamed
+    target never does (its prompt pass would read every streamed layer once more).
 
     ``prefix_cache``: keep the draft's and the target's KV of earlier generations (prompt and answer)
     and start a prompt that shares a prefix with one of them from there, prefilling only the rest
@@ -88,6 +96,7 @@ class LLMCad:
             policy, pipeline, prefetch, max_provisional_tokens)
         self.pipeline_lockstep = False  # tests: deterministic provisional counts (see ComputeGate)
         self.draft_beside_compute = True
+        self.prefill_beside = None
         self.beside_rule = BesideCompute()  # measured across generations (the machine's, not the text's)
         self.eos_token_ids = _eos_ids(target)
         self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
@@ -350,9 +359,11 @@ class _Run:
         streams = self.controller is not None and bool(self.controller.placement.streamed_layers)
         self.streams = streams
         self.pipelined = engine.pipeline and self.drafter is not None and streams
-        self.gate = (ComputeGate(lockstep=engine.pipeline_lockstep, layers=len(self.controller.placement.streamed_layers))
-                     if self.pipelined else None)
+        self.gate = (ComputeGate(lockstep=engine.pipeline_lockstep,
+                                 layers=len(self.controller.placement.streamed_layers)) if self.pipelined else None)
         self.worker = None
+        self._prefill, self._prefill_stop = None, threading.Event()  # the prompt's prefill beside the draft
+        self._prefill_ran = False
         self.record = StatsRecorder(engine.streamed, len(ids), self.policy.describe())
 
     def start(self, stack: ExitStack) -> None:
@@ -373,6 +384,29 @@ class _Run:
                                                            self.controller.next_layer_ready, self.tracer,
                                                            abort=self.controller.interrupt, beside=beside))
             stack.push(self._stop_worker_on_error)  # runs first: the worker may wait for a slow read
+        if self._prefills_beside():
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmcad-prefill"))
+            stack.callback(self._prefill_stop.set)  # runs before the pool's shutdown waits for it
+            self._prefill, self._prefill_ran = pool.submit(self._run_prefill), True
+
+    def _prefills_beside(self) -> bool:
+        """Whether the target caches the prompt while the draft drafts the first tree (see ``LLMCad``):
+        a resident target, a drafting mode and a prompt long enough to pay for a pass of its own."""
+        if self.drafter is None or self.streams or len(self.verifier.pending) < PREFILL_BESIDE_MIN_TOKENS:
+            return False
+        setting = self.engine.prefill_beside
+        return _core_to_spare(self.engine.target) if setting is None else bool(setting)
+
+    def _run_prefill(self) -> None:
+        with self._span("prefill", tokens=len(self.verifier.pending)):
+            self.verifier.prefill_pending(self._prefill_stop)
+
+    def _join_prefill(self) -> None:
+        """Wait for the prompt's prefill beside the first tree; its error is raised here."""
+        if self._prefill is not None:
+            with self.record.timed("target"):
+                self._prefill.result()
+            self._prefill = None
 
     def _stop_worker_on_error(self, exc_type, exc, tb) -> bool:
         """Ctrl-C (or any error) on this thread: the worker's layer wait raises too, so joining it
@@ -390,8 +424,9 @@ class _Run:
         """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""
         policy, output = self.policy, self.output
         with self.record.timed("draft"):
-            tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room()) if self.drafter
-                    else DraftTree.rooted(root))
+            tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room())
+                    if self.drafter else DraftTree.rooted(root))
+        self._join_prefill()
         n, created = min(len(tree), policy.max_tree_tokens, self._target_kv_room()), len(tree)
         expected = sum(tree.value[1:n]) if policy.best_first else None  # the rule's expected accepted drafts
         pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
@@ -487,6 +522,7 @@ class _Run:
 
     def pipeline_stats(self) -> dict:
         return {**self.policy.report(), "pipeline": self.pipelined, "prefetch": self.engine.prefetch,
+                "prefill_beside": self._prefill_ran,
                 "max_provisional_tokens": self.engine.max_provisional_tokens,
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
                 "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0,
@@ -555,6 +591,14 @@ class _Output:
         if delta:
             self._sent_text = text
             self.streamer(delta)
+
+
+def _core_to_spare(target) -> bool:
+    """A CPU target whose torch intra-op threads leave a usable core free (CUDA: not measured, so no)."""
+    if target.get_input_embeddings().weight.device.type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
 
 
 def _release_streamed(streamed) -> None:
