@@ -4,6 +4,7 @@ prefill in passes of awkward sizes leaves the same cache as riding along, and er
 surface with no thread left behind."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -15,6 +16,7 @@ from llmcad import LLMCad
 from llmcad.engine import PREFILL_BESIDE_MIN_TOKENS
 from llmcad.speculative.policy import make_policy
 from llmcad.speculative.verify import TargetVerifier
+from test_pipeline import budgets  # noqa: F401 (fixture)
 
 # a prompt of well over PREFILL_BESIDE_MIN_TOKENS tokens
 LONG = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, counting from zero.\"\"\"\n"
@@ -168,3 +170,72 @@ def test_the_cli_turns_the_prefill_beside_off(tiny_pair_dirs, capsys):
     assert cli.main(args) == 0
     default = json.loads(capsys.readouterr().out)
     assert default["tokens"] == off["tokens"]
+
+
+# ---- a streamed target: the prompt's pass of its own reads every streamed layer once more
+
+
+@pytest.mark.parametrize("mode, pipelined", [("llmcad", True), ("chain", False), ("llmcad", False)])
+def test_a_streamed_target_prefilled_beside_equals_target_generate(tiny_pair_dirs, tiny_models, tiny_tokenizer,
+                                                                    budgets, mode, pipelined):  # noqa: F811
+    from test_pipeline import generate, streamed_engine
+
+    ids = tiny_tokenizer(LONG)["input_ids"]
+    expected = reference(tiny_models("qwen2", "target"), ids, NEW_TOKENS)
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", mode=mode, pipeline=pipelined) as eng:
+        for beside in (True, False):
+            eng.prefill_beside = beside
+            passes = eng.streamed.passes
+            result = generate(eng, ids, NEW_TOKENS)
+            assert result.tokens == expected, (mode, beside)
+            assert result.stats["prefill_beside"] is beside and result.stats["pipeline"] is pipelined
+            # the prompt's own passes (of at most the budget's pass rows) beside the tree passes
+            prompt_passes = eng.streamed.passes - passes - result.stats["target_passes"]
+            if beside:
+                assert prompt_passes == math.ceil((len(ids) - 1) / eng.pass_rows)
+            else:
+                assert prompt_passes < math.ceil((len(ids) - 1) / eng.pass_rows)
+
+
+def test_a_failed_read_in_a_streamed_prefill_surfaces_and_the_engine_recovers(tiny_pair_dirs, tiny_models,
+                                                                               tiny_tokenizer, budgets):  # noqa: F811
+    from test_pipeline import SLOW_IO, generate, streamed_engine
+    from llmcad.errors import StreamerIOError
+
+    ids = tiny_tokenizer(LONG)["input_ids"]
+    expected = reference(tiny_models("qwen2", "target"), ids, NEW_TOKENS)
+    with streamed_engine(tiny_pair_dirs, budgets, "shared", streamer_options=SLOW_IO) as eng:
+        eng.prefill_beside = True
+        before = set(threading.enumerate())
+        eng.streamed.drop_prefetch()
+        eng.streamed.streamer.inject_fault(2)  # a read inside the prompt's pass
+        with pytest.raises(StreamerIOError):
+            generate(eng, ids, NEW_TOKENS)
+        deadline = time.monotonic() + 10
+        while {t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon} and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not prefill_threads()
+        assert generate(eng, ids, NEW_TOKENS).tokens == expected
+
+
+def test_the_pass_model_says_where_a_prompt_pass_of_its_own_pays():
+    from llmcad.speculative.policy import LLMCadPolicy
+
+    def policy(fixed, per_token, io_bound, draft_per_row=0.01):
+        p = LLMCadPolicy()
+        for rows in (4, 16, 64):
+            p.observe_pass(rows, fixed + per_token * rows)
+            p.observe_draft(rows, 0.05 + draft_per_row * rows)
+        p.io_bound_s = io_bound
+        return p
+
+    assert LLMCadPolicy().prefill_apart_pays(200) is None  # no pass measured yet
+    # resident: the draft's prefill hides under the target's, for one pass's fixed cost more
+    assert policy(0.25, 0.015, None).prefill_apart_pays(200) is True
+    # resident but a tiny prompt: the fixed cost is more than the prefill it hides
+    assert policy(0.25, 0.015, None, draft_per_row=0.0001).prefill_apart_pays(2) is False
+    # slow reads (emmc): a pass of its own reads every streamed layer once more
+    assert policy(0.25, 0.015, 7.5).prefill_apart_pays(200) is False
+    # fast reads and a compute-bound prompt pass: the draft's prefill hides under it
+    assert policy(0.25, 0.015, 1.6).prefill_apart_pays(200) is True

@@ -62,10 +62,11 @@ class LLMCad:
     on provisional tokens per verification (0: none). ``draft_beside_compute`` (attribute, default True):
     the pipelined cost rule may let the draft step while the target computes too, where its measured
     slowdowns say it pays (llmcad.speculative.costs.BesideCompute; False: only during IO waits).
-    ``prefill_beside`` (attribute): a resident target caches a long prompt on a thread of its own while
-    the draft prefills it and drafts the first tree, and the first pass holds the tree alone; None (the
-    default): where a CPU core is left free by torch's threads; True/False: always/never. A streamed
-    target never does (its prompt pass would read every streamed layer once more).
+    ``prefill_beside`` (attribute): the target caches a long prompt on a thread of its own while the draft
+    prefills it and drafts the first tree, and the first pass holds the tree alone; None (the default):
+    where a CPU core is left free by torch's threads and, for the cost rule, where its pass model says
+    the pass of its own pays (a streamed target's reads every streamed layer once more: only a
+    compute-bound prompt gains); True/False: always/never.
 
     ``prefix_cache``: keep the draft's and the target's KV of earlier generations (prompt and answer)
     and start a prompt that shares a prefix with one of them from there, prefilling only the rest
@@ -385,21 +386,48 @@ class _Run:
                                                            abort=self.controller.interrupt, beside=beside))
             stack.push(self._stop_worker_on_error)  # runs first: the worker may wait for a slow read
         if self._prefills_beside():
+            if self.streams and not self.pipelined:
+                stack.push(self._reset_ring_after_error)  # runs once the prefill has been joined
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmcad-prefill"))
-            stack.callback(self._prefill_stop.set)  # runs before the pool's shutdown waits for it
+            stack.push(self._stop_prefill)  # runs before the pool's shutdown waits for it
             self._prefill, self._prefill_ran = pool.submit(self._run_prefill), True
 
     def _prefills_beside(self) -> bool:
         """Whether the target caches the prompt while the draft drafts the first tree (see ``LLMCad``):
-        a resident target, a drafting mode and a prompt long enough to pay for a pass of its own."""
-        if self.drafter is None or self.streams or len(self.verifier.pending) < PREFILL_BESIDE_MIN_TOKENS:
+        a drafting mode, a prompt long enough to pay for a pass of its own, a core to spare; a streamed
+        target, or the cost rule, when its pass model says the pass of its own pays."""
+        pending = len(self.verifier.pending)
+        if self.drafter is None or pending < PREFILL_BESIDE_MIN_TOKENS:
             return False
         setting = self.engine.prefill_beside
-        return _core_to_spare(self.engine.target) if setting is None else bool(setting)
+        if setting is not None:
+            return bool(setting)
+        if self.engine.pipeline_lockstep:  # tests: deterministic passes
+            return False
+        rule = getattr(self.policy, "prefill_apart_pays", None)
+        pays = rule(pending) if rule is not None else None
+        return _core_to_spare(self.engine.target) and (pays if pays is not None else not self.streams)
 
     def _run_prefill(self) -> None:
-        with self._span("prefill", tokens=len(self.verifier.pending)):
-            self.verifier.prefill_pending(self._prefill_stop)
+        # a resident target's passes of 256 rows: a stop waits for one of them at most
+        gate = self.gate
+        if gate is not None:  # a pass with no draft step in its IO waits (the draft drafts its first tree)
+            gate.begin_verification()
+            gate.draft_stops()
+        try:
+            with self._span("prefill", tokens=len(self.verifier.pending)):
+                self.verifier.prefill_pending(self._prefill_stop, chunk_rows=None if self.streams else 256)
+        finally:
+            if gate is not None:
+                gate.end_verification()
+
+    def _stop_prefill(self, exc_type, exc, tb) -> bool:
+        """No further prefill pass; on an error, a streamed pass's layer wait raises too (Ctrl-C while
+        it waits on a slow read)."""
+        self._prefill_stop.set()
+        if exc_type is not None and self.streams:
+            self.controller.interrupt()
+        return False
 
     def _join_prefill(self) -> None:
         """Wait for the prompt's prefill beside the first tree; its error is raised here."""

@@ -206,6 +206,20 @@ class LLMCadPolicy(Policy):
         unhidden = self.unhidden_share * compute
         return unhidden + max(compute - unhidden, self.io_bound_s)
 
+    def prefill_apart_pays(self, prompt_tokens: int) -> bool | None:
+        """Whether the target should cache a prompt of ``prompt_tokens`` in a pass of its own, beside the
+        draft's prefill and first tree, rather than ride along in the first tree's pass: whether
+        max(D, P(p)) + P(n) < D + P(p + n), with P the pass model, D the draft's prefill (its forward model
+        at p rows; the first tree's steps come on top, so D is a lower bound) and n the tree size. A
+        resident target gains min(D, compute(p)) less one pass's fixed cost; a streamed one pays a read
+        of every streamed layer more, so only a compute-bound prompt pass gains. None: no pass measured.
+        """
+        if self.target_cost.observations < 2:
+            return None
+        p, n, draft = prompt_tokens, self.tree_tokens, self.draft_cost(prompt_tokens)
+        apart = max(draft, self.pass_seconds(p)) + self.pass_seconds(n)
+        return apart < draft + self.pass_seconds(p + n)
+
     @property
     def max_depth(self) -> int:
         return self.fixed_depth if self.fixed_depth is not None else self.max_tree_tokens - 1

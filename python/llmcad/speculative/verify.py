@@ -50,11 +50,12 @@ class TargetVerifier:
         """Leading cache positions that hold committed tokens (the positions before the last root)."""
         return min(kv.cache_length(self.cache), self._prefix)
 
-    def prefill_pending(self, stop=None, chunk_rows: int = 256) -> None:
+    def prefill_pending(self, stop=None, chunk_rows: int | None = None) -> None:
         """Cache the pending tokens in passes of their own (no logits), so that the next :meth:`run` holds
         the tree alone: the prompt's prefill, run beside the draft's. Passes of at most ``chunk_rows``
-        (and ``max_pass_rows``) tokens; ``stop`` (a threading.Event): set, no further pass starts."""
-        rows = min(chunk_rows, self.max_pass_rows or chunk_rows)
+        and ``max_pass_rows`` tokens (None: no bound); ``stop`` (a threading.Event): set, no further pass
+        starts."""
+        rows = min(chunk_rows or 1 << 30, self.max_pass_rows or 1 << 30)
         while self.pending:
             if stop is not None and stop.is_set():
                 raise InterruptedError("the prompt's prefill was stopped")
