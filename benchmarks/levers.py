@@ -1,6 +1,6 @@
 """Each lever's share of llmcad's gain, one removed at a time, on a real pair: ``llmcad generate`` with
 every lever, then with one lever off (prompt lookup, the pipeline's provisional drafting, the cost rule,
-the tree), and target-only, in each setting; every run in its own process, prompts in turn.
+the tree, the prompt's pass beside the draft's prefill), and target-only, in each setting; every run in its own process, prompts in turn.
 
     PYTHONPATH=python python benchmarks/levers.py --draft D --target T [--prompts 0:2] \
         [--max-new-tokens 64] [--settings native,300MB/s] [--lever 'NAME=FLAGS' ...] \
@@ -22,7 +22,8 @@ from generate_runs import add_run_arguments, generate, humaneval_prompt_files, w
 from llmcad.bench.e2e import git_commit
 
 LEVERS = {"no prompt lookup": ["--no-prompt-lookup"], "no provisional drafting": ["--no-pipeline"],
-          "paper's alpha rule, not the cost rule": ["--alpha-rule", "paper"], "chain, no tree": ["--mode", "chain"]}
+          "paper's alpha rule, not the cost rule": ["--alpha-rule", "paper"], "chain, no tree": ["--mode", "chain"],
+          "no prompt pass beside the draft": ["--no-prefill-beside"]}
 
 
 def parse_args(argv=None):
