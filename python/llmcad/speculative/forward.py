@@ -99,12 +99,16 @@ def _plain_head(model) -> bool:
             and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS))
 
 
-def prefill(model, cache, tokens, rows: int) -> None:
+def prefill(model, cache, tokens, rows: int, stop=None) -> None:
     """Append ``tokens`` (causal, after the cache's keys) to ``cache`` in passes of at most ``rows``
-    tokens, computing no logits: a long prompt costs the activations of ``rows`` tokens at a time."""
+    tokens, computing no logits: a long prompt costs the activations of ``rows`` tokens at a time.
+    ``stop`` (a threading.Event): once set, no further pass starts (InterruptedError); the cache then
+    holds the passes that ran."""
     weight = model.get_input_embeddings().weight
     device = weight.device
     for start in range(0, len(tokens), rows):
+        if stop is not None and stop.is_set():
+            raise InterruptedError("the prefill was stopped")
         chunk = list(tokens[start:start + rows])
         cache_len = kv.cache_length(cache)
         mask = causal_rows(cache_len, len(chunk), cache_len + len(chunk), weight.dtype, device)

@@ -55,12 +55,12 @@ class TargetVerifier:
         the tree alone: the prompt's prefill, run beside the draft's. Passes of at most ``chunk_rows``
         and ``max_pass_rows`` tokens (None: no bound); ``stop`` (a threading.Event): set, no further pass
         starts."""
-        rows = min(chunk_rows or 1 << 30, self.max_pass_rows or 1 << 30)
-        while self.pending:
-            if stop is not None and stop.is_set():
-                raise InterruptedError("the prompt's prefill was stopped")
-            prefill(self.target, self.cache, self.pending[:rows], rows)
-            self.pending = self.pending[rows:]
+        rows = min(chunk_rows or 1 << 30, self.max_pass_rows or 1 << 30, max(1, len(self.pending)))
+        cached = kv.cache_length(self.cache)
+        try:
+            prefill(self.target, self.cache, self.pending, rows, stop)
+        finally:  # a stopped prefill: the passes that ran are cached, the rest still pending
+            self.pending = self.pending[kv.cache_length(self.cache) - cached:]
             self._prefix = kv.cache_length(self.cache)
 
     def run(self, tokens, parents) -> RowLogits:
