@@ -411,9 +411,8 @@ class _Run:
     def _run_prefill(self) -> None:
         # a resident target's passes of 256 rows: a stop waits for one of them at most
         gate = self.gate
-        if gate is not None:  # a pass with no draft step in its IO waits (the draft drafts its first tree)
-            gate.begin_verification()
-            gate.draft_stops()
+        if gate is not None:  # the draft drafts its first tree meanwhile, outside the gate
+            gate.begin_pass_without_draft()
         try:
             with self._span("prefill", tokens=len(self.verifier.pending)):
                 self.verifier.prefill_pending(self._prefill_stop, chunk_rows=None if self.streams else 256)

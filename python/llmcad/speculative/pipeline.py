@@ -123,6 +123,11 @@ class ComputeGate:
             self._target_clock.start(time.perf_counter())
             self.verifications += 1
 
+    def begin_pass_without_draft(self) -> None:
+        """A verification in which the draft takes no step (lockstep must not wait for one)."""
+        self.begin_verification()
+        self.draft_stops()
+
     def may_step_beside(self) -> bool:
         """Whether the draft may step while the target computes, now."""
         return self._verifying and (self.beside == "on" or (self.beside == "probe" and self._layer <= self.layers // 2))
@@ -332,8 +337,7 @@ class VerifyWorker:
         tokens, parents = list(tree.tokens[:n]), list(tree.parents[:n])
         beside, self._io_steps = self._beside_mode(policy), self._worth_drafting()
         if max_provisional <= 0 or not (beside or self._io_steps):  # inline: no hand-offs to pay for
-            self.gate.begin_verification()
-            self.gate.draft_stops()  # no draft step this time (lockstep must not wait for one)
+            self.gate.begin_pass_without_draft()
             return self._run(tokens, parents), []
         self.threaded_passes += 1
         self.gate.begin_verification(beside)
