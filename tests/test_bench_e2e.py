@@ -575,6 +575,9 @@ def test_profiles_are_kernel_settings_or_say_they_are_emulated(monkeypatch, caps
     (["--memory-limit", "1GiB"], "--memory-limit needs --profile or --read-limit"),
     (["--profile", "emmc", "--read-limit", "slow"], "--read-limit='slow': expected a rate"),
     (["--rows", "target-only,llama.cpp"], "llama.cpp need --llama-python"),
+    (["--rows", "llama.cpp-draft", "--llama-python", "python3"], "llama.cpp-draft needs --llama-speculative"),
+    (["--rows", "llama.cpp-draft", "--llama-python", "python3", "--llama-speculative", "/nonexistent/spec"],
+     "--llama-speculative /nonexistent/spec: not an executable file"),
     (["--mt-bench", "81,130"], "ids 121-160 are held out"),
     (["--mt-bench", "12"], "expected question ids in 81-160"),
 ])
@@ -703,6 +706,14 @@ class Llama:
     def eval(self, tokens):
         pass
 
+    def detokenize(self, tokens, special=False):  # token t is the text "<t>"
+        return "".join(f"<{t}>" for t in tokens).encode()
+
+    def tokenize(self, text, add_bos=True, special=False):
+        import re
+
+        return [int(t) for t in re.findall(rb"<(\\d+)>", text)]
+
     def generate(self, tokens, **sampling):
         assert sampling["temp"] == 0.0 and sampling["top_k"] == 1
         seq = list(tokens)
@@ -717,6 +728,44 @@ class LlamaPromptLookupDecoding:
     def __init__(self, max_ngram_size=2, num_pred_tokens=10):
         self.num_pred_tokens = num_pred_tokens
 '''
+
+
+FAKE_SPECULATIVE = '''
+"""Stands in for llama-speculative-simple: emits last + 1 (mod 50), 4 tokens a pass (3 drafted, all accepted),
+asked -n N, generates N + 1, and prints what the real example prints where the row reads it."""
+import re
+import sys
+
+args = sys.argv[1:]
+option = lambda name: args[args.index(name) + 1]
+assert option("--spec-type") == "draft-simple" and option("--temp") == "0" and option("-lv") == "5"
+if option("-p") == "<13>":
+    print("llama_model_load: error loading model", file=sys.stderr)
+    sys.exit(3)
+prompt = option("-p")
+seq = [int(t) for t in re.findall(r"<(\\d+)>", prompt)]
+n = int(option("-n")) + 1
+out = []
+while len(out) < n:
+    step = min(4, n - len(out))
+    for _ in range(step):
+        out.append(((out or seq)[-1] + 1) % 50)
+    print(f"0.00.100.000 D accepted {step - 1}/{step - 1} draft tokens, the last target token is: ({out[-1]})",
+          file=sys.stderr)
+sys.stdout.write("\\n\\n" + prompt + "".join(f"<{t}>" for t in out) + "\\n\\n" + "\\n\\n")
+print(f"0.00.200.000 I encoded {len(seq):4d} tokens in    0.250 seconds, speed:   12.000 t/s", file=sys.stderr)
+print(f"0.00.200.001 I decoded {n:4d} tokens in    0.500 seconds, speed:    8.000 t/s", file=sys.stderr)
+'''
+
+
+@pytest.fixture
+def fake_speculative(tmp_path):
+    import sys
+
+    binary = tmp_path / "llama-speculative-simple"
+    binary.write_text(f"#!{sys.executable}\n" + FAKE_SPECULATIVE)
+    binary.chmod(0o755)
+    return binary
 
 
 @pytest.fixture
@@ -749,6 +798,45 @@ def test_llama_rows_count_passes_and_accepted_tokens(tiny_pair, tmp_path, fake_l
     spec = [json.loads(x) for x in (out / "specbench" / "tiny" / "native" / "llama.cpp-lookup.jsonl")
             .read_text().splitlines()]
     assert [x["choices"][0]["accept_lengths"] for x in spec] == [[3, 1], [3, 1]]
+
+
+def test_the_draft_model_row_runs_llamas_speculative_example(tiny_pair, tmp_path, fake_llama_cpp,
+                                                          fake_speculative):
+    import sys
+
+    out = tmp_path / "out"
+    argv = _tiny_argv(tiny_pair, out, "--rows", "llama.cpp,llama.cpp-draft", "--llama-python", sys.executable,
+                      "--gguf", str(fake_llama_cpp), "--llama-speculative", str(fake_speculative),
+                      "--gguf-draft", str(fake_llama_cpp))
+    assert cli.main(argv) == 0
+    rows = {r["name"]: r for r in json.loads((out / "e2e.json").read_text())["rows"]}
+    drafted = rows["llama.cpp-draft"]
+    assert drafted["error"] is None
+    assert drafted["tokens"] == rows["llama.cpp"]["tokens"]  # the prompt's ids went through as text
+    assert drafted["target_passes"] == 2 and drafted["tokens_per_pass"] == 4.0  # -n 3: 4 tokens in one pass
+    assert drafted["seconds"] == pytest.approx(1.5) and drafted["first_pass_s"] == pytest.approx(0.5)
+    assert drafted["placement"]["gguf_draft"] == str(fake_llama_cpp)
+    spec = [json.loads(x) for x in (out / "specbench" / "tiny" / "native" / "llama.cpp-draft.jsonl")
+            .read_text().splitlines()]
+    assert [x["choices"][0]["accept_lengths"] for x in spec] == [[4], [4]]
+
+
+def test_a_failed_speculative_example_fails_its_row_by_name(tiny_pair, tmp_path, fake_llama_cpp, fake_speculative,
+                                                            monkeypatch):
+    import sys
+
+    from llmcad.bench import llama_row
+
+    job = {"row": {"name": "llama.cpp-draft", "options": {"draft": "model"}}, "setting": "native",
+           "gguf": str(fake_llama_cpp), "gguf_draft": str(fake_llama_cpp), "llama_speculative": str(fake_speculative),
+           "prompt_ids": [[13]], "max_new_tokens": 4, "warmup_tokens": 1, "seed": 0, "threads": 1, "eos_ids": []}
+    monkeypatch.syspath_prepend(str(fake_llama_cpp.parent / "fake-llama"))
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    record = llama_row.row_record(job)
+    assert "llama-speculative-simple exited with status 3" in record["error"]
+    assert "error loading model" in record["error"]
+    record = llama_row.row_record({**job, "llama_speculative": str(tmp_path / "absent")})
+    assert record["error"].startswith("FileNotFoundError: llama_speculative: no such file")
 
 
 def test_llama_rows_are_not_capped_by_the_streamer(tiny_pair, tmp_path):

@@ -6,7 +6,9 @@ fastest of ``--chain-k``), ``tree`` (fixed-size tree), ``llmcad-paper`` (the pap
 ``llmcad`` (best-first growth and the cost rule), ``hf-offload`` (transformers + accelerate disk
 offload under the same budget) and ``hf-assisted-offload`` (the same with ``assistant_model=draft``).
 ``llama.cpp`` and ``llama.cpp-lookup`` (llama-cpp-python on the target's Q4 GGUF, target-only and with
-prompt-lookup drafting; run by ``--llama-python``, see :mod:`llmcad.bench.llama_row`).
+prompt-lookup drafting; run by ``--llama-python``, see :mod:`llmcad.bench.llama_row`), and
+``llama.cpp-draft`` (llama.cpp's own speculative decoding with the draft's Q4 GGUF: its
+``llama-speculative-simple`` example, ``--llama-speculative``).
 Settings (:mod:`llmcad.bench.profiles`): ``--profile orin-nvme,emmc`` (or ``--read-limit``) runs every
 row in its own cgroup with a memory limit (the row's budget) and a read throttle; ``--cap RATE`` caps the
 streamer itself (llmcad rows only, emulated by llmcad). Workloads (:mod:`llmcad.bench.workloads`):
@@ -66,6 +68,8 @@ MAIN_ROWS = (
 LLAMA_ROWS = (  # run by --llama-python on the target's Q4 GGUF (llmcad.bench.llama_row)
     Row("llama.cpp", "llama", {}, cappable=False),
     Row("llama.cpp-lookup", "llama", {"draft": "prompt-lookup"}, cappable=False),
+    # llama.cpp's own speculative decoding with the draft's Q4 GGUF: its llama-speculative-simple example
+    Row("llama.cpp-draft", "llama", {"draft": "model"}, cappable=False),
 )
 DEFAULT_BUDGET = "2.5GiB"
 
@@ -98,6 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(llama-cpp-python; see benchmarks/README.md): adds the llama.cpp rows")
     p.add_argument("--gguf", default=None, help="the target's GGUF for the llama.cpp rows (default: the demo's "
                    "Q4 file, fetched)")
+    p.add_argument("--llama-speculative", default=None, metavar="BINARY", help="llama.cpp's "
+                   "llama-speculative-simple (benchmarks/README.md says how to build it): adds the llama.cpp-draft "
+                   "row, llama.cpp's own speculative decoding with a draft model")
+    p.add_argument("--gguf-draft", default=None, help="the draft's GGUF for the llama.cpp-draft row (default: the "
+                   "demo's Q4 draft, fetched)")
     p.add_argument("--max-new-tokens-baseline", type=int, default=None,
                    help="tokens per prompt for the target-only row (default: --max-new-tokens)")
     p.add_argument("--quantize", default=None, metavar="SCHEMES",
@@ -201,6 +210,7 @@ def make_plan(args) -> dict:
             "threads": args.threads or (1 if args.tiny else None),
             "max_new_tokens_baseline": min(args.max_new_tokens_baseline or max_new, max_new),
             "llama_python": args.llama_python, "gguf": (resolve_gguf(args) if llama else None),
+            "llama_speculative": args.llama_speculative, "gguf_draft": resolve_gguf_draft(args, rows),
             "eos_ids": end_ids(target) if llama else None}
 
 
@@ -231,6 +241,21 @@ def resolve_gguf(args) -> str:
     from llmcad.models.fetch import TARGET, ensure_gguf
 
     return str(ensure_gguf(TARGET))
+
+
+def resolve_gguf_draft(args, rows) -> str | None:
+    """The llama.cpp-draft row's draft GGUF: ``--gguf-draft``, or the demo's Q4 draft; None without that row."""
+    if not any(r.options.get("draft") == "model" for r in rows):
+        return None
+    if args.gguf_draft:
+        if not Path(args.gguf_draft).is_file():
+            raise ValueError(f"--gguf-draft {args.gguf_draft}: no such file")
+        return str(Path(args.gguf_draft).resolve())
+    if args.tiny:
+        raise ValueError("the llama.cpp-draft row on --tiny models needs --gguf-draft FILE")
+    from llmcad.models.fetch import DRAFT, ensure_gguf
+
+    return str(ensure_gguf(DRAFT))
 
 
 def end_ids(target) -> list:
@@ -285,8 +310,19 @@ def select_rows(args, chain_k: list, schemes: list = ()) -> list:
         if llama and not getattr(args, "llama_python", None):
             raise ValueError(f"--rows: {', '.join(llama)} need --llama-python PYTHON (an interpreter with "
                              "llama-cpp-python; see benchmarks/README.md)")
-    elif not getattr(args, "llama_python", None):
-        rows = [r for r in rows if r.runner != "llama"]
+        drafted = [r.name for r in rows if r.options.get("draft") == "model"]
+        if drafted and not getattr(args, "llama_speculative", None):
+            raise ValueError(f"--rows: {', '.join(drafted)} needs --llama-speculative BINARY (llama.cpp's "
+                             "llama-speculative-simple; see benchmarks/README.md)")
+    else:
+        if not getattr(args, "llama_python", None):
+            rows = [r for r in rows if r.runner != "llama"]
+        if not getattr(args, "llama_speculative", None):
+            rows = [r for r in rows if r.options.get("draft") != "model"]
+    binary = getattr(args, "llama_speculative", None)
+    if any(r.options.get("draft") == "model" for r in rows) and not (Path(binary).is_file()
+                                                                    and os.access(binary, os.X_OK)):
+        raise ValueError(f"--llama-speculative {binary}: not an executable file")
     extra = parse_row_options(args.row_option, {r.name for r in rows} | {base_name(r) for r in rows})
     out = []
     for row in rows:
@@ -429,7 +465,8 @@ def row_config(plan: dict, row: Row, setting: Setting) -> dict:
     keys = ("draft", "target_source", "memory_budget", "dtype", "device", "seed", "warmup_tokens", "threads",
             "evict_interval_s", "copy_target", "in_process", "workload", "prompt_ids")
     return {**{k: plan.get(k) for k in keys}, "row": asdict(row), "setting": list(setting),
-            "max_new_tokens": max_new_tokens(plan, row), "gguf": plan.get("gguf") if row.runner == "llama" else None}
+            "max_new_tokens": max_new_tokens(plan, row), "gguf": plan.get("gguf") if row.runner == "llama" else None,
+            **({"gguf_draft": plan.get("gguf_draft")} if row.options.get("draft") == "model" else {})}
 
 
 def max_new_tokens(plan: dict, row: Row) -> int:
@@ -586,13 +623,15 @@ def spawn_row(plan: dict, row: Row, setting, work: Path, index: int) -> dict:
                memory_budget=profiles.budget_of(setting, plan["memory_budget"]),
                page_cache="kernel" if setting.kernel else "evict", offload_folder=str(work / f"offload-{index}"))
     if row.runner == "llama":
-        job.update(gguf=plan["gguf"], eos_ids=plan["eos_ids"])
+        job.update(gguf=plan["gguf"], eos_ids=plan["eos_ids"], gguf_draft=plan.get("gguf_draft"),
+                   llama_speculative=plan.get("llama_speculative"))
     if plan["in_process"]:
         from llmcad.bench.rows import row_record
 
         return row_record(job)
     target = plan["quantized_targets"][row.options["quantize"]] if row.options.get("quantize") else plan["target"]
-    files = [plan["gguf"]] if row.runner == "llama" else [target, plan["draft"]]  # evicted; the first's disk throttled
+    files = ([plan["gguf"]] + ([plan["gguf_draft"]] if row.options.get("draft") == "model" else [])
+             if row.runner == "llama" else [target, plan["draft"]])  # evicted; the first's disk throttled
     return launch(job, setting, work, index, timeout=plan["row_timeout"], llama_python=plan.get("llama_python"),
                   files=files)
 

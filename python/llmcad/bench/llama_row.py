@@ -6,12 +6,20 @@ then generates each prompt's token ids greedily, target-only or with llama.cpp's
 pass is one ``Llama.eval``; the tokens sampled after it are what it accepted. Bytes read are
 /proc/self/io ``read_bytes`` (mmap faults included).
 
+With a draft model (``draft: model``) the row runs llama.cpp's own speculative decoding instead: its
+``llama-speculative-simple`` example (``job["llama_speculative"]``), one process a prompt, on the target's
+and the draft's GGUF (:class:`SpeculativeExample`).
+
 Runs outside llmcad's environment: imports only the standard library and llama_cpp (never llmcad, torch
 or numpy directly). Part of llmcad.bench (tools): nothing outside llmcad.bench imports it.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,6 +92,72 @@ class CountingLlama:
                      "provisional_dropped": None}
 
 
+class SpeculativeExample:
+    """llama.cpp's speculative decoding with a draft model, as its ``llama-speculative-simple`` runs it.
+
+    The prompt's ids go in as text (llama.cpp's own detokenization, checked to tokenize back to the same
+    ids); the example prints the text it generated on stdout (not the end token it stopped at), and on
+    stderr (at debug verbosity, which costs it 1-3% here) one ``accepted A/D draft tokens`` line a target
+    pass (A + 1 tokens), then its own timings. It may generate up to its draft length past the tokens asked. The prompt's
+    pass (``encoded``) is timed apart from the passes that decode. Bytes read and peak RSS are the child's
+    (``getrusage(RUSAGE_CHILDREN)``: ``ru_inblock`` counts /proc's ``read_bytes`` in 512-byte blocks).
+    """
+
+    ACCEPTED = re.compile(r"accepted (\d+)/(\d+) draft tokens")
+    TIMED = re.compile(r"(encoded|decoded)\s+(\d+) tokens in\s+([0-9.]+) seconds")
+
+    def __init__(self, job: dict):
+        import llama_cpp
+
+        self.job, self.options = job, job["row"]["options"]
+        for key in ("llama_speculative", "gguf_draft"):
+            if not job.get(key) or not Path(job[key]).is_file():
+                raise FileNotFoundError(f"{key}: no such file {job.get(key)!r}")
+        self.vocab = llama_cpp.Llama(model_path=job["gguf"], vocab_only=True, verbose=False)
+        self.n_ctx = max(map(len, job["prompt_ids"])) + max(job["max_new_tokens"], job["warmup_tokens"]) + 64
+        self.peak_rss = 0
+
+    def command(self, text: str, max_new_tokens: int) -> list:
+        threads = str(self.job.get("threads") or os.cpu_count())
+        cmd = [self.job["llama_speculative"], "-m", self.job["gguf"], "-md", self.job["gguf_draft"],
+               "--spec-type", "draft-simple", "-p", text, "-n", str(max(max_new_tokens - 1, 0)),
+               "--temp", "0", "--top-k", "1", "-c", str(self.n_ctx), "-t", threads, "-td", threads,
+               "-s", str(self.job["seed"]), "-lv", "5"]
+        if self.options.get("draft_max") is not None:  # else llama.cpp's default
+            cmd += ["--spec-draft-n-max", str(self.options["draft_max"])]
+        return cmd
+
+    def generate(self, ids: list, max_new_tokens: int, eos: set) -> tuple[list, dict]:
+        text = self.vocab.detokenize(ids, special=True).decode("utf-8")
+        if self.vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True) != list(ids):
+            raise ValueError("the prompt's ids do not survive llama.cpp's detokenize/tokenize round trip, so "
+                             "llama-speculative-simple would run another prompt")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(self.command(text, max_new_tokens), capture_output=True, text=True,
+                              errors="replace")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"llama-speculative-simple exited with status {done.returncode}: {tail}")
+        self.peak_rss = max(self.peak_rss, after.ru_maxrss * 1024)
+        timed = {kind: (int(n), float(s)) for kind, n, s in self.TIMED.findall(done.stderr)}
+        accepted = [int(a) + 1 for a, _ in self.ACCEPTED.findall(done.stderr)]
+        head = "\n\n" + text
+        if set(timed) != {"encoded", "decoded"} or not done.stdout.startswith(head):
+            raise RuntimeError("llama-speculative-simple's output is not in the expected layout (prompt echo on "
+                               "stdout, 'encoded'/'decoded' timings on stderr)")
+        generated = done.stdout[len(head):]
+        generated = generated[:-4] if generated.endswith("\n" * 4) else generated  # its two closing "\n\n"
+        out = self.vocab.tokenize(generated.encode("utf-8"), add_bos=False, special=True) if generated else []
+        prompt_s, decode_s = timed["encoded"][1], timed["decoded"][1]
+        read = (after.ru_inblock - before.ru_inblock) * 512
+        return out, {"generated": timed["decoded"][0], "seconds": prompt_s + decode_s, "passes": len(accepted),
+                     "bytes_read": read, "io_read_bytes": read, "draft_steps": 0, "first_pass_s": prompt_s,
+                     "first_pass_tokens": 0, "accept_lengths": accepted, "tree_tokens": None,
+                     "provisional_drafted": None, "provisional_followed": None, "provisional_reused": None,
+                     "provisional_dropped": None}
+
+
 def row_record(job: dict) -> dict:
     row = job["row"]
     record = {"name": row["name"], "setting": job["setting"], "options": row["options"], "quantize": None,
@@ -91,7 +165,7 @@ def row_record(job: dict) -> dict:
     try:
         import llama_cpp
 
-        llm = CountingLlama(job)
+        llm = SpeculativeExample(job) if row["options"].get("draft") == "model" else CountingLlama(job)
         eos = set(job.get("eos_ids") or [])
         llm.generate(job["prompt_ids"][0], job["warmup_tokens"], eos)
         keys = ("generated", "seconds", "passes", "bytes_read", "io_read_bytes", "draft_steps", "first_pass_s",
@@ -107,8 +181,9 @@ def row_record(job: dict) -> dict:
             print(f"  prompt {i + 1}/{len(job['prompt_ids'])}: {stats['generated']} tokens in "
                   f"{stats['seconds']:.1f} s, {stats['passes']} passes", file=sys.stderr, flush=True)
         record.update(totals, tokens=tokens, per_prompt=per_prompt, time_split_s=None, tree_tokens=None,
-                      peak_rss_bytes=peak_rss_bytes(),
-                      placement={"gguf": job["gguf"], "mmap": True, "llama_cpp": llama_cpp.__version__},
+                      peak_rss_bytes=max(peak_rss_bytes() or 0, getattr(llm, "peak_rss", 0)) or None,
+                      placement={"gguf": job["gguf"], "mmap": True, "llama_cpp": llama_cpp.__version__,
+                                 **({"gguf_draft": job["gguf_draft"]} if isinstance(llm, SpeculativeExample) else {})},
                       bytes_source="/proc/self/io read_bytes", evictor=None)
     except Exception as exc:  # a failed row is reported; the other rows still run
         record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
