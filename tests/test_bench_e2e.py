@@ -690,6 +690,30 @@ def test_mt_bench_prompt_is_the_first_turn_in_the_chat_template(chat_pair, tmp_p
     wl = workloads.mt_bench(tok, [81], questions, "81")
     assert tok.decode(wl["prompt_ids"][0]) == "<s>user\nhi there</s>\n<s>assistant\n"
     assert wl["labels"] == ["mt_bench/81"] and wl["categories"] == ["writing"]
+    assert tok.decode(wl["warmup_ids"]) == f"<s>user\n{workloads.WARMUP_QUESTION}</s>\n<s>assistant\n"
+
+
+def test_a_row_warms_up_on_a_prompt_outside_the_set(monkeypatch):
+    """A warm-up on a measured prompt would leave its prefix cached for the rows that keep a cache."""
+    from llmcad.bench import rows
+
+    class Runner:
+        bytes_source, calls = "fake", []
+
+        def generate(self, ids, max_new_tokens):
+            self.calls.append(list(ids))
+            return [5] * max_new_tokens, {"generated": max_new_tokens, "seconds": 1.0, "passes": 1}
+
+        def reset(self):
+            pass
+
+        def placement(self):
+            return {}
+
+    job = {"prompt_ids": [[1, 2, 3], [1, 2, 4]], "warmup_ids": [9, 8], "warmup_tokens": 1, "max_new_tokens": 2,
+           "page_cache": "kernel"}
+    record = rows._timed_prompts(Runner(), job)
+    assert Runner.calls == [[9, 8], [1, 2, 3], [1, 2, 4]] and record["tokens"] == [[5, 5], [5, 5]]
 
 
 # ---------------------------------------------------------------- llama.cpp rows (llama_cpp stood in for)
@@ -829,7 +853,7 @@ def test_a_failed_speculative_example_fails_its_row_by_name(tiny_pair, tmp_path,
 
     job = {"row": {"name": "llama.cpp-draft", "options": {"draft": "model"}}, "setting": "native",
            "gguf": str(fake_llama_cpp), "gguf_draft": str(fake_llama_cpp), "llama_speculative": str(fake_speculative),
-           "prompt_ids": [[13]], "max_new_tokens": 4, "warmup_tokens": 1, "seed": 0, "threads": 1, "eos_ids": []}
+           "prompt_ids": [[13]], "warmup_ids": [13], "max_new_tokens": 4, "warmup_tokens": 1, "seed": 0, "threads": 1, "eos_ids": []}
     monkeypatch.syspath_prepend(str(fake_llama_cpp.parent / "fake-llama"))
     monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
     record = llama_row.row_record(job)

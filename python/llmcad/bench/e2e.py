@@ -201,7 +201,8 @@ def make_plan(args) -> dict:
     quantized = quant_rows.prepare_targets(target, schemes, out) if schemes else {}
     return {"command": command_line(), "git_commit": git_commit(), "out": str(out), "draft": str(draft),
             "target": str(target), "target_source": str(target), "workloads": loads,
-            "prompt_ids": loads[0]["prompt_ids"], "quantized_targets": quantized, "memory_budget": str(budget),
+            "prompt_ids": loads[0]["prompt_ids"], "warmup_ids": loads[0]["warmup_ids"],
+            "quantized_targets": quantized, "memory_budget": str(budget),
             "settings": settings, "rows": rows, "max_new_tokens": max_new,
             "chain_tune_prompts": args.chain_tune_prompts, "dtype": args.dtype, "device": args.device,
             "seed": args.seed, "warmup_tokens": min(args.warmup_tokens, max_new),
@@ -428,7 +429,7 @@ def measure(plan: dict, out: Path) -> dict:
 
 
 def workload_plan(plan: dict, wl: dict) -> dict:
-    return dict(plan, workload=wl["name"], prompt_ids=wl["prompt_ids"])
+    return dict(plan, workload=wl["name"], prompt_ids=wl["prompt_ids"], warmup_ids=wl["warmup_ids"])
 
 
 def write_specbench(plan: dict, wl: dict, records: list, out: Path) -> None:
@@ -463,7 +464,7 @@ def tune_prompts(plan: dict) -> int | None:
 def row_config(plan: dict, row: Row, setting: Setting) -> dict:
     """Everything a row's result depends on: the key of its line in rows.jsonl."""
     keys = ("draft", "target_source", "memory_budget", "dtype", "device", "seed", "warmup_tokens", "threads",
-            "evict_interval_s", "copy_target", "in_process", "workload", "prompt_ids")
+            "evict_interval_s", "copy_target", "in_process", "workload", "prompt_ids", "warmup_ids")
     return {**{k: plan.get(k) for k in keys}, "row": asdict(row), "setting": list(setting),
             "max_new_tokens": max_new_tokens(plan, row), "gguf": plan.get("gguf") if row.runner == "llama" else None,
             **({"gguf_draft": plan.get("gguf_draft")} if row.options.get("draft") == "model" else {})}
@@ -617,8 +618,8 @@ def spawn_row(plan: dict, row: Row, setting, work: Path, index: int) -> dict:
     from llmcad.bench.launch import launch
 
     setting = as_setting(setting)
-    job = {key: plan[key] for key in ("draft", "target", "prompt_ids", "dtype", "device", "seed", "warmup_tokens",
-                                      "evict_interval_s", "threads", "quantized_targets")}
+    job = {key: plan[key] for key in ("draft", "target", "prompt_ids", "warmup_ids", "dtype", "device", "seed",
+                                      "warmup_tokens", "evict_interval_s", "threads", "quantized_targets")}
     job.update(row=asdict(row), setting=setting.name, cap=setting.cap, max_new_tokens=max_new_tokens(plan, row),
                memory_budget=profiles.budget_of(setting, plan["memory_budget"]),
                page_cache="kernel" if setting.kernel else "evict", offload_folder=str(work / f"offload-{index}"))

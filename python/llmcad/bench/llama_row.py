@@ -42,6 +42,10 @@ def peak_rss_bytes() -> int | None:
         return None
 
 
+def longest_prompt(job: dict) -> int:
+    return max(map(len, job["prompt_ids"] + [job["warmup_ids"]]))
+
+
 class CountingLlama:
     """A ``llama_cpp.Llama`` whose ``eval`` calls (target passes) are counted."""
 
@@ -53,7 +57,7 @@ class CountingLlama:
         lookup = LlamaPromptLookupDecoding(num_pred_tokens=job["row"]["options"].get("num_pred_tokens", 10)) \
             if draft == "prompt-lookup" else None
         # context: the longest prompt and its tokens (the prompt-lookup row keeps logits for every position)
-        n_ctx = max(map(len, job["prompt_ids"])) + max(job["max_new_tokens"], job["warmup_tokens"]) + 16
+        n_ctx = longest_prompt(job) + max(job["max_new_tokens"], job["warmup_tokens"]) + 16
         self.llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=n_ctx, n_threads=job.get("threads"),
                                    n_threads_batch=job.get("threads"), seed=job["seed"], draft_model=lookup,
                                    use_mmap=True, verbose=False)
@@ -114,7 +118,7 @@ class SpeculativeExample:
             if not job.get(key) or not Path(job[key]).is_file():
                 raise FileNotFoundError(f"{key}: no such file {job.get(key)!r}")
         self.vocab = llama_cpp.Llama(model_path=job["gguf"], vocab_only=True, verbose=False)
-        self.n_ctx = max(map(len, job["prompt_ids"])) + max(job["max_new_tokens"], job["warmup_tokens"]) + 64
+        self.n_ctx = longest_prompt(job) + max(job["max_new_tokens"], job["warmup_tokens"]) + 64
         self.peak_rss = 0
 
     def command(self, text: str, max_new_tokens: int) -> list:
@@ -167,7 +171,7 @@ def row_record(job: dict) -> dict:
 
         llm = SpeculativeExample(job) if row["options"].get("draft") == "model" else CountingLlama(job)
         eos = set(job.get("eos_ids") or [])
-        llm.generate(job["prompt_ids"][0], job["warmup_tokens"], eos)
+        llm.generate(job["warmup_ids"], job["warmup_tokens"], eos)
         keys = ("generated", "seconds", "passes", "bytes_read", "io_read_bytes", "draft_steps", "first_pass_s",
                 "first_pass_tokens")
         totals = dict.fromkeys(keys, 0)

@@ -148,7 +148,7 @@ def _workload_lines(w: dict):
         return
     yield "prompts", w["prompts"]
     yield "generation", f"greedy, up to {w['max_new_tokens']} new tokens, seed {w['seed']}, warm-up " \
-                        f"{w['warmup_tokens']} tokens per row"
+                        f"{w['warmup_tokens']} tokens per row, on a prompt outside the set"
     yield "models", f"draft `{w['draft']}`, target `{w['target']}`, dtype {w['dtype']}, device {w['device']}, " \
                     f"torch threads {w.get('threads')}"
     yield "memory budget", w["memory_budget"]

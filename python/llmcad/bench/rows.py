@@ -70,7 +70,7 @@ def _timed_prompts(runner, job: dict) -> dict:
     from llmcad.bench.pagecache import Evictor
     from llmcad.memory import peak_rss_bytes
 
-    runner.generate(job["prompt_ids"][0], job["warmup_tokens"])
+    runner.generate(job["warmup_ids"], job["warmup_tokens"])  # outside the set: no measured prefix cached
     totals = {"generated": 0, "seconds": 0.0, "passes": 0, "bytes_read": 0, "draft_steps": 0, "io_read_bytes": 0,
               "first_pass_s": 0.0, "first_pass_tokens": 0, "tree_tokens": 0, "provisional_drafted": 0,
               "provisional_followed": 0, "provisional_reused": 0, "provisional_dropped": 0}

@@ -1,8 +1,9 @@
 """The prompts of ``llmcad bench e2e``: HumanEval problems, MT-Bench first turns, or the tiny built-ins.
 
 A workload is a dict: ``name`` ("humaneval", "mt-bench", "tiny"), ``flag`` (what was asked),
-``prompt_ids`` (token ids per prompt, the target's tokenizer), ``labels``, ``question_ids`` and
-``categories`` (Spec-Bench's fields). MT-Bench questions (llmcad/bench/data/mt_bench/question.jsonl, ids
+``prompt_ids`` (token ids per prompt, the target's tokenizer), ``warmup_ids`` (a prompt of the same shape
+outside the set, what a row warms up on), ``labels``, ``question_ids`` and ``categories`` (Spec-Bench's
+fields). MT-Bench questions (llmcad/bench/data/mt_bench/question.jsonl, ids
 81-160) go through the target's chat template as one user turn, their first. Ids 81-120 are for
 tuning and results; 121-160 are held out and refused without ``--held-out``.
 
@@ -16,6 +17,10 @@ from pathlib import Path
 from llmcad.errors import PromptError
 
 MT_BENCH_FILE = Path(__file__).resolve().parent / "data" / "mt_bench" / "question.jsonl"
+# a row warms up on a prompt of the workload's shape outside its set: warming up on a measured prompt would
+# leave that prompt's prefix cached for the rows that keep a cache, and not for those that start afresh
+WARMUP_CODE = 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n'
+WARMUP_QUESTION = "Name three primary colours."
 MT_BENCH_IDS = range(81, 161)
 HELD_OUT = range(121, 161)
 
@@ -58,7 +63,8 @@ def load(args, target) -> list:
 
 def _workload(name, flag, tokenizer, texts, labels, question_ids, category) -> dict:
     ids = [list(tokenizer(t)["input_ids"]) for t in texts]
-    return {"name": name, "flag": f"{flag} ({len(ids)} prompts)", "prompt_ids": ids, "labels": labels,
+    return {"name": name, "flag": f"{flag} ({len(ids)} prompts)", "prompt_ids": ids,
+            "warmup_ids": list(tokenizer(WARMUP_CODE)["input_ids"]), "labels": labels,
             "question_ids": question_ids, "categories": [category] * len(ids)}
 
 
@@ -117,4 +123,5 @@ def mt_bench(tokenizer, ids: list, path, flag: str) -> dict:
     prompt_ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in chosen]
     return {"name": "mt-bench", "flag": f"MT-Bench first turns, ids {flag} ({len(ids)} prompts)",
             "prompt_ids": prompt_ids, "labels": [f"mt_bench/{i}" for i in ids], "question_ids": ids,
+            "warmup_ids": chat_prompt_ids(tokenizer, [{"role": "user", "content": WARMUP_QUESTION}]),
             "categories": [q["category"] for q in chosen]}
