@@ -173,6 +173,63 @@ def test_compare_against_baseline_of_the_same_setting():
     assert [r["agreement"] for r in rows] == [1.0, 0.5, 1.0, 1.0]
 
 
+def test_compare_a_quantized_row_against_target_only_on_the_same_weights():
+    rows = [{"name": "target-only-int4", "setting": "s", "quantize": "int4", "tokens_per_s": 2.0},
+            {"name": "llmcad-int4", "setting": "s", "quantize": "int4", "tokens_per_s": 6.0},
+            {"name": "llama.cpp", "setting": "s", "tokens_per_s": 8.0}]
+    tokens = {("target-only-int4", "s"): [[1, 2]], ("llmcad-int4", "s"): [[1, 2]], ("llama.cpp", "s"): [[1, 3]]}
+    bench_report.compare(rows, tokens)
+    # no bf16 target-only row: the setting's only target-only row is every row's reference
+    assert [r["ratio_vs_target_only"] for r in rows] == [1.0, 3.0, 4.0]
+    assert [r["agreement"] for r in rows] == [1.0, 1.0, 0.5]
+    assert [r["baseline"] for r in rows] == ["target-only-int4"] * 3
+    rows += [{"name": "target-only", "setting": "s", "tokens_per_s": 1.0}]
+    tokens[("target-only", "s")] = [[1, 3]]
+    bench_report.compare(rows, tokens)
+    assert [r["baseline"] for r in rows] == ["target-only-int4", "target-only-int4", "target-only", "target-only"]
+    assert rows[1]["ratio_vs_target_only"] == 3.0 and rows[2]["agreement"] == 1.0
+
+
+def test_a_resident_target_has_no_io_floor():
+    raw = {"name": "llmcad-int4", "setting": "s", "generated": 10, "seconds": 2.0, "passes": 2,
+           "bytes_read": 80_000, "placement": {"streamed_layers": 0, "resident_layers": 28}}
+    assert bench_report.summarize(raw, bandwidth_bps=1e9)["floor_ratio"] is None
+    raw["placement"] = {"streamed_layers": 27, "resident_layers": 1}
+    raw["bytes_read"] = 2_000_000_000
+    assert bench_report.summarize(raw, bandwidth_bps=1e9)["floor_ratio"] == 1.0
+
+
+def _finished_run(out: Path, command: str, commands=None) -> None:
+    """An e2e.json as an earlier run wrote it: int4 rows with no ratio or agreement filled in."""
+    def row(name, tokens, seconds):
+        raw = {"name": name, "setting": "s", "quantize": "int4", "generated": sum(map(len, tokens)),
+               "seconds": seconds, "passes": 4, "bytes_read": 1000, "placement": {"streamed_layers": 0}}
+        return dict(bench_report.summarize(raw, None), workload="humaneval", tokens=tokens, floor_ratio=9e4)
+    rows = [row("target-only-int4", [[1, 2], [3, 4]], 4.0), row("llmcad-int4", [[1, 2, 5], [3, 6, 7]], 2.0)]
+    (out / "e2e.json").write_text(json.dumps({
+        "command": command, "commands": commands or [command], "machine": {}, "rows": rows, "chain_sweep": {},
+        "workloads": {}, "bandwidth": {"floor_bps": {"s": 1e9}}, "git_commit": "abc"}))
+
+
+def test_recompute_fills_a_finished_runs_derived_columns(tmp_path):
+    _finished_run(tmp_path, "llmcad bench e2e --max-new-tokens 3 --max-new-tokens-baseline 2 --quantize int4")
+    assert bench_e2e.main(["--recompute", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    # the baseline's 2 tokens a prompt are compared: prompt 1 differs at its second
+    assert rows["llmcad-int4"]["agreement"] == 0.75 and rows["llmcad-int4"]["ratio_vs_target_only"] == 3.0
+    assert rows["llmcad-int4"]["floor_ratio"] is None and report["recomputed"]["git_commit"]
+    text = (tmp_path / "e2e.md").read_text()
+    assert "Commit measured: abc" in text and "recomputed from the measured rows" in text
+    assert "| llmcad-int4 | 3.00 | 3.00 |" in text and "| 0.750 |" in text
+
+
+def test_recompute_refuses_a_merged_report(tmp_path, capsys):
+    _finished_run(tmp_path, "llmcad bench e2e", commands=["llmcad bench e2e", "llmcad bench e2e --append"])
+    assert bench_e2e.main(["--recompute", "--out", str(tmp_path)]) == 2
+    assert "merges 2 commands' rows" in capsys.readouterr().err
+
+
 def test_rows_are_data():
     args = _parse(["--chain-k", "3", "--row-option", "llmcad-paper.prefetch=false", "--rows",
                    "target-only,chain,tree,llmcad-paper,llmcad"])

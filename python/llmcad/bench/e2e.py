@@ -132,12 +132,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "a rerun into the same directory resumes: rows finished with the same configuration are kept")
     p.add_argument("--append", action="store_true", help="merge into the JSON already in --out (other "
                    "settings' rows are kept)")
+    p.add_argument("--recompute", action="store_true", help="measure nothing: recompute the derived columns "
+                   "(ratios, agreement, IO floors) of the finished run in --out with this code, and rewrite its "
+                   "report and charts")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the markdown")
 
 
 def run(args: argparse.Namespace) -> int:
     from llmcad.bench.report import machine_info
 
+    if args.recompute:
+        return recompute(args)
     plan = make_plan(args)
     out = Path(plan["out"])
     print(f"llmcad bench e2e: results go to {out}", file=sys.stderr, flush=True)
@@ -151,6 +156,32 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"llmcad bench e2e: rows failed: {', '.join(failed)} (see the report)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def recompute(args: argparse.Namespace) -> int:
+    """Rewrite the report in ``--out`` with this code's ratios, agreement and IO floors; measures nothing."""
+    from llmcad.bench.report import compare, io_floor
+
+    if not args.out or not (Path(args.out) / "e2e.json").is_file():
+        raise ValueError("--recompute needs --out DIR holding a finished run's e2e.json")
+    out = Path(args.out)
+    report = json.loads((out / "e2e.json").read_text())
+    if len(report.get("commands", [])) > 1:
+        raise ValueError(f"--recompute: {out / 'e2e.json'} merges {len(report['commands'])} commands' rows; "
+                         "ratios across runs are not computed")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    measured = parser.parse_args(shlex.split(report["command"])[3:])
+    cut = (measured.max_new_tokens_baseline or 0) < (measured.max_new_tokens or 0)
+    floor_bps = report.get("bandwidth", {}).get("floor_bps", {})
+    for wl in dict.fromkeys(r.get("workload") for r in report["rows"]):
+        for setting in dict.fromkeys(r["setting"] for r in report["rows"]):
+            rows = [io_floor(r, floor_bps.get(setting)) for r in report["rows"]
+                    if r.get("workload") == wl and r["setting"] == setting]
+            compare(rows, {(r["name"], setting): r.get("tokens", []) for r in rows}, baseline_cut=cut)
+    report["recomputed"] = {"git_commit": git_commit()}
+    write_report(report, out, as_json=args.json)
+    return 0
 
 
 def write_report(report: dict, out: Path, stem: str = "e2e", as_json: bool = False) -> None:

@@ -48,9 +48,17 @@ def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
                                   if first_s is not None and first_tokens is not None and seconds > first_s
                                   and generated > first_tokens else None)
     row["bytes_per_token"] = bytes_read / generated if generated and bytes_read is not None else None
-    floor = row["bytes_per_token"] / bandwidth_bps if row["bytes_per_token"] and bandwidth_bps else None
+    return io_floor(row, bandwidth_bps)
+
+
+def io_floor(row: dict, bandwidth_bps: float | None) -> dict:
+    """Set ``floor_s_per_token`` and ``floor_ratio`` of a summarized row; returns the row."""
+    # a target held whole in memory (no streamed layer) reads only embedding rows: it has no IO floor
+    streams = (row.get("placement") or {}).get("streamed_layers") != 0
+    per_token = row.get("bytes_per_token")
+    floor = per_token / bandwidth_bps if streams and per_token and bandwidth_bps else None
     row["floor_s_per_token"] = floor
-    row["floor_ratio"] = (seconds / generated) / floor if floor and row["tokens_per_s"] else None
+    row["floor_ratio"] = (row["seconds"] / row["generated_tokens"]) / floor if floor and row["tokens_per_s"] else None
     return row
 
 
@@ -63,23 +71,42 @@ def agreement(tokens: list, reference: list) -> float | None:
     return equal / total if total else None
 
 
+def baseline_name(row: dict, names: set) -> str | None:
+    """The target-only row ``row`` is compared with: the one on the same target weights (``llmcad-int4``
+    against ``target-only-int4``), else ``target-only``, else the setting's only target-only row."""
+    quantize = row.get("quantize")
+    if quantize and f"{BASELINE}-{quantize}" in names:
+        return f"{BASELINE}-{quantize}"
+    if BASELINE in names:
+        return BASELINE
+    others = sorted(n for n in names if n.startswith(f"{BASELINE}-"))
+    return others[0] if len(others) == 1 else None
+
+
 def compare(rows: list, tokens: dict, baseline_cut: bool = False) -> list:
-    """Fill ``ratio_vs_target_only`` and ``agreement`` against the target-only row of each setting.
+    """Fill ``ratio_vs_target_only`` and ``agreement`` against the target-only row of each setting on the
+    same target weights (:func:`baseline_name`).
 
     ``tokens``: (name, setting) -> generated ids per prompt. ``baseline_cut``: target-only generated
     fewer tokens a prompt than the other rows; agreement is then over its positions only.
     """
-    base = {r["setting"]: r for r in rows if r["name"] == BASELINE and not r.get("error")}
+    base = {(r["setting"], r["name"]): r for r in rows
+            if (r["name"] == BASELINE or r["name"].startswith(f"{BASELINE}-")) and not r.get("error")}
+    names = {}
+    for setting, name in base:
+        names.setdefault(setting, set()).add(name)
     for row in rows:
-        ref = base.get(row["setting"])
-        if ref is None or row.get("error"):
+        ref_name = baseline_name(row, names.get(row["setting"], set()))
+        if ref_name is None or row.get("error"):
             continue
+        ref = base[(row["setting"], ref_name)]
         if row["tokens_per_s"] and ref["tokens_per_s"]:
             row["ratio_vs_target_only"] = row["tokens_per_s"] / ref["tokens_per_s"]
-        ours, reference = tokens[(row["name"], row["setting"])], tokens[(BASELINE, row["setting"])]
+        ours, reference = tokens[(row["name"], row["setting"])], tokens[(ref_name, row["setting"])]
         if baseline_cut:
             ours = [o[:len(r)] for o, r in zip(ours, reference)]
         row["agreement"] = agreement(ours, reference)
+        row["baseline"] = ref_name
     return rows
 
 
@@ -124,6 +151,11 @@ def markdown(report: dict) -> str:
     """The report as markdown: commands and machine, then per setting its workload, table and failures."""
     lines = ["# llmcad end-to-end benchmark", "", "```", *report["commands"], "```", "",
              f"Machine: {machine_line(report['machine'])}"]
+    if report.get("git_commit"):
+        lines.append(f"Commit measured: {report['git_commit']}")
+    if report.get("recomputed"):
+        lines.append(f"Derived columns (ratios, agreement, IO floors) recomputed from the measured rows at "
+                     f"{report['recomputed']['git_commit']}")
     bw = report.get("bandwidth", {})
     if bw.get("raw_direct_bps"):
         lines.append(f"Raw O_DIRECT bandwidth: {bw['raw_direct_bps'] / 1e9:.2f} GB/s ({bw.get('how')})")
@@ -197,12 +229,13 @@ def _table(rows: list) -> str:
 
 def _notes(report: dict, several: bool = False) -> list:
     out = ["Notes:", "- tok/s = generated tokens / generation wall time, summed over prompts (warm-up excluded); "
-           "× target-only is against the target-only row of the same setting.",
+           "× target-only is against the target-only row of the same setting and target weights (an int4 row "
+           "against target-only-int4).",
            "- decode tok/s: the same after the prompt's target pass (tokens it emitted and its time left out).",
            "- MB read/token: llmcad rows count streamed payload bytes; hf rows count /proc/self/io read_bytes "
            "(bytes the process read from storage).",
-           "- agreement: fraction of generated positions equal to target-only's (positions past the shorter output "
-           "count as unequal).",
+           "- agreement: fraction of generated positions equal to that target-only row's (positions past the "
+           "shorter output count as unequal).",
            "- peak RSS: the row process's own; cgroup peak: the row's cgroup's largest charge (page cache included) "
            "against its memory limit, under a kernel profile."]
     for r in report["rows"]:
