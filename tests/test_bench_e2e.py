@@ -42,6 +42,7 @@ def test_main_rows_complete_and_schema(main_run):
     rc, out, report = main_run
     assert rc == 0, [r.get("error") for r in report["rows"]]
     assert isinstance(report["command"], str) and isinstance(report["machine"], dict)
+    assert report["machine"]["cpu_capability"] in (out / "e2e.md").read_text()
     assert [r["name"] for r in report["rows"]] == MAIN_NAMES
     for row in report["rows"]:
         assert set(bench_report.JSON_KEYS) <= set(row), row["name"]

@@ -131,7 +131,10 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            # the widest vector ISA torch's CPU kernels use ("AVX2", "AVX512"): bf16 matmuls are several
+            # times slower without AVX512 on x86, so tree passes cost more compute there
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
         import transformers
 
@@ -143,7 +146,8 @@ def machine_info() -> dict:
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info.get('cpu')}, {info.get('cores')} cores, {info.get('memory_bytes', 0) / 2**30:.0f} GiB RAM, "
+    isa = f" ({info['cpu_capability']})" if info.get("cpu_capability") else ""
+    return (f"{info.get('cpu')}{isa}, {info.get('cores')} cores, {info.get('memory_bytes', 0) / 2**30:.0f} GiB RAM, "
             f"{info.get('os')}, torch {info.get('torch')}, transformers {info.get('transformers')}")
 
 
