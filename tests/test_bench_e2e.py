@@ -225,6 +225,14 @@ def test_recompute_fills_a_finished_runs_derived_columns(tmp_path):
     assert "| llmcad-int4 | 3.00 | 3.00 |" in text and "| 0.750 |" in text
 
 
+def test_recompute_names_a_recorded_command_it_cannot_read(tmp_path, capsys):
+    _finished_run(tmp_path, "llmcad bench e2e (called from Python: x.py)")
+    assert bench_e2e.main(["--recompute", "--out", str(tmp_path)]) == 2
+    assert "is not an `llmcad bench e2e` command line" in capsys.readouterr().err
+    _finished_run(tmp_path, "python -m llmcad.bench.e2e --max-new-tokens 3 --max-new-tokens-baseline 2")
+    assert bench_e2e.main(["--recompute", "--out", str(tmp_path)]) == 0
+
+
 def test_recompute_refuses_a_merged_report(tmp_path, capsys):
     _finished_run(tmp_path, "llmcad bench e2e", commands=["llmcad bench e2e", "llmcad bench e2e --append"])
     assert bench_e2e.main(["--recompute", "--out", str(tmp_path)]) == 2

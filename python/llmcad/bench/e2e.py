@@ -169,9 +169,7 @@ def recompute(args: argparse.Namespace) -> int:
     if len(report.get("commands", [])) > 1:
         raise ValueError(f"--recompute: {out / 'e2e.json'} merges {len(report['commands'])} commands' rows; "
                          "ratios across runs are not computed")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    measured = parser.parse_args(shlex.split(report["command"])[3:])
+    measured = recorded_args(report["command"])
     cut = (measured.max_new_tokens_baseline or 0) < (measured.max_new_tokens or 0)
     floor_bps = report.get("bandwidth", {}).get("floor_bps", {})
     for wl in dict.fromkeys(r.get("workload") for r in report["rows"]):
@@ -182,6 +180,22 @@ def recompute(args: argparse.Namespace) -> int:
     report["recomputed"] = {"git_commit": git_commit()}
     write_report(report, out, as_json=args.json)
     return 0
+
+
+def recorded_args(command: str) -> argparse.Namespace:
+    """The options of a recorded ``llmcad bench e2e ...`` / ``python -m llmcad.bench.e2e ...`` command."""
+    words = shlex.split(command)
+    prefixes = (["llmcad", "bench", "e2e"], ["python", "-m", "llmcad.bench.e2e"])
+    head = next((len(p) for p in prefixes if words[:len(p)] == p), None)
+    parser = argparse.ArgumentParser(prog="llmcad bench e2e", add_help=False)
+    add_arguments(parser)
+    try:
+        if head is None:
+            raise SystemExit
+        return parser.parse_args(words[head:])
+    except SystemExit:
+        raise ValueError(f"--recompute: the recorded command {command!r} is not an `llmcad bench e2e` command "
+                         "line this version reads") from None
 
 
 def write_report(report: dict, out: Path, stem: str = "e2e", as_json: bool = False) -> None:

@@ -79,8 +79,13 @@ def baseline_name(row: dict, names: set) -> str | None:
         return f"{BASELINE}-{quantize}"
     if BASELINE in names:
         return BASELINE
-    others = sorted(n for n in names if n.startswith(f"{BASELINE}-"))
+    others = sorted(n for n in names if _is_baseline(n))
     return others[0] if len(others) == 1 else None
+
+
+def _is_baseline(name: str) -> bool:
+    """``target-only`` or a quantized copy of it (``target-only-int4``)."""
+    return name == BASELINE or name.startswith(f"{BASELINE}-")
 
 
 def compare(rows: list, tokens: dict, baseline_cut: bool = False) -> list:
@@ -90,13 +95,9 @@ def compare(rows: list, tokens: dict, baseline_cut: bool = False) -> list:
     ``tokens``: (name, setting) -> generated ids per prompt. ``baseline_cut``: target-only generated
     fewer tokens a prompt than the other rows; agreement is then over its positions only.
     """
-    base = {(r["setting"], r["name"]): r for r in rows
-            if (r["name"] == BASELINE or r["name"].startswith(f"{BASELINE}-")) and not r.get("error")}
-    names = {}
-    for setting, name in base:
-        names.setdefault(setting, set()).add(name)
+    base = {(r["setting"], r["name"]): r for r in rows if _is_baseline(r["name"]) and not r.get("error")}
     for row in rows:
-        ref_name = baseline_name(row, names.get(row["setting"], set()))
+        ref_name = baseline_name(row, {name for setting, name in base if setting == row["setting"]})
         if ref_name is None or row.get("error"):
             continue
         ref = base[(row["setting"], ref_name)]
@@ -131,10 +132,12 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": torch.__version__,
-            # the widest vector ISA torch's CPU kernels use ("AVX2", "AVX512"): bf16 matmuls are several
-            # times slower without AVX512 on x86, so tree passes cost more compute there
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "torch": torch.__version__}
+    # the widest vector ISA torch's CPU kernels use ("AVX2", "AVX512"): bf16 matmuls are several times
+    # slower without AVX512 on x86, so tree passes cost more compute there
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        info["cpu_capability"] = capability()
     try:
         import transformers
 
