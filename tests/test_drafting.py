@@ -166,6 +166,29 @@ def test_linear_cost_keeps_the_prior_shape_when_sizes_are_alike():
     assert cost.describe()["slope_from"] == "measured" and cost.coefficients()[1] > 0
 
 
+def test_the_prompt_pass_probes_a_token_s_compute():
+    """A prompt's pass of 150 rows at 0.3 s a row (bf16 on an AVX2 CPU) sizes the first trees to the
+    floor, not the 64-node guess; then passes of one size, too alike for a slope, keep the probed shape
+    (before, the prior's 20 ms a token made their 4.8 s look like fixed cost and the tree 50 nodes)."""
+    slow = make_policy("llmcad")
+    assert slow.tree_tokens == LLMCadPolicy.INITIAL_TREE_TOKENS  # nothing measured yet
+    slow.observe_pass(10, 45.0, pending=140)
+    assert slow.tree_tokens == LLMCadPolicy.FLOOR_TREE_TOKENS  # 1 s prior fixed / 0.3 s a token < 6
+    for _ in range(4):
+        slow.observe_pass(16, 0.3 * 16)
+    fixed, per_token = slow.target_cost.coefficients()
+    assert per_token == pytest.approx(0.3 * 4.8 / 5.8) and slow.tree_tokens == LLMCadPolicy.FLOOR_TREE_TOKENS
+    report = slow.report()["target_pass_model_s"]
+    assert report["probe_per_token"] == pytest.approx(0.3) and report["prefill_passes_left_out"] == 1
+    fast = make_policy("llmcad")  # 1 ms a row: the first trees keep the 64-node bound
+    fast.observe_pass(10, 0.15, pending=140)
+    assert fast.tree_tokens == LLMCadPolicy.INITIAL_TREE_TOKENS
+    odd = make_policy("llmcad")  # one odd prompt pass among five moves the prior slope not at all
+    for seconds in (15.0, 15.0, 150.0, 15.0, 15.0):
+        odd.observe_pass(10, seconds, pending=140)
+    assert odd.target_cost.coefficients()[1] == pytest.approx(0.1)
+
+
 def test_linear_cost_rejects_a_prior_of_no_cost():
     with pytest.raises(ValueError, match="fixed=0"):
         LinearCost(0.0, 0.0)
@@ -269,8 +292,8 @@ def test_tree_size_follows_the_device():
     io_bound = calibrated_policy(8.0, 0.02)
     assert io_bound.max_tree_tokens == pytest.approx(400, abs=4)  # 8 s / 20 ms a token
     assert io_bound.max_depth == io_bound.max_tree_tokens - 1
-    compute_bound = calibrated_policy(0.1, 0.01)
-    assert compute_bound.max_tree_tokens == LLMCadPolicy.AUTO_TREE_TOKENS[0]
+    compute_bound = calibrated_policy(0.02, 0.01)
+    assert compute_bound.max_tree_tokens == LLMCadPolicy.AUTO_TREE_TOKENS[0] == LLMCadPolicy.FLOOR_TREE_TOKENS
     fixed = make_policy("llmcad", max_tree_tokens=20, max_depth=6)
     fixed.observe_pass(10, 5.0)
     assert (fixed.max_tree_tokens, fixed.max_depth) == (20, 6)
@@ -374,8 +397,9 @@ def test_slow_phase_keeps_the_chain_floor_and_recovers(monkeypatch):
     for n in (4, 6, 3, 5, 4, 2, 6, 3) * 2:
         policy.observe_pass(n, 0.058 * n)
     slow_nodes, slow_steps = size_grown(policy, monkeypatch)
-    assert slow_nodes >= LLMCadPolicy.FLOOR_TREE_TOKENS and slow_steps >= 1
-    assert policy.report()["floor_draft_steps"] >= 1
+    # the device-sized tree is the floor itself: a chain's worth of nodes, paid for within it
+    assert policy.max_tree_tokens == LLMCadPolicy.FLOOR_TREE_TOKENS
+    assert slow_nodes == LLMCadPolicy.FLOOR_TREE_TOKENS and slow_steps >= 1
     for n in (4, 8, 16, 20) * 3:  # the fit's window is quiet again
         policy.observe_pass(n, 1.0 + 0.004 * n)
     assert size_grown(policy, monkeypatch) == pytest.approx(quiet, rel=0.1)

@@ -151,6 +151,13 @@ class LinearCost:
         fixed, per_row = self.coefficients()
         return fixed + per_row * rows
 
+    def reshape_prior(self, per_row: float) -> None:
+        """The prior's seconds per row become ``per_row`` (a probe's measurement), its fixed cost kept."""
+        if not (per_row > 0 and math.isfinite(per_row)):
+            return
+        self._prior = (self._prior[0], float(per_row))
+        self._fit = None
+
     def describe(self) -> dict:
         """The fit and what it rests on (JSON-ready): measurements seen and in the window, and whether
         the slope was ``measured``, the ``prior shape`` scaled to the measurements, or the ``prior``."""

@@ -9,7 +9,9 @@ Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llm
 """
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 
 from llmcad.speculative.costs import (
     AcceptanceCalibration,
@@ -116,10 +118,14 @@ class LLMCadPolicy(Policy):
     (llmcad.speculative.lookup) join the tree as branches at no draft forward, each node valued by its
     own calibrated acceptance (:class:`LookupCalibration`), so the rule prices them like draft nodes.
 
-    Robust under load: a pass that carried the prompt's prefill is kept out of the pass model, the
-    costs are median-based fits of recent measurements (:class:`LinearCost`), and below
+    Robust under load: a pass that carried the prompt's prefill is kept out of the pass model's fit,
+    the costs are median-based fits of recent measurements (:class:`LinearCost`), and below
     ``FLOOR_TREE_TOKENS`` nodes (what the chain mode verifies) of path value at least ``CONFIDENT_VALUE``
-    the tree keeps growing whatever the costs, while its best unexpanded node is that confident.
+    the tree keeps growing whatever the costs, while its best unexpanded node is that confident. The
+    prompt's pass is a free probe of the compute a token costs: the median of the last prompt passes'
+    seconds per row is the pass model's prior slope (its fixed cost stays the prior's), which sizes the
+    first trees and shapes the model while the passes' sizes are too alike for a measured slope. A
+    device-sized tree is never below ``FLOOR_TREE_TOKENS``.
 
     ``alpha_rule="paper"``: the paper's equation. Verify once the tree confidence T_c = max_i C_i drops
     below ``alpha``; after a verification, on the branch that matched best (the one holding the
@@ -128,11 +134,12 @@ class LLMCadPolicy(Policy):
     """
 
     name = "llmcad"
-    INITIAL_TREE_TOKENS = 64  # before two target passes have been timed
+    INITIAL_TREE_TOKENS = 64  # bound of the tree before two target passes have been timed
     IO_BOUND_SHARE = 0.05  # a pass that waited on reads this share of its time was bound by them
-    AUTO_TREE_TOKENS = (16, 512)  # bounds of the device-sized tree
-    MAX_ROWS = 64  # bound on the rows of one draft forward
     FLOOR_TREE_TOKENS = 6  # the chain mode's tree (5 draft tokens and the root)
+    AUTO_TREE_TOKENS = (FLOOR_TREE_TOKENS, 512)  # bounds of the device-sized tree
+    MAX_ROWS = 64  # bound on the rows of one draft forward
+    PROBES = 5  # prompt passes whose seconds per row make the prior slope (median)
     CONFIDENT_VALUE = 0.1  # path value of a node worth drafting below the floor
 
     def __init__(self, max_tree_tokens=None, max_depth=None, branch_threshold=None, alpha=None,
@@ -182,6 +189,7 @@ class LLMCadPolicy(Policy):
         self.target_cost = LinearCost(1.0, 0.02)  # compute (with no read waits: the pass)
         self.io_bound_s = None  # length of a pass bound by its reads (moving average); None: none seen
         self.child_mass = 0.8  # calibrated acceptance summed over an expanded node's children (average)
+        self.probes = collections.deque(maxlen=self.PROBES)  # prompt passes' compute seconds per row
         self.reset()
 
     # ---- sizes
@@ -189,10 +197,12 @@ class LLMCadPolicy(Policy):
     def tree_tokens(self) -> int:
         if self.fixed_tree_tokens is not None:
             return self.fixed_tree_tokens
-        if self.target_cost.observations < 2:
-            return self.INITIAL_TREE_TOKENS
-        fixed, per_token = self.target_cost.coefficients()
         low, high = self.AUTO_TREE_TOKENS
+        if self.target_cost.observations < 2:
+            if not self.probes:
+                return self.INITIAL_TREE_TOKENS
+            high = self.INITIAL_TREE_TOKENS  # the prior, with a probed slope
+        fixed, per_token = self.target_cost.coefficients()
         # tokens whose hidden compute fits in the reads' time (or, never IO-bound, in the fixed cost)
         room = fixed if self.io_bound_s is None else self.io_bound_s / (1.0 - self.unhidden_share) - fixed
         return high if per_token <= 0 else int(min(high, max(low, room / per_token)))
@@ -292,11 +302,13 @@ class LLMCadPolicy(Policy):
 
     def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0, io_wait_s: float = 0.0,
                      draft_wait_s: float = 0.0) -> None:
-        if pending:  # a prefill: no typical pass
+        compute = seconds - io_wait_s - draft_wait_s
+        if pending:  # a prefill: no typical pass, a probe of a row's compute
             self.prefill_passes += 1
             self.sizes["verified_tree_tokens"].append(tree_tokens)
+            self.probes.append(compute / (tree_tokens + pending))
+            self.target_cost.reshape_prior(statistics.median(self.probes))
             return
-        compute = seconds - io_wait_s - draft_wait_s
         self.target_cost.observe(tree_tokens, compute)
         if io_wait_s > self.IO_BOUND_SHARE * seconds:  # the reads and the compute they hide
             self.io_bound_s = ema(self.io_bound_s, seconds - draft_wait_s - self.unhidden_share * compute)
@@ -340,7 +352,9 @@ class LLMCadPolicy(Policy):
                                         "slope_from": target["slope_from"],
                                         "observations": target["observations"],
                                         "window": target["window"],
-                                        "prefill_passes_left_out": self.prefill_passes},
+                                        "prefill_passes_left_out": self.prefill_passes,
+                                        "probe_per_token": (statistics.median(self.probes)
+                                                            if self.probes else None)},
                 "draft_model_s": draft,
                 "floor_tree_tokens": self.floor_tree_tokens, "floor_draft_steps": self.floor_steps,
                 "prompt_lookup": self.prompt_lookup,
