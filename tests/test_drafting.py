@@ -166,27 +166,50 @@ def test_linear_cost_keeps_the_prior_shape_when_sizes_are_alike():
     assert cost.describe()["slope_from"] == "measured" and cost.coefficients()[1] > 0
 
 
-def test_the_prompt_pass_probes_a_token_s_compute():
-    """A prompt's pass of 150 rows at 0.3 s a row (bf16 on an AVX2 CPU) sizes the first trees to the
-    floor, not the 64-node guess; then passes of one size, too alike for a slope, keep the probed shape
-    (before, the prior's 20 ms a token made their 4.8 s look like fixed cost and the tree 50 nodes)."""
-    slow = make_policy("llmcad")
+def test_the_prompt_pass_probes_a_token_s_compute(monkeypatch):
+    """A prompt's pass of 150 rows at 0.3 s a row (bf16 on an AVX2 CPU) prices the first trees' tokens
+    at that, not the prior's 20 ms; then passes of one size, too alike for a slope, keep the probed
+    shape (before, their 4.8 s read as fixed cost and the tree as 50 nearly free nodes). No token of a
+    compute-bound pass is free, so the bound is the largest and the prices alone size the tree."""
+    slow, fast = make_policy("llmcad"), make_policy("llmcad")
     assert slow.tree_tokens == LLMCadPolicy.INITIAL_TREE_TOKENS  # nothing measured yet
     slow.observe_pass(10, 45.0, pending=140)
-    assert slow.tree_tokens == LLMCadPolicy.FLOOR_TREE_TOKENS  # 1 s prior fixed / 0.3 s a token < 6
+    fast.observe_pass(10, 0.15, pending=140)  # 1 ms a row
+    assert slow.tree_tokens == fast.tree_tokens == LLMCadPolicy.INITIAL_TREE_TOKENS
+    assert slow.target_cost.coefficients() == pytest.approx((1.0, 0.3))
+    (slow_nodes, _), (fast_nodes, _) = size_grown(slow, monkeypatch), size_grown(fast, monkeypatch)
+    assert slow_nodes < fast_nodes
     for _ in range(4):
         slow.observe_pass(16, 0.3 * 16)
     fixed, per_token = slow.target_cost.coefficients()
-    assert per_token == pytest.approx(0.3 * 4.8 / 5.8) and slow.tree_tokens == LLMCadPolicy.FLOOR_TREE_TOKENS
+    assert per_token == pytest.approx(0.3 * 4.8 / 5.8) and fixed == pytest.approx(4.8 / 5.8)
+    assert slow.tree_tokens == LLMCadPolicy.AUTO_TREE_TOKENS[1]
+    assert size_grown(slow, monkeypatch)[0] <= slow_nodes
     report = slow.report()["target_pass_model_s"]
     assert report["probe_per_token"] == pytest.approx(0.3) and report["prefill_passes_left_out"] == 1
-    fast = make_policy("llmcad")  # 1 ms a row: the first trees keep the 64-node bound
-    fast.observe_pass(10, 0.15, pending=140)
-    assert fast.tree_tokens == LLMCadPolicy.INITIAL_TREE_TOKENS
     odd = make_policy("llmcad")  # one odd prompt pass among five moves the prior slope not at all
     for seconds in (15.0, 15.0, 150.0, 15.0, 15.0):
         odd.observe_pass(10, seconds, pending=140)
     assert odd.target_cost.coefficients()[1] == pytest.approx(0.1)
+
+
+def test_the_verified_head_is_the_one_that_pays():
+    """Of a best-first tree, the head with the most expected tokens per second of the round is verified:
+    where a token costs 0.3 s of compute the unlikely children an expansion added are left out; where
+    the pass waits on its reads they are free and all go; the confident nodes up to the floor always."""
+    values = [1.0] + [0.9] * 7 + [0.05, 0.01]
+    costly = make_policy("llmcad")
+    costly.target_cost = LinearCost(0.5, 0.3)
+    n = costly.verified_tokens(values, draft_s=0.5)
+    rate = lambda k: (1 + sum(values[1:k])) / (0.5 + 0.5 + 0.3 * k)  # noqa: E731
+    assert n == max(range(1, len(values) + 1), key=rate) == 8
+    assert costly.report()["unverified_nodes"] == len(values) - 8
+    assert costly.verified_tokens(values, draft_s=0.5, pending=100) >= n  # a prompt's pass dwarfs a token
+    free = calibrated_policy(0.5, 0.001, io_s=8.0)  # a tree token's compute hides under 8 s of reads
+    assert free.verified_tokens(values, draft_s=0.5) == len(values)
+    costly.target_cost = LinearCost(0.1, 10.0)  # a token costs 10 s: still the floor's confident nodes
+    assert costly.verified_tokens(values, draft_s=0.5) == 1 + sum(v >= LLMCadPolicy.CONFIDENT_VALUE
+                                                                   for v in values[1:LLMCadPolicy.FLOOR_TREE_TOKENS])
 
 
 def test_linear_cost_rejects_a_prior_of_no_cost():

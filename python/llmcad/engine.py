@@ -450,13 +450,18 @@ class _Run:
     def round(self, root: int) -> int:
         """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""
         policy, output = self.policy, self.output
+        t_draft = time.perf_counter()
         with self.record.timed("draft"):
             tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room())
                     if self.drafter else DraftTree.rooted(root))
+        draft_s = time.perf_counter() - t_draft
         self._join_prefill()
         n, created = min(len(tree), policy.max_tree_tokens, self._target_kv_room()), len(tree)
+        pending = len(self.verifier.pending)  # the prompt rides in the first pass
+        if policy.best_first:  # the best-first tree's most paying head
+            n = policy.verified_tokens(tree.value[:n], draft_s, pending)
         expected = sum(tree.value[1:n]) if policy.best_first else None  # the rule's expected accepted drafts
-        pending, t0 = len(self.verifier.pending), time.perf_counter()  # the prompt rides in the first pass
+        t0 = time.perf_counter()
         with self.record.timed("target"):
             logits, provisional = self._verify(tree, n)
         # seconds the target sat blocked: on reads (IO-bound passes) and on draft steps

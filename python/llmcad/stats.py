@@ -143,9 +143,12 @@ def policy_line(stats: dict) -> str:
     cap, seen, slope_from = stats.get("pass_rows"), model.get("observations"), model.get("slope_from")
     fitted = f", fitted on {seen} passes" if seen is not None else ""
     if seen is not None and slope_from == "prior shape":
-        fitted += " (sizes too alike for a slope: the prior's per-node share)"
+        source = "the prompt passes'" if model.get("probe_per_token") else "the prior's"
+        fitted += f" (sizes too alike for a slope: {source} per-node share)"
     lookup = (f"; prompt lookup: {stats.get('lookup_nodes_accepted', 0)} of {stats.get('lookup_nodes_proposed', 0)} "
               "nodes accepted" if stats.get("prompt_lookup") else "")
+    if stats.get("unverified_nodes"):
+        lookup += f"; {stats['unverified_nodes']} grown nodes left unverified (not worth their pass share)"
     return (f"trees of {mean:.1f} nodes on average, size cap {stats.get('max_tree_tokens_chosen')}"
             f"{f' (memory allows {cap})' if cap else ''}; passes bound by {bound} (compute {fixed:.3f} s + "
             f"{per_token * 1e3:.2f} ms/node{f', reads {reads:.2f} s' if reads is not None else ''}"

@@ -197,7 +197,8 @@ class EngineRow:
             "provisional_drafted": s.get("provisional_drafted"), "provisional_followed": s.get("provisional_followed"),
             "provisional_reused": s.get("provisional_reused"), "provisional_dropped": s.get("provisional_dropped"),
             "tree_tokens": sum(p.get("tree_tokens", 0) for p in result.trace),
-            "sizes": {k: s[k] for k in ("max_tree_tokens_chosen", "mean_tree_tokens", "mean_draft_rows") if k in s},
+            "sizes": {k: s[k] for k in ("max_tree_tokens_chosen", "mean_tree_tokens", "mean_draft_rows",
+                                        "target_pass_model_s", "draft_model_s") if k in s},
             "time_s": s.get("time_s"), "accept_lengths": [p.get("emitted") for p in result.trace],
             **_first_pass(result)}
 

@@ -123,9 +123,11 @@ class LLMCadPolicy(Policy):
     ``FLOOR_TREE_TOKENS`` nodes (what the chain mode verifies) of path value at least ``CONFIDENT_VALUE``
     the tree keeps growing whatever the costs, while its best unexpanded node is that confident. The
     prompt's pass is a free probe of the compute a token costs: the median of the last prompt passes'
-    seconds per row is the pass model's prior slope (its fixed cost stays the prior's), which sizes the
-    first trees and shapes the model while the passes' sizes are too alike for a measured slope. A
-    device-sized tree is never below ``FLOOR_TREE_TOKENS``.
+    seconds per row is the pass model's prior slope (its fixed cost stays the prior's), which prices
+    the first trees and shapes the model while the passes' sizes are too alike for a measured slope.
+    With a probed slope and no pass bound by its reads, no tree token is free and the size bound is
+    ``AUTO_TREE_TOKENS``' upper one (``INITIAL_TREE_TOKENS`` before two passes): the rule's prices
+    alone size the tree. A device-sized tree is never below ``FLOOR_TREE_TOKENS``.
 
     ``alpha_rule="paper"``: the paper's equation. Verify once the tree confidence T_c = max_i C_i drops
     below ``alpha``; after a verification, on the branch that matched best (the one holding the
@@ -178,6 +180,7 @@ class LLMCadPolicy(Policy):
         # lookup nodes in verified trees, accepted, and accepted with no draft proposal for the token
         self.lookup_counts = {"proposed": 0, "accepted": 0, "accepted_lookup_only": 0}
         self.floor_steps = 0  # draft forwards the floor asked for beyond what the costs would
+        self.unverified_nodes = 0  # grown nodes within the size bound that did not pay their pass share
         self.prefill_passes = 0  # passes kept out of the pass model (they carried prompt tokens)
 
     def forget(self) -> None:
@@ -203,8 +206,12 @@ class LLMCadPolicy(Policy):
                 return self.INITIAL_TREE_TOKENS
             high = self.INITIAL_TREE_TOKENS  # the prior, with a probed slope
         fixed, per_token = self.target_cost.coefficients()
-        # tokens whose hidden compute fits in the reads' time (or, never IO-bound, in the fixed cost)
-        room = fixed if self.io_bound_s is None else self.io_bound_s / (1.0 - self.unhidden_share) - fixed
+        if self.io_bound_s is not None:  # tokens whose hidden compute fits in the reads' time
+            room = self.io_bound_s / (1.0 - self.unhidden_share) - fixed
+        elif self.probes:  # compute-bound at a probed cost a token: none is free, the rule alone sizes it
+            return high
+        else:  # compute-bound on the prior's shape: what fits in the fixed cost
+            room = fixed
         return high if per_token <= 0 else int(min(high, max(low, room / per_token)))
 
     def pass_seconds(self, tokens: int) -> float:
@@ -215,6 +222,23 @@ class LLMCadPolicy(Policy):
             return compute
         unhidden = self.unhidden_share * compute
         return unhidden + max(compute - unhidden, self.io_bound_s)
+
+    def verified_tokens(self, values, draft_s: float, pending: int = 0) -> int:
+        """How many nodes of a best-first tree to verify (``values``: their path values, root first,
+        within the size bound): the head with the most expected tokens (its values and the bonus) per
+        second of the round (``draft_s`` of drafting, the pass with ``pending`` prompt tokens), and never
+        fewer than the root and its confident nodes up to the floor's size. Expansion adds a node's top
+        tokens as children whether or not each pays its share of the pass; this drops those that don't."""
+        best, best_rate, gain = 1, 0.0, 1.0
+        for n in range(1, len(values) + 1):
+            gain += values[n - 1] if n > 1 else 0.0
+            rate = gain / (draft_s + self.pass_seconds(pending + n))
+            if rate > best_rate:
+                best, best_rate = n, rate
+        floor = 1 + sum(1 for v in values[1:self.floor_tree_tokens] if v >= self.CONFIDENT_VALUE)
+        best = max(best, min(floor, len(values)))
+        self.unverified_nodes += len(values) - best
+        return best
 
     def prefill_apart_pays(self, prompt_tokens: int) -> bool | None:
         """Whether the target should cache a prompt of ``prompt_tokens`` in a pass of its own, beside the
@@ -357,6 +381,7 @@ class LLMCadPolicy(Policy):
                                                             if self.probes else None)},
                 "draft_model_s": draft,
                 "floor_tree_tokens": self.floor_tree_tokens, "floor_draft_steps": self.floor_steps,
+                "unverified_nodes": self.unverified_nodes,
                 "prompt_lookup": self.prompt_lookup,
                 **{f"lookup_nodes_{k}": v for k, v in self.lookup_counts.items()}}
 
