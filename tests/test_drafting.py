@@ -191,6 +191,10 @@ def test_the_prompt_pass_probes_a_token_s_compute(monkeypatch):
     for seconds in (15.0, 15.0, 150.0, 15.0, 15.0):
         odd.observe_pass(10, seconds, pending=140)
     assert odd.target_cost.coefficients()[1] == pytest.approx(0.1)
+    odd.observe_pass(10, 1.0, pending=140, io_wait_s=2.0)  # waits longer than the pass: no probe
+    assert odd.report()["target_pass_model_s"]["probe_per_token"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="per_row=0"):
+        odd.target_cost.reshape_prior(0.0)
 
 
 def test_the_verified_head_is_the_one_that_pays():

@@ -189,13 +189,13 @@ def recorded_args(command: str) -> argparse.Namespace:
     head = next((len(p) for p in prefixes if words[:len(p)] == p), None)
     parser = argparse.ArgumentParser(prog="llmcad bench e2e", add_help=False)
     add_arguments(parser)
-    try:
-        if head is None:
-            raise SystemExit
-        return parser.parse_args(words[head:])
-    except SystemExit:
-        raise ValueError(f"--recompute: the recorded command {command!r} is not an `llmcad bench e2e` command "
-                         "line this version reads") from None
+    if head is not None:
+        try:
+            return parser.parse_args(words[head:])
+        except SystemExit:  # argparse's exit on options this version does not read
+            pass
+    raise ValueError(f"--recompute: the recorded command {command!r} is not an `llmcad bench e2e` command "
+                     "line this version reads")
 
 
 def write_report(report: dict, out: Path, stem: str = "e2e", as_json: bool = False) -> None:

@@ -154,7 +154,7 @@ class LinearCost:
     def reshape_prior(self, per_row: float) -> None:
         """The prior's seconds per row become ``per_row`` (a probe's measurement), its fixed cost kept."""
         if not (per_row > 0 and math.isfinite(per_row)):
-            return
+            raise ValueError(f"LinearCost prior per_row={per_row}: expected a finite number > 0")
         self._prior = (self._prior[0], float(per_row))
         self._fit = None
 

@@ -330,8 +330,9 @@ class LLMCadPolicy(Policy):
         if pending:  # a prefill: no typical pass, a probe of a row's compute
             self.prefill_passes += 1
             self.sizes["verified_tree_tokens"].append(tree_tokens)
-            self.probes.append(compute / (tree_tokens + pending))
-            self.target_cost.reshape_prior(statistics.median(self.probes))
+            if compute > 0 and math.isfinite(compute):  # a clock step or an odd wait is no probe
+                self.probes.append(compute / (tree_tokens + pending))
+                self.target_cost.reshape_prior(statistics.median(self.probes))
             return
         self.target_cost.observe(tree_tokens, compute)
         if io_wait_s > self.IO_BOUND_SHARE * seconds:  # the reads and the compute they hide
