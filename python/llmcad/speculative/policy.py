@@ -10,6 +10,7 @@ Part of llmcad.speculative: must not import llmcad.streaming, llmcad.models, llm
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import statistics
 
@@ -226,15 +227,17 @@ class LLMCadPolicy(Policy):
     def verified_tokens(self, values, draft_s: float, pending: int = 0) -> int:
         """How many nodes of a best-first tree to verify (``values``: their path values, root first,
         within the size bound): the head with the most expected tokens (its values and the bonus) per
-        second of the round (``draft_s`` of drafting, the pass with ``pending`` prompt tokens), and never
-        fewer than the root and its confident nodes up to the floor's size. Expansion adds a node's top
-        tokens as children whether or not each pays its share of the pass; this drops those that don't."""
-        best, best_rate, gain = 1, 0.0, 1.0
-        for n in range(1, len(values) + 1):
-            gain += values[n - 1] if n > 1 else 0.0
-            rate = gain / (draft_s + self.pass_seconds(pending + n))
-            if rate > best_rate:
-                best, best_rate = n, rate
+        second of the round (``draft_s`` of drafting), and never fewer than the root and its confident
+        nodes up to the floor's size. Expansion adds a node's top tokens as children whether or not each
+        pays its share of the pass; this drops those that don't.
+
+        With ``pending`` prompt tokens in the pass, the round's own rate is low by the prompt's compute,
+        so a token is priced at the rate r of the same tree without them: the head maximizes
+        gain(n) - r * (draft_s + pass(pending + n)), which with no prompt is the head of rate r itself."""
+        gains = list(itertools.accumulate(values[1:], initial=1.0))  # gains[n - 1]: head of n nodes
+        rate = max(g / (draft_s + self.pass_seconds(n)) for n, g in enumerate(gains, start=1))
+        surplus = [g - rate * (draft_s + self.pass_seconds(pending + n)) for n, g in enumerate(gains, start=1)]
+        best = 1 + max(range(len(surplus)), key=surplus.__getitem__)
         floor = 1 + sum(1 for v in values[1:self.floor_tree_tokens] if v >= self.CONFIDENT_VALUE)
         best = max(best, min(floor, len(values)))
         self.unverified_nodes += len(values) - best
