@@ -3,7 +3,11 @@ kernel, and the cgroup is gone afterwards."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +68,29 @@ def test_timeout_kills_the_command():
 def test_read_bps_needs_a_path():
     with pytest.raises(ValueError, match="read_path"):
         cgroups.run_limited(["true"], read_bps=1000)
+
+
+def test_sigterm_kills_the_command_and_removes_its_cgroup(tmp_path):
+    """``kill`` of a process running a limited command (a benchmark stopped by its job's timeout) leaves
+    neither the command nor its cgroup behind, as Ctrl-C does not either."""
+    started = tmp_path / "started"
+    sleeper = f"import time; open({str(started)!r}, 'w').close(); time.sleep(120)"
+    parent = (f"import sys; from llmcad.bench import cgroups; "
+              f"cgroups.run_limited([sys.executable, '-c', {sleeper!r}], memory_bytes=200 * 2**20, timeout=300)")
+    package_root = str(Path(cgroups.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        groups = [g for c in ("memory", "blkio") if (d := cgroup_dir(c)) for g in d.glob(f"llmcad-{proc.pid}-*")]
+        assert groups
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not any(g.exists() for g in groups)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from contextlib import contextmanager
 import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,19 +79,20 @@ def run_limited(cmd, *, memory_bytes=None, read_bps=None, read_path=None, timeou
         raise RuntimeError("not root: creating cgroups needs root")
     groups = []
     try:
-        mem = _Group("memory")
-        groups.append(mem)
-        mem.create()
-        if memory_bytes is not None:
-            mem.limit_memory(int(memory_bytes))
-        io = None
-        if read_bps is not None:
-            io = mem if mem.version == 2 else _Group("io")
-            if io is not mem:
-                groups.append(io)
-                io.create()
-            io.limit_reads(_whole_disk(read_path), int(read_bps))
-        return _run(cmd, groups, mem, io, timeout, env, cwd)
+        with _unwinds_on_sigterm():
+            mem = _Group("memory")
+            groups.append(mem)
+            mem.create()
+            if memory_bytes is not None:
+                mem.limit_memory(int(memory_bytes))
+            io = None
+            if read_bps is not None:
+                io = mem if mem.version == 2 else _Group("io")
+                if io is not mem:
+                    groups.append(io)
+                    io.create()
+                io.limit_reads(_whole_disk(read_path), int(read_bps))
+            return _run(cmd, groups, mem, io, timeout, env, cwd)
     except _Unavailable as exc:
         raise RuntimeError(str(exc)) from None
     finally:
@@ -132,10 +134,31 @@ def started_limited(cmd, *, memory_bytes: int, env=None, cwd=None, **popen):
         raise RuntimeError(str(exc)) from None
     running = LimitedProcess(proc, mem)
     try:
-        yield running
+        with _unwinds_on_sigterm():
+            yield running
     finally:
         running._finish()
         mem.remove()
+
+
+@contextmanager
+def _unwinds_on_sigterm():
+    """SIGTERM (``kill``, a job's timeout) ends this process through its ``finally`` blocks as Ctrl-C
+    does, so the command is killed and its cgroups removed rather than left behind. Only the main thread
+    may install a handler, and one installed by the caller is kept: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _joiner(groups):
