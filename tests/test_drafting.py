@@ -652,26 +652,6 @@ def test_io_bound_pass_prices_the_compute_its_reads_cannot_hide():
     assert policy.pass_seconds(300) == policy.pass_seconds(200)
 
 
-def test_a_probed_slope_prices_tokens_past_what_the_reads_hide():
-    """bf16 on an AVX2 CPU at orin-nvme: a tree token costs 0.27 s, and 1.6 s of reads hide about 8.
-    Without a probe the tree is cut there; with one, the bound is the largest, and a head of 12 tokens
-    of value 0.95 is verified whole, since each token past the 8th still pays its 0.27 s."""
-    policy = LLMCadPolicy()
-    policy.unhidden_share = 0.27
-    for tokens in (2, 4, 6) * 4:
-        compute = 0.27 * tokens
-        seconds = 0.27 * compute + max(0.73 * compute, 1.6)
-        policy.observe_pass(tokens, seconds, io_wait_s=seconds - compute)
-    assert policy.io_bound_s == pytest.approx(1.6)
-    hidden = policy.tree_tokens
-    assert hidden == pytest.approx(1.6 / 0.73 / 0.27, abs=1)
-    policy.observe_pass(10, 0.27 * 150, pending=140)  # a prompt's pass: the probe
-    assert policy.tree_tokens == LLMCadPolicy.AUTO_TREE_TOKENS[1]
-    values = [1.0] + [0.95] * 11
-    assert policy.verified_tokens(values, draft_s=1.0) == len(values) > hidden
-    assert policy.verified_tokens(values + [0.05] * 4, draft_s=1.0) == len(values)  # 0.05 does not pay
-
-
 def test_unhidden_share_is_the_resident_part_of_the_weights():
     from types import SimpleNamespace
 

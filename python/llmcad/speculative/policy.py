@@ -206,11 +206,11 @@ class LLMCadPolicy(Policy):
             if not self.probes:
                 return self.INITIAL_TREE_TOKENS
             high = self.INITIAL_TREE_TOKENS  # the prior, with a probed slope
-        if self.probes:  # a probed cost a token: the pass model prices each one, hidden by reads or not
-            return high
         fixed, per_token = self.target_cost.coefficients()
         if self.io_bound_s is not None:  # tokens whose hidden compute fits in the reads' time
             room = self.io_bound_s / (1.0 - self.unhidden_share) - fixed
+        elif self.probes:  # compute-bound at a probed cost a token: none is free, the rule alone sizes it
+            return high
         else:  # compute-bound on the prior's shape: what fits in the fixed cost
             room = fixed
         return high if per_token <= 0 else int(min(high, max(low, room / per_token)))
