@@ -72,7 +72,7 @@ def test_read_bps_needs_a_path():
 
 def test_sigterm_kills_the_command_and_removes_its_cgroup(tmp_path):
     """``kill`` of a process running a limited command (a benchmark stopped by its job's timeout) leaves
-    neither the command nor its cgroup behind, as Ctrl-C does not either."""
+    neither the command nor its cgroup behind, as with Ctrl-C."""
     started = tmp_path / "started"
     sleeper = f"import time; open({str(started)!r}, 'w').close(); time.sleep(120)"
     parent = (f"import sys; from llmcad.bench import cgroups; "

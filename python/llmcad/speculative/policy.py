@@ -234,6 +234,8 @@ class LLMCadPolicy(Policy):
         With ``pending`` prompt tokens in the pass, the round's own rate is low by the prompt's compute,
         so a token is priced at the rate r of the same tree without them: the head maximizes
         gain(n) - r * (draft_s + pass(pending + n)), which with no prompt is the head of rate r itself."""
+        if len(values) < 2:  # the root alone (or nothing: no KV room)
+            return len(values)
         gains = list(itertools.accumulate(values[1:], initial=1.0))  # gains[n - 1]: head of n nodes
         rate = max(g / (draft_s + self.pass_seconds(n)) for n, g in enumerate(gains, start=1))
         surplus = [g - rate * (draft_s + self.pass_seconds(pending + n)) for n, g in enumerate(gains, start=1)]
