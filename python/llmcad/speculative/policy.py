@@ -237,8 +237,10 @@ class LLMCadPolicy(Policy):
         if len(values) < 2:  # the root alone (or nothing: no KV room)
             return len(values)
         gains = list(itertools.accumulate(values[1:], initial=1.0))  # gains[n - 1]: head of n nodes
-        rate = max(g / (draft_s + self.pass_seconds(n)) for n, g in enumerate(gains, start=1))
-        surplus = [g - rate * (draft_s + self.pass_seconds(pending + n)) for n, g in enumerate(gains, start=1)]
+        alone = [draft_s + self.pass_seconds(n) for n in range(1, len(gains) + 1)]  # seconds of the round
+        rate = max(g / t for g, t in zip(gains, alone))
+        rounds = [draft_s + self.pass_seconds(pending + n) for n in range(1, len(gains) + 1)] if pending else alone
+        surplus = [g - rate * t for g, t in zip(gains, rounds)]
         best = 1 + max(range(len(surplus)), key=surplus.__getitem__)
         floor = 1 + sum(1 for v in values[1:self.floor_tree_tokens] if v >= self.CONFIDENT_VALUE)
         best = max(best, min(floor, len(values)))
