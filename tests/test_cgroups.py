@@ -83,7 +83,8 @@ def test_sigterm_kills_the_command_and_removes_its_cgroup(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while not started.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+            exited = proc.poll() is not None
+            assert not exited and time.monotonic() < deadline, proc.stderr.read() if exited else "slow"
             time.sleep(0.05)
         groups = [g for c in ("memory", "blkio") if (d := cgroup_dir(c)) for g in d.glob(f"llmcad-{proc.pid}-*")]
         assert groups
