@@ -12,6 +12,7 @@ from llmcad.streaming.budget import kv_cache_bytes, module_bytes, plan_placement
 from llmcad.errors import BudgetError, EngineClosedError, ModelLoadError
 from llmcad.streaming.streamed import decoder_layers, load_streamed_target
 from llmcad.streaming.weights import load_index
+from clocks import loads_within
 from tiny_models import FAMILIES, build_tiny, load_resident
 
 NUM_LAYERS = 4
@@ -279,7 +280,7 @@ def test_acquire_watchers_run_in_hook_order_and_loads_name_decoder_layers(checkp
         assert events == want
         loads = streamed.loads_since(mark)[:NUM_LAYERS - 1]  # the next pass's prefetch may follow
         assert [r.layer_id for r in loads] == list(range(1, NUM_LAYERS)) and all(r.ok for r in loads)
-        assert all(t0 <= r.start_s <= r.end_s <= t1 for r in loads)
+        assert loads_within(loads, t0, t1)
         assert [r.bytes for r in loads] == [streamed.index.layer_bytes(i) for i in range(1, NUM_LAYERS)]
         handles[0].remove()
         events.clear()
