@@ -15,7 +15,7 @@ import torch
 from llmcad.speculative.draft import DraftTree
 from llmcad.engine import LLMCad
 from llmcad.errors import BudgetError, StreamerIOError
-from llmcad.speculative.pipeline import ComputeGate, main_path, reconcile
+from llmcad.speculative.pipeline import ComputeGate, VerifyWorker, main_path, reconcile
 from llmcad.streaming.streamed import load_budgeted_target
 
 PROMPT = "def add(a, b):"
@@ -398,3 +398,27 @@ def test_gate_lets_the_draft_step_beside_compute_in_the_first_half_of_a_probe():
     gate.end_verification()
     drafter.join(timeout=10)
     assert turns == [False]
+
+
+def test_provisional_growth_is_one_tree_worth_by_default(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets,
+                                                        monkeypatch):
+    """Best-first provisional drafting may grow the size bound's nodes a verification (checked before each
+    draft step): the next tree holds no more. Lockstep drafts until that bound or the candidates stop it."""
+    bounds, grown = [], []
+    verify, draft = VerifyWorker.verify, VerifyWorker._draft_best_first
+
+    def spy_verify(self, tree, n, max_provisional, policy=None, max_depth=0):
+        bounds.append((max_provisional, policy.max_tree_tokens))
+        return verify(self, tree, n, max_provisional, policy, max_depth)
+
+    def spy_draft(self, tree, n, max_provisional, policy, max_depth):
+        nodes = draft(self, tree, n, max_provisional, policy, max_depth)
+        grown.append(len(nodes))
+        return nodes
+
+    monkeypatch.setattr(VerifyWorker, "verify", spy_verify)
+    monkeypatch.setattr(VerifyWorker, "_draft_best_first", spy_draft)
+    with streamed_engine(tiny_pair_dirs, budgets, "unrelated", lockstep=True, max_tree_tokens=16) as engine:
+        s = _check_lossless(engine, tiny_models, tiny_tokenizer)
+    assert bounds and all(bound == size == 16 for bound, size in bounds)
+    assert sum(grown) == s["provisional_drafted"] > 0

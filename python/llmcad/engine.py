@@ -517,9 +517,10 @@ class _Run:
 
     def _provisional_limit(self, tree) -> int:
         """Provisional nodes worth drafting. Best-first: ``max_provisional_tokens`` (None: one tree's
-        worth, what the next tree can hold; the IO waits bound it first); the draft KV room bounds it as
-        it grows. Main path: ``max_provisional_tokens`` (None: 8), tokens still to emit beyond the main
-        path, draft KV room."""
+        worth, the size bound, what the next tree can hold; checked before each draft step, whose
+        children may pass it; the IO waits bound it first); the draft KV room bounds it as it grows. Main
+        path: ``max_provisional_tokens`` (None: 8), tokens still to emit beyond the main path, draft KV
+        room."""
         limit = self.engine.max_provisional_tokens
         if self.policy.best_first:
             return self.policy.max_tree_tokens if limit is None else limit
