@@ -400,10 +400,11 @@ def test_gate_lets_the_draft_step_beside_compute_in_the_first_half_of_a_probe():
     assert turns == [False]
 
 
-def test_provisional_growth_is_one_tree_worth_by_default(tiny_pair_dirs, tiny_models, tiny_tokenizer, budgets,
-                                                        monkeypatch):
-    """Best-first provisional drafting may grow the size bound's nodes a verification (checked before each
-    draft step): the next tree holds no more. Lockstep drafts until that bound or the candidates stop it."""
+def test_provisional_growth_is_bounded_by_four_trees_by_default(tiny_pair_dirs, tiny_models, tiny_tokenizer,
+                                                               budgets, monkeypatch):
+    """Best-first provisional drafting may grow four times the size bound's nodes a verification (checked
+    before each draft step), and the stats count what it grew. Lockstep drafts until that bound or the
+    candidates stop it."""
     bounds, grown = [], []
     verify, draft = VerifyWorker.verify, VerifyWorker._draft_best_first
 
@@ -420,5 +421,5 @@ def test_provisional_growth_is_one_tree_worth_by_default(tiny_pair_dirs, tiny_mo
     monkeypatch.setattr(VerifyWorker, "_draft_best_first", spy_draft)
     with streamed_engine(tiny_pair_dirs, budgets, "unrelated", lockstep=True, max_tree_tokens=16) as engine:
         s = _check_lossless(engine, tiny_models, tiny_tokenizer)
-    assert bounds and all(bound == size == 16 for bound, size in bounds)
+    assert bounds and all(bound == 4 * size == 64 for bound, size in bounds)
     assert sum(grown) == s["provisional_drafted"] > 0

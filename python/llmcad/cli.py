@@ -147,8 +147,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a resident target caches the prompt in the first pass, after the draft's first tree "
                    "(default: on a thread of its own beside the draft, where torch's threads leave a core free)")
     e.add_argument("--max-provisional-tokens", type=int, default=None,
-                   help="provisional tokens per verification (default: the tree size bound, the next tree's "
-                   "worth, within the IO waits; 8 on the main path of a chain or tree mode)")
+                   help="provisional tokens per verification (default: bounded by the IO waits; 8 on the main "
+                   "path of a chain or tree mode)")
     e.add_argument("--bandwidth-cap", default=None, metavar="RATE",
                    help="cap the streamer's read bandwidth (emulate slower storage): 300MB/s, 1.4GB/s, 300MiB/s "
                    "or bytes/s, at least 1000 (default: uncapped)")

@@ -516,14 +516,12 @@ class _Run:
         return max(0, self.kv_positions - kv.cache_length(self.drafter.cache) - len(self.drafter.pending))
 
     def _provisional_limit(self, tree) -> int:
-        """Provisional nodes worth drafting. Best-first: ``max_provisional_tokens`` (None: one tree's
-        worth, the size bound, what the next tree can hold; checked before each draft step, whose
-        children may pass it; the IO waits bound it first); the draft KV room bounds it as it grows. Main
-        path: ``max_provisional_tokens`` (None: 8), tokens still to emit beyond the main path, draft KV
-        room."""
+        """Provisional nodes worth drafting. Best-first: ``max_provisional_tokens`` (None: up to four
+        trees' worth; the IO waits bound it first); the draft KV room bounds it as it grows. Main path:
+        ``max_provisional_tokens`` (None: 8), tokens still to emit beyond the main path, draft KV room."""
         limit = self.engine.max_provisional_tokens
         if self.policy.best_first:
-            return self.policy.max_tree_tokens if limit is None else limit
+            return 4 * self.policy.max_tree_tokens if limit is None else limit
         limit = MAIN_PATH_PROVISIONAL_TOKENS if limit is None else limit
         depth_cap = self._remaining() - 1  # as for tree nodes: a deeper node could never be emitted
         limit = min(limit, depth_cap - tree.depth[main_path(tree)[-1]])

@@ -19,7 +19,7 @@ becomes ready waits at most for the draft step in flight (``stats["gate_wait_s"]
 With a :class:`~llmcad.speculative.costs.BesideCompute` rule the draft may also step while the target
 computes, where the slowdowns measured in a probe pass say a step's value pays for the target compute
 it costs (on a CPU whose cores both already serve the target, it never does).
-So the IO waits bound provisional drafting; ``max_provisional_tokens`` (None: one tree's worth
+So the IO waits bound provisional drafting; ``max_provisional_tokens`` (None: four trees' worth
 best-first, 8 on the main path), the tokens generation may still emit and the draft KV positions the
 memory budget reserved (see ``LLMCad``) bound it too.
 
