@@ -70,6 +70,52 @@ def test_identical_tokenizer_files_read_as_different_classes_say_so(tmp_path):
         check_tokenizers(load_tokenizer(dirs[0]), load_tokenizer(dirs[1]), None, None)
 
 
+def _count_tokenizer_reads(monkeypatch) -> list:
+    """The directories AutoTokenizer reads from from now on, starting with no tokenizer kept."""
+    from transformers import AutoTokenizer
+
+    from llmcad.models import loading
+
+    reads, real = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(loading, "_last_tokenizer", None)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda where, **kw: reads.append(where) or real(where, **kw))
+    return reads
+
+
+def test_a_tokenizer_is_read_again_only_when_its_files_change(llama, tmp_path, monkeypatch):
+    """The last tokenizer read is returned again while its directory's files (but the weights) are the
+    same bytes; a changed chat template, another directory or another trust setting reads afresh."""
+    from llmcad.models.loading import load_tokenizer
+
+    target = tmp_path / "target"
+    shutil.copytree(llama["target"], target)
+    reads = _count_tokenizer_reads(monkeypatch)
+    first = load_tokenizer(target)
+    assert load_tokenizer(str(target)) is first and load_tokenizer(tmp_path / "." / "target") is first
+    (target / "model.safetensors").write_bytes(b"weights are not what a tokenizer reads")
+    assert load_tokenizer(target) is first and len(reads) == 1
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages[0].content }}"}))
+    changed = load_tokenizer(target)
+    assert changed is not first and changed.chat_template == "{{ messages[0].content }}" and len(reads) == 2
+    shutil.copytree(target, tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy") is not changed and len(reads) == 3
+    assert load_tokenizer(tmp_path / "copy", trust_remote_code=True) is not changed and len(reads) == 4
+
+
+def test_generate_reads_the_targets_tokenizer_once(llama, monkeypatch, capsys):
+    """`llmcad generate` wants the tokenizer for the prompt and for the pair; the draft's files are the
+    target's, so one read serves all."""
+    from llmcad import cli
+
+    reads = _count_tokenizer_reads(monkeypatch)
+    argv = ["generate", "--draft", str(llama["shared"]), "--target", str(llama["target"]), "--prompt", "def add",
+            "--max-new-tokens", "4", "--json"]
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 4
+    assert reads == [str(llama["target"])]
+
+
 def test_mismatched_special_tokens(llama, tmp_path):
     tok = pair_models.build_tokenizer()
     tok.eos_token = "<pad>"

@@ -323,14 +323,52 @@ def _is_quantized(directory) -> bool:
 
 
 def load_tokenizer(source, *, trust_remote_code=False):
-    """The tokenizer of ``source``; ``trust_remote_code``: as for :func:`load_causal_lm`."""
+    """The tokenizer of ``source``; ``trust_remote_code``: as for :func:`load_causal_lm`. The last one
+    read from a local directory is returned again, the same object, while that directory's files other
+    than weights are unchanged: one `llmcad generate` asks for it up to four times, and a large
+    vocabulary's takes about a second to read."""
+    global _last_tokenizer
     from transformers import AutoTokenizer
 
     where = _check_source(source)
+    key = _tokenizer_key(where, trust_remote_code)
+    if key is not None and _last_tokenizer is not None and _last_tokenizer[0] == key:
+        return _last_tokenizer[1]
     try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(f"cannot load the tokenizer of {str(source)!r}", exc) from exc
+    if key is not None:
+        _last_tokenizer = (key, tokenizer)
+    return tokenizer
+
+
+_last_tokenizer = None  # (key, tokenizer) of the last tokenizer read from a local directory
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_DIGEST_MAX_BYTES = 64 << 20
+
+
+def _tokenizer_key(where: str, trust_remote_code: bool):
+    """What a tokenizer read from ``where`` depends on: the directory and the contents of each file in it
+    but the weights (tokenizer files, chat templates, config.json's model_type; a digest, about 10 ms for
+    a large vocabulary's); None for a hub id."""
+    import hashlib
+
+    path = Path(where)
+    if not path.is_dir():
+        return None
+
+    def signature(f: Path):
+        size = f.stat().st_size
+        if size > _DIGEST_MAX_BYTES:  # no tokenizer file is this large: weights in another format
+            return f.name, size, f.stat().st_mtime_ns
+        return f.name, hashlib.blake2b(f.read_bytes(), digest_size=16).digest()
+
+    try:
+        files = sorted(signature(f) for f in path.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES))
+    except OSError:
+        return None
+    return str(path.resolve()), bool(trust_remote_code), tuple(files)
 
 
 def _check_decoder_layers(model, source) -> None:
@@ -415,10 +453,6 @@ def _special_text(tokenizer, name: str, ids: dict) -> str:
         return "none"
     text = getattr(tokenizer, name, None) if name.endswith("_token") else name
     return f"{str(text)!r} (id {ids[name]})"
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def _tokenizer_origin(draft_tokenizer, target_tokenizer) -> str:
