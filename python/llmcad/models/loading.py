@@ -325,7 +325,7 @@ def _is_quantized(directory) -> bool:
 def load_tokenizer(source, *, trust_remote_code=False):
     """The tokenizer of ``source``; ``trust_remote_code``: as for :func:`load_causal_lm`. The last one
     read from a local directory is returned again, the same object, while that directory's files other
-    than weights are unchanged: one `llmcad generate` asks for it up to four times, and a large
+    than weights are unchanged: the CLI asks for the target's several times in one run, and a large
     vocabulary's takes about a second to read."""
     global _last_tokenizer
     from transformers import AutoTokenizer
@@ -359,9 +359,9 @@ def _tokenizer_key(where: str, trust_remote_code: bool):
         return None
 
     def signature(f: Path):
-        size = f.stat().st_size
-        if size > _DIGEST_MAX_BYTES:  # no tokenizer file is this large: weights in another format
-            return f.name, size, f.stat().st_mtime_ns
+        stat = f.stat()
+        if stat.st_size > _DIGEST_MAX_BYTES:  # no tokenizer file is this large: weights in another format
+            return f.name, stat.st_size, stat.st_mtime_ns
         return f.name, hashlib.blake2b(f.read_bytes(), digest_size=16).digest()
 
     try:
