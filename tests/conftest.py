@@ -5,9 +5,25 @@
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import pair_models  # tests/ is on sys.path: pytest puts a rootless conftest's directory there
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker and the processes it starts get an equal share of the cores for
+    torch's intra-op threads. By default every worker runs one thread a core, so N workers oversubscribe
+    the cores N times, and OpenMP's spinning threads then slow the suite about 3x on 2 cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
