@@ -197,6 +197,18 @@ def test_the_prompt_pass_probes_a_token_s_compute(monkeypatch):
         odd.target_cost.reshape_prior(0.0)
 
 
+def test_a_prompt_pass_of_its_own_probes_without_counting_as_a_tree():
+    """The prompt cached on a thread of its own (beside the draft's first tree) is a pass of 0 tree
+    tokens: the same probe as a prompt with a tree riding in it, and no 0-node tree in the sizes."""
+    apart, riding = make_policy("llmcad"), make_policy("llmcad")
+    apart.observe_pass(0, 42.0, pending=140)
+    riding.observe_pass(10, 45.0, pending=140)
+    assert apart.target_cost.coefficients() == pytest.approx(riding.target_cost.coefficients())
+    apart.observe_pass(12, 3.6)
+    assert apart.report()["mean_tree_tokens"] == 12.0 and riding.report()["mean_tree_tokens"] == 10.0
+    assert apart.report()["target_pass_model_s"]["probe_per_token"] == pytest.approx(0.3)
+
+
 def test_the_verified_head_is_the_one_that_pays():
     """Of a best-first tree, the head with the most expected tokens per second of the round is verified:
     where a token costs 0.3 s of compute the unlikely children an expansion added are left out; where

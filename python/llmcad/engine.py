@@ -408,17 +408,19 @@ class _Run:
         pays = rule(pending) if rule is not None else None
         return _core_to_spare(self.engine.target) and (pays if pays is not None else not self.streams)
 
-    def _run_prefill(self) -> None:
+    def _run_prefill(self) -> tuple:
+        """The prompt's passes; returns (rows cached, seconds, of which IO waits) for the policy's probe."""
         # a resident target's passes of 256 rows: a stop waits for one of them at most
-        gate = self.gate
+        gate, rows, t0 = self.gate, len(self.verifier.pending), time.perf_counter()
         if gate is not None:  # the draft drafts its first tree meanwhile, outside the gate
             gate.begin_pass_without_draft()
         try:
-            with self._span("prefill", tokens=len(self.verifier.pending)):
+            with self._span("prefill", tokens=rows):
                 self.verifier.prefill_pending(self._prefill_stop, chunk_rows=None if self.streams else 256)
         finally:
             if gate is not None:
                 gate.end_verification()
+        return rows - len(self.verifier.pending), time.perf_counter() - t0, gate.pass_io_wait_s if gate else 0.0
 
     def _stop_prefill(self, exc_type, exc, tb) -> bool:
         """No further prefill pass; on an error, a streamed pass's layer wait raises too (Ctrl-C while
@@ -432,8 +434,10 @@ class _Run:
         """Wait for the prompt's prefill beside the first tree; its error is raised here."""
         if self._prefill is not None:
             with self.record.timed("target"):
-                self._prefill.result()
+                rows, seconds, io_wait = self._prefill.result()
             self._prefill = None
+            if rows:  # the pass model's probe of a row's compute, as when the prompt rides in a pass
+                self.policy.observe_pass(0, seconds, rows, io_wait_s=io_wait)
 
     def _stop_worker_on_error(self, exc_type, exc, tb) -> bool:
         """Ctrl-C (or any error) on this thread: the worker's layer wait raises too, so joining it

@@ -336,7 +336,8 @@ class LLMCadPolicy(Policy):
         compute = seconds - io_wait_s - draft_wait_s
         if pending:  # a prefill: no typical pass, a probe of a row's compute
             self.prefill_passes += 1
-            self.sizes["verified_tree_tokens"].append(tree_tokens)
+            if tree_tokens:  # the first tree rode in the prompt's pass (0: a prefill of its own)
+                self.sizes["verified_tree_tokens"].append(tree_tokens)
             if compute > 0 and math.isfinite(compute):  # a clock step or an odd wait is no probe
                 self.probes.append(compute / (tree_tokens + pending))
                 self.target_cost.reshape_prior(statistics.median(self.probes))
