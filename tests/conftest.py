@@ -18,11 +18,12 @@ def pytest_configure(config):
     the cores N times, and OpenMP's spinning threads then slow the suite about 3x on 2 cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // workers)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
 
+        from llmcad.engine import usable_cores
+
+        threads = max(1, usable_cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
 

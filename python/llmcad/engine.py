@@ -629,12 +629,16 @@ class _Output:
             self.streamer(delta)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _core_to_spare(target) -> bool:
     """A CPU target whose torch intra-op threads leave a usable core free (CUDA: not measured, so no)."""
     if target.get_input_embeddings().weight.device.type != "cpu":
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return torch.get_num_threads() < cores
+    return torch.get_num_threads() < usable_cores()
 
 
 def _release_streamed(streamed) -> None:
