@@ -13,18 +13,21 @@ import pair_models  # tests/ is on sys.path: pytest puts a rootless conftest's d
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each worker and the processes it starts get an equal share of the cores for
-    torch's intra-op threads. By default every worker runs one thread a core, so N workers oversubscribe
-    the cores N times, and OpenMP's spinning threads then slow the suite about 3x on 2 cores."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        import torch
+    """Each pytest-xdist worker and the processes it starts get an equal share of the cores for torch's
+    intra-op threads. By default every worker runs one thread a core, so N workers oversubscribe the
+    cores N times, and OpenMP's spinning threads then slow the suite about 3x on 2 cores. The count is
+    pinned (OMP_NUM_THREADS) in every run, so that the engine's "auto" threads, which follow other
+    processes' load, leave it as it is and a test's numbers do not depend on what else runs."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
 
-        from llmcad.engine import usable_cores
+    from llmcad.cores import usable_cores
 
-        threads = max(1, usable_cores() // workers)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")))
+    threads = max(1, min(torch.get_num_threads(), usable_cores() // workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

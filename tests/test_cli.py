@@ -153,7 +153,17 @@ def test_threads(tiny_pair_dirs, capsys):
     finally:
         torch.set_num_threads(before)
     assert cli.main(generate_args(dirs, "--threads", "0")) == 2
-    assert "--threads=0: expected an int >= 1" in capsys.readouterr().err
+    assert "--threads=0: expected an int >= 1 or 'auto'" in capsys.readouterr().err
+    assert cli.main(generate_args(dirs, "--threads", "many")) == 2
+    assert "--threads=many: expected an int >= 1 or 'auto'" in capsys.readouterr().err
+
+
+def test_auto_threads_say_what_they_chose(tiny_pair_dirs, capsys):
+    dirs = tiny_pair_dirs("llama")
+    assert cli.main(generate_args(dirs, "--json", "--threads", "auto")) == 0
+    chosen = json.loads(capsys.readouterr().out)["stats"]["cpu_threads"]
+    # the tests pin OMP_NUM_THREADS (conftest), which auto keeps
+    assert chosen["chosen"] == "OMP_NUM_THREADS" and chosen["threads"] == torch.get_num_threads()
 
 
 def test_generate_help_shows_every_default(capsys):

@@ -148,14 +148,15 @@ def test_an_error_in_the_first_tree_stops_the_prefill_and_leaves_no_thread(tiny_
     assert len(passes) == 1 and passes[0].is_set()  # the draft's error told the prefill to stop
 
 
-def test_the_default_prefills_beside_where_torch_leaves_a_core_free(tiny_models, monkeypatch):
+def test_the_default_prefills_beside_where_torch_and_other_processes_leave_a_core_free(tiny_models, monkeypatch):
     from llmcad import engine as engine_module
 
     target = tiny_models("llama", "target")
     monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    for threads, spare in ((1, True), (3, True), (4, False), (8, False)):
+    for threads, busy, spare in ((1, 0, True), (3, 0, True), (4, 0, False), (8, 0, False), (2, 1, True),
+                                 (3, 1, False), (1, 3, False)):  # busy: cores other processes keep busy
         monkeypatch.setattr(engine_module.torch, "get_num_threads", lambda n=threads: n)
-        assert engine_module._core_to_spare(target) is spare, threads
+        assert engine_module._core_to_spare(target, busy) is spare, (threads, busy)
 
 
 def test_the_cli_turns_the_prefill_beside_off(tiny_pair_dirs, capsys):

@@ -112,8 +112,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code a model directory ships "
                    "(auto_map in its config); without it such a model is refused. Read that code first")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch's compute threads "
-                   "(default: torch's, one per physical core)")
+    p.add_argument("--threads", default="auto", metavar="N|auto", help="torch's compute threads "
+                   "(default: auto: torch's, one per physical core, less the cores other processes keep busy "
+                   "while the models load; OMP_NUM_THREADS, where set, fixes it)")
     t = p.add_argument_group("policy (each for the modes named)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
                    "(llmcad, tree; default: llmcad sizes it to the device, tree 32, llmcad --alpha-rule paper 32)")
@@ -205,6 +206,7 @@ def check_model_arguments(args) -> None:
     """What can be checked without loading a model: both sources (directories exist, a hub id is
     reachable), policy options, memory budget, device, dtype. Names from the model cache become their
     directories; with neither --draft nor --target, the demo pair (fetched and prepared on first use)."""
+    from llmcad.cores import parse_threads
     from llmcad.models.loading import check_sources, resolve_device, resolve_dtype
     from llmcad.models.vocab import parse_draft_vocab
 
@@ -221,8 +223,7 @@ def check_model_arguments(args) -> None:
     if args.memory_budget is not None:
         resolve_budget(args.memory_budget)
     check_bandwidth_cap(bandwidth_cap(args), "--bandwidth-cap")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads={args.threads}: expected an int >= 1")
+    args.threads = parse_threads(args.threads, "--threads")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
 
@@ -278,12 +279,8 @@ def sampling_options(args) -> dict:
 
 def open_engine(args):
     """The LLMCad engine the model arguments describe (models loaded)."""
-    import torch
-
     from llmcad.engine import LLMCad
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     options = policy_options(args)
     if args.max_provisional_tokens is not None:
         options["max_provisional_tokens"] = args.max_provisional_tokens
@@ -293,7 +290,8 @@ def open_engine(args):
                                     device=args.device, dtype=args.dtype, pipeline=args.pipeline,
                                     prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
                                     prefix_cache=getattr(args, "prompt_cache", True),
-                                    draft_vocab=getattr(args, "draft_vocab", None), **options)
+                                    draft_vocab=getattr(args, "draft_vocab", None), threads=args.threads,
+                                    **options)
     engine.draft_beside_compute = getattr(args, "draft_beside_compute", True)
     engine.prefill_beside = getattr(args, "prefill_beside", None)
     return engine

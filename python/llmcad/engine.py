@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from llmcad import memory
+from llmcad.cores import CpuLoad, busy_cores, check_threads, set_threads, usable_cores
 from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineBusyError, EngineClosedError, OutputError, PromptError
@@ -99,6 +100,7 @@ class LLMCad:
         self.draft_beside_compute = True
         self.prefill_beside = None
         self.beside_rule = BesideCompute()  # measured across generations (the machine's, not the text's)
+        self.cpu_threads = set_threads(None, None)  # from_pretrained: what its ``threads`` chose, on what load
         self.eos_token_ids = _eos_ids(target)
         self._draft_kv_positions = _budgeted_kv_positions(draft, target, self.placement)
         self.prefix_cache = PrefixCache(self._draft_kv_positions, position_bytes=_kv_position_bytes(draft, target)) \
@@ -121,7 +123,7 @@ class LLMCad:
     def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
                         streamer_options=None, mmap=False, trust_remote_code=False, prefix_cache=True,
-                        draft_vocab=None, **policy_options) -> "LLMCad":
+                        draft_vocab=None, threads="auto", **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
         with neither, the demo pair (fetched and prepared on first use; its draft packed as int8 unless
         ``dtype`` is float32).
@@ -141,7 +143,10 @@ class LLMCad:
         default) such a model is refused, never run and never asked about on stdin.
         ``prefix_cache``: see :class:`LLMCad`. ``draft_vocab``: N restricts the draft's output layer to
         the N most frequent tokens of a calibration corpus (llmcad.models.vocab): a cheaper draft
-        forward, the same output; None or 0: the full vocabulary.
+        forward, the same output; None or 0: the full vocabulary. ``threads``: torch's compute threads
+        (process-wide): an int; "auto" (the default) measures the load other processes put on the cores
+        while the models load and leaves fewer threads than torch's default where they keep cores busy
+        (llmcad.cores), unless OMP_NUM_THREADS is set; None leaves torch's count as it is.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         parse_draft_vocab(draft_vocab)
@@ -150,6 +155,7 @@ class LLMCad:
         _check_prefix_cache(prefix_cache)
         resolve_device(device)
         resolve_dtype(dtype)
+        check_threads(threads)
         if streamer_options and memory_budget is None:
             raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
         if streamer_options:
@@ -157,12 +163,16 @@ class LLMCad:
 
             check_bandwidth_cap(streamer_options.get("bandwidth_cap"))  # before loading anything
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
+        load = CpuLoad() if str(device).startswith("cpu") else None
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap,
                          trust_remote_code=trust_remote_code, draft_vocab=draft_vocab, **extra)
-        return cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed, placement=pair.placement,
-                   pipeline=pipeline, prefetch=prefetch, max_provisional_tokens=max_provisional_tokens,
-                   prefix_cache=prefix_cache, runtime_floor=pair.runtime_floor, budget_source=pair.budget_source,
-                   draft_vocab_ids=pair.draft_vocab)
+        engine = cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed,
+                     placement=pair.placement, pipeline=pipeline, prefetch=prefetch,
+                     max_provisional_tokens=max_provisional_tokens, prefix_cache=prefix_cache,
+                     runtime_floor=pair.runtime_floor, budget_source=pair.budget_source,
+                     draft_vocab_ids=pair.draft_vocab)
+        engine.cpu_threads = set_threads(threads, load)
+        return engine
 
     def close(self) -> None:
         """Release the streamed target's resources (files, buffers, threads); generate then raises
@@ -406,7 +416,8 @@ class _Run:
             return False
         rule = getattr(self.policy, "prefill_apart_pays", None)
         pays = rule(pending) if rule is not None else None
-        return _core_to_spare(self.engine.target) and (pays if pays is not None else not self.streams)
+        others = self.engine.cpu_threads.get("other_load_cores")
+        return _core_to_spare(self.engine.target, busy_cores(others)) and (pays if pays is not None else not self.streams)
 
     def _run_prefill(self) -> tuple:
         """The prompt's passes; returns (rows cached, seconds, of which IO waits) for the policy's probe."""
@@ -558,7 +569,7 @@ class _Run:
 
     def pipeline_stats(self) -> dict:
         return {**self.policy.report(), "pipeline": self.pipelined, "prefetch": self.engine.prefetch,
-                "prefill_beside": self._prefill_ran,
+                "prefill_beside": self._prefill_ran, "cpu_threads": dict(self.engine.cpu_threads),
                 "max_provisional_tokens": self.engine.max_provisional_tokens,
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
                 "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0,
@@ -629,16 +640,12 @@ class _Output:
             self.streamer(delta)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _core_to_spare(target) -> bool:
-    """A CPU target whose torch intra-op threads leave a usable core free (CUDA: not measured, so no)."""
+def _core_to_spare(target, busy: int = 0) -> bool:
+    """A CPU target whose torch intra-op threads leave a usable core free, ``busy`` cores being other
+    processes' (CUDA: not measured, so no)."""
     if target.get_input_embeddings().weight.device.type != "cpu":
         return False
-    return torch.get_num_threads() < usable_cores()
+    return torch.get_num_threads() < usable_cores() - busy
 
 
 def _release_streamed(streamed) -> None:

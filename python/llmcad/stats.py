@@ -155,6 +155,13 @@ def policy_line(stats: dict) -> str:
             f"{fitted}){lookup}")
 
 
+def threads_line(threads: dict) -> str:
+    """torch's compute threads, how they were chosen, and the other processes' load they were chosen on."""
+    load = threads.get("other_load_cores")
+    measured = f"; other processes used {load:.2f} cores while the models loaded" if load is not None else ""
+    return f"{threads.get('threads')} of {threads.get('usable_cores')} cores ({threads.get('chosen')}){measured}"
+
+
 def summary(stats: dict, load_s: float | None = None) -> str:
     """A short timing summary of one generation, in the spirit of llama.cpp's (lines for stderr)."""
     seconds = stats.get("time_s", {})
@@ -170,6 +177,8 @@ def summary(stats: dict, load_s: float | None = None) -> str:
         ("read", f"{format_size(stats.get('bytes_read', 0))} of target weights from storage"),
         ("peak RSS", format_size(stats.get("peak_rss_bytes", 0))),
     ]
+    if stats.get("cpu_threads"):
+        rows.append(("threads", threads_line(stats["cpu_threads"])))
     if stats.get("pipeline"):
         rows.insert(4, ("provisional", provisional_line(stats)))
     if "max_tree_tokens_chosen" in stats:

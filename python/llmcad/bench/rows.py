@@ -125,8 +125,10 @@ def load_engine(job: dict):
 
     options = dict(job["row"]["options"])
     mode = options.pop("mode")
+    params = inspect.signature(LLMCad.from_pretrained).parameters
+    if job.get("threads") and "threads" in params:  # the row's count, not one chosen from the load
+        options["threads"] = job["threads"]
     if job.get("cap"):
-        params = inspect.signature(LLMCad.from_pretrained).parameters
         if "streamer_options" in params:
             options["streamer_options"] = {"bandwidth_cap": job["cap"]}
         elif "bandwidth_cap" in params:

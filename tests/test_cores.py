@@ -1,0 +1,117 @@
+"""torch's compute threads chosen from the cores other processes leave free (llmcad.cores)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from llmcad import cores
+
+
+class FakeClock:
+    """psutil's per-CPU and per-process CPU seconds and the monotonic clock, set by the test."""
+
+    def __init__(self, monkeypatch, cpus=4):
+        self.now, self.own = 0.0, 0.0
+        self.busy = [0.0] * cpus
+        monkeypatch.setattr(cores.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(cores.psutil, "cpu_times", lambda percpu: [self._cpu(b) for b in self.busy])
+        monkeypatch.setattr(cores.psutil, "Process", lambda: SimpleNamespace(
+            cpu_times=lambda: SimpleNamespace(user=self.own * 0.75, system=self.own * 0.25)))
+
+    @staticmethod
+    def _cpu(busy):  # busy seconds spread over the fields psutil reports; idle and iowait are free
+        return SimpleNamespace(user=busy * 0.5, nice=0.0, system=busy * 0.25, irq=0.0, softirq=busy * 0.125,
+                               steal=busy * 0.125, idle=100.0, iowait=7.0)
+
+
+def test_other_processes_load_leaves_out_our_own_time_and_other_cpus(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {1, 2}, raising=False)
+    load = cores.CpuLoad()
+    clock.now = 2.0
+    clock.busy = [2.0, 2.0, 1.5, 2.0]  # CPUs 1 and 2 are ours: 3.5 busy seconds in 2 s
+    clock.own = 1.5  # of which ours
+    assert load.others() == pytest.approx(1.0)
+    clock.own = 4.0  # more than the CPUs' busy time (a clock's rounding): never below zero
+    assert load.others() == 0.0
+
+
+def test_a_window_too_short_measures_nothing(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    load = cores.CpuLoad()
+    clock.now = cores.MIN_WINDOW_S / 2
+    clock.busy = [1.0] * 4
+    assert load.others() is None
+    assert cores.busy_cores(None) == 0
+
+
+@pytest.mark.parametrize("others, current, usable, want", [
+    (None, 2, 2, 2), (0.0, 2, 2, 2), (0.4, 2, 2, 2), (0.6, 2, 2, 1), (1.0, 2, 2, 1), (2.0, 2, 2, 1),
+    (1.0, 4, 8, 4), (5.2, 4, 8, 3), (3.0, 6, 6, 3), (0.0, 1, 4, 1)])
+def test_threads_are_torch_s_less_the_busy_cores(monkeypatch, others, current, usable, want):
+    monkeypatch.setattr(cores, "usable_cores", lambda: usable)
+    assert cores.threads_for_load(others, current) == want
+
+
+class FakeTorch:
+    def __init__(self, monkeypatch, threads):
+        self.threads = threads
+        monkeypatch.setattr(cores.torch, "get_num_threads", lambda: self.threads)
+        monkeypatch.setattr(cores.torch, "set_num_threads", self.set)
+
+    def set(self, n):
+        self.threads = n
+
+
+def test_set_threads_auto_given_and_left_alone(monkeypatch):
+    fake = FakeTorch(monkeypatch, 2)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 2)
+    busy = SimpleNamespace(others=lambda: 1.1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    chosen = cores.set_threads("auto", busy)
+    assert fake.threads == 1
+    assert chosen == {"threads": 1, "chosen": "auto", "usable_cores": 2, "other_load_cores": 1.1}
+    fake.threads = 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user fixed the count: auto keeps it, says why
+    assert cores.set_threads("auto", busy)["chosen"] == "OMP_NUM_THREADS" and fake.threads == 2
+    assert cores.set_threads(3, busy) == {"threads": 3, "chosen": "given", "usable_cores": 2,
+                                          "other_load_cores": None}
+    assert cores.set_threads(None, busy)["chosen"] == "torch's" and fake.threads == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2", "many"])
+def test_bad_thread_counts_are_named(bad):
+    with pytest.raises(ValueError, match="threads="):
+        cores.check_threads(bad)
+
+
+@pytest.mark.parametrize("text, want", [("auto", "auto"), (" AUTO ", "auto"), ("1", 1), ("12", 12)])
+def test_the_command_line_count(text, want):
+    assert cores.parse_threads(text) == want
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "x", "1.5", ""])
+def test_a_bad_command_line_count_is_named(text):
+    with pytest.raises(ValueError, match=f"--threads={text}: expected an int >= 1 or 'auto'"):
+        cores.parse_threads(text)
+
+
+def test_a_spinning_process_is_measured_as_a_busy_core():
+    """Two processes spinning on this machine's cores: at least half a core of load, whatever else runs
+    (on 2 cores, beside a test worker and its child, two spinners still get a core between them)."""
+    code = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # started
+        load = cores.CpuLoad()
+        time.sleep(1.0)
+        others = load.others()
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert others is not None and others >= 0.6
