@@ -4,11 +4,12 @@ each run in its own process; tokens a pass, tok/s, what the cost rule chose, and
 equal the quiet run's.
 
     PYTHONPATH=python python benchmarks/contention.py --draft D --target T [--prompts 0:2] \
-        [--max-new-tokens 64] [--modes llmcad,chain] [--memory-budget none] [--busy-core 0] \
-        [--out benchmarks/results/contention.json]
+        [--max-new-tokens 64] [--modes llmcad,chain] [--threads auto,2] [--memory-budget none] \
+        [--busy-core 0] [--out benchmarks/results/contention.json]
 
 The runs of one prompt alternate quiet and busy, so a drift of the machine falls on both. Each figure
-is a ratio within this command: busy against quiet for one mode, llmcad against chain for one load.
+is a ratio within this command: busy against quiet for one row (a mode at one --threads setting),
+llmcad against chain for one load and setting, and a setting against the first for one mode and load.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget", default="none", help="the runs' --memory-budget (default: none, so that "
                    "compute, which the busy core slows, is what a pass costs)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, help="--threads of the runs (default: torch's)")
+    p.add_argument("--threads", default="auto", help="comma-separated --threads settings, each a row per mode "
+                   "(default: auto, llmcad's default: torch's less the cores other processes keep busy)")
     p.add_argument("--busy-core", type=int, default=0, help="the core the CPU-bound process is pinned to")
     p.add_argument("--out", default="benchmarks/results/contention.json")
     return p.parse_args(argv)
@@ -48,69 +50,84 @@ def busy_core(core: int):
         spin.wait()
 
 
-def options(args, mode: str) -> list:
+def options(args, mode: str, threads: str) -> list:
     out = ["--draft", args.draft, "--target", args.target, "--max-new-tokens", str(args.max_new_tokens),
-           "--mode", mode, "--memory-budget", args.memory_budget]
-    out += ["--dtype", args.dtype] if args.dtype else []
-    return out + (["--threads", str(args.threads)] if args.threads else [])
+           "--mode", mode, "--memory-budget", args.memory_budget, "--threads", threads]
+    return out + (["--dtype", args.dtype] if args.dtype else [])
+
+
+def row_name(mode: str, threads: str) -> str:
+    return f"{mode}, threads {threads}"
 
 
 def run(args) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    settings = [t.strip() for t in args.threads.split(",") if t.strip()]
     runs = []
     with humaneval_prompt_files(args.prompts) as prompts:
         for label, prompt_file in prompts:
             for mode in modes:
-                quiet = generate(options(args, mode), prompt_file, f"{label} {mode}")
-                with busy_core(args.busy_core):
-                    busy = generate(options(args, mode), prompt_file, f"{label} {mode} (busy)")
-                runs.append({"prompt": label, "mode": mode, "quiet": quiet, "busy": busy,
-                             "same_tokens": quiet["tokens"] == busy["tokens"]})
-                print(f"{label} {mode}: quiet {quiet['tokens_per_pass']:.2f} tokens a pass, "
-                      f"{quiet['tokens_per_s']:.2f} tok/s; busy {busy['tokens_per_pass']:.2f}, "
-                      f"{busy['tokens_per_s']:.2f} tok/s", file=sys.stderr, flush=True)
-    return {"runs": runs, "summary": summarize(runs, modes)}
+                for threads in settings:
+                    name = f"{label} {row_name(mode, threads)}"
+                    quiet = generate(options(args, mode, threads), prompt_file, name)
+                    with busy_core(args.busy_core):
+                        busy = generate(options(args, mode, threads), prompt_file, f"{name} (busy)")
+                    runs.append({"prompt": label, "mode": mode, "threads": threads, "quiet": quiet, "busy": busy,
+                                 "same_tokens": quiet["tokens"] == busy["tokens"]})
+                    print(f"{name}: quiet {quiet['tokens_per_pass']:.2f} tokens a pass, {quiet['tokens_per_s']:.2f} "
+                          f"tok/s; busy {busy['tokens_per_pass']:.2f}, {busy['tokens_per_s']:.2f} tok/s, "
+                          f"{(busy['cpu_threads'] or {}).get('threads')} threads", file=sys.stderr, flush=True)
+    return {"runs": runs, "summary": summarize(runs, modes, settings)}
 
 
-def summarize(runs: list, modes: list) -> dict:
-    """Per mode and load: mean tokens a pass and total tok/s (tokens over seconds), and the ratios."""
+def summarize(runs: list, modes: list, settings: list) -> dict:
+    """Per row (mode, threads) and load: mean tokens a pass, total tok/s (tokens over seconds), the
+    thread counts the runs ran; and the ratios."""
     out = {}
     for mode in modes:
-        mine = [r for r in runs if r["mode"] == mode]
-        row = {}
-        for load in ("quiet", "busy"):
-            tokens = sum(len(r[load]["tokens"]) for r in mine)
-            seconds = sum(r[load]["seconds"] for r in mine)
-            row[load] = {"tokens_per_pass": statistics.fmean(r[load]["tokens_per_pass"] for r in mine),
-                         "tokens_per_s": tokens / seconds}
-        row["busy_over_quiet_tokens_per_pass"] = row["busy"]["tokens_per_pass"] / row["quiet"]["tokens_per_pass"]
-        row["busy_over_quiet_tokens_per_s"] = row["busy"]["tokens_per_s"] / row["quiet"]["tokens_per_s"]
-        row["same_tokens"] = all(r["same_tokens"] for r in mine)
-        out[mode] = row
-    if "llmcad" in out and "chain" in out:
-        out["llmcad_over_chain_tokens_per_s"] = {load: out["llmcad"][load]["tokens_per_s"] /
-                                                 out["chain"][load]["tokens_per_s"] for load in ("quiet", "busy")}
-    return out
+        for threads in settings:
+            mine = [r for r in runs if r["mode"] == mode and r["threads"] == threads]
+            row = {}
+            for load in ("quiet", "busy"):
+                tokens = sum(len(r[load]["tokens"]) for r in mine)
+                seconds = sum(r[load]["seconds"] for r in mine)
+                ran = sorted({(r[load]["cpu_threads"] or {}).get("threads") for r in mine}, key=str)
+                row[load] = {"tokens_per_pass": statistics.fmean(r[load]["tokens_per_pass"] for r in mine),
+                             "tokens_per_s": tokens / seconds, "threads_ran": ran}
+            row["busy_over_quiet_tokens_per_pass"] = row["busy"]["tokens_per_pass"] / row["quiet"]["tokens_per_pass"]
+            row["busy_over_quiet_tokens_per_s"] = row["busy"]["tokens_per_s"] / row["quiet"]["tokens_per_s"]
+            row["same_tokens"] = all(r["same_tokens"] for r in mine)
+            out[row_name(mode, threads)] = row
+    ratios = {}
+    for threads in settings:
+        llmcad, chain = out.get(row_name("llmcad", threads)), out.get(row_name("chain", threads))
+        if llmcad and chain:
+            ratios[f"llmcad over chain, threads {threads}"] = {
+                load: llmcad[load]["tokens_per_s"] / chain[load]["tokens_per_s"] for load in ("quiet", "busy")}
+    for mode in modes:
+        for threads in settings[1:]:
+            mine, first = out[row_name(mode, threads)], out[row_name(mode, settings[0])]
+            ratios[f"{mode}: threads {threads} over threads {settings[0]}"] = {
+                load: mine[load]["tokens_per_s"] / first[load]["tokens_per_s"] for load in ("quiet", "busy")}
+    return {"rows": out, "ratios_tokens_per_s": ratios}
 
 
 def markdown(report: dict) -> str:
     s = report["summary"]
     lines = [f"Command: `{report['command']}` at {report['git_commit']}, {report['cores']} cores; the busy process "
              f"spins on core {report['busy_core']}.", "",
-             "| mode | load | tokens a pass | tok/s |", "|---|---|--:|--:|"]
-    for mode, row in s.items():
-        if mode == "llmcad_over_chain_tokens_per_s":
-            continue
+             "| mode, --threads | load | threads ran | tokens a pass | tok/s |", "|---|---|--:|--:|--:|"]
+    for name, row in s["rows"].items():
         for load in ("quiet", "busy"):
-            lines.append(f"| {mode} | {load} | {row[load]['tokens_per_pass']:.2f} | {row[load]['tokens_per_s']:.2f} |")
+            ran = ", ".join(str(t) for t in row[load]["threads_ran"])
+            lines.append(f"| {name} | {load} | {ran} | {row[load]['tokens_per_pass']:.2f} | "
+                         f"{row[load]['tokens_per_s']:.2f} |")
     lines.append("")
-    for mode, row in s.items():
-        if mode != "llmcad_over_chain_tokens_per_s":
-            lines.append(f"- {mode}: busy keeps {row['busy_over_quiet_tokens_per_pass']:.2f}x its quiet tokens a pass "
-                         f"and {row['busy_over_quiet_tokens_per_s']:.2f}x its tok/s; same tokens: {row['same_tokens']}")
-    if "llmcad_over_chain_tokens_per_s" in s:
-        ratio = s["llmcad_over_chain_tokens_per_s"]
-        lines.append(f"- llmcad over chain, tok/s: {ratio['quiet']:.2f}x quiet, {ratio['busy']:.2f}x busy")
+    for name, row in s["rows"].items():
+        lines.append(f"- {name}: busy keeps {row['busy_over_quiet_tokens_per_pass']:.2f}x its quiet tokens a pass "
+                     f"and {row['busy_over_quiet_tokens_per_s']:.2f}x its tok/s; same tokens: {row['same_tokens']}")
+    for name, ratio in s["ratios_tokens_per_s"].items():
+        lines.append(f"- {name}, tok/s: {ratio['quiet']:.2f}x quiet, {ratio['busy']:.2f}x busy")
     return "\n".join(lines) + "\n"
 
 

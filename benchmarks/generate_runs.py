@@ -58,4 +58,4 @@ def generate(options: list, prompt_file: str, what: str) -> dict:
     return {"tokens": out["tokens"], "tokens_per_pass": stats["tokens_per_pass"],
             "tokens_per_s": stats["tokens_per_s"], "target_passes": stats["target_passes"],
             "seconds": len(out["tokens"]) / stats["tokens_per_s"] if stats["tokens_per_s"] else 0.0,
-            "policy": {k: stats[k] for k in POLICY_KEYS if k in stats}}
+            "policy": {k: stats[k] for k in POLICY_KEYS if k in stats}, "cpu_threads": stats.get("cpu_threads")}
