@@ -416,8 +416,8 @@ class _Run:
             return False
         rule = getattr(self.policy, "prefill_apart_pays", None)
         pays = rule(pending) if rule is not None else None
-        others = self.engine.cpu_threads.get("other_load_cores")
-        return _core_to_spare(self.engine.target, busy_cores(others)) and (pays if pays is not None else not self.streams)
+        busy = busy_cores(self.engine.cpu_threads.get("other_load_cores"))
+        return _core_to_spare(self.engine.target, busy) and (pays if pays is not None else not self.streams)
 
     def _run_prefill(self) -> tuple:
         """The prompt's passes; returns (rows cached, seconds, of which IO waits) for the policy's probe."""
