@@ -18,8 +18,8 @@ def pytest_configure(config):
     cores N times, and OpenMP's spinning threads then slow the suite about 3x on 2 cores. The count is
     pinned (OMP_NUM_THREADS) in every run, so that the engine's "auto" threads, which follow other
     processes' load, leave it as it is and a test's numbers do not depend on what else runs."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
+    if "OMP_NUM_THREADS" in os.environ or _xdist_controller(config):
+        return  # the user's count; or the controller, whose environment the workers inherit
     import torch
 
     from llmcad.cores import usable_cores
@@ -28,6 +28,11 @@ def pytest_configure(config):
     threads = max(1, min(torch.get_num_threads(), usable_cores() // workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+def _xdist_controller(config) -> bool:
+    """This process starts pytest-xdist workers (``-n N``, N > 0, or ``-n auto``) and runs no test."""
+    return not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None) not in (None, 0)
 
 
 @pytest.fixture(scope="session")

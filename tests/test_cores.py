@@ -1,6 +1,7 @@
 """torch's compute threads chosen from the cores other processes leave free (llmcad.cores)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -115,3 +116,29 @@ def test_a_spinning_process_is_measured_as_a_busy_core():
             spinner.kill()
             spinner.wait()
     assert others is not None and others >= 0.6
+
+
+def test_the_suite_shares_the_cores_among_its_workers_and_leaves_the_controller_alone(monkeypatch):
+    """tests/conftest.py: a pytest-xdist worker pins its share of the cores; the controller sets nothing,
+    since its workers inherit its environment (they would all run its count); a user's count stays."""
+    import conftest
+
+    threads = []
+    monkeypatch.setattr(cores.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(cores.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 2)
+    controller = SimpleNamespace(option=SimpleNamespace(numprocesses="auto"))
+    worker = SimpleNamespace(option=SimpleNamespace(numprocesses=2), workerinput={})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    conftest.pytest_configure(controller)
+    assert "OMP_NUM_THREADS" not in os.environ and threads == []
+    conftest.pytest_configure(worker)
+    assert os.environ["OMP_NUM_THREADS"] == "1" and threads == [1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    conftest.pytest_configure(worker)
+    assert os.environ["OMP_NUM_THREADS"] == "3" and threads == [1]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT")
+    conftest.pytest_configure(SimpleNamespace(option=SimpleNamespace(numprocesses=None)))  # no xdist
+    assert os.environ["OMP_NUM_THREADS"] == "2" and threads == [1, 2]
