@@ -75,12 +75,12 @@ def test_set_threads_auto_given_and_left_alone(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     chosen = cores.set_threads("auto", busy)
     assert fake.threads == 1
-    assert chosen == {"threads": 1, "chosen": "auto", "usable_cores": 2, "other_load_cores": 1.1}
+    assert chosen == {"threads": 1, "chosen": "auto", "usable_cores": 2, "other_load_cores": 1.1, "busy_cores": 1}
     fake.threads = 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user fixed the count: auto keeps it, says why
     assert cores.set_threads("auto", busy)["chosen"] == "OMP_NUM_THREADS" and fake.threads == 2
     assert cores.set_threads(3, busy) == {"threads": 3, "chosen": "given", "usable_cores": 2,
-                                          "other_load_cores": None}
+                                          "other_load_cores": None, "busy_cores": 0}
     assert cores.set_threads(None, busy)["chosen"] == "torch's" and fake.threads == 3
 
 

@@ -21,7 +21,7 @@ _BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")  # per-CPU 
 
 def usable_cores() -> int:
     """The cores this process may run on (its affinity where the OS has one)."""
-    return len(_usable_cpu_ids()) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return len(_usable_cpu_ids())
 
 
 def _usable_cpu_ids() -> list:
@@ -84,15 +84,15 @@ def set_threads(threads, load: CpuLoad | None) -> dict:
     else:
         source = "OMP_NUM_THREADS" if threads == "auto" else "torch's"
     return {"threads": torch.get_num_threads(), "chosen": source, "usable_cores": usable_cores(),
-            "other_load_cores": None if others is None else round(others, 2)}
+            "other_load_cores": None if others is None else round(others, 2), "busy_cores": busy_cores(others)}
 
 
-def check_threads(threads, name: str = "threads") -> None:
+def check_threads(threads) -> None:
     """ValueError naming ``threads`` unless it is an int >= 1, "auto" or None."""
     if threads is None or threads == "auto":
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"{name}={threads!r}: expected an int >= 1, 'auto' or None")
+        raise ValueError(f"threads={threads!r}: expected an int >= 1, 'auto' or None")
 
 
 def parse_threads(text, name: str = "--threads"):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llmcad import memory
-from llmcad.cores import CpuLoad, busy_cores, check_threads, set_threads, usable_cores
+from llmcad.cores import CpuLoad, check_threads, set_threads, usable_cores
 from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineBusyError, EngineClosedError, OutputError, PromptError
@@ -416,7 +416,7 @@ class _Run:
             return False
         rule = getattr(self.policy, "prefill_apart_pays", None)
         pays = rule(pending) if rule is not None else None
-        busy = busy_cores(self.engine.cpu_threads.get("other_load_cores"))
+        busy = self.engine.cpu_threads["busy_cores"]
         return _core_to_spare(self.engine.target, busy) and (pays if pays is not None else not self.streams)
 
     def _run_prefill(self) -> tuple:
