@@ -78,6 +78,24 @@ def test_fetch_uses_the_prepared_cache_without_network(tmp_path, monkeypatch):
                                         tmp_path / f"{fetch.TARGET.name}-bfloat16")
 
 
+def test_stored_end_ids_are_checked_once_per_model(tmp_path, monkeypatch):
+    import json
+
+    import llmcad.models.fetch as fetch
+
+    _store_pair(tmp_path, monkeypatch)
+    draft = tmp_path / f"{fetch.DRAFT.name}-bfloat16"
+    (draft / "llmcad-source.json").write_text(json.dumps({"source": "an older llmcad", "dtype": "bfloat16"}))
+    checked = []
+    monkeypatch.setattr(fetch, "update_end_ids", lambda directory: checked.append(directory.name) or [])
+    fetch.ensure_real_pair()
+    assert sorted(checked) == sorted(f"{m.name}-bfloat16" for m in (fetch.DRAFT, fetch.TARGET))
+    assert json.loads((draft / "llmcad-source.json").read_text()) == {
+        "source": "an older llmcad", "dtype": "bfloat16", "end_ids_checked": True}
+    fetch.ensure_real_pair()  # later runs skip the tokenizer load
+    assert len(checked) == 2
+
+
 def test_join_chunks_checks_sha256(tmp_path):
     import hashlib
 

