@@ -100,6 +100,18 @@ def test_peers_offload_to_disk_and_evictor_checked(main_run):
     assert "fincore" in report["workloads"]["native"]["page_cache"]
 
 
+def test_the_rows_say_what_the_beside_compute_rule_decided(main_run):
+    """Drafting beside the target's compute moves a row's speed between runs: the row records the rule's
+    last state and the report's time line says it."""
+    _, out, report = main_run
+    llmcad = next(r for r in report["rows"] if r["name"] == "llmcad")
+    mode = llmcad["beside_compute"]["mode"]
+    assert mode in ("probe", "on", "off") and llmcad["beside_compute"]["probe_passes"] >= 0
+    lines = (out / "e2e.md").read_text().splitlines()
+    assert any(line.startswith("- time of llmcad (native)") and f"draft beside compute: {mode}" in line
+               for line in lines)
+
+
 def test_markdown_and_plots(main_run):
     _, out, report = main_run
     text = (out / "e2e.md").read_text()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import platform
 
-from llmcad.stats import reuse_fraction
+from llmcad.stats import beside_text, reuse_fraction
 
 BASELINE = "target-only"
 JSON_KEYS = ("name", "setting", "tokens_per_s", "ratio_vs_target_only", "tokens_per_pass", "bytes_per_token",
@@ -33,7 +33,8 @@ def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     bytes_read = raw.get("bytes_read")
     row.update(generated_tokens=generated, target_passes=passes, seconds=seconds, bytes_read=bytes_read,
                bytes_source=raw.get("bytes_source"), draft_steps=raw.get("draft_steps"),
-               io_read_bytes=raw.get("io_read_bytes"), time_split_s=raw.get("time_split_s"))
+               io_read_bytes=raw.get("io_read_bytes"), time_split_s=raw.get("time_split_s"),
+               beside_compute=raw.get("beside_compute"))
     row["tokens_per_s"] = generated / seconds if generated and seconds > 0 else None
     row["tokens_per_pass"] = generated / passes if generated and passes else None
     split, tree_tokens = raw.get("time_split_s") or {}, raw.get("tree_tokens")
@@ -256,7 +257,8 @@ def _notes(report: dict, several: bool = False) -> list:
         split = r.get("time_split_s")
         if split:
             out.append(f"- time of {r['name']} ({r['setting']}): draft {split['draft']:.1f} s, target "
-                       f"{split['target']:.1f} s, other {split['other']:.1f} s, draft steps {r.get('draft_steps')}")
+                       f"{split['target']:.1f} s, other {split['other']:.1f} s, draft steps {r.get('draft_steps')}"
+                       f"{beside_text(r.get('beside_compute'))}")
     for setting, sweep in report.get("chain_sweep", {}).items():
         out += _sweep_lines(setting, sweep, report, several)
     return out
