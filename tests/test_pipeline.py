@@ -348,7 +348,7 @@ def test_summary_reports_the_provisional_nodes_the_next_trees_used():
 def test_beside_compute_rule_finds_a_contended_device_slower_and_a_free_one_faster():
     """Fed what a 2-core CPU shows (target and draft about 2x slower beside each other) the rule turns
     drafting beside compute off; fed a device with room (5% and 10%), on for steps worth more than the
-    compute they cost; unmeasured after its probes, off."""
+    compute they cost; unmeasured after its probes (a probe that compared nothing is tried again), off."""
     from llmcad.speculative.costs import BesideCompute
 
     contended, free, silent = BesideCompute(), BesideCompute(), BesideCompute()
@@ -361,10 +361,17 @@ def test_beside_compute_rule_finds_a_contended_device_slower_and_a_free_one_fast
     free.observe_step(0.264, 0.24)
     assert free.mode() == "on" and free.threshold() == pytest.approx(1.1 * (1 - 1 / 1.05))
     assert free.pays(0.3) and not free.pays(0.02)
-    for _ in range(BesideCompute.PROBE_PASSES):
+    for _ in range(BesideCompute.PROBE_TRIES):  # a probe that compares nothing is tried again, up to a bound
         assert silent.mode() == "probe"
         silent.observe_probe([0.1], [])  # too few layers to compare
-    assert silent.mode() == "off"
+    assert silent.mode() == "off" and silent.describe()["probe_tries"] == BesideCompute.PROBE_TRIES
+    late = BesideCompute()  # two probes that compared nothing, then one that did: measured, not off
+    late.observe_probe([0.1], [])
+    late.observe_probe([0.1] * 3, [0.2])
+    assert late.mode() == "probe"
+    late.observe_probe([0.10, 0.10, 0.10], [0.105, 0.105, 0.105])
+    late.observe_step(0.264, 0.24)
+    assert late.mode() == "on" and late.describe()["probe_passes"] == 1
     assert BesideCompute(enabled=False).mode() == "disabled"
     described = contended.describe()
     assert described["mode"] == "off" and described["target_measurements"] == 1

@@ -184,11 +184,14 @@ class BesideCompute:
     A step beside compute is worth the serial draft time it saves: its rows' cost alone times the
     probability that they start the next tree (``weight``: their mean path value); it costs the target
     the compute it loses while the step runs: the step's seconds beside x (1 - 1 / target slowdown). So it
-    pays when ``weight > draft slowdown * (1 - 1 / target slowdown)`` (:meth:`pays`). Without enough
-    measurements after ``PROBE_PASSES`` probes, the draft stays beside the IO waits only.
+    pays when ``weight > draft slowdown * (1 - 1 / target slowdown)`` (:meth:`pays`). A probe pass that
+    compares nothing (too few layers of a kind: the draft ran out of candidates, or the pass was short)
+    does not count towards ``PROBE_PASSES``; without measurements after ``PROBE_TRIES`` probes in all,
+    the draft stays beside the IO waits only.
     """
 
-    PROBE_PASSES = 2
+    PROBE_PASSES = 2  # probes that compared layers
+    PROBE_TRIES = 6  # probes in all, the ones that compared nothing included
     MIN_LAYERS = 3  # layers of each kind a probe pass needs
     WINDOW = 16
 
@@ -199,7 +202,8 @@ class BesideCompute:
     def forget(self) -> None:
         self.target_ratios = collections.deque(maxlen=self.WINDOW)  # per probe pass: beside / alone layer
         self.draft_ratios = collections.deque(maxlen=self.WINDOW)  # per step beside: seconds / alone model
-        self.probes = 0
+        self.probes = 0  # probe passes that compared layers
+        self.probe_tries = 0  # probe passes in all
         self.steps_beside = 0  # draft steps taken beside compute
         self.steps_declined = 0  # steps the rule kept beside the IO waits (their weight did not pay)
 
@@ -210,16 +214,17 @@ class BesideCompute:
             return "disabled"
         threshold = self.threshold()
         if threshold is None:
-            return "probe" if self.probes < self.PROBE_PASSES else "off"
+            return "probe" if self.probes < self.PROBE_PASSES and self.probe_tries < self.PROBE_TRIES else "off"
         return "on" if threshold < 1.0 else "off"
 
     def observe_probe(self, alone: list, beside: list, probe: bool = True) -> None:
         """A pass's layer compute seconds, alone and with a draft step beside each: a probe, or a pass
         of drafting beside compute (its declined steps leave layers alone: the ratio keeps up with the
         machine's load)."""
-        self.probes += probe
+        self.probe_tries += probe
         if len(alone) >= self.MIN_LAYERS and len(beside) >= self.MIN_LAYERS:
             self.target_ratios.append(statistics.median(beside) / max(statistics.median(alone), 1e-9))
+            self.probes += probe
 
     def observe_step(self, seconds: float, alone_seconds: float) -> None:
         """A draft step beside compute took ``seconds``; the draft cost model expects ``alone_seconds``."""
@@ -249,6 +254,6 @@ class BesideCompute:
     def describe(self) -> dict:
         target, draft = self.slowdowns()
         return {"mode": self.mode(), "target_slowdown": target, "draft_slowdown": draft,
-                "threshold": self.threshold(), "probe_passes": self.probes,
+                "threshold": self.threshold(), "probe_passes": self.probes, "probe_tries": self.probe_tries,
                 "target_measurements": len(self.target_ratios), "draft_measurements": len(self.draft_ratios),
                 "steps_beside": self.steps_beside, "steps_declined": self.steps_declined}
