@@ -372,6 +372,11 @@ def test_beside_compute_rule_finds_a_contended_device_slower_and_a_free_one_fast
     late.observe_probe([0.10, 0.10, 0.10], [0.105, 0.105, 0.105])
     late.observe_step(0.264, 0.24)
     assert late.mode() == "on" and late.describe()["probe_passes"] == 1
+    unslowed = BesideCompute()  # the target no slower beside a step: on, with no step of the draft's measured
+    unslowed.observe_probe([0.10, 0.10, 0.10], [0.099, 0.10, 0.098])
+    unslowed.observe_probe([0.10, 0.10, 0.10], [0.10, 0.10, 0.10])
+    assert unslowed.slowdowns()[1] is None and unslowed.threshold() == 0.0 and unslowed.mode() == "on"
+    assert unslowed.pays(0.01)
     assert BesideCompute(enabled=False).mode() == "disabled"
     described = contended.describe()
     assert described["mode"] == "off" and described["target_measurements"] == 1

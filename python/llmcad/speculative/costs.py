@@ -238,8 +238,12 @@ class BesideCompute:
         return target, draft
 
     def threshold(self):
-        """The path value a step beside compute must beat (None: not measured)."""
+        """The path value a step beside compute must beat (None: not measured). A target no slower
+        beside a step loses nothing to it, so any step pays whatever the draft's own slowdown (which
+        needs steps that overlapped the target's compute to be measured at all)."""
         target, draft = self.slowdowns()
+        if target is not None and target <= 1.0:
+            return 0.0
         if target is None or draft is None:
             return None
         return draft * max(0.0, 1.0 - 1.0 / target)
