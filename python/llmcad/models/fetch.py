@@ -109,28 +109,27 @@ def update_end_ids(directory: Path) -> list:
     return added
 
 
+def _stamp_record(directory: Path) -> dict:
+    """The JSON object in ``directory``'s stamp; {} when it is missing, unreadable or not an object."""
+    try:
+        record = json.loads((directory / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _end_ids_checked(directory: Path) -> bool:
     """Whether ``directory``'s stamp says :func:`update_end_ids` already ran (or was never needed)."""
-    try:
-        return json.loads((directory / STAMP).read_text()).get(END_IDS_CHECKED) is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _stamp_record(directory).get(END_IDS_CHECKED) is True
 
 
 def _stamp_end_ids_checked(directory: Path) -> None:
     """Record in ``directory``'s stamp that its end ids were checked, so later runs skip the tokenizer
     load (about a second a model)."""
     stamp = directory / STAMP
-    try:
-        record = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict):
-        record = {}
-    record[END_IDS_CHECKED] = True
     tmp = stamp.with_suffix(".json.tmp")
     try:
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(json.dumps({**_stamp_record(directory), END_IDS_CHECKED: True}))
         tmp.replace(stamp)
     except OSError:
         pass  # a read-only cache: the check runs again next time, as before
