@@ -237,10 +237,10 @@ def test_demo_int8_draft_is_prepared_once_and_gives_the_targets_greedy_text(tiny
 
 
 @pytest.mark.parametrize("given,dtype,want", [
-    ({}, None, "int8"), ({}, "bfloat16", "int8"), ({}, "float32", "none"),
-    ({"draft": "D"}, None, "none"), ({"draft": "D", "draft_quantize": "int4"}, None, "int4"),
+    ({}, None, "int4"), ({}, "bfloat16", "int4"), ({}, "float32", "none"),
+    ({"draft": "D"}, None, "none"), ({"draft": "D", "draft_quantize": "int8"}, None, "int8"),
     ({"draft_quantize": "none"}, None, "none")])
-def test_demo_pairs_draft_is_int8_unless_given_or_float32(given, dtype, want):
+def test_demo_pairs_draft_is_int4_unless_given_or_float32(given, dtype, want):
     import argparse
 
     from llmcad.demo import draft_scheme

@@ -14,7 +14,7 @@ import pair_models
 from llmcad import LLMCad
 from llmcad.bench.tiny_pair import truncated_copy
 from llmcad.errors import BudgetError
-from llmcad.models import loading
+from llmcad.models import draft_head, loading
 from llmcad.models import vocab as draft_vocab
 from llmcad.models.prepare import prepare
 from llmcad.speculative.draft import TreeDrafter
@@ -70,11 +70,11 @@ def expected(tied, tiny_tokenizer):
     return ids, out[0, len(ids):].tolist()
 
 
-def _engine(tied, draft, mode, budget, vocab=None, **options):
+def _engine(tied, draft, mode, budget, vocab=None, head="auto", **options):
     if budget == "least":
-        budget = pair_models.least_budget(tied[draft], tied["target"], draft_vocab=vocab)
+        budget = pair_models.least_budget(tied[draft], tied["target"], draft_vocab=vocab, draft_head=head)
     return LLMCad.from_pretrained(tied[draft], tied["target"], mode=mode, memory_budget=budget, draft_vocab=vocab,
-                                  **options)
+                                  draft_head=head, **options)
 
 
 def test_fixture_drafts_are_tied_and_packed(tied):
@@ -85,11 +85,13 @@ def test_fixture_drafts_are_tied_and_packed(tied):
 
 
 @pytest.mark.parametrize("budget", [None, "least"])
-@pytest.mark.parametrize("draft,vocab", [("int8", None), ("int4", None), ("float", PRUNED), ("int8", PRUNED)])
-def test_greedy_output_is_the_targets_in_every_mode(tied, expected, draft, vocab, budget):
+@pytest.mark.parametrize("draft,vocab,head", [("int8", None, "auto"), ("int4", None, "auto"), ("float", PRUNED, "auto"),
+                                              ("int8", PRUNED, "auto"), ("int4", PRUNED, "auto"),
+                                              ("float", None, "int8"), ("int8", None, "float")])
+def test_greedy_output_is_the_targets_in_every_mode(tied, expected, draft, vocab, head, budget):
     ids, want = expected
     for mode in MODES:
-        with _engine(tied, draft, mode, budget, vocab) as eng:
+        with _engine(tied, draft, mode, budget, vocab, head) as eng:
             assert eng.generate(ids, NEW_TOKENS).tokens == want, (draft, vocab, budget, mode)
             if budget is not None:
                 assert eng.placement.streamed_layers  # the least budget streams the target
@@ -98,7 +100,7 @@ def test_greedy_output_is_the_targets_in_every_mode(tied, expected, draft, vocab
 
 
 @pytest.mark.parametrize("budget", [None, "least"])
-@pytest.mark.parametrize("draft,vocab", [("int8", None), ("int8", PRUNED)])
+@pytest.mark.parametrize("draft,vocab", [("int8", None), ("int8", PRUNED), ("int4", PRUNED)])
 def test_seeded_sampling_equals_target_only(tied, expected, draft, vocab, budget):
     ids, _ = expected
     with _engine(tied, draft, "target-only", budget, vocab) as eng:
@@ -118,11 +120,12 @@ def test_packed_draft_budget_is_checked_before_anything_loads(tied, monkeypatch)
             LLMCad.from_pretrained(tied[draft], tied["target"], memory_budget=1)
 
 
+@pytest.mark.parametrize("head", ["auto", "float", "int8"])
 @pytest.mark.parametrize("vocab", [None, PRUNED])
 @pytest.mark.parametrize("draft", ["float", "int8", "int4"])
-def test_draft_footprint_is_the_loaded_drafts_bytes(tied, draft, vocab):
-    _, footprint, _ = loading.draft_footprint(tied[draft], draft_vocab=vocab)
-    with LLMCad.from_pretrained(tied[draft], tied["target"], draft_vocab=vocab) as eng:
+def test_draft_footprint_is_the_loaded_drafts_bytes(tied, draft, vocab, head):
+    _, footprint, _ = loading.draft_footprint(tied[draft], draft_vocab=vocab, draft_head=head)
+    with LLMCad.from_pretrained(tied[draft], tied["target"], draft_vocab=vocab, draft_head=head) as eng:
         assert footprint == module_bytes(eng.draft)
 
 
@@ -253,3 +256,108 @@ def test_vocab_ids_must_name_one_increasing_id_per_output_row(tiny_models, tiny_
         with pytest.raises(ValueError, match="draft_vocab_ids"):
             LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad"), draft_vocab_ids=bad)
     LLMCad(draft, target, tiny_tokenizer, make_policy("llmcad"), draft_vocab_ids=torch.arange(rows))
+
+
+# ---- the draft's output layer packed at load (llmcad.models.draft_head) ----
+@pytest.mark.parametrize("draft,vocab,head,want", [
+    ("int8", None, "auto", "int8"), ("int4", None, "auto", "int8"),  # 300 rows: int4 needs a multiple of 16
+    ("int4", PRUNED, "auto", "int4"), ("float", None, "auto", "float"), ("float", None, "int8", "int8"),
+    ("int8", None, "float", "float"), ("float", PRUNED, "int4", "int4")])
+def test_draft_head_is_held_as_asked(tied, expected, draft, vocab, head, want):
+    ids, _ = expected
+    with LLMCad.from_pretrained(tied[draft], tied["target"], draft_vocab=vocab, draft_head=head) as eng:
+        assert getattr(eng.draft.lm_head, "scheme", "float") == want
+        assert eng.generate(ids, 4).stats["draft_head"] == want
+        table = eng.draft.get_input_embeddings()
+        packed_table = want != "float" and vocab is None  # a tied full head packs the embeddings with it
+        assert isinstance(table, draft_head.PackedEmbedding) == packed_table
+        assert table.weight.shape == (pair_models.VOCAB_SIZE, 64) and table.weight.dtype == torch.float32
+        if packed_table and want == "int8":  # one set of codes serves lookups and the head
+            assert table.qweight.data_ptr() == eng.draft.lm_head.qweight.data_ptr()
+        if want != "float":
+            assert not eng.draft.config.tie_word_embeddings
+
+
+def test_packed_head_is_the_quantized_float_layer(monkeypatch):
+    """Packed a block of rows at a time (blocks that do not divide the rows), the layer computes what the
+    whole weight quantized at once and dequantized computes, and its embedding table looks up those rows."""
+    from llmcad.models.quantize import dequantize, quantize_int4, quantize_int8
+
+    monkeypatch.setattr(draft_head, "_BLOCK_ROWS", 7)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=True)  # 96 inputs: int4 groups of 32; 48 rows: a multiple of 16
+    x = torch.randn(5, 96)
+    weight, bias = linear.weight.detach(), linear.bias.detach().numpy()
+    for scheme, group in (("int8", None), ("int4", 32)):
+        assert draft_head.resolve(scheme, None, (48, 96), "cpu") == (scheme, group)
+        whole = quantize_int8(weight, torch.float32) if scheme == "int8" else quantize_int4(weight, group, torch.float32)
+        want = x.numpy() @ dequantize(whole, scheme, group).numpy().T + bias
+        packed, table = draft_head.packed_head(linear, scheme, group, with_table=True)
+        ids = torch.tensor([[47, 0, 3], [3, 46, 11]])
+        with torch.inference_mode():
+            got, rows = packed(x).numpy(), table(ids).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rows, dequantize(whole, scheme, group).numpy()[ids.numpy()], rtol=1e-6, atol=1e-6)
+        assert rows.shape == (2, 3, 96) and table.weight.shape == (48, 96)
+        assert draft_head.packed_head(linear, scheme, group)[1] is None
+        assert not np.allclose(got, x.numpy() @ weight.numpy().T + bias, atol=1e-4)  # packed, not the float layer
+    assert packed.out_features == 48 and packed.scheme == "int4"
+
+
+def test_draft_head_choices():
+    from llmcad.errors import ModelLoadError
+
+    assert draft_head.resolve("auto", "int8", (300, 64), "cpu") == ("int8", None)
+    assert draft_head.resolve("auto", "int4", (300, 64), "cpu") == ("int8", None)  # 300 rows: not int4
+    assert draft_head.resolve("auto", "int4", (32, 256), "cpu") == ("int4", 128)
+    assert draft_head.resolve("auto", None, (32, 64), "cpu") == (None, None)  # a float draft keeps its head
+    assert draft_head.resolve("auto", "int8", (32, 64), "cuda") == (None, None)
+    assert draft_head.resolve("float", "int8", (32, 64), "cpu") == (None, None)
+    with pytest.raises(ModelLoadError, match=r"\[300, 64\] cannot be int4.*draft_head='int8'"):
+        draft_head.resolve("int4", None, (300, 64), "cpu")
+    assert draft_head.packed_bytes(300, 64, "int8", None, torch.bfloat16) == 300 * 64 + 300 * 2
+    assert draft_head.packed_bytes(32, 256, "int4", 128, torch.float32) == 32 * 128 + 2 * 32 * 2 * 4
+
+
+@pytest.mark.parametrize("value", ["int3", 8, "", True])
+def test_bad_draft_head_is_refused_before_loading(value):
+    with pytest.raises(ValueError, match="draft_head"):
+        LLMCad.from_pretrained(Path("/nonexistent"), Path("/nonexistent"), draft_head=value)
+
+
+def test_an_int4_head_the_kernels_cannot_hold_is_named(tied):
+    from llmcad.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot be int4"):
+        LLMCad.from_pretrained(tied["float"], tied["target"], draft_head="int4")
+
+
+def test_cli_draft_head(tied, expected, capsys):
+    from llmcad.cli import main
+
+    ids, want = expected
+    base = ["generate", "--draft", str(tied["float"]), "--target", str(tied["target"]), "--memory-budget", "none",
+            "--prompt", PROMPT, "--raw", "--max-new-tokens", str(NEW_TOKENS), "--json"]
+    assert main(base + ["--draft-head", "int8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == want and out["stats"]["draft_head"] == "int8"
+    assert main(base + ["--draft-head", "int3"]) == 2
+    assert "--draft-head" in capsys.readouterr().err
+
+
+def test_bench_draft_reports_each_head(tied, capsys):
+    from llmcad.cli import main
+
+    argv = ["bench", "draft", "--draft", str(tied["float"]), "--target", str(tied["target"]), "--draft-head",
+            "float,int8", "--draft-vocab", f"{PRUNED}", "--rows", "1,3", "--kv-length", "12", "--warmup", "1",
+            "--repeats", "1", "--new-tokens", "4", "--tiny", "--json"]
+    assert main(argv) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    assert [(r["draft_vocab"], r["draft_head"]) for r in records] == [
+        (None, "float"), (None, "int8"), (PRUNED, "float"), (PRUNED, "int8")]
+    hidden, rows = 64, pair_models.VOCAB_SIZE
+    # tied: the int8 codes serve the head and the lookups, in place of the fp32 table; pruned: the kept rows added
+    assert records[1]["weight_bytes"] == records[0]["weight_bytes"] - rows * hidden * 4 + rows * hidden + rows * 4
+    assert records[3]["weight_bytes"] == records[0]["weight_bytes"] + PRUNED * hidden + PRUNED * 4
+    assert all(0 <= r["agreement"] <= 1 for r in records)
+    assert main(argv[:argv.index("--draft-head")] + ["--draft-head", "auto"] + argv[argv.index("--draft-head") + 2:]) == 2

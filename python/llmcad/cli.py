@@ -134,6 +134,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--draft-vocab", default=None, metavar="N", help="the draft proposes only the N most frequent "
                    "tokens of a calibration corpus (a cheaper draft forward, the same output; every drafting "
                    "mode); 0 or 'none': the full vocabulary (default: none)")
+    t.add_argument("--draft-head", default="auto", choices=("auto", "float", "int8", "int4"), help="how the "
+                   "draft's output layer is held: packed int8 or int4 (a cheaper draft forward, the same output) or "
+                   "float; auto: packed like the draft's decoder linears on a CPU (default: auto)")
     e = p.add_argument_group("pipeline (llmcad mode; for ablations)")
     e.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False, default=None,
                    help="verify on the main thread, no provisional drafting (default: on in llmcad mode)")
@@ -290,7 +293,8 @@ def open_engine(args):
                                     device=args.device, dtype=args.dtype, pipeline=args.pipeline,
                                     prefetch=args.prefetch, trust_remote_code=trusts_remote_code(args),
                                     prefix_cache=getattr(args, "prompt_cache", True),
-                                    draft_vocab=getattr(args, "draft_vocab", None), threads=args.threads,
+                                    draft_vocab=getattr(args, "draft_vocab", None),
+                                    draft_head=getattr(args, "draft_head", "auto"), threads=args.threads,
                                     **options)
     engine.draft_beside_compute = getattr(args, "draft_beside_compute", True)
     engine.prefill_beside = getattr(args, "prefill_beside", None)

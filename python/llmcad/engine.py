@@ -24,7 +24,8 @@ from llmcad.speculative.policy import POLICIES, Policy, make_policy
 from llmcad.models.fetch import resolve_pair
 from llmcad.speculative.prefix_cache import PrefixCache
 from llmcad.models.chat import chat_prompt_ids, is_messages
-from llmcad.models.loading import load_pair, resolve_device, resolve_dtype
+from llmcad.models.draft_head import parse_draft_head
+from llmcad.models.loading import load_pair, output_rows, resolve_device, resolve_dtype
 from llmcad.models.vocab import parse_draft_vocab
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
                                   VerifyWorker, bonus_subtree, install_target_hooks, main_path, reconcile)
@@ -123,9 +124,9 @@ class LLMCad:
     def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
                         streamer_options=None, mmap=False, trust_remote_code=False, prefix_cache=True,
-                        draft_vocab=None, threads="auto", **policy_options) -> "LLMCad":
+                        draft_vocab=None, draft_head="auto", threads="auto", **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
-        with neither, the demo pair (fetched and prepared on first use; its draft packed as int8 unless
+        with neither, the demo pair (fetched and prepared on first use; its draft packed as int4 unless
         ``dtype`` is float32).
 
         ``mode``: "llmcad" (tree + LLMCad fallback + pipeline), "tree" (fixed-size tree), "chain"
@@ -143,13 +144,17 @@ class LLMCad:
         default) such a model is refused, never run and never asked about on stdin.
         ``prefix_cache``: see :class:`LLMCad`. ``draft_vocab``: N restricts the draft's output layer to
         the N most frequent tokens of a calibration corpus (llmcad.models.vocab): a cheaper draft
-        forward, the same output; None or 0: the full vocabulary. ``threads``: torch's compute threads
+        forward, the same output; None or 0: the full vocabulary. ``draft_head``: how the draft's output
+        layer is held (llmcad.models.draft_head): "auto" (the default: packed like the draft's decoder
+        linears on a CPU, so an int8 draft gets an int8 head; float otherwise), "float", "int8" or "int4";
+        a cheaper draft forward, the same output. ``threads``: torch's compute threads
         (process-wide): an int; "auto" (the default) measures the load other processes put on the cores
         while the models load and leaves fewer threads than torch's default where they keep cores busy
         (llmcad.cores), unless OMP_NUM_THREADS is set; None leaves torch's count as it is.
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         parse_draft_vocab(draft_vocab)
+        parse_draft_head(draft_head)
         draft, target = resolve_pair(draft, target, dtype)
         _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens)
         _check_prefix_cache(prefix_cache)
@@ -165,7 +170,8 @@ class LLMCad:
         extra = {"streamer_options": dict(streamer_options)} if streamer_options else {}
         load = CpuLoad() if str(device).startswith("cpu") else None
         pair = load_pair(draft, target, device=device, dtype=dtype, memory_budget=memory_budget, mmap=mmap,
-                         trust_remote_code=trust_remote_code, draft_vocab=draft_vocab, **extra)
+                         trust_remote_code=trust_remote_code, draft_vocab=draft_vocab, draft_head=draft_head,
+                         **extra)
         engine = cls(pair.draft, pair.target, pair.tokenizer, policy, streamed=pair.streamed,
                      placement=pair.placement, pipeline=pipeline, prefetch=prefetch,
                      max_provisional_tokens=max_provisional_tokens, prefix_cache=prefix_cache,
@@ -571,6 +577,7 @@ class _Run:
         return {**self.policy.report(), "pipeline": self.pipelined, "prefetch": self.engine.prefetch,
                 "prefill_beside": self._prefill_ran, "cpu_threads": dict(self.engine.cpu_threads),
                 "max_provisional_tokens": self.engine.max_provisional_tokens,
+                "draft_head": getattr(self.engine.draft.get_output_embeddings(), "scheme", "float"),
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
                 "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0,
                 "draft_beside_compute": (self.engine.beside_rule.describe() if self.engine.draft_beside_compute
@@ -770,7 +777,7 @@ def _check_vocab_ids(draft, ids) -> None:
     """``ids``: None, or one sorted token id per row of the draft's output layer."""
     if ids is None:
         return
-    rows = draft.get_output_embeddings().weight.shape[0]
+    rows = output_rows(draft)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or len(ids) != rows or \
             (len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all())):
         raise ValueError(f"draft_vocab_ids: expected {rows} increasing token ids, one per row of the draft's "

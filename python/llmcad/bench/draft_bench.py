@@ -1,7 +1,8 @@
 """``llmcad bench draft``: what a draft forward costs and how often the draft agrees with the target, for a
-draft, its packed copies (``--variant int8=DIR``) and pruned output layers (``--draft-vocab N,...``).
+draft, its packed copies (``--variant int8=DIR``), pruned output layers (``--draft-vocab N,...``) and
+output layers packed at load (``--draft-head float,int8,int4``).
 
-For each configuration (draft x vocabulary):
+For each configuration (draft x vocabulary x head):
 - ``forward_s``: median seconds of one draft forward of R rows (the drafter's own call: the decoder over
   R new tokens after a KV cache of ``--kv-length`` positions, then its output layer and each row's top
   tokens), for R in ``--rows``; after ``--warmup`` unmeasured forwards, ``--repeats`` measured ones; the
@@ -10,7 +11,7 @@ For each configuration (draft x vocabulary):
   target's own greedy continuation), the share of positions where the draft's top-1 token (among the
   tokens it may propose) is the target's top-1; ``agreement_generated``: the same over the continuations.
 Every figure also appears as a ratio against the first configuration, the ``--draft`` with its full
-vocabulary, measured in the same command (``speedup`` = its time / this time; ``agreement_ratio`` = this
+vocabulary and the first head, measured in the same command (``speedup`` = its time / this time; ``agreement_ratio`` = this
 agreement / its agreement). The machine may be shared: only ratios within one command compare.
 
 Part of llmcad.bench (tools): may import the whole package; nothing outside llmcad.bench imports it.
@@ -41,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "int8=DIR from prepare --quantize int8), repeatable")
     p.add_argument("--draft-vocab", default="none", metavar="N,...", help="also each draft with its output layer "
                    "cut to N tokens (llmcad.models.vocab), e.g. 32768,16384 (default: none)")
+    p.add_argument("--draft-head", default="float", metavar="HEAD,...", help="each draft's output layer held as each "
+                   "of these: float, int8, int4 (llmcad.models.draft_head), e.g. float,int8 (default: float)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help="rows per timed forward")
     p.add_argument("--kv-length", type=int, default=384, help="KV positions before each timed forward (a "
                    "prompt and its answer so far)")
@@ -70,10 +73,13 @@ def run(args) -> int:
         [(name, resolve(path)) for name, path in map(_parse_variant, args.variant)]
     target = resolve(args.target)
     sequences, generated_from = teacher_forced(target, workloads.load(args, target), args.new_tokens, args.dtype)
-    configs = [config for name, path in drafts for config in draft_configs(name, path, target, vocabs, args.dtype)]
+    heads = parse_heads(args.draft_head)
+    configs = [config for name, path in drafts
+               for config in draft_configs(name, path, target, vocabs, args.dtype, heads)]
     times = forward_seconds(configs, rows, args)
     agreements = agreement(configs, sequences, generated_from)
     records = [{"draft": c.name, "path": str(c.path), "quantize": _scheme(c.path), "draft_vocab": c.vocab,
+                "draft_head": c.head_scheme,
                 "weight_bytes": c.weight_bytes, "forward_s": t, **a} for c, t, a in zip(configs, times, agreements)]
     add_ratios(records)
     report = {"command": _command(), "commit": commit, "threads": torch.get_num_threads(),
@@ -96,14 +102,29 @@ class Config:
     head: torch.nn.Module
     ids: object
     weight_bytes: int = 0
+    head_scheme: str = "float"
+    embeddings: torch.nn.Module = None  # None: the model's own (float) input embeddings
 
     def use(self) -> torch.nn.Module:
         self.model.lm_head = self.head
+        self.model.set_input_embeddings(self.embeddings)
         return self.model
 
 
-def draft_configs(name, path, target, vocabs: list, dtype) -> list:
-    """The draft at ``path`` loaded once, with its full output layer and each pruned one."""
+def parse_heads(text: str) -> list:
+    """``--draft-head`` as a list of distinct head schemes (float, int8, int4), in order."""
+    from llmcad.models.draft_head import parse_draft_head
+
+    heads = [parse_draft_head(h, "--draft-head") for h in text.split(",") if h.strip()]
+    if not heads or "auto" in heads:
+        raise ValueError(f"--draft-head {text!r}: expected a list of float, int8, int4")
+    return list(dict.fromkeys(heads))
+
+
+def draft_configs(name, path, target, vocabs: list, dtype, heads=("float",)) -> list:
+    """The draft at ``path`` loaded once, with its full output layer and each pruned one, each held as
+    each of ``heads`` (float, or packed by llmcad.models.draft_head)."""
+    from llmcad.models.draft_head import packed_head, resolve
     from llmcad.models.loading import draft_vocab_ids, load_causal_lm, load_tokenizer
     from llmcad.models.vocab import pruned_head
     from llmcad.streaming.budget import module_bytes
@@ -111,14 +132,22 @@ def draft_configs(name, path, target, vocabs: list, dtype) -> list:
     model = load_causal_lm(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
     configs = []
-    full = model.lm_head
+    full, embeddings = model.lm_head, model.get_input_embeddings()
+    tied = full.weight is embeddings.weight
     for n in vocabs:
+        model.lm_head = full  # pruning cuts the float layer, not the last configuration's
         ids = draft_vocab_ids(model, tokenizer, n, target)
-        config = Config(name, path, n if ids is not None else None, model, full if ids is None else
-                        pruned_head(model, ids), ids)
-        config.weight_bytes = module_bytes(config.use())  # the full layer counts once: it is tied, or replaced
-        configs.append(config)
-        print(f"  {name} vocab {n or 'full'}: {config.weight_bytes / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        rows = full if ids is None else pruned_head(model, ids)
+        for head in heads:  # packed as the engine packs it (a tied full head: the embeddings too)
+            scheme, group = resolve(head, None, tuple(rows.weight.shape), rows.weight.device)
+            layer, table = (rows, None) if scheme is None else \
+                packed_head(rows, scheme, group, with_table=tied and rows is full)
+            config = Config(name, path, n if ids is not None else None, model, layer, ids, head_scheme=head,
+                            embeddings=table or embeddings)
+            config.weight_bytes = module_bytes(config.use())  # the full layer counts once: it is tied, or replaced
+            configs.append(config)
+            print(f"  {name} vocab {n or 'full'} head {head}: {config.weight_bytes / 2**20:.0f} MiB", file=sys.stderr,
+                  flush=True)
     configs[0].use()
     return configs
 
@@ -163,13 +192,15 @@ def _top1(logits, vocab_ids) -> torch.Tensor:
 
 def agreement(configs: list, sequences: list, generated_from: list) -> list:
     """Per configuration: {"agreement", "agreement_generated"} (see the module doc). One decoder forward
-    per draft and sequence; each output layer is applied to its hidden states."""
+    per draft, input embeddings and sequence; each output layer is applied to its hidden states."""
     from llmcad.speculative.forward import RowLogits
 
     counts = {id(c): [0, 0, 0, 0] for c in configs}
+    groups = {}
+    for c in configs:
+        groups.setdefault((id(c.model), id(c.embeddings)), []).append(c)
     for (seq, target_top), start in zip(sequences, generated_from):
-        for model in {id(c.model): c.model for c in configs}.values():
-            mine = [c for c in configs if c.model is model]
+        for mine in groups.values():
             logits = _causal_logits(mine[0].use(), seq)
             for c in mine:
                 head = RowLogits(c.head, logits.hidden) if logits.head is not None else _causal_logits(c.use(), seq)
@@ -234,12 +265,13 @@ def markdown(report: dict) -> str:
     lines = [f"`{report['command']}` (commit {report['commit']}, {report['threads']} threads, KV length "
              f"{report['kv_length']}, median of {report['repeats']}; agreement over {report['positions']} "
              "teacher-forced positions)", "",
-             f"| draft | vocab | MiB | {head} | agreement (x) | agreement on generated |",
-             "|---|---|---|" + "---|" * len(rows) + "---|---|"]
+             f"| draft | vocab | head | MiB | {head} | agreement (x) | agreement on generated |",
+             "|---|---|---|---|" + "---|" * len(rows) + "---|---|"]
     for r in report["records"]:
         times = " | ".join(f"{1e3 * r['forward_s'][k]:.1f} ({r['speedup'][k]:.2f}x)" for k in rows)
         gen = f"{r['agreement_generated']:.3f}" if r["agreement_generated"] is not None else "-"
-        lines.append(f"| {r['draft']} | {r['draft_vocab'] or 'full'} | {r['weight_bytes'] / 2**20:.0f} | {times} | "
+        lines.append(f"| {r['draft']} | {r['draft_vocab'] or 'full'} | {r.get('draft_head', 'float')} | "
+                     f"{r['weight_bytes'] / 2**20:.0f} | {times} | "
                      f"{r['agreement']:.3f} ({r['agreement_ratio']:.3f}x) | {gen} |")
     return "\n".join(lines) + "\n"
 

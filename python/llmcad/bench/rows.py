@@ -99,7 +99,7 @@ def _timed_prompts(runner, job: dict) -> dict:
     # the rule for drafting beside the target's compute carries over between prompts: its last state
     beside = per_prompt[-1].get("beside_compute") if per_prompt else None
     return {**totals, "tokens": tokens, "per_prompt": per_prompt, "time_split_s": _time_split(per_prompt),
-            "beside_compute": beside,
+            "beside_compute": beside, "draft_head": per_prompt[-1].get("draft_head") if per_prompt else None,
             "peak_rss_bytes": peak_rss_bytes(), "placement": runner.placement(), "bytes_source": runner.bytes_source,
             "evictor": None if kernel else evictor.report()}
 
@@ -205,7 +205,7 @@ class EngineRow:
             "sizes": {k: s[k] for k in ("max_tree_tokens_chosen", "mean_tree_tokens", "mean_draft_rows",
                                         "target_pass_model_s", "draft_model_s") if k in s},
             "time_s": s.get("time_s"), "accept_lengths": [p.get("emitted") for p in result.trace],
-            "beside_compute": s.get("draft_beside_compute"),
+            "beside_compute": s.get("draft_beside_compute"), "draft_head": s.get("draft_head"),
             **_first_pass(result)}
 
     def _bytes(self) -> int:

