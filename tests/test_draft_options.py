@@ -361,3 +361,16 @@ def test_bench_draft_reports_each_head(tied, capsys):
     assert records[3]["weight_bytes"] == records[0]["weight_bytes"] + PRUNED * hidden + PRUNED * 4
     assert all(0 <= r["agreement"] <= 1 for r in records)
     assert main(argv[:argv.index("--draft-head")] + ["--draft-head", "auto"] + argv[argv.index("--draft-head") + 2:]) == 2
+
+
+@pytest.mark.parametrize("vocab,head", [(None, "int8"), (PRUNED, "int4")])
+def test_an_untied_head_is_replaced_and_its_embeddings_stay_float(tied, expected, vocab, head):
+    ids, want = expected
+    untied = pair_models.build_family(tied["target"].parent / f"untied-{head}", "qwen2")["shared"]
+    _, footprint, _ = loading.draft_footprint(untied, draft_vocab=vocab, draft_head=head)
+    budget = pair_models.least_budget(untied, tied["target"], draft_vocab=vocab, draft_head=head)
+    with LLMCad.from_pretrained(untied, tied["target"], draft_vocab=vocab, draft_head=head,
+                                memory_budget=budget) as eng:
+        assert eng.draft.lm_head.scheme == head and footprint == module_bytes(eng.draft)
+        assert type(eng.draft.get_input_embeddings()) is torch.nn.Embedding
+        assert eng.generate(ids, NEW_TOKENS).tokens == want
