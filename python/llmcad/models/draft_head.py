@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from llmcad.errors import ModelLoadError
+from llmcad.models.quantize import dequantize, quantize_int4, quantize_int8
+from llmcad.models.vocab import untie
 from llmcad.streaming.quantized import GROUP_SIZES, SCHEMES, QuantizedLinear
 
 CHOICES = ("auto", "float", *SCHEMES)
@@ -82,8 +84,6 @@ def packed_bytes(rows: int, cols: int, scheme: str, group_size: int | None, dtyp
 def packed_head(head: torch.nn.Linear, scheme: str, group_size: int | None, *, with_table: bool = False):
     """``head``'s weight packed by ``scheme`` into a QuantizedLinear on its device, in the kernel's layout.
     ``with_table``: also return a :class:`PackedEmbedding` of the same codes (for a tied head), else None."""
-    from llmcad.models.quantize import quantize_int4, quantize_int8
-
     weight = head.weight.detach()
     rows, cols = weight.shape
     packed = QuantizedLinear(cols, rows, bias=head.bias is not None, scheme=scheme, group_size=group_size,
@@ -124,16 +124,9 @@ class PackedEmbedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        codes = self.qweight.index_select(0, flat)
-        if self.scheme == "int8":
-            rows = codes.to(self.scales.dtype) * self.scales.index_select(0, flat)[:, None]
-        else:
-            from llmcad.streaming.quantized import unpack_nibbles
-
-            q = unpack_nibbles(codes).to(self.scales.dtype).view(len(flat), -1, self.group_size)
-            rows = ((q - 8) * self.scales.index_select(0, flat)[..., None]
-                    + self.zeros.index_select(0, flat)[..., None]).view(len(flat), self.embedding_dim)
-        return rows.view(*ids.shape, self.embedding_dim)
+        gathered = {name: p.index_select(0, flat) for name, p in self.named_parameters()}
+        rows = dequantize(gathered, self.scheme, self.group_size)  # float32 [len(flat), embedding_dim]
+        return rows.to(self.scales.dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -160,15 +153,8 @@ def pack_output_layer(model, requested: str, draft_scheme: str | None) -> str:
     embeddings = model.get_input_embeddings()
     tied = isinstance(embeddings, torch.nn.Embedding) and embeddings.weight is head.weight and head.bias is None
     model.lm_head, table = packed_head(head, scheme, group, with_table=tied)
-    _untie(model.config)
+    untie(model.config)
     if table is not None:
         model.set_input_embeddings(table)
     return scheme
 
-
-def _untie(config) -> None:
-    """transformers must never tie the packed head back to the embeddings."""
-    config.tie_word_embeddings = False
-    text = config.get_text_config() if hasattr(config, "get_text_config") else None
-    if text is not None and text is not config:
-        text.tie_word_embeddings = False

@@ -33,7 +33,6 @@ class ModelPair:
     runtime_floor: int = 0  # bytes resident before the weights loaded (llmcad.memory.runtime_floor)
     budget_source: str | None = None  # how the memory budget was found ("given", or what "auto" read)
     draft_vocab: object = None  # sorted int64 token ids of the draft's pruned output rows (None: full vocabulary)
-    draft_head: str = "float"  # how the draft's output layer is held: "float", "int8" or "int4" (models.draft_head)
 
 
 def resolve_dtype(dtype):
@@ -503,7 +502,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
                                      draft_head=draft_head, **trust)
     draft_model = load_causal_lm(draft, device=device, dtype=dtype, mmap=mmap, **trust)
     vocab_ids = prune_draft_vocab(draft_model, draft_tokenizer, draft_vocab, target)
-    head_scheme = pack_draft_head(draft_model, draft_head)
+    pack_draft_head(draft_model, draft_head)
     malloc_trim()  # loading frees its read buffers; give their pages back before the plan counts on them
     extra = {"streamer_options": streamer_options} if streamer_options else {}
     target_model, streamed = _load_target(target, device=device, dtype=dtype, memory_budget=memory_budget,
@@ -511,8 +510,7 @@ def load_pair(draft, target, *, device="cpu", dtype=None, memory_budget=None, st
     malloc_trim()
     check_tokenizers(draft_tokenizer, target_tokenizer, draft_model, target_model)
     placement = streamed.placement if streamed is not None else None
-    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source, vocab_ids,
-                     head_scheme)
+    return ModelPair(draft_model, target_model, target_tokenizer, placement, streamed, floor, source, vocab_ids)
 
 
 def pack_draft_head(draft_model, draft_head) -> str:

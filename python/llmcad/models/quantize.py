@@ -61,7 +61,8 @@ def _smallest(scale_dtype) -> float:
 
 
 def dequantize(tensors: dict, scheme: str, group_size: int | None = None) -> torch.Tensor:
-    """The float32 weight a quantized linear stands for (reference for tests and quality checks)."""
+    """The float32 weight a quantized linear stands for (rows of it for a packed embedding's lookups;
+    the reference for tests and quality checks)."""
     if scheme == "int8":
         return tensors["qweight"].float() * tensors["scales"].float()[:, None]
     q = unpack_nibbles(tensors["qweight"]).float()

@@ -139,9 +139,15 @@ def prune_output_layer(model, ids: torch.Tensor) -> None:
     """Replace ``model.lm_head`` by :func:`pruned_head` (a full layer tied to the input embeddings stays
     as those, an untied one is dropped)."""
     model.lm_head = pruned_head(model, ids)
-    model.config.tie_word_embeddings = False  # transformers must never tie the [N, hidden] rows back
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    if text is not None and text is not model.config:
+    untie(model.config)  # transformers must never tie the [N, hidden] rows back
+
+
+def untie(config) -> None:
+    """Mark ``config`` (and its text config) untied: a replaced output layer must never be tied back to
+    the input embeddings."""
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
         text.tie_word_embeddings = False
 
 
