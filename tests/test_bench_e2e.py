@@ -102,15 +102,17 @@ def test_peers_offload_to_disk_and_evictor_checked(main_run):
 
 def test_the_rows_say_what_the_beside_compute_rule_decided(main_run):
     """Drafting beside the target's compute moves a row's speed between runs: the row records the rule's
-    last state and how the draft's output layer was held, and the report's time line says both."""
+    last state, how the draft's output layer was held and the threads, and the report's time line says them."""
     _, out, report = main_run
     llmcad = next(r for r in report["rows"] if r["name"] == "llmcad")
     mode = llmcad["beside_compute"]["mode"]
     assert mode in ("probe", "on", "off") and llmcad["beside_compute"]["probe_passes"] >= 0
     assert llmcad["draft_head"] == "float"  # the tiny float draft keeps its float head
+    threads = llmcad["cpu_threads"]
+    assert threads["threads"] == 1 and threads["draft_alone"] >= 1  # --tiny runs one thread
     lines = (out / "e2e.md").read_text().splitlines()
     assert any(line.startswith("- time of llmcad (native)") and f"draft beside compute: {mode}" in line
-               and "draft head float" in line for line in lines)
+               and "draft head float" in line and ", threads 1" in line for line in lines)
 
 
 def test_markdown_and_plots(main_run):

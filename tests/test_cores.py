@@ -75,19 +75,87 @@ def test_set_threads_auto_given_and_left_alone(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     chosen = cores.set_threads("auto", busy)
     assert fake.threads == 1
-    assert chosen == {"threads": 1, "chosen": "auto", "usable_cores": 2, "other_load_cores": 1.1, "busy_cores": 1}
+    assert chosen == {"threads": 1, "chosen": "auto", "usable_cores": 2, "other_load_cores": 1.1, "busy_cores": 1,
+                      "draft_alone": 1}
     fake.threads = 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user fixed the count: auto keeps it, says why
     assert cores.set_threads("auto", busy)["chosen"] == "OMP_NUM_THREADS" and fake.threads == 2
     assert cores.set_threads(3, busy) == {"threads": 3, "chosen": "given", "usable_cores": 2,
-                                          "other_load_cores": None, "busy_cores": 0}
+                                          "other_load_cores": None, "busy_cores": 0, "draft_alone": 3}
     assert cores.set_threads(None, busy)["chosen"] == "torch's" and fake.threads == 3
+
+
+@pytest.mark.parametrize("threads, draft_threads, omp, others, usable, want", [
+    (1, "auto", False, 0.0, 2, 2),  # one thread beside the pass, both cores alone
+    (1, "auto", False, 1.2, 2, 1),  # another process keeps a core busy: the free one
+    (1, "auto", False, None, 4, 4),  # no load measured: every usable core
+    (3, "auto", False, 0.0, 2, 3),  # never fewer than the pass's threads
+    ("auto", "auto", False, 0.0, 2, 2),
+    ("auto", 3, False, 0.0, 2, 3),  # given
+    (1, 2, True, 0.0, 4, 2),  # given beats OMP_NUM_THREADS
+    (1, "auto", True, 0.0, 4, 1),  # OMP_NUM_THREADS fixes the count: the pass's
+    (None, "auto", False, 0.0, 4, 2)])  # threads left as torch has them: so are the draft's
+def test_the_draft_alone_gets_the_free_cores(monkeypatch, threads, draft_threads, omp, others, usable, want):
+    FakeTorch(monkeypatch, 2)
+    monkeypatch.setattr(cores, "usable_cores", lambda: usable)
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    load = SimpleNamespace(others=lambda: others)
+    assert cores.set_threads(threads, load, draft_threads)["draft_alone"] == want
+
+
+def test_compute_threads_sets_them_for_the_block_and_back(monkeypatch):
+    fake = FakeTorch(monkeypatch, 1)
+    with cores.compute_threads(2):
+        assert fake.threads == 2
+    assert fake.threads == 1
+    with pytest.raises(KeyError):
+        with cores.compute_threads(3):
+            raise KeyError("an error in the block")
+    assert fake.threads == 1
+
+
+def test_a_thread_that_has_run_keeps_its_own_count_when_another_changes_theirs():
+    """What the engine relies on: the verify worker keeps its one thread while the draft, on the calling
+    thread, runs with more (OpenMP's count is per thread once it has run an operation)."""
+    import threading
+
+    import torch
+
+    before, seen = torch.get_num_threads(), {}
+    started, switched = threading.Event(), threading.Event()
+
+    def worker():
+        torch.ones(64).add_(1)  # the first operation fixes this thread's count
+        seen["first"] = torch.get_num_threads()
+        started.set()
+        switched.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    torch.set_num_threads(1)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        started.wait(10)
+        with cores.compute_threads(2):
+            switched.set()
+            thread.join(10)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"first": 1, "after": 1}
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2", "many"])
 def test_bad_thread_counts_are_named(bad):
     with pytest.raises(ValueError, match="threads="):
         cores.check_threads(bad)
+    with pytest.raises(ValueError, match=r"^draft_threads=.*: expected an int >= 1 or 'auto'$"):
+        cores.check_threads(bad, "draft_threads", none=False)
+    with pytest.raises(ValueError, match="draft_threads=None"):
+        cores.check_threads(None, "draft_threads", none=False)
 
 
 @pytest.mark.parametrize("text, want", [("auto", "auto"), (" AUTO ", "auto"), ("1", 1), ("12", 12)])

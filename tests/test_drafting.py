@@ -589,7 +589,7 @@ def test_provisional_drafting_grows_an_interior_alternative_and_the_next_tree_st
     from llmcad.speculative.pipeline import ComputeGate, VerifyWorker, bonus_subtree
 
     policy = calibrated_policy(8.0, 0.02)
-    monkeypatch.setattr(policy, "rows", lambda values: 1)
+    monkeypatch.setattr(policy, "rows", lambda values, during_pass=False: 1)
     drafter = SimulatedDraftDrafter([0.6, 0.2, 0.1, 0.05])
     tree = DraftTree.rooted(9)
     a = tree.add(0, 0, 0.55, 0.55)

@@ -172,6 +172,32 @@ def test_quantized_linear_matches_dequantized_weight(scheme, group, dtype):
             assert (got.float() - want).abs().max() < tol * want.abs().max(), (rows, packed_once)
 
 
+@pytest.mark.parametrize("n, k, group", [(48, 128, 32), (16, 64, 64), (96, 256, 128)])
+def test_packed_int4_interleaves_scales_and_zeros_once(monkeypatch, n, k, group):
+    """pack() lays an int4 layer's scales and zeros out as its kernels take them (two views of one
+    tensor: the same bytes), so a forward builds nothing; the output is the unpacked layer's, bit for bit,
+    and a layer whose views were replaced builds the operand again."""
+    from llmcad.streaming.budget import module_bytes
+
+    torch.manual_seed(4)
+    packed = quant.quantize_int4(torch.randn(n, k), group, torch.float32)
+    layer = QuantizedLinear(k, n, bias=False, scheme="int4", group_size=group, dtype=torch.float32, device="cpu")
+    for name, t in packed.items():
+        getattr(layer, name).data = t
+    x = torch.randn(7, k)
+    want, before = layer(x), module_bytes(layer)
+    layer.pack()
+    assert torch.equal(layer.scales, packed["scales"]) and torch.equal(layer.zeros, packed["zeros"])
+    assert layer.scales.untyped_storage().data_ptr() == layer.zeros.untyped_storage().data_ptr()
+    assert module_bytes(layer) == before - packed["qweight"].numel() + layer.qweight.numel()
+    stack = torch.stack
+    calls = []
+    monkeypatch.setattr(torch, "stack", lambda *a, **kw: calls.append(1) or stack(*a, **kw))
+    assert torch.equal(layer(x), want) and not calls
+    layer.scales.data = layer.scales.data.clone()  # no longer a view: the operand is built again
+    assert torch.equal(layer(x), want) and calls
+
+
 @pytest.mark.parametrize("scheme,group", SCHEMES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quantized_linear_rows_do_not_change_each_others_rounding(scheme, group, threads):

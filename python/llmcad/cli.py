@@ -115,6 +115,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default="auto", metavar="N|auto", help="torch's compute threads "
                    "(default: auto: torch's, one per physical core, less the cores other processes keep busy "
                    "while the models load; OMP_NUM_THREADS, where set, fixes it)")
+    p.add_argument("--draft-threads", default="auto", metavar="N|auto", help="the draft's compute threads when it "
+                   "drafts alone, no target pass in flight (default: auto: every core other processes leave free, "
+                   "at least --threads)")
     t = p.add_argument_group("policy (each for the modes named)")
     t.add_argument("--max-tree-tokens", type=int, default=None, help="tree size limit, root included "
                    "(llmcad, tree; default: llmcad sizes it to the device, tree 32, llmcad --alpha-rule paper 32)")
@@ -227,6 +230,7 @@ def check_model_arguments(args) -> None:
         resolve_budget(args.memory_budget)
     check_bandwidth_cap(bandwidth_cap(args), "--bandwidth-cap")
     args.threads = parse_threads(args.threads, "--threads")
+    args.draft_threads = parse_threads(getattr(args, "draft_threads", "auto"), "--draft-threads")
     resolve_device(args.device)
     resolve_dtype(args.dtype)
 
@@ -295,6 +299,7 @@ def open_engine(args):
                                     prefix_cache=getattr(args, "prompt_cache", True),
                                     draft_vocab=getattr(args, "draft_vocab", None),
                                     draft_head=getattr(args, "draft_head", "auto"), threads=args.threads,
+                                    draft_threads=getattr(args, "draft_threads", "auto"),
                                     **options)
     engine.draft_beside_compute = getattr(args, "draft_beside_compute", True)
     engine.prefill_beside = getattr(args, "prefill_beside", None)

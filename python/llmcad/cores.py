@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 
 import psutil
 import torch
@@ -71,11 +72,17 @@ def threads_for_load(others: float | None, current: int) -> int:
     return max(1, min(current, usable_cores() - busy_cores(others)))
 
 
-def set_threads(threads, load: CpuLoad | None) -> dict:
+def set_threads(threads, load: CpuLoad | None, draft_threads="auto") -> dict:
     """Apply ``threads`` (an int >= 1; "auto": fewer than torch's where other processes keep cores busy,
-    unless OMP_NUM_THREADS fixes the count; None: torch's as it is) and say what was chosen on what."""
-    others = load.others() if load is not None and threads == "auto" else None
-    if threads == "auto" and not os.environ.get("OMP_NUM_THREADS"):
+    unless OMP_NUM_THREADS fixes the count; None: torch's as it is) and say what was chosen on what.
+
+    ``draft_threads``: the draft's threads when it drafts alone, no target pass in flight (an int >= 1;
+    "auto": every usable core other processes leave free, at least ``threads``, unless OMP_NUM_THREADS
+    or ``threads=None`` fixes the count); reported as ``draft_alone``, applied by :func:`compute_threads`."""
+    measure = load is not None and "auto" in (threads, draft_threads)
+    others = load.others() if measure else None
+    fixed = bool(os.environ.get("OMP_NUM_THREADS"))
+    if threads == "auto" and not fixed:
         torch.set_num_threads(threads_for_load(others, torch.get_num_threads()))
         source = "auto"
     elif isinstance(threads, int) and not isinstance(threads, bool):
@@ -83,16 +90,41 @@ def set_threads(threads, load: CpuLoad | None) -> dict:
         source = "given"
     else:
         source = "OMP_NUM_THREADS" if threads == "auto" else "torch's"
-    return {"threads": torch.get_num_threads(), "chosen": source, "usable_cores": usable_cores(),
-            "other_load_cores": None if others is None else round(others, 2), "busy_cores": busy_cores(others)}
+    chosen = torch.get_num_threads()
+    if isinstance(draft_threads, int) and not isinstance(draft_threads, bool):
+        alone = draft_threads
+    elif draft_threads == "auto" and not fixed and threads is not None:
+        alone = max(chosen, usable_cores() - busy_cores(others))
+    else:
+        alone = chosen
+    mine = others if threads == "auto" else None  # the load as the count was chosen on it
+    return {"threads": chosen, "chosen": source, "usable_cores": usable_cores(),
+            "other_load_cores": None if mine is None else round(mine, 2), "busy_cores": busy_cores(mine),
+            "draft_alone": alone}
 
 
-def check_threads(threads) -> None:
-    """ValueError naming ``threads`` unless it is an int >= 1, "auto" or None."""
-    if threads is None or threads == "auto":
+@contextmanager
+def compute_threads(n: int):
+    """torch's compute threads set to ``n`` for the block, then back. Per calling thread: OpenMP keeps
+    a count for each thread that has run an operation, so a worker already running passes keeps its own."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_threads(threads, name: str = "threads", none: bool = True) -> None:
+    """ValueError naming ``name`` unless ``threads`` is an int >= 1, "auto" or (``none``) None."""
+    if (none and threads is None) or threads == "auto":
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r}: expected an int >= 1, 'auto' or None")
+        accepted = "an int >= 1, 'auto' or None" if none else "an int >= 1 or 'auto'"
+        raise ValueError(f"{name}={threads!r}: expected {accepted}")
 
 
 def parse_threads(text, name: str = "--threads"):

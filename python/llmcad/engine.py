@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llmcad import memory
-from llmcad.cores import CpuLoad, check_threads, set_threads, usable_cores
+from llmcad.cores import CpuLoad, check_threads, compute_threads, set_threads, usable_cores
 from llmcad.speculative import kv
 from llmcad.speculative.draft import DraftTree, TreeDrafter
 from llmcad.errors import BudgetError, EngineBusyError, EngineClosedError, OutputError, PromptError
@@ -124,7 +124,8 @@ class LLMCad:
     def from_pretrained(cls, draft=None, target=None, *, mode="llmcad", memory_budget=None, device="cpu", dtype=None,
                         pipeline=None, prefetch=True, max_provisional_tokens=DEFAULT_MAX_PROVISIONAL_TOKENS,
                         streamer_options=None, mmap=False, trust_remote_code=False, prefix_cache=True,
-                        draft_vocab=None, draft_head="auto", threads="auto", **policy_options) -> "LLMCad":
+                        draft_vocab=None, draft_head="auto", threads="auto", draft_threads="auto",
+                        **policy_options) -> "LLMCad":
         """Load a draft/target pair: local HF directories, names ``llmcad models`` lists, or hub ids;
         with neither, the demo pair (fetched and prepared on first use; its draft packed as int4 unless
         ``dtype`` is float32).
@@ -150,7 +151,10 @@ class LLMCad:
         a cheaper draft forward, the same output. ``threads``: torch's compute threads
         (process-wide): an int; "auto" (the default) measures the load other processes put on the cores
         while the models load and leaves fewer threads than torch's default where they keep cores busy
-        (llmcad.cores), unless OMP_NUM_THREADS is set; None leaves torch's count as it is.
+        (llmcad.cores), unless OMP_NUM_THREADS is set; None leaves torch's count as it is. They run the
+        target's passes and the draft's steps beside them. ``draft_threads``: the draft's threads when it
+        drafts alone, between passes with none in flight: an int, or "auto" (the default): every usable
+        core other processes leave free, at least ``threads`` (OMP_NUM_THREADS or ``threads=None`` fix it).
         """
         policy = make_policy(mode, **policy_options)  # fail on a bad option before loading anything
         parse_draft_vocab(draft_vocab)
@@ -161,6 +165,7 @@ class LLMCad:
         resolve_device(device)
         resolve_dtype(dtype)
         check_threads(threads)
+        check_threads(draft_threads, "draft_threads", none=False)
         if streamer_options and memory_budget is None:
             raise ValueError("streamer_options need a memory_budget (without one the target is resident)")
         if streamer_options:
@@ -177,7 +182,7 @@ class LLMCad:
                      max_provisional_tokens=max_provisional_tokens, prefix_cache=prefix_cache,
                      runtime_floor=pair.runtime_floor, budget_source=pair.budget_source,
                      draft_vocab_ids=pair.draft_vocab)
-        engine.cpu_threads = set_threads(threads, load)
+        engine.cpu_threads = set_threads(threads, load, draft_threads)
         return engine
 
     def close(self) -> None:
@@ -472,7 +477,7 @@ class _Run:
         """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""
         policy, output = self.policy, self.output
         t_draft = time.perf_counter()
-        with self.record.timed("draft"):
+        with self.record.timed("draft"), self._drafting_alone():
             tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room())
                     if self.drafter else DraftTree.rooted(root))
         draft_s = time.perf_counter() - t_draft
@@ -512,6 +517,12 @@ class _Run:
                 self.record.record_provisional(len(provisional), reused, len(provisional) - reused)
         policy.observe(verified, accepted)
         return bonus
+
+    def _drafting_alone(self):
+        """The draft's threads while it drafts with no pass in flight (the prompt's pass beside it is one)."""
+        if self.drafter is None or self._prefill is not None:
+            return nullcontext()
+        return compute_threads(self.engine.cpu_threads.get("draft_alone", torch.get_num_threads()))
 
     def _seed(self, tree, accepted, bonus: int, provisional: list, n: int) -> list:
         """Nodes of this round's tree that start the next one (see llmcad.speculative.pipeline)."""

@@ -159,7 +159,9 @@ def threads_line(threads: dict) -> str:
     """torch's compute threads, how they were chosen, and the other processes' load they were chosen on."""
     load = threads.get("other_load_cores")
     measured = f"; other processes used {load:.2f} cores while the models loaded" if load is not None else ""
-    return f"{threads.get('threads')} of {threads.get('usable_cores')} cores ({threads.get('chosen')}){measured}"
+    alone = threads.get("draft_alone")
+    alone = f", the draft alone {alone}" if alone not in (None, threads.get("threads")) else ""
+    return f"{threads.get('threads')} of {threads.get('usable_cores')} cores ({threads.get('chosen')}){alone}{measured}"
 
 
 def summary(stats: dict, load_s: float | None = None) -> str:

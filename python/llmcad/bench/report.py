@@ -26,6 +26,15 @@ def _head_text(scheme) -> str:
     return f", draft head {scheme}" if scheme else ""
 
 
+def _threads_text(threads) -> str:
+    """torch's threads of the pass (and the draft beside it), and the draft's alone where they differ."""
+    if not threads:
+        return ""
+    alone = threads.get("draft_alone")
+    return f", threads {threads.get('threads')}" + (f" (draft alone {alone})" if alone not in (None, threads.get("threads"))
+                                                   else "")
+
+
 def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     """The metrics of one row from its raw record; ratio and agreement are filled by :func:`compare`."""
     row = {k: raw.get(k) for k in ("name", "setting", "workload", "options", "quantize", "placement", "evictor",
@@ -38,7 +47,8 @@ def summarize(raw: dict, bandwidth_bps: float | None) -> dict:
     row.update(generated_tokens=generated, target_passes=passes, seconds=seconds, bytes_read=bytes_read,
                bytes_source=raw.get("bytes_source"), draft_steps=raw.get("draft_steps"),
                io_read_bytes=raw.get("io_read_bytes"), time_split_s=raw.get("time_split_s"),
-               beside_compute=raw.get("beside_compute"), draft_head=raw.get("draft_head"))
+               beside_compute=raw.get("beside_compute"), draft_head=raw.get("draft_head"),
+               cpu_threads=raw.get("cpu_threads"))
     row["tokens_per_s"] = generated / seconds if generated and seconds > 0 else None
     row["tokens_per_pass"] = generated / passes if generated and passes else None
     split, tree_tokens = raw.get("time_split_s") or {}, raw.get("tree_tokens")
@@ -262,7 +272,8 @@ def _notes(report: dict, several: bool = False) -> list:
         if split:
             out.append(f"- time of {r['name']} ({r['setting']}): draft {split['draft']:.1f} s, target "
                        f"{split['target']:.1f} s, other {split['other']:.1f} s, draft steps {r.get('draft_steps')}"
-                       f"{_head_text(r.get('draft_head'))}{beside_text(r.get('beside_compute'))}")
+                       f"{_head_text(r.get('draft_head'))}{_threads_text(r.get('cpu_threads'))}"
+                       f"{beside_text(r.get('beside_compute'))}")
     for setting, sweep in report.get("chain_sweep", {}).items():
         out += _sweep_lines(setting, sweep, report, several)
     return out

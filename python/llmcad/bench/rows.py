@@ -100,6 +100,7 @@ def _timed_prompts(runner, job: dict) -> dict:
     beside = per_prompt[-1].get("beside_compute") if per_prompt else None
     return {**totals, "tokens": tokens, "per_prompt": per_prompt, "time_split_s": _time_split(per_prompt),
             "beside_compute": beside, "draft_head": per_prompt[-1].get("draft_head") if per_prompt else None,
+            "cpu_threads": per_prompt[-1].get("cpu_threads") if per_prompt else None,
             "peak_rss_bytes": peak_rss_bytes(), "placement": runner.placement(), "bytes_source": runner.bytes_source,
             "evictor": None if kernel else evictor.report()}
 
@@ -206,6 +207,7 @@ class EngineRow:
                                         "target_pass_model_s", "draft_model_s") if k in s},
             "time_s": s.get("time_s"), "accept_lengths": [p.get("emitted") for p in result.trace],
             "beside_compute": s.get("draft_beside_compute"), "draft_head": s.get("draft_head"),
+            "cpu_threads": s.get("cpu_threads"),
             **_first_pass(result)}
 
     def _bytes(self) -> int:

@@ -152,6 +152,7 @@ class TreeDrafter:
         self.steps = 0  # draft forwards, all rounds
         self.tracer = None  # llmcad.trace.Tracer: one "draft" span per forward
         self.step_ema_s = None  # typical one-token draft forward, seconds (moving average; the pipeline)
+        self.pass_step_ema_s = None  # the same, of provisional forwards during a pass's reads
         self._ran = 0  # tree nodes run this round
         self._seed = None  # (tree, nodes run) kept from the last round's provisional drafting
         self._branch_threshold = None  # the current policy's (grow sets it)
@@ -160,6 +161,12 @@ class TreeDrafter:
         # pipeline grows them while the target reads: the target's bonus token may be one of them)
         self.spare = {}
         self._kv_room = 1 << 30  # draft KV positions this round may still add beyond pending (grow sets it)
+
+    @property
+    def step_during_pass_s(self):
+        """A typical draft forward during a pass's reads (its threads may be fewer than the draft alone's):
+        measured ones, else any (None before the first)."""
+        return self.pass_step_ema_s if self.pass_step_ema_s is not None else self.step_ema_s
 
     @property
     def committed_length(self) -> int:
@@ -412,10 +419,12 @@ class TreeDrafter:
         self._ran += len(nodes)
         self._kv_room -= len(nodes)
         self.steps += 1
-        seconds = time.perf_counter() - t0
+        seconds, during_pass = time.perf_counter() - t0, name == "provisional"
         self.step_ema_s = ema(self.step_ema_s, seconds)
+        if during_pass:
+            self.pass_step_ema_s = ema(self.pass_step_ema_s, seconds)
         if policy is not None:
-            policy.observe_draft(len(nodes), seconds)
+            policy.observe_draft(len(nodes), seconds, during_pass)
         if self.tracer is not None:
             self.tracer.add("draft", name, t0, time.perf_counter(), rows=len(nodes),
                             depth=max(tree.depth[u] for u in nodes))

@@ -378,7 +378,7 @@ class VerifyWorker:
         gate = self.gate
         if gate.lockstep or gate.verifications == 0:
             return True
-        wait, step = gate.io_wait_ema_s, self.drafter.step_ema_s
+        wait, step = gate.io_wait_ema_s, self.drafter.step_during_pass_s
         return wait is not None and (step is None or wait >= step)
 
     def _run(self, tokens, parents) -> torch.Tensor:
@@ -394,7 +394,7 @@ class VerifyWorker:
         nodes = []
         node = main_path(tree)[-1]
         while len(nodes) < max_provisional and self.gate.draft_turn():
-            if not self.gate.lockstep and (self.layer_ready() or not self.gate.step_fits(self.drafter.step_ema_s)):
+            if not self.gate.lockstep and (self.layer_ready() or not self.gate.step_fits(self.drafter.step_during_pass_s)):
                 self.gate.draft_yield()  # the read finished, or will before a step would: target first
                 continue
             try:
@@ -412,13 +412,14 @@ class VerifyWorker:
         weigh_unverified(tree, n, policy)
         while len(tree) - start < max_provisional and gate.draft_turn():
             ranked = provisional_candidates(tree, n, self.drafter.spare, policy, max_depth)
-            rows = ranked[:self.drafter.row_room(policy.rows([value for value, _ in ranked]))]
+            values = [value for value, _ in ranked]
+            rows = ranked[:self.drafter.row_room(policy.rows(values, during_pass=True))]
             if not rows:
                 gate.draft_step_done()
                 break
             beside = self._steps_beside(rows)
             if not gate.lockstep and not beside and (not self._io_steps or not gate.io_waiting() or self.layer_ready()
-                                                      or not gate.step_fits(policy.draft_cost(len(rows)))):
+                                                      or not gate.step_fits(policy.draft_cost_during_pass(len(rows)))):
                 gate.draft_yield()
                 continue
             t0, overlap = time.perf_counter(), 0.0
@@ -430,7 +431,7 @@ class VerifyWorker:
             finally:
                 overlap = gate.draft_step_done()
             if beside and overlap >= gate.BESIDE_SHARE:
-                self.beside.observe_step(time.perf_counter() - t0, policy.draft_cost(len(rows)))
+                self.beside.observe_step(time.perf_counter() - t0, policy.draft_cost_during_pass(len(rows)))
         return list(range(start, len(tree)))
 
     def _steps_beside(self, rows) -> bool:

@@ -57,8 +57,9 @@ class Policy:
         """A target pass over ``tree_tokens`` nodes (and ``pending`` prompt tokens) took ``seconds``, of
         which it sat ``io_wait_s`` blocked on weight reads and ``draft_wait_s`` on a draft step."""
 
-    def observe_draft(self, rows: int, seconds: float) -> None:
-        """A draft forward of ``rows`` tree nodes took ``seconds``."""
+    def observe_draft(self, rows: int, seconds: float, during_pass: bool = False) -> None:
+        """A draft forward of ``rows`` tree nodes took ``seconds``; ``during_pass``: while a target pass
+        waited on its reads (provisional drafting, on the threads the draft shares with the pass)."""
 
     def report(self) -> dict:
         """Sizes the policy chose while generating (merged into the stats)."""
@@ -189,7 +190,8 @@ class LLMCadPolicy(Policy):
         self.calibration.reset()
         self.lookup_calibration.reset()
         # priors: a 1-row draft forward 50 ms + 2 ms a row; a target pass's compute 1 s + 20 ms a token
-        self.draft_cost = LinearCost(0.05, 0.002)
+        self.draft_cost = LinearCost(0.05, 0.002)  # the draft alone, between passes
+        self.pass_draft_cost = LinearCost(0.05, 0.002)  # during a pass's reads (fewer threads)
         self.target_cost = LinearCost(1.0, 0.02)  # compute (with no read waits: the pass)
         self.io_bound_s = None  # length of a pass bound by its reads (moving average); None: none seen
         self.child_mass = 0.8  # calibrated acceptance summed over an expanded node's children (average)
@@ -257,9 +259,10 @@ class LLMCadPolicy(Policy):
         """
         if self.target_cost.observations < 2:
             return None
-        p, n, draft = prompt_tokens, self.tree_tokens, self.draft_cost(prompt_tokens)
-        apart = max(draft, self.pass_seconds(p)) + self.pass_seconds(n)
-        return apart < draft + self.pass_seconds(p + n)
+        p, n = prompt_tokens, self.tree_tokens
+        beside = self.draft_cost_during_pass(p)  # on the threads it shares with the prompt's pass
+        apart = max(beside, self.pass_seconds(p)) + self.pass_seconds(n)
+        return apart < self.draft_cost(p) + self.pass_seconds(p + n)
 
     @property
     def max_depth(self) -> int:
@@ -279,13 +282,15 @@ class LLMCadPolicy(Policy):
             accept = max(accept, self.lookup_calibration(lookup))
         return parent_value * accept
 
-    def rows(self, values) -> int:
+    def rows(self, values, during_pass: bool = False) -> int:
         """How many of the unexpanded nodes of ``values`` (path values, best first) to expand in the next
-        draft forward: the count with the most expected gain per second of draft forward."""
+        draft forward: the count with the most expected gain per second of draft forward (``during_pass``:
+        of one during a pass's reads)."""
+        cost = self.draft_cost_during_pass if during_pass else self.draft_cost
         best, best_rate, gain = 0, 0.0, 0.0
         for b, v in enumerate(values[:self.MAX_ROWS], start=1):
             gain += v
-            rate = gain / self.draft_cost(b)
+            rate = gain / cost(b)
             if rate > best_rate:
                 best, best_rate = b, rate
         return best
@@ -327,9 +332,15 @@ class LLMCadPolicy(Policy):
         """``mass``: calibrated acceptance summed over the top tokens of one expanded node."""
         self.child_mass = 0.9 * self.child_mass + 0.1 * min(1.0, mass)
 
-    def observe_draft(self, rows: int, seconds: float) -> None:
-        self.draft_cost.observe(rows, seconds)
+    def observe_draft(self, rows: int, seconds: float, during_pass: bool = False) -> None:
+        (self.pass_draft_cost if during_pass else self.draft_cost).observe(rows, seconds)
         self.sizes["draft_rows"].append(rows)
+
+    def draft_cost_during_pass(self, rows: int) -> float:
+        """Seconds of a draft forward of ``rows`` during a pass's reads: measured ones, else the draft
+        alone's (the same threads until the engine gives the draft more when it drafts alone)."""
+        cost = self.pass_draft_cost if self.pass_draft_cost.observations else self.draft_cost
+        return cost(rows)
 
     def observe_pass(self, tree_tokens: int, seconds: float, pending: int = 0, io_wait_s: float = 0.0,
                      draft_wait_s: float = 0.0) -> None:
@@ -388,7 +399,7 @@ class LLMCadPolicy(Policy):
                                         "prefill_passes_left_out": self.prefill_passes,
                                         "probe_per_token": (statistics.median(self.probes)
                                                             if self.probes else None)},
-                "draft_model_s": draft,
+                "draft_model_s": draft, "draft_during_pass_model_s": self.pass_draft_cost.describe(),
                 "floor_tree_tokens": self.floor_tree_tokens, "floor_draft_steps": self.floor_steps,
                 "unverified_nodes": self.unverified_nodes,
                 "prompt_lookup": self.prompt_lookup,

@@ -65,9 +65,15 @@ class QuantizedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}"
 
     def pack(self) -> None:
-        """Convert qweight to the kernel's layout once (resident layers; idempotent)."""
+        """Convert qweight to the kernel's layout once (resident layers; idempotent). int4's scales and
+        zeros become two views of the interleaved operand its kernels take (the same bytes), which every
+        forward would otherwise build anew."""
         if not self.kernel_layout:
             self._parameters["qweight"] = torch.nn.Parameter(self._kernel_weight(), requires_grad=False)
+            if self.scheme == "int4":
+                both = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2]
+                self._parameters["scales"] = torch.nn.Parameter(both[..., 0].t(), requires_grad=False)
+                self._parameters["zeros"] = torch.nn.Parameter(both[..., 1].t(), requires_grad=False)
             self.kernel_layout = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +98,19 @@ class QuantizedLinear(torch.nn.Module):
             return int8_cpu_mm(x, self.qweight, self.scales)
         return torch.nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scales
 
+    def _scale_zeros(self) -> torch.Tensor:
+        """Scales and zeros interleaved, [K/g, N, 2], as the int4 kernels take them: a view where
+        :meth:`pack` laid them out so, else a copy (streamed layers)."""
+        scales, zeros = self.scales, self.zeros
+        n, groups = scales.shape
+        if (scales.stride() == (2, 2 * n) and zeros.stride() == scales.stride() and zeros.dtype == scales.dtype
+                and zeros.data_ptr() == scales.data_ptr() + scales.element_size()):
+            return scales.as_strided((groups, n, 2), (2 * n, 2, 1))
+        return torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._kernel_weight()
-        scale_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2]
+        scale_zeros = self._scale_zeros()
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, self.group_size, scale_zeros)
         y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), weight, self.group_size,
