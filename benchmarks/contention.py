@@ -5,7 +5,7 @@ equal the quiet run's.
 
     PYTHONPATH=python python benchmarks/contention.py --draft D --target T [--prompts 0:2] \
         [--max-new-tokens 64] [--modes llmcad,chain] [--threads auto,2] [--memory-budget none] \
-        [--busy-core 0] [--out benchmarks/results/contention.json]
+        [--bandwidth-cap RATE] [--busy-core 0] [--out benchmarks/results/contention.json]
 
 The runs of one prompt alternate quiet and busy, so a drift of the machine falls on both. Each figure
 is a ratio within this command: busy against quiet for one row (a mode at one --threads setting),
@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget", default="none", help="the runs' --memory-budget (default: none, so that "
                    "compute, which the busy core slows, is what a pass costs)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--bandwidth-cap", default=None, metavar="RATE", help="with a --memory-budget: the streamer "
+                   "caps its own reads at RATE, e.g. 1.4GB/s (emulated by llmcad, the same for every mode; default: "
+                   "uncapped)")
     p.add_argument("--threads", default="auto", help="comma-separated --threads settings, each a row per mode "
                    "(default: auto, llmcad's default: torch's less the cores other processes keep busy)")
     p.add_argument("--busy-core", type=int, default=0, help="the core the CPU-bound process is pinned to")
@@ -53,6 +56,7 @@ def busy_core(core: int):
 def options(args, mode: str, threads: str) -> list:
     out = ["--draft", args.draft, "--target", args.target, "--max-new-tokens", str(args.max_new_tokens),
            "--mode", mode, "--memory-budget", args.memory_budget, "--threads", threads]
+    out += ["--bandwidth-cap", args.bandwidth_cap] if args.bandwidth_cap else []
     return out + (["--dtype", args.dtype] if args.dtype else [])
 
 
