@@ -155,12 +155,18 @@ def policy_line(stats: dict) -> str:
             f"{fitted}){lookup}")
 
 
+def draft_alone_differs(threads: dict):
+    """The draft's threads when it drafts alone, where they differ from the pass's (else None)."""
+    alone = threads.get("draft_alone")
+    return alone if alone not in (None, threads.get("threads")) else None
+
+
 def threads_line(threads: dict) -> str:
     """torch's compute threads, how they were chosen, and the other processes' load they were chosen on."""
     load = threads.get("other_load_cores")
     measured = f"; other processes used {load:.2f} cores while the models loaded" if load is not None else ""
-    alone = threads.get("draft_alone")
-    alone = f", the draft alone {alone}" if alone not in (None, threads.get("threads")) else ""
+    alone = draft_alone_differs(threads)
+    alone = f", the draft alone {alone}" if alone is not None else ""
     return f"{threads.get('threads')} of {threads.get('usable_cores')} cores ({threads.get('chosen')}){alone}{measured}"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import platform
 
-from llmcad.stats import beside_text, reuse_fraction
+from llmcad.stats import beside_text, draft_alone_differs, reuse_fraction
 
 BASELINE = "target-only"
 JSON_KEYS = ("name", "setting", "tokens_per_s", "ratio_vs_target_only", "tokens_per_pass", "bytes_per_token",
@@ -30,9 +30,8 @@ def _threads_text(threads) -> str:
     """torch's threads of the pass (and the draft beside it), and the draft's alone where they differ."""
     if not threads:
         return ""
-    alone = threads.get("draft_alone")
-    return f", threads {threads.get('threads')}" + (f" (draft alone {alone})" if alone not in (None, threads.get("threads"))
-                                                   else "")
+    alone = draft_alone_differs(threads)
+    return f", threads {threads.get('threads')}" + (f" (draft alone {alone})" if alone is not None else "")
 
 
 def summarize(raw: dict, bandwidth_bps: float | None) -> dict:

@@ -71,7 +71,7 @@ class QuantizedLinear(torch.nn.Module):
         if not self.kernel_layout:
             self._parameters["qweight"] = torch.nn.Parameter(self._kernel_weight(), requires_grad=False)
             if self.scheme == "int4":
-                both = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2]
+                both = self._scale_zeros()  # a fresh [K/g, N, 2] copy: not laid out so yet
                 self._parameters["scales"] = torch.nn.Parameter(both[..., 0].t(), requires_grad=False)
                 self._parameters["zeros"] = torch.nn.Parameter(both[..., 1].t(), requires_grad=False)
             self.kernel_layout = True
