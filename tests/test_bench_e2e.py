@@ -215,6 +215,15 @@ def test_a_resident_target_has_no_io_floor():
     assert bench_report.summarize(raw, bandwidth_bps=1e9)["floor_ratio"] == 1.0
 
 
+def test_a_peer_that_holds_its_weights_has_no_io_floor():
+    # llama.cpp's mmap: 86 KB of page faults over 10 tokens in 2 s, against 1 GB/s
+    raw = {"name": "llama.cpp", "setting": "s", "generated": 10, "seconds": 2.0, "passes": 10, "bytes_read": 86_016}
+    row = bench_report.summarize(raw, bandwidth_bps=1e9)
+    assert row["floor_ratio"] is None and row["floor_s_per_token"] is None
+    raw["bytes_read"] = 300_000_000  # 30 MB a token: 0.03 s of 0.2, 15% of its time
+    assert bench_report.summarize(raw, bandwidth_bps=1e9)["floor_ratio"] == pytest.approx(0.2 / 0.03)
+
+
 def _finished_run(out: Path, command: str, commands=None) -> None:
     """An e2e.json as an earlier run wrote it: int4 rows with no ratio or agreement filled in."""
     def row(name, tokens, seconds):
