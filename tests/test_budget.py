@@ -5,7 +5,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from llmcad.streaming.budget import kv_cache_bytes, module_bytes, parse_size, plan_placement, streamer_memory_bytes
+from llmcad.streaming.budget import (
+    kv_cache_bytes,
+    module_bytes,
+    parse_size,
+    plan_placement,
+    spread_layers,
+    streamer_memory_bytes,
+)
 from llmcad.errors import BudgetError
 from llmcad.speculative.forward import cache_kwargs
 from llmcad.streaming.weights import load_index
@@ -63,13 +70,14 @@ def test_too_small_budget_says_how_much_is_needed(index):
     assert p.accounting["total"] == need and p.accounting["spare"] == 0
 
 
-def test_spare_budget_pins_leading_layers(index):
+def test_spare_budget_pins_layers_spread_among_the_streamed(index):
     need = _minimum(index)
     previous = -1
     for extra in range(0, 4 * index.layer_bytes(0) + 1, index.layer_bytes(0) // 3):
         p = plan_placement(index, memory_budget=need + extra)
         k = len(p.resident_layers)
-        assert p.resident_layers == list(range(k)) and p.streamed_layers == list(range(k, 4))
+        assert p.resident_layers == spread_layers(k, 4)
+        assert p.streamed_layers == [i for i in range(4) if i not in p.resident_layers]
         assert k >= previous  # more budget never streams more
         assert p.accounting["total"] <= need + extra
         previous = k
@@ -78,7 +86,7 @@ def test_spare_budget_pins_leading_layers(index):
 
 def test_max_resident_layers_and_buffer_count(index):
     p = plan_placement(index, memory_budget="1GiB", max_resident_layers=1, num_buffers=4)
-    assert p.resident_layers == [0] and p.num_buffers == 4
+    assert p.resident_layers == [2] and p.num_buffers == 4
     assert p.accounting["streamer_buffers"] == streamer_memory_bytes(p.buffer_bytes, 4, 1)
 
 
@@ -220,3 +228,21 @@ def test_the_floor_and_the_least_pass_are_in_the_least_plan(index):
     roomy = plan_placement(index, memory_budget="2GiB", runtime_floor=300 * MiB, work=work)
     assert roomy.pass_rows == PASS_ROWS[0] and roomy.accounting["pass_work"] == work(PASS_ROWS[0])
     assert roomy.accounting["runtime_floor"] == 300 * MiB and roomy.accounting["runtime_slack"] == RUNTIME_SLACK
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 7, 28, 37, 80])
+def test_spread_layers_never_pins_two_in_a_row_while_half_or_fewer_stay(num_layers):
+    """k distinct layers in range; up to half resident, each resident layer has a streamed one before it
+    (its compute hides behind that layer's successor's read) and the last layer read ends the pass
+    within one resident layer."""
+    for k in range(num_layers + 1):
+        resident = spread_layers(k, num_layers)
+        assert resident == sorted(set(resident)) and len(resident) == k
+        assert all(0 <= i < num_layers for i in resident)
+        streamed = [i for i in range(num_layers) if i not in resident]
+        if 0 < k <= num_layers // 2:
+            assert resident[0] > 0 and all(b - a >= 2 for a, b in zip(resident, resident[1:]))
+        if streamed:
+            assert sum(1 for i in resident if i > streamed[-1]) <= max(1, -(-k // len(streamed)))
+    with pytest.raises(ValueError, match="k=5"):
+        spread_layers(5, 4)

@@ -102,8 +102,9 @@ def test_llmcad_mode_is_lossless_while_drafting_provisionally(tiny_pair_dirs, ti
                          **options) as engine:
         s = _check_lossless(engine, tiny_models, tiny_tokenizer)
     assert s["mode"] == "llmcad" and s["prefetch"] is True and s["alpha_rule"] == alpha_rule
-    if lockstep:  # every verification that could draft did
-        assert s["provisional_drafted"] > 0
+    if lockstep:  # every verification that could draft did, none stopped early for the pass's end
+        assert s["provisional_drafted"] > 0 and s["provisional_steps_cut"] == 0
+    assert s["provisional_step_stretch"] > 0
     if draft_kind == "same" and alpha_rule == "paper":  # the draft's greedy path is the target's: provisional
         assert s["provisional_dropped"] == 0  # tokens on the main path are always reused
         assert s["provisional_drafted"] == 0 or s["provisional_reused"] > 0
@@ -296,6 +297,23 @@ def test_every_ablation_row_is_lossless(tiny_pair_dirs, tiny_models, tiny_tokeni
             s = generate(engine, ids, NEW_TOKENS).stats
             assert generate(engine, ids, NEW_TOKENS).tokens == want, options
         assert s["pipeline"] is (options.get("mode") == "llmcad" and options.get("pipeline", True))
+
+
+def test_gate_refuses_a_step_that_would_outlast_the_pass():
+    """The streamed layers not yet acquired, at the period measured between acquires, bound the next
+    draft step: one in flight when the pass ends would hold up the acceptance."""
+    gate = ComputeGate(layers=4)
+    gate.begin_verification()
+    assert gate.pass_fits(10.0)  # no period measured yet
+    gate.target_waits_for_io(ready=True)
+    time.sleep(0.02)
+    gate.target_waits_for_io(ready=True)  # two layers acquired, two to come, >= 20 ms apart
+    assert gate.pass_fits(0.01) and not gate.pass_fits(60.0)
+    gate.target_waits_for_io(ready=True)
+    gate.target_waits_for_io(ready=True)  # the last layer: nothing left to hide a step behind
+    assert not gate.pass_fits(1e-6)
+    gate.end_verification()
+    assert ComputeGate(lockstep=True, layers=4).pass_fits(60.0)  # tests' lockstep: every step runs
 
 
 def test_a_yielding_draft_wakes_for_the_next_io_wait():

@@ -264,3 +264,24 @@ def test_lazy_walk_equals_choosing_every_row(n, do_sample, values_follow_path):
     if n > 64 and values_follow_path and not do_sample:
         assert len(want[0]) > 3  # the walk went deep, yet the head ran on far fewer rows than the tree's
         assert head.rows < n // 2
+
+
+def test_lazy_walk_runs_the_head_once_on_every_likely_node(monkeypatch):
+    """Nodes whose path value is at least HEAD_ROW_VALUE join the first batch, however few tokens the tree
+    expects to accept: here the path's nodes rank below every other node, so a batch sized by the expected
+    length alone misses them and the walk needs more head batches."""
+    from llmcad.speculative.forward import RowLogits
+    from llmcad.speculative.verify import HEAD_ROW_VALUE, TargetChooser, choose_and_accept
+
+    logits, head, verified, path = _lazy_case(257, seed=5)
+    assert len(path) > 3
+    verified.value = [1.0] + [HEAD_ROW_VALUE if u in path else 0.05 for u in range(1, 257)]
+    batches = []
+    select = RowLogits.select
+    monkeypatch.setattr(RowLogits, "select", lambda self, rows: (batches.append(len(rows)), select(self, rows))[1])
+    chooser = TargetChooser()
+    want = tree.accept(verified.parents, verified.tokens, chooser.choose(logits.full()))
+    got = choose_and_accept(chooser, _HostVerifier(), logits, verified, list(range(257)))
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1]
+    assert batches == [257]

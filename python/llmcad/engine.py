@@ -477,7 +477,7 @@ class _Run:
         """Draft a tree at ``root``, verify it, emit and commit; returns the next root (the bonus)."""
         policy, output = self.policy, self.output
         t_draft = time.perf_counter()
-        with self.record.timed("draft"), self._drafting_alone():
+        with self.record.timed("draft"), self._alone():
             tree = (self.drafter.grow(root, policy, self._remaining() - 1, self._kv_room())
                     if self.drafter else DraftTree.rooted(root))
         draft_s = time.perf_counter() - t_draft
@@ -496,7 +496,7 @@ class _Run:
         verified = tree.head(n)
         # node u chooses the token at absolute position committed + depth(u): the key of its sampling noise
         committed = self.prompt_length + len(output.tokens)
-        with self._span("accept"):
+        with self._span("accept"), self._alone():
             # on CUDA the walk runs on the device; only the accepted ids and the bonus come back
             accepted, bonus = choose_and_accept(self.chooser, self.verifier, logits, verified,
                                                 [committed + d for d in verified.depth])
@@ -518,8 +518,9 @@ class _Run:
         policy.observe(verified, accepted)
         return bonus
 
-    def _drafting_alone(self):
-        """The draft's threads while it drafts with no pass in flight (the prompt's pass beside it is one)."""
+    def _alone(self):
+        """The threads of this thread's compute while nothing else computes: the draft's steps with no pass
+        in flight (the prompt's pass beside it is one) and the output head's rows after a pass."""
         if self.drafter is None or self._prefill is not None:
             return nullcontext()
         return compute_threads(self.engine.cpu_threads.get("draft_alone", torch.get_num_threads()))
@@ -591,6 +592,9 @@ class _Run:
                 "draft_head": getattr(self.engine.draft.get_output_embeddings(), "scheme", "float"),
                 "gate_wait_s": self.gate.target_wait_s if self.gate is not None else 0.0,
                 "pipelined_passes": self.worker.threaded_passes if self.worker is not None else 0,
+                # provisional drafting's stop before the pass ends: steps not taken, measured step stretch
+                "provisional_steps_cut": self.worker.steps_cut if self.worker is not None else 0,
+                "provisional_step_stretch": self.worker.step_stretch if self.worker is not None else None,
                 "draft_beside_compute": (self.engine.beside_rule.describe() if self.engine.draft_beside_compute
                                          else {"mode": "disabled"})}
 
@@ -755,12 +759,17 @@ def _check_streamer(streamer):
 
 
 def unhidden_compute_share(streamed) -> float:
-    """Share of a streamed target's pass compute its reads cannot hide: the resident layers' and output
-    head's, by bytes (compute follows the weights' size); 0 for a resident target."""
-    streamed_bytes = streamed.placement.bytes_per_pass if streamed is not None else 0
-    if streamed_bytes <= 0:
+    """Share of a streamed target's pass compute its reads cannot hide, by bytes (compute follows the
+    weights' size): the output head's and other non-layer tensors', and the resident layers' after the
+    last streamed one; a resident layer before it computes while the next streamed layer is read. 0 for
+    a resident target."""
+    placement = streamed.placement if streamed is not None else None
+    if placement is None or placement.bytes_per_pass <= 0:
         return 0.0
-    return streamed.resident_bytes / (streamed.resident_bytes + streamed_bytes)
+    last = max(placement.streamed_layers)
+    hidden = sum(streamed.index.layer_bytes(i) for i in placement.resident_layers if i < last)
+    unhidden = max(0, streamed.resident_bytes - hidden)
+    return unhidden / (streamed.resident_bytes + placement.bytes_per_pass)
 
 
 def _pipeline_options(policy, pipeline, prefetch, max_provisional_tokens):

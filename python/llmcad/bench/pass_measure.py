@@ -56,7 +56,8 @@ def measure(target, *, memory_budget=None, draft=None, tree_nodes=32, prefix_len
     return {"wall_s": wall, "io_s": io, "compute_s": compute, "overlap_ratio": wall / max(io, compute),
             "overlap_ratio_paired": paired, "walls_s": walls, "ios_s": ios, "computes_s": computes, "tree_nodes": tree_nodes,
             "prefix": prefix_len, "resident_layers": len(placement.resident_layers),
-            "streamed_layers": len(placement.streamed_layers), "bytes_per_pass": placement.bytes_per_pass,
+            "streamed_layers": len(placement.streamed_layers), "streamed_layer_ids": list(placement.streamed_layers),
+            "bytes_per_pass": placement.bytes_per_pass,
             "num_buffers": placement.num_buffers, "draft": str(draft) if draft is not None else None, "backend": stats.get("backend"), "direct": stats.get("direct"),
             "dtype": str(resident.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()}
 

@@ -35,7 +35,7 @@ def run_variants(args) -> int:
                              prefix_len=args.prefix, repeats=args.repeats, num_buffers=args.num_buffers,
                              backend=args.backend, dtype=args.dtype, seed=args.seed, bandwidth_cap=cap)
             result.update(variant=name, target=str(path), setting=setting, cap=cap, quantize=_scheme(path),
-                          layout_s=layout_seconds(path, result["resident_layers"]))
+                          layout_s=layout_seconds(path, result["streamed_layer_ids"]))
             result["bound"] = "io" if result["io_s"] >= result["compute_s"] + result["layout_s"] else "compute"
             records.append(result)
             print(f"  {setting} {name}: wall {result['wall_s']:.3f}s", file=sys.stderr, flush=True)
@@ -54,8 +54,9 @@ def add_ratios(records: list) -> None:
         r["speedup"] = b["wall_s"] / r["wall_s"]
 
 
-def layout_seconds(path, resident_layers: int) -> float:
-    """Seconds to convert the streamed layers' int4 weights to the CPU kernel's layout (0 otherwise)."""
+def layout_seconds(path, streamed_layers) -> float:
+    """Seconds to convert the int4 weights of ``streamed_layers`` (ids) to the CPU kernel's layout (0 for
+    other schemes)."""
     from safetensors import safe_open
 
     from llmcad.streaming.quantized import cpu_int4_layout
@@ -64,7 +65,7 @@ def layout_seconds(path, resident_layers: int) -> float:
         return 0.0
     index = load_index(path)
     total = 0.0
-    for i in range(resident_layers, index.num_layers):
+    for i in streamed_layers:
         for entry in index.layers[i]:
             if entry.name.endswith(".qweight"):
                 with safe_open(index.files[entry.file_index], framework="pt") as f:

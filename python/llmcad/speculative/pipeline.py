@@ -108,6 +108,8 @@ class ComputeGate:
         self._io_wait_since = 0.0  # when the current IO wait began (perf_counter)
         self._io_waits = 0  # IO waits handed to the draft so far (tells one wait from the next)
         self.io_wait_ema_s = None  # typical IO wait of the target (exponential moving average)
+        self.layer_period_ema_s = None  # typical seconds from one streamed layer's acquire to the next's
+        self._last_acquire = None  # perf_counter of this verification's last streamed layer acquire
         self.pass_io_wait_s = 0.0  # this verification's IO waits, seconds (the target blocked on reads)
         self.pass_draft_wait_s = 0.0  # this verification's waits for a draft step in flight, seconds
         self.verifications = 0
@@ -118,7 +120,7 @@ class ComputeGate:
             self._verifying = self._target_computing = True
             self._io_waiting = self._draft_computing = self._draft_stopped = False
             self.pass_io_wait_s = self.pass_draft_wait_s = 0.0
-            self.beside, self._layer, self._layer_start = beside, 0, None
+            self.beside, self._layer, self._layer_start, self._last_acquire = beside, 0, None, None
             self.pass_layers = {"alone": [], "beside": []}
             self._target_clock.start(time.perf_counter())
             self.verifications += 1
@@ -169,6 +171,14 @@ class ComputeGate:
             return True
         return time.perf_counter() - self._io_wait_since + step_s <= self.io_wait_ema_s
 
+    def pass_fits(self, step_s) -> bool:
+        """Whether a draft step of ``step_s`` seconds likely ends before this verification does: the
+        streamed layers not yet acquired, at their typical period, last at least that long (a step in
+        flight when the pass ends delays the acceptance that waits for it). True until a period is known."""
+        if self.lockstep or step_s is None or self.layer_period_ema_s is None or not self.layers:
+            return True
+        return (self.layers - self._layer) * self.layer_period_ema_s >= step_s
+
     def draft_yield(self) -> None:
         """Give this IO wait back (the awaited layer is ready, or a step would outlast the wait) and
         block until the next wait begins or the verification ends."""
@@ -197,7 +207,9 @@ class ComputeGate:
         with self._cond:
             now = time.perf_counter()
             self._file_layer(now)
-            self._layer += 1
+            if self._last_acquire is not None:
+                self.layer_period_ema_s = ema(self.layer_period_ema_s, now - self._last_acquire)
+            self._layer, self._last_acquire = self._layer + 1, now
             self._cond.notify_all()  # a probe's half-way mark may have passed
             if ready and not self.lockstep:
                 return False
@@ -312,6 +324,8 @@ class _ComputeSpan:
 class VerifyWorker:
     """The verification thread (one per generate call) and provisional drafting beside it."""
 
+    MAX_STRETCH = 10.0  # one odd step (a page fault, a preempted thread) moves step_stretch at most this far
+
     def __init__(self, verifier, drafter, gate: ComputeGate, layer_ready, tracer=None, abort=None, beside=None):
         self.verifier, self.drafter, self.gate, self.tracer = verifier, drafter, gate, tracer
         self.layer_ready = layer_ready  # () -> bool: the target's awaited layer has been read
@@ -319,6 +333,8 @@ class VerifyWorker:
         self.beside = beside  # llmcad.speculative.costs.BesideCompute: steps beside the target's compute
         self.threaded_passes = 0  # verifications run on the worker (the others ran inline)
         self._io_steps = True  # this verification's IO waits are worth draft steps (_worth_drafting)
+        self.step_stretch = 1.0  # provisional steps' seconds over what the draft's cost model predicted (EMA)
+        self.steps_cut = 0  # provisional steps not taken because the pass would end first
         self._pool = None
 
     def __enter__(self) -> "VerifyWorker":
@@ -394,6 +410,10 @@ class VerifyWorker:
         nodes = []
         node = main_path(tree)[-1]
         while len(nodes) < max_provisional and self.gate.draft_turn():
+            if not self.gate.pass_fits(self.drafter.step_during_pass_s):  # the pass ends first
+                self.gate.draft_step_done()
+                self.steps_cut += 1
+                break
             if not self.gate.lockstep and (self.layer_ready() or not self.gate.step_fits(self.drafter.step_during_pass_s)):
                 self.gate.draft_yield()  # the read finished, or will before a step would: target first
                 continue
@@ -417,9 +437,14 @@ class VerifyWorker:
             if not rows:
                 gate.draft_step_done()
                 break
+            predicted = policy.draft_cost_during_pass(len(rows))
+            if not gate.pass_fits(predicted * self.step_stretch):  # the pass ends first: acceptance would wait
+                gate.draft_step_done()
+                self.steps_cut += 1
+                break
             beside = self._steps_beside(rows)
             if not gate.lockstep and not beside and (not self._io_steps or not gate.io_waiting() or self.layer_ready()
-                                                      or not gate.step_fits(policy.draft_cost_during_pass(len(rows)))):
+                                                      or not gate.step_fits(predicted)):
                 gate.draft_yield()
                 continue
             t0, overlap = time.perf_counter(), 0.0
@@ -430,8 +455,10 @@ class VerifyWorker:
                 self.drafter.expand(tree, nodes, policy, bar=bars, name="provisional", timed=not beside)
             finally:
                 overlap = gate.draft_step_done()
+            seconds = time.perf_counter() - t0
+            self.step_stretch = ema(self.step_stretch, min(seconds / max(predicted, 1e-9), self.MAX_STRETCH))
             if beside and overlap >= gate.BESIDE_SHARE:
-                self.beside.observe_step(time.perf_counter() - t0, policy.draft_cost_during_pass(len(rows)))
+                self.beside.observe_step(seconds, predicted)
         return list(range(start, len(tree)))
 
     def _steps_beside(self, rows) -> bool:

@@ -108,8 +108,9 @@ class LLMCadPolicy(Policy):
     its new nodes add) beats the expected tokens per second of the round so far; both costs are
     measured while generating: compute linear in the tree's tokens (:class:`LinearCost`), the reads
     measured on passes that waited for them; a streamed pass lasts the compute its reads cannot hide
-    (``unhidden_share``: its resident layers' and output head's) plus max(the rest, the reads), so
-    while it is IO-bound a tree token costs only that unhidden share of its compute. This is the
+    (``unhidden_share``: its output head's, and its resident layers' after the last read) plus
+    max(the rest, the reads), so while it is IO-bound a tree token costs only that unhidden share of
+    its compute. This is the
     paper's "verify when the tree's confidence drops below alpha", with alpha set by the hardware. ``max_tree_tokens`` /
     ``max_depth`` None: sized to the device, the tree grows while the target's pass stays IO-bound
     (its hidden compute fits in the reads' time; with no read waits seen, while the tokens' compute fits in

@@ -114,6 +114,9 @@ MIN_TEMPERATURE = 1e-6  # logits / temperature stays finite in float32 for any |
 
 
 FIRST_ROWS = 16  # the least rows of a lazy walk's first batch
+# a node whose path value (the chance the walk visits it) is at least this joins the first batch: on
+# CPUs measured, a head row costs about this share of one more batch (a batch reads the whole layer)
+HEAD_ROW_VALUE = 0.03
 MORE_ROWS = 16  # rows a batch adds where the walk reached a node whose choice is unknown
 
 
@@ -123,7 +126,8 @@ def choose_and_accept(chooser, verifier, logits, verified, positions):
 
     The walk visits one node a depth, so on host logits made by an output layer (:class:`RowLogits` with
     a head) that layer runs only on rows the walk may visit: the most valuable first (path values; twice
-    the expected accepted length and ``FIRST_ROWS`` more), then ``MORE_ROWS`` of the subtree where the
+    the expected accepted length and ``FIRST_ROWS`` more, and every node of value ``HEAD_ROW_VALUE`` or
+    more), then ``MORE_ROWS`` of the subtree where the
     walk reached a node not chosen yet (an unknown choice is -1, a token no child holds, so the walk
     stops there), until it ends on a chosen node. The walk and the choices are those of every row chosen
     at once. Elsewhere (CUDA, logits already made) every row is chosen at once.
@@ -133,7 +137,8 @@ def choose_and_accept(chooser, verifier, logits, verified, positions):
         return verifier.accept(parents, tokens, chooser.choose(logits, positions))
     order = sorted(range(n), key=lambda u: -values[u])  # stable: ties in tree order
     choice = np.full(n, -1, dtype=np.int32)
-    batch = order[:FIRST_ROWS + 2 * int(np.ceil(sum(values[1:])))]
+    likely = sum(1 for u in order if values[u] >= HEAD_ROW_VALUE)
+    batch = order[:max(likely, FIRST_ROWS + 2 * int(np.ceil(sum(values[1:]))))]
     while True:
         rows = [u for u in batch if choice[u] < 0]
         choice[rows] = chooser.choose(logits.select(rows), [positions[u] for u in rows])

@@ -14,7 +14,9 @@ streamed layer but only its tokens' rows of the input embedding, so the embeddin
 sparsely (llmcad.streaming.sparse: a small cache of recent rows is what it holds) unless everything,
 table included, fits; the budget it frees pins layers. A tied lm_head is the embedding: it is held
 once, resident (every row is needed per pass), and serves the embedding's rows. Spare budget pins
-target layers resident from the first one on, so they are never re-read.
+target layers resident, so they are never re-read, spread evenly among the streamed ones
+(:func:`spread_layers`): a resident layer computes while the reader fills the buffer the streamed layer
+before it freed, so its compute hides behind the reads instead of leaving the storage idle.
 
 Part of llmcad.streaming: must not import llmcad.speculative, llmcad.models, llmcad.bench or the engine.
 """
@@ -236,7 +238,7 @@ def plan_placement(index: WeightIndex, *, memory_budget, dtype=None, draft_bytes
 
     Everything resident reads nothing, so that is the plan when it fits. Otherwise the input embedding
     is read row by row (``sparse_embedding``; not when a tied lm_head serves its rows) and as many
-    leading layers as fit are pinned.
+    layers as fit are pinned, spread among the streamed ones (:func:`spread_layers`).
 
     ``dtype``: compute dtype (None keeps the file's). ``draft_bytes``: the draft's weights.
     ``kv_bytes``: both KV caches at their largest (see :func:`kv_cache_bytes`).
@@ -305,10 +307,22 @@ def sparse_candidates(index: WeightIndex) -> list:
     return [embed.name]
 
 
+def spread_layers(k: int, num_layers: int) -> list:
+    """The ``k`` resident layers of ``num_layers``, spread evenly: the middle of each of k equal runs.
+
+    While a resident layer computes, the streamer reads the next streamed layer into the buffer the
+    last one freed; k resident layers in a row would leave it idle once its buffers are full."""
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"k={k}: expected 0 <= k <= {num_layers}")
+    return [(2 * j + 1) * num_layers // (2 * k) for j in range(k)]
+
+
 def _account(index, k, dtype, *, draft_bytes, kv_bytes, num_buffers, device_slots=0, runtime_floor=0,
              work_bytes=0, sparse) -> dict:
-    """Byte accounting with the first k layers resident and the ``sparse`` tensors read by rows."""
-    streamed = range(k, index.num_layers)
+    """Byte accounting with k layers resident (:func:`spread_layers`) and the ``sparse`` tensors read by
+    rows."""
+    resident = spread_layers(k, index.num_layers)
+    streamed = [i for i in range(index.num_layers) if i not in resident]
     buffer = ring_buffer_bytes(index, streamed)
     converts = dtype is not None and any(_converted(t, dtype) for i in streamed for t in index.layers[i])
     acct = {
@@ -316,7 +330,7 @@ def _account(index, k, dtype, *, draft_bytes, kv_bytes, num_buffers, device_slot
         "target_non_layer": sum(_compute_bytes(t, dtype) for t in _resident_non_layer(index, sparse)),
         "sparse_row_cache": sum(row_cache_bytes(index.tensors[n], _as_dtype(dtype) if dtype else None)
                                 for n in sparse),
-        "target_resident_layers": sum(_compute_bytes(t, dtype) for i in range(k) for t in index.layers[i]),
+        "target_resident_layers": sum(_compute_bytes(t, dtype) for i in resident for t in index.layers[i]),
         "streamer_buffers": streamer_memory_bytes(buffer, num_buffers, len(index.files)) if streamed else 0,
         "conversion_scratch": max((sum(_compute_bytes(t, dtype) for t in index.layers[i]) for i in streamed),
                                   default=0) if converts else 0,
@@ -338,11 +352,12 @@ def _resident_non_layer(index, sparse) -> list:
 
 
 def _placement(index, k, acct, budget, num_buffers, sparse, pass_rows=None) -> Placement:
-    streamed = list(range(k, index.num_layers))
+    resident = spread_layers(k, index.num_layers)
+    streamed = [i for i in range(index.num_layers) if i not in resident]
     buffer = ring_buffer_bytes(index, streamed)
     if budget is not None:
         acct = dict(acct, spare=budget - acct["total"])
-    return Placement(resident_layers=list(range(k)), streamed_layers=streamed, buffer_bytes=buffer,
+    return Placement(resident_layers=resident, streamed_layers=streamed, buffer_bytes=buffer,
                      num_buffers=num_buffers if streamed else 0,
                      bytes_per_pass=sum(index.layer_bytes(i) for i in streamed),
                      budget_bytes=budget, accounting=acct, sparse_tensors=list(sparse),

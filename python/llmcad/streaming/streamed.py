@@ -1,7 +1,7 @@
 """The layer-streamed target: an HF causal LM whose decoder layers are read from storage per pass.
 
 The model is built from its config on the meta device. Non-layer tensors (final norm, lm_head) and
-the first k layers are loaded resident; the input embedding, when the placement says so, is read row
+the placement's resident layers (spread among the streamed ones) are loaded resident; the input embedding, when the placement says so, is read row
 by row per pass (:mod:`llmcad.streaming.sparse`); every other decoder layer gets a forward
 pre-hook that acquires its bytes from the :class:`~llmcad.streaming.streamer.WeightStreamer` and binds each
 parameter to a zero-copy view of the buffer (or a converted copy when the compute dtype differs),
