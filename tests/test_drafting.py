@@ -669,15 +669,15 @@ def test_unhidden_share_is_the_head_and_the_resident_layers_after_the_last_read(
 
     from llmcad.engine import unhidden_compute_share
 
-    index = SimpleNamespace(layer_bytes=lambda i: 100)
+    layers = [torch.nn.Linear(5, 5, bias=False) for _ in range(5)]  # 100 bytes each in float32
     # layers 1 and 4 resident (100 bytes each) beside 200 bytes of head; 0, 2, 3 streamed (900 bytes)
     placement = SimpleNamespace(bytes_per_pass=900, resident_layers=[1, 4], streamed_layers=[0, 2, 3])
-    streamed = SimpleNamespace(resident_bytes=400, index=index, placement=placement)
+    streamed = SimpleNamespace(resident_bytes=400, layers=layers, placement=placement)
     # layer 1 computes while layer 2 is read; layer 4, after the last read, and the head do not
     assert unhidden_compute_share(streamed) == pytest.approx(300 / 1300)
     placement.resident_layers, placement.streamed_layers = [0, 1], [2, 3, 4]
     assert unhidden_compute_share(streamed) == pytest.approx(200 / 1300)
     assert unhidden_compute_share(None) == 0.0
-    nothing_streamed = SimpleNamespace(resident_bytes=300, index=index, placement=SimpleNamespace(
+    nothing_streamed = SimpleNamespace(resident_bytes=300, layers=layers, placement=SimpleNamespace(
         bytes_per_pass=0, resident_layers=[0, 1, 2], streamed_layers=[]))
     assert unhidden_compute_share(nothing_streamed) == 0.0

@@ -30,7 +30,7 @@ from llmcad.models.vocab import parse_draft_vocab
 from llmcad.speculative.pipeline import (DEFAULT_MAX_PROVISIONAL_TOKENS, MAIN_PATH_PROVISIONAL_TOKENS, ComputeGate,
                                   VerifyWorker, bonus_subtree, install_target_hooks, main_path, reconcile)
 from llmcad.stats import StatsRecorder
-from llmcad.streaming.budget import logits_chunk_rows
+from llmcad.streaming.budget import logits_chunk_rows, module_bytes
 from llmcad.trace import Tracer, io_lane
 from llmcad.speculative.verify import TargetChooser, TargetVerifier, choose_and_accept, validate_sampling
 
@@ -767,7 +767,7 @@ def unhidden_compute_share(streamed) -> float:
     if placement is None or placement.bytes_per_pass <= 0:
         return 0.0
     last = max(placement.streamed_layers)
-    hidden = sum(streamed.index.layer_bytes(i) for i in placement.resident_layers if i < last)
+    hidden = sum(module_bytes(streamed.layers[i]) for i in placement.resident_layers if i < last)
     unhidden = max(0, streamed.resident_bytes - hidden)
     return unhidden / (streamed.resident_bytes + placement.bytes_per_pass)
 

@@ -410,9 +410,7 @@ class VerifyWorker:
         nodes = []
         node = main_path(tree)[-1]
         while len(nodes) < max_provisional and self.gate.draft_turn():
-            if not self.gate.pass_fits(self.drafter.step_during_pass_s):  # the pass ends first
-                self.gate.draft_step_done()
-                self.steps_cut += 1
+            if self._pass_ends_first(self.drafter.step_during_pass_s):  # a measured step: no stretch
                 break
             if not self.gate.lockstep and (self.layer_ready() or not self.gate.step_fits(self.drafter.step_during_pass_s)):
                 self.gate.draft_yield()  # the read finished, or will before a step would: target first
@@ -438,9 +436,7 @@ class VerifyWorker:
                 gate.draft_step_done()
                 break
             predicted = policy.draft_cost_during_pass(len(rows))
-            if not gate.pass_fits(predicted * self.step_stretch):  # the pass ends first: acceptance would wait
-                gate.draft_step_done()
-                self.steps_cut += 1
+            if self._pass_ends_first(predicted * self.step_stretch):
                 break
             beside = self._steps_beside(rows)
             if not gate.lockstep and not beside and (not self._io_steps or not gate.io_waiting() or self.layer_ready()
@@ -460,6 +456,15 @@ class VerifyWorker:
             if beside and overlap >= gate.BESIDE_SHARE:
                 self.beside.observe_step(seconds, predicted)
         return list(range(start, len(tree)))
+
+    def _pass_ends_first(self, step_s) -> bool:
+        """Whether the verification would likely end before a draft step of ``step_s`` seconds (the
+        acceptance walk would wait for it): then the turn is given back and the step counted as cut."""
+        if self.gate.pass_fits(step_s):
+            return False
+        self.gate.draft_step_done()
+        self.steps_cut += 1
+        return True
 
     def _steps_beside(self, rows) -> bool:
         """Whether the next step (``rows``: (path value, candidate)) runs beside the target's compute:

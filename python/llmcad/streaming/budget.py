@@ -317,12 +317,17 @@ def spread_layers(k: int, num_layers: int) -> list:
     return [(2 * j + 1) * num_layers // (2 * k) for j in range(k)]
 
 
+def _split_layers(k: int, num_layers: int) -> tuple[list, list]:
+    """(resident, streamed) layer ids with k resident (:func:`spread_layers`), each ascending."""
+    resident = spread_layers(k, num_layers)
+    return resident, [i for i in range(num_layers) if i not in resident]
+
+
 def _account(index, k, dtype, *, draft_bytes, kv_bytes, num_buffers, device_slots=0, runtime_floor=0,
              work_bytes=0, sparse) -> dict:
     """Byte accounting with k layers resident (:func:`spread_layers`) and the ``sparse`` tensors read by
     rows."""
-    resident = spread_layers(k, index.num_layers)
-    streamed = [i for i in range(index.num_layers) if i not in resident]
+    resident, streamed = _split_layers(k, index.num_layers)
     buffer = ring_buffer_bytes(index, streamed)
     converts = dtype is not None and any(_converted(t, dtype) for i in streamed for t in index.layers[i])
     acct = {
@@ -352,8 +357,7 @@ def _resident_non_layer(index, sparse) -> list:
 
 
 def _placement(index, k, acct, budget, num_buffers, sparse, pass_rows=None) -> Placement:
-    resident = spread_layers(k, index.num_layers)
-    streamed = [i for i in range(index.num_layers) if i not in resident]
+    resident, streamed = _split_layers(k, index.num_layers)
     buffer = ring_buffer_bytes(index, streamed)
     if budget is not None:
         acct = dict(acct, spare=budget - acct["total"])
